@@ -110,6 +110,10 @@ def main(argv: list[str] | None = None) -> int:
         print("verbs: " + ", ".join(VERBS))
         return 0 if argv else 2
     verb, overrides = argv[0], argv[1:]
+    # `bench toy dataset=moons` -> what=toy toy.dataset=moons (positional sub-command for bench)
+    if verb == "bench" and overrides and "=" not in overrides[0]:
+        sub = overrides.pop(0)
+        overrides = [f"what={sub}"] + [f"toy.{o}" if sub == "toy" and o.split("=")[0] in ("dataset", "num_steps", "batch_size") else o for o in overrides]
     try:
         result = run_verb(verb, overrides)
     except KeyboardInterrupt:

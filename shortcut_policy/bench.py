@@ -1,0 +1,150 @@
+"""`shortcut-policy bench toy|policy|images`: benchmarks that measure quality and speed side by side."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 2-D toy distributions
+def sample_toy(name: str, n: int, rng: np.random.Generator) -> np.ndarray:
+    if name == "8gaussians":
+        ang = rng.integers(0, 8, n) * (np.pi / 4)
+        centers = 4.0 * np.stack([np.cos(ang), np.sin(ang)], 1)
+        return (centers + 0.5 * rng.standard_normal((n, 2))).astype(np.float32)
+    if name == "checkerboard":
+        x1 = rng.uniform(-2, 2, n)
+        x2 = rng.uniform(0, 1, n) + rng.integers(0, 2, n) * 2.0 - 2.0
+        x2 = x2 + (np.floor(x1) % 2)
+        return (np.stack([x1, x2], 1) * 2.0).astype(np.float32)
+    if name == "moons":
+        k = rng.integers(0, 2, n)
+        th = rng.uniform(0, np.pi, n)
+        x = np.where(k == 0, np.cos(th), 1 - np.cos(th))
+        y = np.where(k == 0, np.sin(th), 0.5 - np.sin(th))
+        pts = np.stack([x - 0.5, y - 0.25], 1) * 3.0 + 0.1 * rng.standard_normal((n, 2))
+        return pts.astype(np.float32)
+    raise ValueError(f"toy dataset {name!r}: expected one of 8gaussians, checkerboard, moons")
+
+
+def sliced_w2(a: np.ndarray, b: np.ndarray, n_proj: int = 512, seed: int = 0) -> float:
+    """Sliced Wasserstein-2: sqrt of the mean over random directions of the 1-D W2^2 between projections."""
+    rng = np.random.default_rng(seed)
+    n = min(len(a), len(b))
+    dirs = rng.standard_normal((a.shape[1], n_proj))
+    dirs /= np.linalg.norm(dirs, axis=0, keepdims=True)
+    pa = np.sort(a[:n] @ dirs, axis=0)
+    pb = np.sort(b[:n] @ dirs, axis=0)
+    return float(np.sqrt(np.mean((pa - pb) ** 2)))
+
+
+class VectorModel(nn.Module):
+    """net + objective for unconditional vector data; forward(batch, teacher) = loss (the trainer's contract)."""
+
+    def __init__(self, net, objective):
+        super().__init__()
+        self.net, self.objective = net, objective
+
+    def forward(self, batch, teacher=None):
+        return self.objective.loss(self.net, batch["x"], teacher=None if teacher is None else teacher.net)
+
+    @torch.no_grad()
+    def sample(self, n: int, steps: int, seed: int = 0) -> np.ndarray:
+        g = torch.Generator().manual_seed(seed)
+        x0 = torch.randn(n, self.net.input_dim, generator=g)
+        return self.objective.sample(self.net, x0, steps=steps).numpy()
+
+
+def _toy_batches(dataset, batch, seed):
+    rng = np.random.default_rng(seed + 1)
+    while True:
+        yield {"x": torch.from_numpy(sample_toy(dataset, batch, rng))}
+
+
+def run_toy(cfg, run_dir: Path) -> dict:
+    from omegaconf import OmegaConf
+
+    from .nets import build_net
+    from .objectives import build_objective
+    from .train.trainer import Trainer
+
+    tc = cfg.toy
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    held_out = sample_toy(tc.dataset, int(tc.n_eval), np.random.default_rng(10_000 + int(cfg.seed)))
+    floor = sliced_w2(sample_toy(tc.dataset, int(tc.n_eval), np.random.default_rng(20_000)), held_out, int(tc.n_projections))
+    result = {"metric": "sliced_w2", "dataset": tc.dataset, "noise_floor": floor, "num_steps": int(tc.num_steps)}
+    samples = {}
+    for name, ocfg in tc.objectives.items():
+        torch.manual_seed(int(cfg.seed))
+        model = VectorModel(build_net(tc.net), build_objective(ocfg))
+        sub = run_dir / name
+        sub.mkdir(parents=True, exist_ok=True)
+        t0 = time.time()
+        Trainer(model, cfg, sub, batches=_toy_batches(tc.dataset, int(tc.batch_size), int(cfg.seed))).fit()
+        result[f"train_seconds@{name}"] = time.time() - t0
+        ema_model = model  # evaluate the weights the config asks for
+        if cfg.train.eval_model == "ema":
+            from .train.checkpoint import load_checkpoint
+
+            ck = load_checkpoint(sub / "checkpoints" / "last.ckpt")
+            ema_model = VectorModel(build_net(tc.net), build_objective(ocfg))
+            ema_model.load_state_dict(ck["ema"]["model"])
+        ema_model.eval()
+        samples[name] = {}
+        for n in tc.steps:
+            s = ema_model.sample(int(tc.n_eval), int(n), seed=int(cfg.seed) + 7)
+            samples[name][int(n)] = s
+            result[f"{name}@{int(n)}"] = sliced_w2(s, held_out, int(tc.n_projections))
+    _plot_toy(samples, held_out, run_dir / "toy_samples.png", tc.dataset)
+    result["figure"] = str(run_dir / "toy_samples.png")
+    (run_dir / "config_resolved.json").write_text(json.dumps(OmegaConf.to_container(tc, resolve=True)))
+    return result
+
+
+def _plot_toy(samples: dict, held_out: np.ndarray, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(samples)
+    steps = list(next(iter(samples.values())))
+    fig, axes = plt.subplots(len(names), len(steps) + 1, figsize=(2.2 * (len(steps) + 1), 2.3 * len(names)), squeeze=False)
+    lim = float(np.abs(held_out).max()) * 1.15
+    for i, name in enumerate(names):
+        axes[i, 0].scatter(held_out[:3000, 0], held_out[:3000, 1], s=1, c="k")
+        axes[i, 0].set_title("data", fontsize=8)
+        axes[i, 0].set_ylabel(name, fontsize=9)
+        for j, n in enumerate(steps):
+            s = samples[name][n]
+            axes[i, j + 1].scatter(s[:3000, 0], s[:3000, 1], s=1, c="tab:blue" if name == "shortcut" else "tab:orange")
+            axes[i, j + 1].set_title(f"{n} step{'s' if n > 1 else ''}", fontsize=8)
+    for ax in axes.flat:
+        ax.set_xlim(-lim, lim), ax.set_ylim(-lim, lim), ax.set_xticks([]), ax.set_yticks([])
+    fig.suptitle(f"{title}: samples vs number of sampling steps (same weights per row)", fontsize=10)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=80)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+# ---------------------------------------------------------------------------------------------------------
+def bench_command(cfg, run_dir):
+    what = cfg.get("what", "toy")
+    if what == "toy":
+        return run_toy(cfg, Path(run_dir))
+    if what == "policy":
+        from .policy_bench import run_bench_policy
+
+        return run_bench_policy(cfg, Path(run_dir))
+    if what == "images":
+        from .bench_images import run_bench_images
+
+        return run_bench_images(cfg, Path(run_dir))
+    raise ValueError(f"bench {what!r}: expected one of toy, policy, images")

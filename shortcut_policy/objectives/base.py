@@ -1,0 +1,52 @@
+"""Behaviour shared by all objectives: input checks, per-row MSE, Euler sampling."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..conventions import M, check_steps
+
+
+class Objective(nn.Module):
+    """An objective knows how to build training targets and sample; it never knows what the data is."""
+
+    name = "objective"
+    uses_step_size = False
+
+    def __init__(self, m: int = M):
+        super().__init__()
+        self.m = int(m)
+        self.log2_m = self.m.bit_length() - 1
+        if 2**self.log2_m != self.m:
+            raise ValueError(f"M={m}: expected a power of two")
+
+    # --- checks -----------------------------------------------------------------------------------
+    @staticmethod
+    def check_data(x1: torch.Tensor, what: str = "x1") -> None:
+        if not isinstance(x1, torch.Tensor):
+            raise TypeError(f"{what}: expected a torch.Tensor, got {type(x1).__name__}")
+        if not x1.is_floating_point():
+            raise TypeError(f"{what}: expected a floating-point tensor, got dtype {x1.dtype}")
+        if x1.dim() < 2:
+            raise ValueError(f"{what}: expected a batch (B, ...), got shape {tuple(x1.shape)}")
+        if not torch.isfinite(x1).all():
+            raise ValueError(f"{what}: contains NaN or inf ({int((~torch.isfinite(x1)).sum())} entries)")
+
+    @staticmethod
+    def check_loss(loss: torch.Tensor) -> torch.Tensor:
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss {loss.item()}: check the learning rate and the data normalisation")
+        return loss
+
+    @staticmethod
+    def row_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return ((pred.float() - target.float()) ** 2).flatten(1).mean(1)
+
+    def check_steps(self, steps) -> int:
+        return check_steps(steps, self.m)
+
+    def loss(self, net, x1, cond=None, *, teacher=None, null_cond=None, x0=None, teacher_cond=None):
+        raise NotImplementedError
+
+    def sample(self, net, x0, cond=None, *, steps: int, null_cond=None, cfg_scale=None):
+        raise NotImplementedError

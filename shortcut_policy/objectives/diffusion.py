@@ -1,0 +1,67 @@
+"""DDPM training with epsilon prediction and DDPM / DDIM sampling through diffusers schedulers,
+configured as Diffusion Policy (100 train steps, squaredcos_cap_v2, clip_sample, fixed_small variance).
+
+The network sees t = 1 - k/K for DDPM step k (t = 0 noise, t = 1 data, the project convention) and the
+step-size input held at the flow-matching level, so the same nets serve every objective.
+"""
+from __future__ import annotations
+
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler
+
+from .base import Objective
+from .guidance import drop_cond, guided
+
+
+class Diffusion(Objective):
+    name = "diffusion"
+
+    def __init__(self, num_train_timesteps: int = 100, beta_schedule: str = "squaredcos_cap_v2",
+                 beta_start: float = 1e-4, beta_end: float = 0.02, clip_sample: bool = True,
+                 prediction_type: str = "epsilon", sampler: str = "ddpm", class_dropout_prob: float = 0.0,
+                 cfg_scale: float | None = None, m: int = 128, **_unused):
+        super().__init__(m)
+        if sampler not in ("ddpm", "ddim"):
+            raise ValueError(f"sampler={sampler!r}: expected 'ddpm' or 'ddim'")
+        kw = dict(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule, beta_start=beta_start,
+                  beta_end=beta_end, clip_sample=clip_sample, prediction_type=prediction_type)
+        self.ddpm = DDPMScheduler(variance_type="fixed_small", **kw)
+        self.ddim = DDIMScheduler(set_alpha_to_one=True, steps_offset=0, **kw)
+        self.K, self.sampler = num_train_timesteps, sampler
+        self.prediction_type, self.class_dropout_prob, self.cfg_scale = prediction_type, class_dropout_prob, cfg_scale
+
+    def net_t(self, k: torch.Tensor) -> torch.Tensor:
+        return 1.0 - k.float() / self.K
+
+    def check_steps(self, steps) -> int:
+        if isinstance(steps, bool) or int(steps) != steps or not 1 <= int(steps) <= self.K:
+            raise ValueError(f"steps={steps!r}: diffusion sampling expects an integer in 1..{self.K}")
+        return int(steps)
+
+    def loss(self, net, x1, cond=None, *, teacher=None, null_cond=None, x0=None, teacher_cond=None):
+        self.check_data(x1)
+        B = x1.shape[0]
+        noise = torch.randn_like(x1) if x0 is None else x0
+        k = torch.randint(0, self.K, (B,), device=x1.device)
+        noisy = self.ddpm.add_noise(x1, noise, k)
+        level = torch.full((B,), float(self.log2_m), device=x1.device)
+        pred = net(noisy, self.net_t(k), level, drop_cond(cond, null_cond, self.class_dropout_prob))
+        target = noise if self.prediction_type == "epsilon" else x1
+        loss = self.check_loss(self.row_mse(pred, target).mean())
+        return loss, {"loss": loss.item()}
+
+    @torch.no_grad()
+    def sample(self, net, x0, cond=None, *, steps: int, null_cond=None, cfg_scale=None, sampler: str | None = None,
+               generator=None):
+        n = self.check_steps(steps)
+        sampler = sampler or self.sampler
+        sched = self.ddpm if sampler == "ddpm" else self.ddim
+        sched.set_timesteps(n, device=x0.device)
+        x, B = x0, x0.shape[0]
+        level = torch.full((B,), float(self.log2_m), device=x.device)
+        scale = self.cfg_scale if cfg_scale is None else cfg_scale
+        for k in sched.timesteps:
+            kk = torch.full((B,), int(k), device=x.device)
+            out = guided(net, x, self.net_t(kk), level, cond, null_cond, scale)
+            x = sched.step(out, int(k), x, generator=generator).prev_sample
+        return x

@@ -1,0 +1,63 @@
+"""Checkpoints: one file holds the resolved config, online + EMA weights (normaliser included, it is part of
+the model's state_dict), optimiser/scheduler state, step and metrics; written atomically (temp + rename)."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+FORMAT_VERSION = 1
+
+
+def save_checkpoint(path, payload: dict) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save({"format_version": FORMAT_VERSION, **payload}, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_checkpoint(path, map_location="cpu") -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path}: no such file")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"checkpoint {path}: not a readable torch checkpoint ({e})") from e
+    if not isinstance(ckpt, dict) or "cfg" not in ckpt or "model" not in ckpt:
+        raise ValueError(f"checkpoint {path}: missing 'cfg'/'model' entries; not a shortcut_policy checkpoint")
+    return ckpt
+
+
+class TopK:
+    """Keep the k best checkpoints by a score (higher is better) plus `last.ckpt`."""
+
+    def __init__(self, directory, k: int = 3, key: str = "test_mean_score"):
+        self.dir, self.k, self.key = Path(directory), int(k), key
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.index_path = self.dir / "topk.json"
+        self.entries: list[dict] = json.loads(self.index_path.read_text()) if self.index_path.exists() else []
+
+    def consider(self, step: int, score: float, payload: dict) -> Path | None:
+        if self.k <= 0 or score is None:
+            return None
+        if len(self.entries) >= self.k and score <= min(e["score"] for e in self.entries):
+            return None
+        name = f"step={step:07d}-{self.key}={score:.3f}.ckpt"
+        path = save_checkpoint(self.dir / name, payload)
+        self.entries.append({"step": step, "score": float(score), "path": name})
+        self.entries.sort(key=lambda e: -e["score"])
+        for e in self.entries[self.k :]:
+            (self.dir / e["path"]).unlink(missing_ok=True)
+        self.entries = self.entries[: self.k]
+        tmp = self.index_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.entries, indent=1))
+        os.replace(tmp, self.index_path)
+        return path
+
+    def best(self) -> Path | None:
+        return self.dir / self.entries[0]["path"] if self.entries else None

@@ -1,0 +1,41 @@
+"""Metric logging: a JSON-lines file in the run directory, plus wandb (offline by default)."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+class Logger:
+    def __init__(self, run_dir, cfg=None, logger_cfg=None, enabled: bool = True):
+        self.enabled = enabled
+        self.path = Path(run_dir) / "logs.jsonl"
+        self.wandb = None
+        kind = (logger_cfg or {}).get("kind", "none") if logger_cfg is not None else "none"
+        if enabled and kind == "wandb":
+            mode = os.environ.get("WANDB_MODE") or logger_cfg.get("mode", "offline")
+            import wandb
+            from omegaconf import OmegaConf
+
+            os.environ.setdefault("WANDB_SILENT", "true")
+            self.wandb = wandb.init(
+                project=logger_cfg.get("project", "shortcut_policy"), entity=logger_cfg.get("entity"), mode=mode,
+                dir=str(run_dir), config=OmegaConf.to_container(cfg, resolve=True) if cfg is not None else None,
+                resume="allow", id=Path(run_dir).name.replace("/", "_")[-64:] or None,
+            )
+        elif enabled and kind not in ("none", "wandb"):
+            raise ValueError(f"logger.kind={kind!r}: expected 'wandb' or 'none'")
+
+    def log(self, metrics: dict, step: int) -> None:
+        if not self.enabled:
+            return
+        row = {"step": int(step), **{k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=int(step))
+
+    def finish(self):
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None

@@ -1,0 +1,268 @@
+"""One objective-agnostic training loop for policies and image models.
+
+The model is an nn.Module whose forward(batch, teacher=None) returns (loss, info) (Policy and ImageGenerator
+define forward = compute_loss). The trainer owns AdamW, the LR schedule, the EMA (the shortcut bootstrap
+teacher when `objective.teacher=ema`, and the evaluation weights), checkpoints (last + top-k by score,
+atomic, resumable), logging (JSON lines + wandb offline) and DDP under torchrun (rank-0-only logging and
+checkpointing, DistributedSampler; the batch size in the config is the GLOBAL batch).
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .checkpoint import TopK, load_checkpoint, save_checkpoint
+from .ema import EMA
+from .logging import Logger
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def setup_distributed(device_name="auto"):
+    """Initialise torch.distributed when launched by torchrun (WORLD_SIZE > 1). Returns (rank, world, device)."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() and device_name != "cpu" else "gloo"
+        dist.init_process_group(backend=backend)
+    if dist.is_available() and dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+        dev = resolve_device(device_name)
+        if dev.type == "cuda":
+            local = int(os.environ.get("LOCAL_RANK", rank % max(torch.cuda.device_count(), 1)))
+            torch.cuda.set_device(local)
+            dev = torch.device("cuda", local)
+        return rank, world, dev
+    return 0, 1, resolve_device(device_name)
+
+
+def to_device(batch, device):
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+def make_lr_lambda(schedule: str, warmup: int, total: int):
+    if schedule == "constant":
+        return lambda s: min(1.0, (s + 1) / warmup) if warmup > 0 else 1.0
+    if schedule == "cosine":
+        def f(s):
+            if s < warmup:
+                return (s + 1) / warmup
+            p = min(1.0, (s - warmup) / max(1, total - warmup))
+            return 0.5 * (1.0 + math.cos(math.pi * p))
+        return f
+    raise ValueError(f"train.lr_schedule={schedule!r}: expected 'cosine' or 'constant'")
+
+
+def infinite_loader(dataset, batch_size: int, rank: int, world: int, seed: int, num_workers: int = 0, start_epoch: int = 0):
+    """Yield batches forever; under DDP each rank gets batch_size // world rows of a DistributedSampler."""
+    from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+
+    if batch_size % world:
+        raise ValueError(f"train.batch_size={batch_size} must be divisible by the number of processes ({world})")
+    per_rank = batch_size // world
+    if len(dataset) < per_rank:
+        raise ValueError(f"dataset has {len(dataset)} samples, fewer than the per-process batch of {per_rank}")
+    epoch = start_epoch
+    while True:
+        if world > 1:
+            sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
+            sampler.set_epoch(epoch)
+        else:
+            g = torch.Generator().manual_seed(seed + epoch)
+            sampler = RandomSampler(dataset, generator=g)
+        loader = DataLoader(dataset, batch_size=per_rank, sampler=sampler, drop_last=True, num_workers=num_workers,
+                            persistent_workers=False)
+        yield from loader
+        epoch += 1
+
+
+class Trainer:
+    def __init__(self, model: nn.Module, cfg, run_dir, train_dataset=None, batches=None, evaluator=None,
+                 val_dataset=None, progress: bool = True):
+        self.cfg, self.tcfg = cfg, cfg.train
+        self.run_dir = Path(run_dir)
+        self.rank, self.world, self.device = setup_distributed(self.tcfg.get("device", "auto"))
+        self.is_main = self.rank == 0
+        seed_everything(int(self.tcfg.seed) + self.rank)
+        self.model = model.to(self.device)
+        self.evaluator, self.val_dataset, self.progress = evaluator, val_dataset, progress
+        self.num_steps = int(self.tcfg.num_steps)
+        self.opt = torch.optim.AdamW(
+            [p for p in self.model.parameters() if p.requires_grad], lr=float(self.tcfg.lr),
+            betas=tuple(self.tcfg.betas), eps=float(self.tcfg.eps), weight_decay=float(self.tcfg.weight_decay))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, make_lr_lambda(self.tcfg.lr_schedule, int(self.tcfg.warmup_steps), self.num_steps))
+        e = self.tcfg.ema
+        self.ema = EMA(self.model, decay=float(e.decay), warmup=e.warmup, power=float(e.power), inv_gamma=float(e.inv_gamma))
+        self.step, self.epoch = 0, 0
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.topk = TopK(self.ckpt_dir, k=int(self.tcfg.topk), key=str(self.tcfg.topk_key)) if self.is_main else None
+        self.best_metrics: dict = {}
+        if self.tcfg.get("resume", True) and (self.ckpt_dir / "last.ckpt").exists():
+            self.load(self.ckpt_dir / "last.ckpt")
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            self.net = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        else:
+            self.net = self.model
+        if batches is None:
+            if train_dataset is None:
+                raise ValueError("Trainer needs a train_dataset or a batch iterator")
+            batches = infinite_loader(train_dataset, int(self.tcfg.batch_size), self.rank, self.world,
+                                      int(self.tcfg.seed), int(self.tcfg.get("num_workers", 0)), start_epoch=self.step)
+        self.batches = batches
+        self.logger = Logger(self.run_dir, cfg, cfg.get("logger"), enabled=self.is_main)
+        amp = self.tcfg.get("amp", "auto")
+        self.autocast = self.device.type == "cuda" and amp in ("auto", "bf16", True)
+
+    # --- state ------------------------------------------------------------------------------------------
+    def payload(self, metrics=None) -> dict:
+        from omegaconf import OmegaConf
+
+        return {
+            "cfg": OmegaConf.to_container(self.cfg, resolve=True),
+            "model": self.model.state_dict(), "ema": self.ema.state_dict(),
+            "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+            "step": self.step, "metrics": metrics or {}, "best_metrics": self.best_metrics,
+            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+        }
+
+    def load(self, path) -> None:
+        ck = load_checkpoint(path, map_location=self.device)
+        self.model.load_state_dict(ck["model"])
+        self.ema.load_state_dict(ck["ema"])
+        self.opt.load_state_dict(ck["optimizer"])
+        self.sched.load_state_dict(ck["scheduler"])
+        self.step = int(ck["step"])
+        self.best_metrics = ck.get("best_metrics", {})
+        rng = ck.get("rng")
+        if rng and self.world == 1:
+            torch.set_rng_state(rng["torch"].cpu())
+            np.random.set_state(rng["numpy"])
+            random.setstate(rng["python"])
+        if self.is_main:
+            print(f"resumed from {path} at step {self.step}", flush=True)
+
+    def save_last(self, metrics=None) -> None:
+        if self.is_main:
+            save_checkpoint(self.ckpt_dir / "last.ckpt", self.payload(metrics))
+
+    # --- training -----------------------------------------------------------------------------------------
+    def teacher(self):
+        mode = getattr(getattr(self.model, "objective", None), "teacher", "ema")
+        return self.ema.model if mode == "ema" else self.model
+
+    def train_step(self, batch) -> dict:
+        self.model.train()
+        batch = to_device(batch, self.device)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
+            loss, info = self.net(batch, teacher=self.teacher())
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        clip = self.tcfg.get("grad_clip")
+        if clip:
+            info["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), float(clip)))
+        self.opt.step()
+        self.sched.step()
+        info["ema_decay"] = self.ema.update(self.model)
+        info["lr"] = self.sched.get_last_lr()[0]
+        self.step += 1
+        return info
+
+    def evaluate(self) -> dict:
+        if self.evaluator is None or not self.is_main:
+            return {}
+        which = self.tcfg.get("eval_model", "ema")
+        model = self.ema.model if which == "ema" else self.model
+        model.eval()
+        metrics = self.evaluator(model, self.step) or {}
+        key = str(self.tcfg.topk_key)
+        if key in metrics:
+            if metrics[key] >= self.best_metrics.get(key, -math.inf):
+                self.best_metrics = {**metrics, "step": self.step}
+            self.topk.consider(self.step, float(metrics[key]), self.payload(metrics))
+        return metrics
+
+    def fit(self) -> dict:
+        t0 = time.time()
+        max_min = self.tcfg.get("max_minutes")
+        log_every, eval_every = int(self.tcfg.log_every), int(self.tcfg.get("eval_every") or 0)
+        ckpt_every = int(self.tcfg.checkpoint_every)
+        bar = tqdm(total=self.num_steps, initial=self.step, disable=not (self.is_main and self.progress),
+                   desc="train", dynamic_ncols=True, mininterval=1.0 if os.isatty(2) else 30.0)
+        last_info, losses, stopped_early = {}, [], False
+        try:
+            while self.step < self.num_steps:
+                info = self.train_step(next(self.batches))
+                losses.append(info["loss"])
+                bar.update(1)
+                if self.step % log_every == 0 or self.step == 1:
+                    info["train_loss"] = float(np.mean(losses))
+                    losses = []
+                    bar.set_postfix(loss=f"{info['train_loss']:.4f}", lr=f"{info['lr']:.1e}")
+                    self.logger.log(info, self.step)
+                    last_info = info
+                if eval_every and self.step % eval_every == 0:
+                    m = self.evaluate()
+                    if m:
+                        self.logger.log({f"eval/{k}": v for k, v in m.items()}, self.step)
+                if self.step % ckpt_every == 0:
+                    self.save_last(last_info)
+                if max_min and (time.time() - t0) / 60.0 >= float(max_min):
+                    stopped_early = True
+                    break
+        finally:
+            bar.close()
+        if eval_every and self.step % eval_every and self.evaluator is not None:
+            m = self.evaluate()
+            if m:
+                self.logger.log({f"eval/{k}": v for k, v in m.items()}, self.step)
+        self.save_last(last_info)
+        self.logger.finish()
+        result = {"steps": self.step, "train_loss": last_info.get("train_loss"), "minutes": (time.time() - t0) / 60.0,
+                  "stopped_early": stopped_early, "checkpoint": str(self.ckpt_dir / "last.ckpt")}
+        result.update({f"best_{k}": v for k, v in self.best_metrics.items() if isinstance(v, (int, float))})
+        return result
+
+
+def train_command(cfg, run_dir):
+    """`shortcut-policy train task=... net=... objective=...`: dispatch on the task kind (policy | image)."""
+    kind = cfg.task.get("kind", "policy")
+    if kind == "image":
+        from ..generator import build_generator, build_image_dataset
+
+        model, train_ds, val_ds, evaluator = build_generator(cfg), build_image_dataset(cfg), None, None
+    elif kind == "policy":
+        from ..policy import build_policy_training
+
+        model, train_ds, val_ds, evaluator = build_policy_training(cfg, run_dir)
+    else:
+        raise ValueError(f"task.kind={kind!r}: expected 'policy' or 'image'")
+    trainer = Trainer(model, cfg, run_dir, train_dataset=train_ds, evaluator=evaluator, val_dataset=val_ds)
+    return trainer.fit()
