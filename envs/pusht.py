@@ -383,8 +383,8 @@ class PushTEnv(gym.Env):
             self._set_pose(state)
         else:
             self.agent.position = tuple(state[0:2])
+            self.block.angle = float(state[4])  # angle first (it rotates about the CoG), then the exact origin
             self.block.position = tuple(state[2:4])
-            self.block.angle = float(state[4])
             self.agent.velocity = tuple(state[5:7])
             self.block.velocity = tuple(state[7:9])
             self.block.angular_velocity = float(state[9])
