@@ -1,0 +1,103 @@
+"""Evaluation summaries: per-seed tables, Wilson confidence intervals, score/success-vs-steps plots.
+
+Metrics (Diffusion Policy's protocol plus a success rate):
+* ``mean_score@N``   mean over seeds of the episode's max reward (DP's ``test/mean_score``; Push-T reward is
+                     clip(coverage / 0.95, 0, 1)), with N = sampling steps (NFE of a shortcut policy);
+* ``success_rate@N`` fraction of seeds whose episode succeeded (Push-T: max coverage > 0.95);
+* ``success_ci95@N`` the 95 % Wilson score interval [lo, hi] of the success rate (z = 1.96). Wilson rather
+                     than the normal approximation because rates near 0 or 1 with 50 episodes are the norm.
+Crashed or timed-out episodes count as failures with score 0 and are listed under ``crashed_seeds@N``.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+FIELDS = ["steps", "seed", "max_reward", "success", "env_steps", "status", "error"]
+
+
+def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval for k successes out of n trials."""
+    if n <= 0:
+        return (0.0, 1.0)
+    p = k / n
+    den = 1.0 + z * z / n
+    centre = (p + z * z / (2 * n)) / den
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def summarize(rows: list[dict], steps: int) -> dict:
+    """Metrics for one step budget from per-seed rows (dicts with max_reward, success, status)."""
+    n = len(rows)
+    scores = np.array([float(r.get("max_reward") or 0.0) if r.get("status") == "ok" else 0.0 for r in rows])
+    succ = np.array([bool(r.get("success")) and r.get("status") == "ok" for r in rows])
+    k = int(succ.sum())
+    lo, hi = wilson_interval(k, n)
+    out = {
+        f"mean_score@{steps}": float(scores.mean()) if n else float("nan"),
+        f"success_rate@{steps}": k / n if n else float("nan"),
+        f"success_ci95@{steps}": [round(lo, 4), round(hi, 4)],
+    }
+    crashed = [int(r["seed"]) for r in rows if r.get("status") != "ok"]
+    if crashed:
+        out[f"crashed_seeds@{steps}"] = crashed
+    return out
+
+
+def write_per_seed(rows: list[dict], run_dir) -> tuple[Path, Path]:
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    rows = sorted(rows, key=lambda r: (int(r["steps"]), int(r["seed"])))
+    jpath = run_dir / "per_seed.json"
+    jpath.write_text(json.dumps(rows, indent=1, default=_default))
+    cpath = run_dir / "per_seed.csv"
+    with open(cpath, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: r.get(k, "") for k in FIELDS})
+    return jpath, cpath
+
+
+def _default(x):
+    if hasattr(x, "item"):
+        return x.item()
+    return str(x)
+
+
+def plot_vs_steps(metrics: dict, path, title: str = "") -> Path | None:
+    """PNG of mean_score and success_rate (with Wilson 95 % bars) against the number of sampling steps."""
+    steps = sorted({int(k.split("@")[1]) for k in metrics if k.startswith("mean_score@")})
+    if not steps:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    score = [metrics[f"mean_score@{s}"] for s in steps]
+    succ = [metrics[f"success_rate@{s}"] for s in steps]
+    ci = np.array([metrics[f"success_ci95@{s}"] for s in steps], dtype=float)
+    yerr = np.stack([np.array(succ) - ci[:, 0], ci[:, 1] - np.array(succ)])
+    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
+    ax.plot(steps, score, "o-", label="mean score (max reward)")
+    ax.errorbar(steps, succ, yerr=np.clip(yerr, 0, None), fmt="s--", capsize=3, label="success rate (95% Wilson)")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(steps)
+    ax.set_xticklabels([str(s) for s in steps])
+    ax.set_xlabel("sampling steps (NFE)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -1,0 +1,585 @@
+"""Parallel rollout evaluation: ``shortcut-policy eval policy=expert|checkpoint task=<task> ...``.
+
+Runner design
+* Envs live in W worker processes (``spawn``; default one per core, at most one per episode); each hosts
+  several envs, one per seed, with fixed seeds ``seed_start .. seed_start + n_episodes - 1`` (Push-T test set:
+  100000..100049). Each env is ``MultiStepWrapper(VideoRecorder(env), To, Ta, max_steps)`` built from the task
+  config through :func:`make_env` (dispatch on ``task_cfg.env``; each env module provides
+  ``make_env(task_cfg, wrap=False)`` returning the bare gymnasium env with dict observations).
+* ``policy=expert``: a privileged scripted expert (:data:`EXPERTS`, or ``expert=module:Class``) runs inside the
+  workers, one inner env step at a time (its plans come from the true state). Reported under N = 1.
+* ``policy=checkpoint checkpoint=PATH steps=[1,4,128]``: the learned policy runs batched in the main process:
+  ``policy.reset()``, then repeatedly ``policy.predict_action(obs, steps=N) -> (B, Ta, Da)`` where ``obs`` is
+  ``{key: (B, To, ...)}`` over the envs still running (finished envs leave the batch). A chunk of Ta actions is
+  executed per call (early stop on success, DP's MultiStepWrapper). Every N runs on the same seeds.
+* Workers never hang the runner: every reply is awaited with a timeout while checking that the process is
+  alive; a dead or stuck worker is killed and its unfinished seeds are reported (status ``crashed``/
+  ``timeout``, error text) and counted as failures. An exception inside one env only affects that seed.
+
+Outputs in run_dir: ``per_seed.json`` / ``per_seed.csv`` (steps, seed, max_reward, success, env_steps,
+status), ``videos/*.mp4`` (or .gif) of the first ``n_videos`` seeds, ``score_vs_steps.png``; the returned
+dict (RESULT) has ``mean_score@N``, ``success_rate@N``, ``success_ci95@N`` ([lo, hi], Wilson 95 %),
+``n_episodes`` (see :mod:`shortcut_policy.eval.report`).
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+from shortcut_policy.eval import report
+
+# env name -> module providing make_env(task_cfg, wrap=False)
+ENV_MODULES: dict[str, str] = {
+    "pusht": "shortcut_policy.envs.pusht",
+    "transport": "shortcut_policy.envs.transport",
+}
+# env name -> "module:Class" of its privileged expert: Class(seed); .reset(env); .act(env) -> action
+EXPERTS: dict[str, str] = {
+    "pusht": "shortcut_policy.envs.experts.pusht:PushTExpert",
+    "transport": "shortcut_policy.envs.experts.transport:TransportExpert",
+}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# helpers
+def _cfg_get(cfg, key, default=None):
+    if cfg is None:
+        return default
+    if hasattr(cfg, "get"):
+        v = cfg.get(key, default)
+    else:
+        v = getattr(cfg, key, default)
+    return default if v is None else v
+
+
+def _to_plain(cfg):
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        if isinstance(cfg, (DictConfig, ListConfig)):
+            return OmegaConf.to_container(cfg, resolve=True)
+    except ImportError:  # pragma: no cover
+        pass
+    return cfg
+
+
+def check_int(name: str, value, minimum: int | None = None) -> int:
+    """An integer config value, or a clear error naming it (floats like 1e5 are accepted when integral)."""
+    if isinstance(value, bool) or value is None:
+        raise ValueError(f"{name}={value!r}: expected an integer")
+    if isinstance(value, str):
+        try:
+            value = int(value)
+        except ValueError:
+            raise ValueError(f"{name}={value!r}: expected an integer") from None
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError(f"{name}={value!r}: expected an integer")
+        value = int(value)
+    if not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name}={value!r}: expected an integer")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name}={value}: expected an integer >= {minimum}")
+    return int(value)
+
+
+def _import_attr(spec: str):
+    module, _, attr = spec.partition(":")
+    if not attr:
+        raise ValueError(f"{spec!r}: expected 'module:attribute'")
+    return getattr(importlib.import_module(module), attr)
+
+
+def make_env(task_cfg, wrap: bool = True, video: bool = False):
+    """Env for a task config: dispatch on ``task_cfg.env``; wrapped as the runner uses it when ``wrap``."""
+    name = _cfg_get(task_cfg, "env")
+    if name not in ENV_MODULES:
+        raise ValueError(f"task env={name!r}: unknown environment; expected one of {sorted(ENV_MODULES)}")
+    try:
+        mod = importlib.import_module(ENV_MODULES[name])
+    except ModuleNotFoundError as e:
+        raise ValueError(f"task env={name!r} needs {ENV_MODULES[name]}, which is not available ({e})") from e
+    env = mod.make_env(task_cfg, wrap=False)
+    if not wrap:
+        return env
+    from shortcut_policy.envs.wrappers import MultiStepWrapper, VideoRecorder
+
+    env = VideoRecorder(env, enabled=video)
+    max_steps = check_int("task.max_steps", _cfg_get(task_cfg, "max_steps", 300), 1)
+    return MultiStepWrapper(
+        env,
+        n_obs_steps=check_int("task.n_obs_steps", _cfg_get(task_cfg, "n_obs_steps", 2), 1),
+        n_action_steps=check_int("task.n_action_steps", _cfg_get(task_cfg, "n_action_steps", 8), 1),
+        max_episode_steps=max_steps,
+    )
+
+
+def _recorder(env):
+    from shortcut_policy.envs.wrappers import VideoRecorder
+
+    e = env
+    while e is not None:
+        if isinstance(e, VideoRecorder):
+            return e
+        e = getattr(e, "env", None)
+    return None
+
+
+def _info_success(info: dict) -> bool | None:
+    s = info.get("success")
+    if isinstance(s, list):
+        return bool(any(s))
+    return None if s is None else bool(s)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# worker process
+def _worker_main(conn, task_cfg: dict, seeds: list[int], video_seeds: list[int], expert_spec: str | None):
+    try:
+        import cv2
+
+        cv2.setNumThreads(1)
+    except Exception:
+        pass
+    envs: dict[int, object] = {}
+    try:
+        for s in seeds:
+            envs[s] = make_env(task_cfg, wrap=True, video=s in video_seeds)
+        conn.send(("ready", None))
+        while True:
+            msg, payload = conn.recv()
+            if msg == "close":
+                break
+            if msg == "expert":
+                _worker_expert(conn, envs, expert_spec)
+            elif msg == "reset":
+                out = {}
+                for s, env in envs.items():
+                    try:
+                        obs, _ = env.reset(seed=s)
+                        out[s] = ("ok", obs)
+                    except Exception:
+                        out[s] = ("error", traceback.format_exc(limit=5))
+                conn.send(("reset", out))
+            elif msg == "step":
+                out = {}
+                for s, chunk in payload.items():
+                    env = envs[s]
+                    try:
+                        obs, reward, terminated, truncated, info = env.step(chunk)
+                        done = bool(terminated or truncated)
+                        res = {"obs": obs, "reward": float(reward), "done": done, "terminated": bool(terminated),
+                               "env_steps": env.n_inner_steps, "success": _info_success(info)}
+                        if done:
+                            rec = _recorder(env)
+                            res["frames"] = rec.frames if (rec is not None and rec.enabled) else None
+                        out[s] = ("ok", res)
+                    except Exception:
+                        out[s] = ("error", traceback.format_exc(limit=5))
+                conn.send(("step", out))
+            else:
+                conn.send(("error", f"unknown message {msg!r}"))
+    except (EOFError, KeyboardInterrupt):
+        pass
+    except Exception:
+        try:
+            conn.send(("fatal", traceback.format_exc(limit=8)))
+        except Exception:
+            pass
+    finally:
+        for env in envs.values():
+            try:
+                env.close()
+            except Exception:
+                pass
+
+
+def _worker_expert(conn, envs: dict, expert_spec: str | None):
+    for s, env in envs.items():
+        t0 = time.perf_counter()
+        try:
+            cls = _import_attr(expert_spec)
+            expert = cls(s)
+            env.reset(seed=s)
+            expert.reset(env)
+            success, terminated = None, False
+            while not env.done:
+                act = np.asarray(expert.act(env))
+                _, _, terminated, _, info = env.step(act[None] if act.ndim == 1 else act)
+                success = _info_success(info)
+            rewards = env.rewards
+            rec = _recorder(env)
+            row = {"seed": s, "max_reward": max(rewards) if rewards else 0.0,
+                   "success": bool(success) if success is not None else bool(terminated),
+                   "env_steps": env.n_inner_steps, "status": "ok", "error": "",
+                   "frames": rec.frames if (rec is not None and rec.enabled) else None,
+                   "seconds": time.perf_counter() - t0}
+        except Exception:
+            row = {"seed": s, "max_reward": 0.0, "success": False, "env_steps": 0, "status": "error",
+                   "error": traceback.format_exc(limit=5), "frames": None, "seconds": time.perf_counter() - t0}
+        conn.send(("episode", row))
+    conn.send(("expert_done", None))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# main-process side
+class _Worker:
+    def __init__(self, ctx, task_cfg, seeds, video_seeds, expert_spec):
+        self.seeds = list(seeds)
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_worker_main, args=(child, task_cfg, self.seeds, list(video_seeds), expert_spec),
+                                daemon=True)
+        self.proc.start()
+        child.close()
+        self.alive = True
+
+    def recv(self, timeout: float):
+        """Next message, or raise _WorkerLost('crashed'|'timeout', detail)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if self.conn.poll(0.2):
+                    msg = self.conn.recv()
+                    if msg[0] == "fatal":
+                        self.kill()
+                        raise _WorkerLost("crashed", msg[1])
+                    return msg
+            except (EOFError, OSError, ConnectionError) as e:
+                self.kill()
+                raise _WorkerLost("crashed", f"connection lost ({e!r}), exit code {self.proc.exitcode}") from None
+            if not self.proc.is_alive():
+                # drain anything sent just before exiting
+                try:
+                    if self.conn.poll(0):
+                        msg = self.conn.recv()
+                        if msg[0] != "fatal":
+                            return msg
+                except (EOFError, OSError):
+                    pass
+                self.alive = False
+                raise _WorkerLost("crashed", f"worker process died (exit code {self.proc.exitcode})")
+            if time.monotonic() > deadline:
+                self.kill()
+                raise _WorkerLost("timeout", f"no reply within {timeout:.0f} s")
+
+    def send(self, msg):
+        try:
+            self.conn.send(msg)
+        except (BrokenPipeError, OSError) as e:
+            self.kill()
+            raise _WorkerLost("crashed", f"cannot send to worker ({e!r}), exit code {self.proc.exitcode}") from None
+
+    def kill(self):
+        self.alive = False
+        if self.proc.is_alive():
+            self.proc.kill()
+        self.proc.join(timeout=5)
+
+    def close(self):
+        if self.alive and self.proc.is_alive():
+            try:
+                self.conn.send(("close", None))
+            except Exception:
+                pass
+            self.proc.join(timeout=10)
+        self.kill()
+
+
+class _WorkerLost(Exception):
+    def __init__(self, status, detail):
+        super().__init__(f"{status}: {detail}")
+        self.status, self.detail = status, detail
+
+
+def _lost_row(seed, steps, status, detail):
+    return {"steps": steps, "seed": int(seed), "max_reward": 0.0, "success": False, "env_steps": 0,
+            "status": status, "error": f"worker {status} while running seed {seed}: {detail}"}
+
+
+def _split(seeds: list[int], n_workers: int) -> list[list[int]]:
+    return [seeds[i::n_workers] for i in range(n_workers) if seeds[i::n_workers]]
+
+
+def _start_workers(task_cfg, seeds, n_workers, video_seeds, expert_spec, startup_timeout):
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    workers = [_Worker(ctx, task_cfg, part, video_seeds, expert_spec) for part in _split(seeds, n_workers)]
+    lost = {}
+    for w in workers:
+        try:
+            msg = w.recv(startup_timeout)
+            if msg[0] != "ready":
+                raise _WorkerLost("crashed", f"unexpected first message {msg[0]!r}")
+        except _WorkerLost as e:
+            for s in w.seeds:
+                lost[s] = (e.status, e.detail)
+    return workers, lost
+
+
+def run_expert(task_cfg, seeds: list[int], n_workers: int, video_seeds=(), expert_spec: str | None = None,
+               episode_timeout: float = 600.0, startup_timeout: float = 120.0, progress: bool = True) -> list[dict]:
+    env_name = _cfg_get(task_cfg, "env")
+    expert_spec = expert_spec or EXPERTS.get(env_name)
+    if expert_spec is None:
+        raise ValueError(f"no scripted expert for env={env_name!r}; expected one of {sorted(EXPERTS)} or expert=module:Class")
+    workers, lost = _start_workers(task_cfg, seeds, n_workers, video_seeds, expert_spec, startup_timeout)
+    rows = [_lost_row(s, 1, *lost[s]) for s in lost]
+    bar = _bar(len(seeds), "eval expert", progress)
+    bar.update(len(rows))
+    try:
+        for w in workers:
+            if w.alive and not set(w.seeds) & set(lost):
+                w.send(("expert", None))
+        for w in workers:
+            if set(w.seeds) & set(lost):
+                continue
+            remaining = list(w.seeds)
+            while remaining:
+                try:
+                    kind, row = w.recv(episode_timeout)
+                except _WorkerLost as e:
+                    for s in remaining:
+                        rows.append(_lost_row(s, 1, e.status, e.detail))
+                    bar.update(len(remaining))
+                    remaining = []
+                    break
+                if kind == "episode":
+                    row["steps"] = 1
+                    rows.append(row)
+                    remaining.remove(row["seed"])
+                    bar.update(1)
+            if w.alive:
+                try:
+                    w.recv(episode_timeout)  # expert_done
+                except _WorkerLost:
+                    pass
+    finally:
+        bar.close()
+        for w in workers:
+            w.close()
+    return rows
+
+
+def run_policy(policy, task_cfg, seeds: list[int], n_workers: int, steps: int, video_seeds=(),
+               step_timeout: float = 300.0, startup_timeout: float = 120.0, progress: bool = True) -> list[dict]:
+    """Learned policy batched in the main process over envs stepped in the workers (one chunk per call)."""
+    workers, lost = _start_workers(task_cfg, seeds, n_workers, video_seeds, None, startup_timeout)
+    rows: dict[int, dict] = {s: _lost_row(s, steps, *lost[s]) for s in lost}
+    obs: dict[int, dict] = {}
+    best: dict[int, dict] = {}
+    owner = {s: w for w in workers for s in w.seeds}
+
+    def fail_worker(w, e):
+        for s in w.seeds:
+            if s not in rows:
+                r = _lost_row(s, steps, e.status, e.detail)
+                if s in best:
+                    r["env_steps"] = best[s]["env_steps"]
+                rows[s] = r
+                obs.pop(s, None)
+
+    def record_error(s, tb):
+        rows[s] = {"steps": steps, "seed": s, "max_reward": 0.0, "success": False, "env_steps": best.get(s, {}).get("env_steps", 0),
+                   "status": "error", "error": tb}
+        obs.pop(s, None)
+
+    bar = _bar(len(seeds), f"eval steps={steps}", progress)
+    try:
+        for w in workers:
+            if not w.alive or set(w.seeds) & set(lost):
+                continue
+            try:
+                w.send(("reset", None))
+                _, out = w.recv(step_timeout)
+                for s, (status, val) in out.items():
+                    if status == "ok":
+                        obs[s] = val
+                        best[s] = {"max_reward": 0.0, "env_steps": 0}
+                    else:
+                        record_error(s, val)
+            except _WorkerLost as e:
+                fail_worker(w, e)
+        if hasattr(policy, "reset"):
+            policy.reset()
+        while obs:
+            active = sorted(obs)
+            keys = list(obs[active[0]].keys())
+            batch = {k: np.stack([obs[s][k] for s in active], axis=0) for k in keys}
+            actions = policy.predict_action(batch, steps=steps)
+            actions = actions.detach().cpu().numpy() if hasattr(actions, "detach") else np.asarray(actions)
+            if actions.ndim != 3 or actions.shape[0] != len(active):
+                raise ValueError(f"policy.predict_action returned shape {actions.shape}; expected (B={len(active)}, Ta, Da)")
+            per_worker: dict[int, dict] = {}
+            for i, s in enumerate(active):
+                per_worker.setdefault(id(owner[s]), {})[s] = actions[i]
+            for w in workers:
+                if id(w) in per_worker and w.alive:
+                    try:
+                        w.send(("step", per_worker[id(w)]))
+                    except _WorkerLost as e:
+                        fail_worker(w, e)
+            for w in workers:
+                if id(w) not in per_worker or not any(s in obs for s in per_worker[id(w)]):
+                    continue
+                try:
+                    _, out = w.recv(step_timeout)
+                except _WorkerLost as e:
+                    fail_worker(w, e)
+                    continue
+                for s, (status, res) in out.items():
+                    if status != "ok":
+                        record_error(s, res)
+                        bar.update(1)
+                        continue
+                    best[s] = {"max_reward": res["reward"], "env_steps": res["env_steps"]}
+                    if res["done"]:
+                        succ = res["success"] if res["success"] is not None else res["terminated"]
+                        rows[s] = {"steps": steps, "seed": s, "max_reward": res["reward"], "success": bool(succ),
+                                   "env_steps": res["env_steps"], "status": "ok", "error": "", "frames": res.get("frames")}
+                        obs.pop(s, None)
+                        bar.update(1)
+                    else:
+                        obs[s] = res["obs"]
+    finally:
+        bar.close()
+        for w in workers:
+            w.close()
+    for s in seeds:
+        rows.setdefault(s, _lost_row(s, steps, "crashed", "no result"))
+    return [rows[s] for s in seeds]
+
+
+def _bar(total, desc, enabled):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="ep", dynamic_ncols=True, disable=not enabled)
+
+
+# ---------------------------------------------------------------------------------------------------------
+def default_workers(n_episodes: int) -> int:
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, n_episodes))
+
+
+def _save_videos(rows: list[dict], run_dir: Path, fps: int) -> list[str]:
+    from shortcut_policy.envs.wrappers import write_video
+
+    out = []
+    for r in rows:
+        frames = r.pop("frames", None)
+        if frames:
+            out.append(write_video(frames, run_dir / "videos" / f"seed{r['seed']}_steps{r['steps']}.mp4", fps=fps))
+    return out
+
+
+def evaluate(task_cfg, policy=None, steps_list=(1,), n_episodes: int = 50, seed_start: int = 100000,
+             n_workers: int | None = None, n_videos: int = 0, run_dir=None, expert_spec: str | None = None,
+             timeout: float = 600.0, progress: bool = True) -> dict:
+    """Programmatic entry (also for trainers): ``policy=None`` evaluates the scripted expert. Returns the
+    RESULT dict; writes per-seed tables, videos and the plot into ``run_dir`` when given."""
+    task_cfg = _to_plain(task_cfg)
+    n_episodes = check_int("n_episodes", n_episodes, 1)
+    seed_start = check_int("seed_start", seed_start, 0)
+    n_videos = check_int("n_videos", n_videos, 0)
+    n_workers = default_workers(n_episodes) if n_workers in (None, "auto") else check_int("workers", n_workers, 1)
+    n_workers = min(n_workers, n_episodes)
+    seeds = list(range(seed_start, seed_start + n_episodes))
+    video_seeds = seeds[:n_videos]
+    t0 = time.perf_counter()
+    all_rows: list[dict] = []
+    if policy is None:
+        steps_list = [1]
+        all_rows += run_expert(task_cfg, seeds, n_workers, video_seeds, expert_spec, episode_timeout=timeout,
+                               progress=progress)
+    else:
+        from shortcut_policy.conventions import check_steps
+
+        steps_list = [check_steps(s) for s in steps_list]
+        for n in steps_list:
+            all_rows += run_policy(policy, task_cfg, seeds, n_workers, n, video_seeds, step_timeout=timeout,
+                                   progress=progress)
+    result: dict = {"n_episodes": n_episodes, "seed_start": seed_start, "steps": list(steps_list),
+                    "policy": "expert" if policy is None else "checkpoint", "workers": n_workers}
+    for n in steps_list:
+        result.update(report.summarize([r for r in all_rows if r["steps"] == n], n))
+    result["seconds"] = round(time.perf_counter() - t0, 2)
+    if run_dir is not None:
+        run_dir = Path(run_dir)
+        videos = _save_videos(all_rows, run_dir, fps=int(_cfg_get(task_cfg, "control_hz", 10)))
+        report.write_per_seed(all_rows, run_dir)
+        plot = report.plot_vs_steps(result, run_dir / "score_vs_steps.png",
+                                    title=f"{_cfg_get(task_cfg, 'name', '')} seeds {seed_start}..{seed_start + n_episodes - 1}")
+        result["videos"] = videos
+        result["plot"] = str(plot) if plot else None
+    else:
+        for r in all_rows:
+            r.pop("frames", None)
+    return result
+
+
+def _load_checkpoint_policy(path: str, device: str):
+    try:
+        from shortcut_policy.policy import load_policy
+    except ImportError as e:
+        raise ValueError(f"checkpoint={path!r}: shortcut_policy.policy.load_policy is not available ({e})") from e
+    if not Path(path).exists():
+        raise FileNotFoundError(f"checkpoint={path!r}: no such file")
+    return load_policy(path, device)
+
+
+def _policy_task_cfg(policy):
+    for attr in ("task_cfg",):
+        v = getattr(policy, attr, None)
+        if v is not None:
+            return v
+    cfg = getattr(policy, "cfg", None)
+    return _cfg_get(cfg, "task") if cfg is not None else None
+
+
+def eval_command(cfg, run_dir) -> dict:
+    ckpt = _cfg_get(cfg, "checkpoint")
+    mode = str(_cfg_get(cfg, "policy", "checkpoint" if ckpt is not None else "expert"))
+    if mode not in ("expert", "checkpoint"):
+        raise ValueError(f"policy={mode!r}: expected 'expert' or 'checkpoint'")
+    if mode == "expert" and ckpt is not None:
+        raise ValueError(f"policy=expert with checkpoint={ckpt!r}: drop one of them")
+    task_cfg = _cfg_get(cfg, "task")
+    policy = None
+    if mode == "checkpoint":
+        if ckpt is None:
+            raise ValueError("policy=checkpoint needs checkpoint=PATH")
+        device = str(_cfg_get(cfg, "device", "cpu"))
+        if device == "auto":
+            try:
+                import torch
+
+                device = "cuda" if torch.cuda.is_available() else "cpu"
+            except ImportError:  # pragma: no cover
+                device = "cpu"
+        policy = _load_checkpoint_policy(str(ckpt), device)
+        if bool(_cfg_get(cfg, "use_checkpoint_task", True)):
+            task_cfg = _policy_task_cfg(policy) or task_cfg
+    if task_cfg is None:
+        raise ValueError("eval: no task config (task=pusht_lowdim|pusht_image|...)")
+    tev = _cfg_get(task_cfg, "eval", {}) or {}
+    n_episodes = _cfg_get(cfg, "n_episodes", _cfg_get(tev, "n_episodes", 50))
+    seed_start = _cfg_get(cfg, "seed_start", _cfg_get(tev, "seed_start", 100000))
+    workers = _cfg_get(cfg, "workers", _cfg_get(tev, "n_workers", None))
+    n_videos = _cfg_get(cfg, "n_videos", _cfg_get(tev, "n_videos", 2))
+    steps = _cfg_get(cfg, "steps", [1])
+    steps = list(steps) if isinstance(_to_plain(steps), (list, tuple)) else [steps]
+    return evaluate(task_cfg, policy=policy, steps_list=steps, n_episodes=n_episodes, seed_start=seed_start,
+                    n_workers=workers, n_videos=n_videos, run_dir=run_dir, expert_spec=_cfg_get(cfg, "expert"),
+                    timeout=float(_cfg_get(cfg, "timeout_s", 600.0)), progress=bool(_cfg_get(cfg, "progress", True)))
+
+
+__all__ = ["evaluate", "eval_command", "make_env", "run_expert", "run_policy", "check_int", "ENV_MODULES", "EXPERTS"]
