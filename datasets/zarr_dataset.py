@@ -247,7 +247,9 @@ class SequenceDataset(Dataset):
         for name in self.obs_sources:
             x = sample["obs/" + name]
             if name in self.image_keys:
-                x = np.moveaxis(x, -1, -3).astype(np.float32) / np.float32(255.0)
+                hwc = np.moveaxis(x, -1, -3)  # (T, C, H, W) view
+                x = np.empty(hwc.shape, dtype=np.float32)
+                np.divide(hwc, np.float32(255.0), out=x, casting="unsafe")  # one pass: cast, transpose, scale
             else:
                 x = np.array(x, dtype=np.float32)  # copy: never hand out views of the buffer
             obs[name] = torch.from_numpy(np.ascontiguousarray(x))

@@ -123,18 +123,23 @@ def test_generic_sequence_dataset_robomimic_style(tmp_path):
             "robot0_eef_pos": rng.normal(size=(n, 3)).astype(np.float32),
             "robot0_eef_quat": rng.normal(size=(n, 4)).astype(np.float32),
             "action": rng.normal(size=(n, 20)).astype(np.float32),
+            "agentview_image": rng.integers(0, 256, (n, 12, 10, 3)).astype(np.uint8),
         })
     path = rb.save_to_path(tmp_path / "transport.zarr", zarr_format=3)
     ds = SequenceDataset(
         path,
-        obs_keys={"obs": ["object", "robot0_eef_pos", "robot0_eef_quat"]},
+        obs_keys={"obs": ["object", "robot0_eef_pos", "robot0_eef_quat"], "agentview_image": "agentview_image"},
         action_keys="action",
+        image_keys=["agentview_image"],
         horizon=16, n_obs_steps=2, n_action_steps=8, val_ratio=0.02,
         normalizer_modes={"obs": "max_abs", "action": [["limits", 3], ["identity", 7], ["limits", 3], ["identity", 7]]},
     )
-    assert ds.obs_shapes == {"obs": (48,)} and ds.action_dim == 20
+    assert ds.obs_shapes == {"obs": (48,), "agentview_image": (3, 12, 10)} and ds.action_dim == 20
     s = ds[0]
     rows = _window_rows(ds, 0)
+    img = s["obs"]["agentview_image"]  # uint8 HWC -> float [0, 1] CHW
+    assert img.dtype == torch.float32 and img.shape == (16, 3, 12, 10)
+    np.testing.assert_allclose(img.numpy(), rb["agentview_image"][rows].transpose(0, 3, 1, 2) / 255.0, rtol=1e-6)
     want = np.concatenate([rb["object"][rows], rb["robot0_eef_pos"][rows], rb["robot0_eef_quat"][rows]], axis=1)
     np.testing.assert_array_equal(s["obs"]["obs"].numpy(), want)
     norm = ds.get_normalizer()
