@@ -230,3 +230,16 @@ def test_v3_store_written_by_zarr_directly(tmp_path):
     assert rb.zarr_format == 3 and rb.n_episodes == 2 and rb.episode_ends.dtype == np.int64
     np.testing.assert_array_equal(rb.get_episode(1)["object"], data["object"][2:])
     assert isinstance(numcodecs.Blosc(), numcodecs.abc.Codec)  # numcodecs present for format-2 codecs
+
+
+def test_zip_store_reads(tmp_path):
+    import shutil
+
+    src = tmp_path / "d.zarr"
+    data, _ = write_synthetic_pusht_zarr(src, episode_lengths=(6, 3), with_images=False)
+    zipped = shutil.make_archive(str(tmp_path / "d.zarr"), "zip", root_dir=src)  # -> d.zarr.zip
+    rb = ReplayBuffer.copy_from_path(zipped)
+    np.testing.assert_array_equal(rb["state"], data["state"])
+    assert ReplayBuffer.open(zipped).n_episodes == 2
+    with pytest.raises(ReplayBufferError, match="read-only"):
+        ReplayBuffer.open(zipped, mode="r+")
