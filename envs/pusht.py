@@ -316,6 +316,8 @@ class PushTEnv(gym.Env):
         self.space.step(DT)
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
+        if seed is not None:
+            seed = _check_int_seed(seed)
         super().reset(seed=seed)
         options = dict(options or {})
         self._setup()
@@ -323,7 +325,6 @@ class PushTEnv(gym.Env):
         if state is None:
             if seed is None:
                 seed = int(self.np_random.integers(0, 25536))
-            seed = _check_int_seed(seed)
             rs = np.random.RandomState(seed=seed)
             state = np.array(
                 [rs.randint(50, 450), rs.randint(50, 450), rs.randint(100, 400), rs.randint(100, 400),
@@ -369,25 +370,22 @@ class PushTEnv(gym.Env):
         )
 
     def set_state(self, state) -> None:
-        """Restore a state from :meth:`get_state` (10 values, exact, no physics step) or a 5-value DP state
-        (agent xy, block xy, angle: velocities zeroed, then DP's one settling substep)."""
+        """Restore an exact state, no physics step: 10 values from :meth:`get_state`, or a 5-value DP
+        ``state`` ([agent xy, block origin xy, angle], e.g. a zarr row) with zero velocities.
+        (``reset(options={"reset_to_state": s})`` instead follows DP's ``_set_state``: legacy order on a
+        fresh block + one settling substep, which moves the origin when the angle is not 0.)"""
         state = np.asarray(state, dtype=np.float64).reshape(-1)
-        if state.shape not in ((5,), (10,)):
-            raise ValueError(f"set_state: expected 5 (DP state) or 10 (get_state) values, got {state.shape}")
+        if state.shape not in ((5,), (10,)) or not np.all(np.isfinite(state)):
+            raise ValueError(f"set_state: expected 5 (DP state) or 10 (get_state) finite values, got {state!r}")
         if self.space is None:
             self._setup()
-        if state.shape == (5,):
-            self.agent.velocity = (0.0, 0.0)
-            self.block.velocity = (0.0, 0.0)
-            self.block.angular_velocity = 0.0
-            self._set_pose(state)
-        else:
-            self.agent.position = tuple(state[0:2])
-            self.block.angle = float(state[4])  # angle first (it rotates about the CoG), then the exact origin
-            self.block.position = tuple(state[2:4])
-            self.agent.velocity = tuple(state[5:7])
-            self.block.velocity = tuple(state[7:9])
-            self.block.angular_velocity = float(state[9])
+        vel = state[5:] if state.shape == (10,) else np.zeros(5)
+        self.agent.position = (float(state[0]), float(state[1]))
+        self.block.angle = float(state[4])  # angle first (it rotates about the CoG), then the exact origin
+        self.block.position = (float(state[2]), float(state[3]))
+        self.agent.velocity = (float(vel[0]), float(vel[1]))
+        self.block.velocity = (float(vel[2]), float(vel[3]))
+        self.block.angular_velocity = float(vel[4])
         self._coverage = coverage_of_pose(self.block.position, self.block.angle)
 
     @property
