@@ -1,0 +1,138 @@
+"""Parallel rollout evaluation: expert in workers, learned-policy protocol, crash/timeout reporting, metrics."""
+import json
+import os
+import time
+
+import numpy as np
+import pytest
+
+from shortcut_policy.eval import report
+from shortcut_policy.eval.rollout import check_int, evaluate, make_env
+
+TASK = {"name": "pusht_lowdim", "env": "pusht", "obs_type": "keypoints", "obs_keys": {"obs": [20]},
+        "n_obs_steps": 2, "n_action_steps": 8, "max_steps": 300, "control_hz": 10}
+
+
+# --- experts / policies used by the tests (imported by name inside the spawned workers) ---------------------
+class CrashingExpert:
+    """Kills its worker process on an even seed; holds the agent still on odd seeds."""
+
+    def __init__(self, seed):
+        self.seed = seed
+
+    def reset(self, env):
+        if self.seed % 2 == 0:
+            os._exit(3)
+
+    def act(self, env):
+        return env.unwrapped.get_state()[:2].copy()
+
+
+class HangingExpert(CrashingExpert):
+    def reset(self, env):
+        if self.seed % 2 == 0:
+            time.sleep(3600)
+
+
+class ChasePolicy:
+    """A deterministic closed-loop policy on keypoint observations: drive the agent into the block's keypoint
+    centre. Records the batches it was given."""
+
+    def __init__(self):
+        self.calls = []
+        self.resets = 0
+
+    def reset(self):
+        self.resets += 1
+
+    def predict_action(self, obs, steps=1):
+        o = obs["obs"]
+        self.calls.append((o.shape, steps))
+        centre = o[:, -1, :18].reshape(-1, 9, 2).mean(axis=1)
+        agent = o[:, -1, 18:]
+        frac = np.linspace(0.2, 1.0, 8)[None, :, None]
+        return agent[:, None] + frac * (centre - agent)[:, None]
+
+
+# --- tests ------------------------------------------------------------------------------------------------
+def test_expert_eval_through_cli(tmp_path):
+    from shortcut_policy.cli import run_verb
+
+    res = run_verb("eval", ["policy=expert", "task=pusht_lowdim", "n_episodes=2", "seed_start=100000", "workers=2",
+                            "n_videos=1", "progress=false", f"run_dir={tmp_path}"])
+    assert res["n_episodes"] == 2 and res["success_rate@1"] == 1.0 and res["mean_score@1"] == 1.0
+    lo, hi = res["success_ci95@1"]
+    assert 0.0 < lo < 1.0 and hi == 1.0
+    rows = json.loads((tmp_path / "per_seed.json").read_text())
+    assert [r["seed"] for r in rows] == [100000, 100001] and all(r["status"] == "ok" for r in rows)
+    assert all(0 < r["env_steps"] < 300 for r in rows)
+    assert (tmp_path / "per_seed.csv").read_text().startswith("steps,seed,max_reward,success")
+    assert len(list((tmp_path / "videos").iterdir())) == 1 and (tmp_path / "score_vs_steps.png").stat().st_size > 0
+    assert json.loads((tmp_path / "metrics.json").read_text())["success_rate@1"] == 1.0
+
+
+def test_learned_policy_protocol(tmp_path):
+    task = dict(TASK, max_steps=36)
+    pol = ChasePolicy()
+    res = evaluate(task, policy=pol, steps_list=[1, 4], n_episodes=3, seed_start=100000, n_workers=2,
+                   n_videos=0, run_dir=tmp_path, progress=False)
+    rows = json.loads((tmp_path / "per_seed.json").read_text())
+    assert len(rows) == 6 and {r["steps"] for r in rows} == {1, 4}
+    assert pol.resets == 2
+    # batched over the running envs with To=2 stacked observations; steps passed through
+    assert pol.calls[0] == ((3, 2, 20), 1) and {c[1] for c in pol.calls} == {1, 4}
+    # 36 inner steps = 4 chunks of 8 + 4: every episode truncated at max_steps unless it succeeded
+    for r in rows:
+        assert r["status"] == "ok" and (r["env_steps"] == 36 or r["success"])
+    scores = [r["max_reward"] for r in rows if r["steps"] == 4]
+    assert res["mean_score@4"] == pytest.approx(np.mean(scores))
+    # a deterministic policy on fixed seeds gives the same per-seed scores for every N
+    assert [r["max_reward"] for r in rows if r["steps"] == 1] == scores
+    with pytest.raises(ValueError, match="steps=3"):
+        evaluate(task, policy=pol, steps_list=[3], n_episodes=1, progress=False)
+
+
+def test_crashed_worker_is_reported_with_its_seed():
+    task = dict(TASK, max_steps=5)
+    t0 = time.time()
+    res = evaluate(task, policy=None, n_episodes=2, seed_start=10, n_workers=2,
+                   expert_spec="test_rollout:CrashingExpert", progress=False)
+    assert time.time() - t0 < 120
+    assert res["crashed_seeds@1"] == [10]
+    assert res["success_rate@1"] == 0.0 and res["n_episodes"] == 2
+
+
+def test_hanging_worker_times_out():
+    task = dict(TASK, max_steps=5)
+    res = evaluate(task, policy=None, n_episodes=2, seed_start=20, n_workers=2,
+                   expert_spec="test_rollout:HangingExpert", timeout=4, progress=False)
+    assert res["crashed_seeds@1"] == [20]
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="seed_start=1.5"):
+        evaluate(TASK, n_episodes=1, seed_start=1.5)
+    with pytest.raises(ValueError, match="seed_start='abc'"):
+        evaluate(TASK, n_episodes=1, seed_start="abc")
+    with pytest.raises(ValueError, match="n_episodes=0"):
+        evaluate(TASK, n_episodes=0)
+    with pytest.raises(ValueError, match="env='mujoco_soccer'"):
+        make_env(dict(TASK, env="mujoco_soccer"))
+    with pytest.raises(ValueError, match="obs_type 'rgb'"):
+        make_env(dict(TASK, obs_type="rgb"))
+    assert check_int("x", 1e5) == 100000
+
+
+def test_wilson_interval_and_summary():
+    lo, hi = report.wilson_interval(50, 50)
+    assert lo == pytest.approx(0.9287, abs=1e-4) and hi == 1.0
+    lo, hi = report.wilson_interval(0, 50)
+    assert lo == 0.0 and hi == pytest.approx(0.0713, abs=1e-4)
+    lo, hi = report.wilson_interval(25, 50)
+    assert lo == pytest.approx(0.3664, abs=1e-3) and hi == pytest.approx(0.6336, abs=1e-3)
+    rows = [{"seed": 1, "max_reward": 1.0, "success": True, "status": "ok"},
+            {"seed": 2, "max_reward": 0.5, "success": False, "status": "ok"},
+            {"seed": 3, "max_reward": 0.9, "success": False, "status": "crashed"}]
+    m = report.summarize(rows, 4)
+    assert m["mean_score@4"] == pytest.approx(0.5) and m["success_rate@4"] == pytest.approx(1 / 3)
+    assert m["crashed_seeds@4"] == [3]
