@@ -412,7 +412,7 @@ def fid_command(cfg, run_dir) -> dict:
         raise ValueError("fid needs checkpoint=<path> (samples generated here) or samples_dir=<image folder>")
     from shortcut_policy.generator import load_generator, sample_images
 
-    gen, ckpt_cfg = load_generator(cfg.checkpoint, device=device, use_ema=bool(cfg.get("use_ema", False)))
+    gen, ckpt_cfg = load_generator(cfg.checkpoint, device=device, weights=cfg.get("weights", "auto"))
     resolution = int(cfg.get("resolution") or gen.image_size)
     mu, sigma, meta, path = reference_stats(extractor, resolution, cfg.get("ref_stats"), cfg.get("ref_dir"),
                                             cfg.get("stats_cache_dir", "data/fid_stats"), max_items=cfg.get("ref_max_items"))

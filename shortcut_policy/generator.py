@@ -1,0 +1,287 @@
+"""Image generator: a net (DiT) + an objective (+ a VAE for latent space); ``shortcut-policy sample``.
+
+``ImageGenerator.forward(batch, teacher=None) = compute_loss``: the trainer's model contract. Batches are
+``{"x": (B, C, H, W) latents or pixels in [-1, 1], "label": (B,) long}``. Class-conditional tasks use labels
+0..num_classes-1 and the null label ``num_classes`` (class dropout and guidance live in the objective);
+unconditional tasks (CelebA-HQ) map every label to the null label, as the reference does (train.py:214).
+
+The VAE is held outside the module tree: it is frozen, not saved in checkpoints (it is reloaded from
+``task.vae_path``), not averaged by the EMA, and not wrapped by DDP. It is loaded on first use.
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+class _Shared:
+    """Holds an object that copy.deepcopy (the EMA copy of the model) must share, not copy."""
+
+    def __init__(self, obj=None):
+        self.obj = obj
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+class ImageGenerator(nn.Module):
+    def __init__(self, net: nn.Module, objective, vae=None, num_classes: int = 1, class_conditional: bool = True,
+                 image_size: int = 256, image_channels: int = 3, space: str = "pixel", vae_path=None,
+                 latent_scale: float = 0.18215, encode_online: bool = False, latent_sample: bool = True):
+        super().__init__()
+        if space not in ("pixel", "latent"):
+            raise ValueError(f"space={space!r}: expected pixel or latent")
+        self.net, self.objective = net, objective
+        self.num_classes, self.class_conditional = int(num_classes), bool(class_conditional)
+        self.null_label = self.num_classes
+        self.image_size, self.image_channels, self.space = int(image_size), int(image_channels), space
+        self.latent_scale, self.encode_online, self.latent_sample = float(latent_scale), bool(encode_online), bool(latent_sample)
+        self._vae = _Shared(vae)
+        self.vae_path = vae_path
+        self.x_shape = (int(net.in_channels), *net.input_size)
+
+    # --- VAE ------------------------------------------------------------------------------------------
+    @property
+    def vae(self):
+        if self.space != "latent":
+            return None
+        if self._vae.obj is None:
+            if not self.vae_path:
+                raise ValueError("latent-space generator without a VAE: set task.vae_path")
+            from .datasets.latents import load_vae
+
+            self._vae.obj = load_vae(self.vae_path, self.device)
+        vae = self._vae.obj
+        C, h, w = self.x_shape
+        ds = 2 ** (len(vae.config.block_out_channels) - 1)
+        if vae.config.latent_channels != C or self.image_size // ds != h:
+            raise ValueError(f"the VAE in {self.vae_path} makes {vae.config.latent_channels}x{self.image_size // ds}"
+                             f" latents for {self.image_size}px images, the net expects {C}x{h}x{w}: check "
+                             "task.latent_channels / task.latent_downsample")
+        if next(vae.parameters()).device != self.device:
+            vae.to(self.device)
+        return vae
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.net.parameters()).device
+
+    @property
+    def max_steps(self) -> int:
+        return int(self.objective.m)
+
+    # --- training ---------------------------------------------------------------------------------------
+    def labels_for(self, labels: torch.Tensor) -> torch.Tensor:
+        labels = labels.long().reshape(-1)
+        if not self.class_conditional:
+            return torch.full_like(labels, self.null_label)
+        if labels.numel() and (labels.min() < 0 or labels.max() > self.null_label):
+            raise ValueError(f"labels must be in 0..{self.num_classes} ({self.num_classes} = null), got "
+                             f"{int(labels.min())}..{int(labels.max())}")
+        return labels
+
+    def prepare(self, batch: dict) -> torch.Tensor:
+        x = batch["x"]
+        if self.encode_online:
+            from .datasets.latents import encode
+
+            with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+                mean, std = encode(self.vae, x.float(), self.latent_scale)
+                x = mean + std * torch.randn_like(std) if self.latent_sample else mean
+        if tuple(x.shape[1:]) != self.x_shape:
+            raise ValueError(f"batch x has shape {tuple(x.shape[1:])}, the net expects {self.x_shape}")
+        return x
+
+    def compute_loss(self, batch: dict, teacher=None):
+        x = self.prepare(batch)
+        labels = self.labels_for(batch["label"].to(x.device))
+        if isinstance(teacher, ImageGenerator):
+            teacher = teacher.net
+        null = self.null_label if self.class_conditional else None
+        return self.objective.loss(self.net, x, labels, teacher=teacher, null_cond=null)
+
+    def forward(self, batch: dict, teacher=None):
+        return self.compute_loss(batch, teacher)
+
+    # --- sampling ----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, labels, steps: int, noise: torch.Tensor | None = None, cfg_scale=None, decode: bool = True,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """Images (B, C, H, W) in [-1, 1] (decoded when latent) from ``noise`` (or fresh N(0, I)).
+
+        ``cfg_scale=None`` uses the objective's; the shortcut objective applies guidance only at steps = M."""
+        dev = self.device
+        labels = torch.as_tensor(labels, device=dev).long().reshape(-1)
+        B = labels.shape[0]
+        if noise is None:
+            noise = torch.randn((B, *self.x_shape), generator=generator)
+        noise = noise.to(dev)
+        cond = self.labels_for(labels)
+        null = self.null_label if self.class_conditional else None
+        was_training = self.training
+        self.eval()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            x = self.objective.sample(self.net, noise, cond, steps=steps, null_cond=null, cfg_scale=cfg_scale)
+        x = x.float()
+        if self.space == "latent" and decode:
+            from .datasets.latents import decode as vae_decode
+
+            x = vae_decode(self.vae, x, self.latent_scale)
+        self.train(was_training)
+        return x.clamp(-1, 1)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Builders (used by the trainer's task-kind dispatch)
+
+def generator_dims(task) -> tuple[int, int]:
+    """(in_channels, input_size) of the net for a task config."""
+    size, space = int(task.image_size), task.get("space", "pixel")
+    if space == "latent":
+        ds = int(task.get("latent_downsample", 8))
+        if size % ds:
+            raise ValueError(f"image_size={size} not divisible by the VAE downsampling factor {ds}")
+        return int(task.get("latent_channels", 4)), size // ds
+    return int(task.get("image_channels", 3)), size
+
+
+def build_generator(cfg, vae=None) -> ImageGenerator:
+    from .nets import build_net
+    from .objectives import build_objective
+
+    task = cfg.task
+    channels, size = generator_dims(task)
+    net = build_net(cfg.net, input_size=size, in_channels=channels, num_classes=int(task.num_classes))
+    objective = build_objective(cfg.objective)
+    space = task.get("space", "pixel")
+    return ImageGenerator(
+        net, objective, vae=vae, num_classes=int(task.num_classes), class_conditional=bool(task.class_conditional),
+        image_size=int(task.image_size), image_channels=int(task.get("image_channels", 3)), space=space,
+        vae_path=task.get("vae_path"), latent_scale=float(task.get("latent_scale", 0.18215)),
+        encode_online=space == "latent" and not task.get("latents_path") and task.get("source", "folder") != "store",
+        latent_sample=bool(task.get("latent_sample", True)),
+    )
+
+
+def build_image_dataset(cfg, split: str | None = None):
+    """The training dataset of an image task: a latent/pixel zarr store, an image folder, or digits."""
+    from .datasets.images import DigitsDataset, ImageFolderDataset
+    from .datasets.latents import LatentDataset
+
+    task = cfg.task
+    source, space = task.get("source", "folder"), task.get("space", "pixel")
+    channels, size = generator_dims(task)
+    if source == "digits":
+        if space != "pixel":
+            raise ValueError("the digits task is pixel-space only")
+        return DigitsDataset(int(task.image_size), split or task.get("split", "train"), bool(task.get("random_flip", False)))
+    if source != "folder":
+        raise ValueError(f"task.source={source!r}: expected folder or digits")
+    store = task.get("latents_path")
+    if store:
+        if not Path(str(store)).exists():
+            raise FileNotFoundError(
+                f"{store} (task.latents_path) not found: encode the dataset first with "
+                f"`shortcut-policy latents task={task.get('name', '<task>')}`, or set task.latents_path=null to "
+                "encode online every step")
+        ds = LatentDataset(store, sample=bool(task.get("latent_sample", True)),
+                           random_flip=bool(task.get("random_flip", True)))
+        if ds.space != space or tuple(ds.shape) != (channels, size, size):
+            raise ValueError(f"{store} holds {ds.space} items of shape {tuple(ds.shape)}, the task expects {space} "
+                             f"{(channels, size, size)}")
+        if task.class_conditional and ds.num_classes != int(task.num_classes):
+            raise ValueError(f"{store} has {ds.num_classes} classes, task.num_classes={task.num_classes}")
+        return ds
+    ds = ImageFolderDataset(task.data_dir, int(task.image_size), bool(task.class_conditional),
+                            random_flip=bool(task.get("random_flip", True)), channels=int(task.get("image_channels", 3)))
+    if task.class_conditional and ds.num_classes != int(task.num_classes):
+        raise ValueError(f"{task.data_dir} has {ds.num_classes} class folders, task.num_classes={task.num_classes}")
+    return ds
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Checkpoints -> generator, sampling helpers, `shortcut-policy sample`
+
+def load_generator(path, device="cpu", weights: str = "auto"):
+    """(ImageGenerator with the checkpoint's weights, its config). weights: auto (train.eval_model) | ema | online."""
+    from omegaconf import OmegaConf
+
+    from .train.checkpoint import load_checkpoint
+
+    ck = load_checkpoint(path, map_location="cpu")
+    cfg = OmegaConf.create(ck["cfg"])
+    if cfg.get("task", {}).get("kind") != "image":
+        raise ValueError(f"checkpoint {path} is not an image model (task.kind={cfg.get('task', {}).get('kind')!r})")
+    if weights in (None, "auto"):
+        weights = cfg.get("train", {}).get("eval_model", "ema")
+    if weights not in ("ema", "online"):
+        raise ValueError(f"weights={weights!r}: expected auto, ema or online")
+    gen = build_generator(cfg)
+    state = ck["ema"]["model"] if weights == "ema" else ck["model"]
+    gen.load_state_dict(state)
+    return gen.to(device).eval(), cfg
+
+
+def default_labels(gen: ImageGenerator, n: int, seed: int = 0) -> torch.Tensor:
+    if not gen.class_conditional:
+        return torch.zeros(n, dtype=torch.long)
+    return torch.randint(0, gen.num_classes, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+def sample_images(gen: ImageGenerator, n: int, steps: int, seed: int = 0, labels=None, cfg_scale=None,
+                  batch_size: int = 64, device=None) -> torch.Tensor:
+    """n images on the CPU from fixed noise (seeded per batch): the same seed gives the same noise for every N."""
+    labels = default_labels(gen, n, seed) if labels is None else torch.as_tensor(labels).long()
+    out = []
+    for i, b0 in enumerate(range(0, n, batch_size)):
+        b1 = min(n, b0 + batch_size)
+        g = torch.Generator().manual_seed(seed * 1_000_003 + i)
+        noise = torch.randn((b1 - b0, *gen.x_shape), generator=g)
+        out.append(gen.sample(labels[b0:b1], steps, noise=noise, cfg_scale=cfg_scale).cpu())
+    return torch.cat(out)
+
+
+def sample_command(cfg, run_dir) -> dict:
+    """PNG grids at each of ``steps`` (default 1, 4, 128) from the same noise and labels, from a checkpoint."""
+    from .conventions import check_steps
+    from .datasets.images import make_grid, write_image
+    from .datasets.latents import resolve_device
+
+    run_dir = Path(run_dir)
+    device = resolve_device(cfg.get("device", "auto"))
+    gen, ck_cfg = load_generator(cfg.checkpoint, device=device, weights=cfg.get("weights", "auto"))
+    n, nrow = int(cfg.get("num_images", 64)), int(cfg.get("nrow", 8))
+    steps_list = [check_steps(int(s), gen.max_steps) for s in cfg.get("steps", [1, 4, 128])]
+    if cfg.get("labels") is not None:
+        base = [int(v) for v in cfg.labels]
+        labels = torch.tensor([base[i % len(base)] for i in range(n)])
+    elif gen.class_conditional:  # classes 0, 1, 2, ... cycled
+        labels = torch.arange(n) % gen.num_classes
+    else:
+        labels = torch.zeros(n, dtype=torch.long)
+    result: dict = {"checkpoint": str(cfg.checkpoint), "num_images": n, "grids": {}}
+    runs = [(s, None) for s in steps_list]
+    if cfg.get("cfg_scale") is not None:
+        runs.append((gen.max_steps, float(cfg.cfg_scale)))
+    for steps, scale in runs:
+        t0 = time.time()
+        x = sample_images(gen, n, steps, seed=int(cfg.get("seed", 0)), labels=labels, cfg_scale=scale,
+                          batch_size=int(cfg.get("batch_size", 64)))
+        dt = time.time() - t0
+        tag = f"{steps}steps" + (f"_cfg{scale:g}" if scale is not None else "")
+        path = run_dir / f"grid_{tag}.png"
+        write_image(path, make_grid(x, nrow=nrow))
+        if cfg.get("save_images", False):
+            d = run_dir / f"samples_{tag}"
+            d.mkdir(exist_ok=True)
+            for i in range(n):
+                write_image(d / f"{i:06d}.png", x[i])
+        result["grids"][tag] = str(path)
+        result[f"seconds@{tag}"] = round(dt, 3)
+        result[f"nfe@{tag}"] = steps * (2 if scale not in (None, 1.0) else 1)
+        print(f"{tag}: {path} ({dt:.2f}s)", flush=True)
+    return result
