@@ -288,7 +288,7 @@ class PushTExpert:
 
     def __init__(self, seed: int = 0, n_candidates: int = 64, n_refine: int = 4, n_perturb: int = 5,
                  travel_speed: tuple[float, float] = (13.0, 17.0), push_speed: tuple[float, float] = (6.0, 12.0),
-                 hull_margin: tuple[float, float] = (8.0, 12.0), step_cost: float = 0.25, max_primitive_steps: int = 80):
+                 hull_margin: tuple[float, float] = (8.0, 12.0), step_cost: float = 0.5, max_primitive_steps: int = 80):
         self.seed = seed
         self.rng = np.random.default_rng(seed)
         self.n_candidates = int(n_candidates)
@@ -351,19 +351,29 @@ class PushTExpert:
         )
 
     def _search(self, st: np.ndarray) -> Rollout:
-        results = [self._rollout(st, self._sample()) for _ in range(self.n_candidates)]
+        err0 = pose_error(st[2:4], st[4])
+        results = self._candidates(st, self.n_candidates)
+        best = results[0] if results else None
+        if best is None or (best.success_step is None and best.err > err0 - 1.0):
+            # stalled (no candidate improves the pose by 1 px at this step cost): search wider and
+            # rank by the pose error alone
+            results += self._candidates(st, 2 * self.n_candidates)
+            results.sort(key=lambda r: (r.score if r.success_step is not None else r.err))
+        if not results:
+            raise RuntimeError("PushTExpert: no feasible primitive (all candidates longer than max_primitive_steps)")
+        return results[0]
+
+    def _candidates(self, st: np.ndarray, n: int) -> list[Rollout]:
+        results = [self._rollout(st, self._sample()) for _ in range(n)]
         results = [r for r in results if r is not None]
         results.sort(key=lambda r: r.score)
-        top = results[: self.n_refine]
-        for r in top:
+        for r in results[: self.n_refine]:
             for _ in range(self.n_perturb):
                 q = self._rollout(st, r.prim.perturbed(self.rng))
                 if q is not None:
                     results.append(q)
         results.sort(key=lambda r: r.score)
-        if not results:  # cannot happen in practice; move towards the block centre as a fallback
-            raise RuntimeError("PushTExpert: no feasible primitive")
-        return results[0]
+        return results
 
     def _ctx_hull(self, pos, ang) -> "_Inflated":
         key = (float(pos[0]), float(pos[1]), float(ang), self.hull_margin)
