@@ -347,6 +347,19 @@ class InceptionFeatures:
         return np.concatenate(out)
 
 
+_EXTRACTORS: dict = {}
+
+
+def get_extractor(path=None, device="cpu", batch_size: int = 50) -> InceptionFeatures:
+    """InceptionFeatures, loaded once per (path, device) in a process."""
+    key = (str(path) if path else None, str(device))
+    ext = _EXTRACTORS.get(key)
+    if ext is None:
+        ext = _EXTRACTORS[key] = InceptionFeatures(path, device=device, batch_size=batch_size)
+    ext.batch_size = int(batch_size)
+    return ext
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Folder statistics with a cache
 
@@ -396,7 +409,7 @@ def fid_command(cfg, run_dir) -> dict:
     from shortcut_policy.datasets.latents import resolve_device
 
     device = resolve_device(cfg.get("device", "auto"))
-    extractor = InceptionFeatures(cfg.get("inception_path"), device=device, batch_size=int(cfg.get("batch_size", 50)))
+    extractor = get_extractor(cfg.get("inception_path"), device=device, batch_size=int(cfg.get("batch_size", 50)))
     result: dict = {"extractor": extractor.name}
     if cfg.get("samples_dir"):
         resolution = cfg.get("resolution")

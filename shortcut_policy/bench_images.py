@@ -25,20 +25,20 @@ import torch.nn.functional as F
 
 DEFAULTS = {
     "image_size": 16,
-    "num_steps": 3000,
+    "num_steps": 1500,
     "batch_size": 128,
     "lr": 1.0e-3,
     "weight_decay": 0.1,
     "ema": {"decay": 0.999, "warmup": "power", "power": 0.75, "inv_gamma": 1.0},
     "eval_model": "ema",
-    "net": {"kind": "dit", "hidden_size": 128, "depth": 4, "num_heads": 4, "patch_size": 4, "mlp_ratio": 4.0},
+    "net": {"kind": "dit", "hidden_size": 96, "depth": 4, "num_heads": 4, "patch_size": 4, "mlp_ratio": 4.0},
     "objectives": {
         "shortcut": {"name": "shortcut", "m": 128, "bootstrap_fraction": 0.25, "level_allocation": "reference",
                      "clip": 4.0, "teacher": "online", "class_dropout_prob": 0.0},
         "flow_matching": {"name": "flow_matching", "m": 128, "t_sampling": "discrete", "class_dropout_prob": 0.0},
     },
     "steps": [1, 2, 4, 8, 16, 32, 64, 128],
-    "n_eval": 1000,
+    "n_eval": 400,
     "classifier_cache": "data/bench_images/digits_classifier_{size}px.pt",
     "classifier_epochs": 40,
     "threads": None,             # torch threads per process (parallel: 1)
