@@ -390,21 +390,39 @@ def env_meta_from_task_cfg(task_cfg) -> dict | None:
     return _as_plain(meta) if meta is not None else None
 
 
-def make_env(task_cfg, render: bool = True, **overrides) -> TransportEnv:
-    """Factory used by the rollout runner: ``shortcut_policy.envs.transport.make_env(task_cfg)``."""
-    obs_keys = list(task_cfg.get("obs_keys", {"obs": [OBS_DIM]}).keys())
+def make_env(task_cfg, wrap: bool = True, render: bool = True, **overrides):
+    """Env for a task config (configs/task/transport_*.yaml), used by the rollout runner as
+    ``make_env(task_cfg, wrap=False)``. With ``wrap`` it is ``MultiStepWrapper(env, n_obs_steps, n_action_steps,
+    max_steps)``. Observation keys are the config's ``obs_keys``; ``abs_action`` picks absolute (20) or delta (14)
+    actions; ``env_meta`` (inline) or ``env_meta_path`` (a robomimic hdf5) describe the env."""
+    get = task_cfg.get if hasattr(task_cfg, "get") else (lambda k, d=None: getattr(task_cfg, k, d))
+    if get("env", "transport") != "transport":
+        raise ValueError(f"task env {get('env')!r} is not transport: use the env's own make_env")
+    obs_keys = list((get("obs_shapes", None) or get("obs_keys", None) or {"obs": [OBS_DIM]}).keys())
+    max_steps = int(get("max_steps", MAX_STEPS))
     kwargs = dict(
         env_meta=env_meta_from_task_cfg(task_cfg),
         obs_keys=obs_keys,
-        abs_action=bool(task_cfg.get("abs_action", False)),
-        max_episode_steps=int(task_cfg.get("max_steps", MAX_STEPS)),
+        abs_action=bool(get("abs_action", False)),
+        max_episode_steps=max_steps,
         enable_render=render,
-        source=f"task config {task_cfg.get('name', 'transport')}",
+        source=f"task config {get('name', 'transport')}",
     )
-    rs = task_cfg.get("render_size", None)
-    if rs is not None:
-        kwargs["render_size"] = tuple(rs)
-    if task_cfg.get("render_camera", None):
-        kwargs["render_camera"] = task_cfg.get("render_camera")
+    if get("render_size", None) is not None:
+        kwargs["render_size"] = tuple(get("render_size"))
+    if get("render_camera", None):
+        kwargs["render_camera"] = get("render_camera")
+    if get("hard_reset", None) is not None:
+        kwargs["hard_reset"] = bool(get("hard_reset"))
     kwargs.update(overrides)
-    return TransportEnv(**kwargs)
+    env = TransportEnv(**kwargs)
+    if not wrap:
+        return env
+    from shortcut_policy.envs.wrappers import MultiStepWrapper
+
+    return MultiStepWrapper(
+        env,
+        n_obs_steps=int(get("n_obs_steps", 2)),
+        n_action_steps=int(get("n_action_steps", 8)),
+        max_episode_steps=max_steps,
+    )

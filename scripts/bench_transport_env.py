@@ -1,0 +1,83 @@
+#!/usr/bin/env python
+"""Env steps per second of TwoArmTransport (robosuite 1.5.1 + MuJoCo), low-dim and with the 4 cameras.
+
+    MUJOCO_GL=egl PYOPENGL_PLATFORM=egl nice python scripts/bench_transport_env.py [--lowdim-steps 400]
+        [--image-steps 60] [--out data/transport_logs/bench_env.json]
+
+Actions are small random world-frame deltas (the arms wander, objects stay put), one env, one process; the
+first 20 steps are warm-up (numba JIT of robosuite, GL context). Also times ``reset()`` (hard reset rebuilds
+the MuJoCo model) and one 128x128 ``render()``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+
+os.environ.setdefault("MUJOCO_GL", "egl")
+os.environ.setdefault("PYOPENGL_PLATFORM", os.environ["MUJOCO_GL"])
+
+import numpy as np  # noqa: E402
+
+
+def bench(obs_keys, n_steps, enable_render=False, seed=0):
+    from shortcut_policy.envs.transport import TransportEnv
+
+    t0 = time.perf_counter()
+    env = TransportEnv(obs_keys=obs_keys, enable_render=enable_render)
+    t_make = time.perf_counter() - t0
+    rng = np.random.default_rng(seed)
+    t0 = time.perf_counter()
+    env.reset(seed=100000)
+    t_reset = time.perf_counter() - t0
+    for _ in range(20):
+        env.step(rng.uniform(-0.2, 0.2, 14))
+    t0 = time.perf_counter()
+    for _ in range(n_steps):
+        env.step(rng.uniform(-0.2, 0.2, 14))
+    dt = time.perf_counter() - t0
+    out = {"obs_keys": list(obs_keys), "steps": n_steps, "steps_per_s": n_steps / dt, "make_s": t_make,
+           "reset_s": t_reset}
+    if enable_render:
+        t0 = time.perf_counter()
+        for _ in range(10):
+            frame = env.render()
+        out["render_128_ms"] = (time.perf_counter() - t0) / 10 * 1000
+        out["render_shape"] = list(frame.shape)
+    env.close()
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--lowdim-steps", type=int, default=400)
+    ap.add_argument("--image-steps", type=int, default=60)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    from shortcut_policy.envs.transport import IMAGE_KEYS, LOWDIM_SHAPES
+
+    res = {
+        "machine": f"{platform.machine()} {os.cpu_count()} cpus, load {os.getloadavg()[0]:.1f}",
+        "MUJOCO_GL": os.environ.get("MUJOCO_GL"),
+        "lowdim": bench(["obs"], args.lowdim_steps, enable_render=True),
+    }
+    if args.image_steps > 0:
+        res["image_4cams"] = bench(list(IMAGE_KEYS) + [k for k in LOWDIM_SHAPES if k != "object"], args.image_steps)
+    import mujoco
+    import robosuite
+
+    res["versions"] = {"robosuite": robosuite.__version__, "mujoco": mujoco.__version__}
+    res["load_after"] = os.getloadavg()[0]
+    text = json.dumps(res, indent=1)
+    print(text)
+    if args.out:
+        tmp = args.out + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, args.out)
+
+
+if __name__ == "__main__":
+    main()
