@@ -116,6 +116,11 @@ def test_demos_bad_arguments(tmp_path):
     base = {"task": "pusht", "n_episodes": 1, "out": str(tmp_path / "x.zarr"), "workers": 1}
     with pytest.raises(ValueError, match="unknown task='pushy'"):
         demos_command(OmegaConf.create({**base, "task": "pushy"}), tmp_path)
+    with pytest.raises(ValueError, match="unknown task='pushy'"):
+        demos_command(OmegaConf.create({**base, "task": {"env": "pushy"}}), tmp_path)
+    from shortcut_policy.cli import compose
+
+    assert compose("demos", ["task=pusht", "n_episodes=3"]).task.env == "pusht"  # `demos task=pusht` composes
     with pytest.raises(ValueError, match="seed=0.5"):
         demos_command(OmegaConf.create({**base, "seed": 0.5}), tmp_path)
     with pytest.raises(ValueError, match="n_episodes=0"):

@@ -1,8 +1,10 @@
 """Scripted experts and the ``demos`` verb: demonstrations in Diffusion Policy's zarr layout.
 
 ``shortcut-policy demos task=pusht n_episodes=200 out=data/pusht_expert.zarr [workers=N seed=S expert_seed=E
-overwrite=false]`` (configs/demos.yaml). ``task`` is a plain string naming the generator in :data:`GENERATORS`
-(``pusht`` here; Transport registers ``transport`` -> ``shortcut_policy.envs.experts.transport:demos``).
+overwrite=false]`` (configs/demos.yaml). ``task`` is the task config group (``task=pusht`` is an alias of
+pusht_lowdim; any Push-T task works); the generator in :data:`GENERATORS` is chosen by ``task.env`` (a plain
+string naming it also works when called from Python). Transport: ``transport`` ->
+``shortcut_policy.envs.experts.transport:demos``.
 
 A generator is ``fn(cfg, run_dir) -> dict`` and prints/returns the RESULT keys
 ``n_episodes`` (kept), ``n_dropped`` (failed attempts, not written), ``seconds``, ``out``.
@@ -25,7 +27,10 @@ GENERATORS: dict[str, str] = {
 
 
 def demos_command(cfg, run_dir) -> dict:
-    task = str(cfg.get("task", "pusht"))
+    task = cfg.get("task", "pusht")
+    if hasattr(task, "get"):  # a task config (configs/task/*.yaml): dispatch on its env
+        task = task.get("env", None)
+    task = str(task)
     if task not in GENERATORS:
         raise ValueError(f"demos: unknown task={task!r}; expected one of {sorted(GENERATORS)}")
     module, fn = GENERATORS[task].split(":")
