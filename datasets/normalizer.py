@@ -275,7 +275,7 @@ class LinearNormalizer(nn.Module):
         return list(self.params_dict.keys())
 
     # ------------------------------------------------------------------ use
-    def _apply(self, x, forward: bool):
+    def _map(self, x, forward: bool):
         if isinstance(x, Mapping):
             return {k: self._apply_field(k, v, forward) for k, v in x.items()}
         return self._apply_field(DEFAULT_KEY, x, forward)
@@ -287,10 +287,10 @@ class LinearNormalizer(nn.Module):
         return field.normalize(x, key) if forward else field.unnormalize(x, key)
 
     def normalize(self, x):
-        return self._apply(x, True)
+        return self._map(x, True)
 
     def unnormalize(self, x):
-        return self._apply(x, False)
+        return self._map(x, False)
 
     def forward(self, x):
         return self.normalize(x)

@@ -1,0 +1,119 @@
+"""Observation encoders: low-dim keys pass through; each camera gets a ResNet18 (GroupNorm, trained from
+scratch, written here: torchvision is unusable on CPU-only machines) + SpatialSoftmax(32 keypoints) +
+Linear(64) + ReLU, as robomimic / Diffusion Policy. Random crop in training, centre crop in eval."""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import torch
+from einops import rearrange
+from torch import nn
+from torch.nn import functional as F
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int = 1):
+        super().__init__()
+        gn = lambda c: nn.GroupNorm(max(1, c // 16), c)  # noqa: E731  (DP: BatchNorm -> GroupNorm(C/16))
+        self.conv1, self.bn1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False), gn(cout)
+        self.conv2, self.bn2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False), gn(cout)
+        self.down = None
+        if stride != 1 or cin != cout:
+            self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), gn(cout))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + (x if self.down is None else self.down(x)))
+
+
+class ResNet18Conv(nn.Module):
+    """ResNet18 without avgpool/fc: (B, 3, H, W) -> (B, 512, H/32, W/32)."""
+
+    def __init__(self, in_channels: int = 3, width: int = 64):
+        super().__init__()
+        w = width
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, w, 7, 2, 3, bias=False), nn.GroupNorm(w // 16, w), nn.ReLU(),
+                                  nn.MaxPool2d(3, 2, 1))
+        layers, cin = [], w
+        for i, cout in enumerate([w, 2 * w, 4 * w, 8 * w]):
+            stride = 1 if i == 0 else 2
+            layers += [BasicBlock(cin, cout, stride), BasicBlock(cout, cout)]
+            cin = cout
+        self.layers = nn.Sequential(*layers)
+        self.out_channels = cin
+
+    def forward(self, x):
+        return self.layers(self.stem(x))
+
+
+class SpatialSoftmax(nn.Module):
+    """1x1 conv to K keypoint maps, softmax over space, expected (x, y) per keypoint -> (B, 2K)."""
+
+    def __init__(self, in_channels: int, num_kp: int = 32, temperature: float = 1.0):
+        super().__init__()
+        self.kp = nn.Conv2d(in_channels, num_kp, 1)
+        self.temperature = temperature
+
+    def forward(self, feat):
+        B, _, H, W = feat.shape
+        h = self.kp(feat).flatten(2) / self.temperature
+        attn = torch.softmax(h, dim=-1)
+        ys, xs = torch.meshgrid(torch.linspace(-1, 1, H, device=feat.device), torch.linspace(-1, 1, W, device=feat.device),
+                                indexing="ij")
+        ex = (attn * xs.reshape(1, 1, -1)).sum(-1)
+        ey = (attn * ys.reshape(1, 1, -1)).sum(-1)
+        return torch.stack([ex, ey], -1).flatten(1)
+
+
+class ImageEncoder(nn.Module):
+    def __init__(self, image_shape: Sequence[int], crop_shape: Sequence[int] | None = None, feature_dim: int = 64,
+                 num_kp: int = 32, width: int = 64):
+        super().__init__()
+        from shortcut_policy.datasets.augment import CropRandomizer
+
+        self.image_shape = tuple(image_shape)
+        self.crop = CropRandomizer(crop_shape) if crop_shape else nn.Identity()
+        self.backbone = ResNet18Conv(self.image_shape[0], width)
+        self.pool = SpatialSoftmax(self.backbone.out_channels, num_kp)
+        self.proj = nn.Linear(2 * num_kp, feature_dim)
+        self.feature_dim = feature_dim
+
+    def forward(self, img):  # (B, C, H, W) in the normaliser's [-1, 1]
+        return F.relu(self.proj(self.pool(self.backbone(self.crop(img)))))
+
+
+class ObsEncoder(nn.Module):
+    """Encodes the first To steps of a normalised observation dict into the flat global condition.
+
+    Per step: [image features per camera (in `image_keys` order), low-dim keys (in `lowdim_keys` order)];
+    steps concatenated (To major), as Diffusion Policy.
+    """
+
+    def __init__(self, obs_shapes: Mapping[str, Sequence[int]], lowdim_keys: Sequence[str] = (),
+                 image_keys: Sequence[str] = (), n_obs_steps: int = 2, crop_shape=None, feature_dim: int = 64,
+                 resnet_width: int = 64):
+        super().__init__()
+        self.obs_shapes = {k: tuple(v) for k, v in obs_shapes.items()}
+        self.lowdim_keys, self.image_keys, self.n_obs_steps = list(lowdim_keys), list(image_keys), int(n_obs_steps)
+        missing = [k for k in self.lowdim_keys + self.image_keys if k not in self.obs_shapes]
+        if missing:
+            raise ValueError(f"observation keys {missing} have no entry in obs_shapes {sorted(self.obs_shapes)}")
+        self.cams = nn.ModuleDict({k: ImageEncoder(self.obs_shapes[k], crop_shape, feature_dim, width=resnet_width)
+                                   for k in self.image_keys})
+        per_step = sum(feature_dim for _ in self.image_keys) + sum(int(torch.tensor(self.obs_shapes[k]).prod())
+                                                                   for k in self.lowdim_keys)
+        self.out_dim = per_step * self.n_obs_steps
+
+    def forward(self, nobs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        feats = []
+        B = None
+        for k in self.image_keys:
+            x = nobs[k][:, : self.n_obs_steps]
+            B = x.shape[0]
+            f = self.cams[k](rearrange(x, "b t c h w -> (b t) c h w"))
+            feats.append(rearrange(f, "(b t) d -> b t d", b=B))
+        for k in self.lowdim_keys:
+            x = nobs[k][:, : self.n_obs_steps]
+            feats.append(x.reshape(x.shape[0], x.shape[1], -1))
+        return torch.cat(feats, dim=-1).flatten(1)

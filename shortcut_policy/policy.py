@@ -1,0 +1,205 @@
+"""One Policy class for every objective and observation type.
+
+Policy(net, objective, obs_encoder, normalizer, horizon, n_obs_steps, n_action_steps, action_dim):
+- compute_loss(batch): normalise, encode the first To observation steps into the global condition, and
+  hand the normalised action window to the objective (shortcut | flow_matching | diffusion).
+- predict_action(obs, steps=N): obs is a dict of (B, To, ...) arrays; samples a horizon of actions in
+  N steps, clamps to [-1, 1] (the DDPM clip_sample equivalent), unnormalises, and returns the Ta actions to
+  execute, action_pred[:, To-1 : To-1+Ta], as Diffusion Policy.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from .nets import build_net
+from .nets.obs_encoders import ObsEncoder
+from .objectives import Diffusion, build_objective
+
+
+def _shape_str(s):
+    return "(" + ", ".join(str(int(v)) for v in s) + ")"
+
+
+class Policy(nn.Module):
+    def __init__(self, net: nn.Module, objective, obs_encoder: ObsEncoder, normalizer, *, horizon: int,
+                 n_obs_steps: int, n_action_steps: int, action_dim: int, default_steps: int = 1, task_name: str = ""):
+        super().__init__()
+        self.net, self.objective, self.obs_encoder, self.normalizer = net, objective, obs_encoder, normalizer
+        self.horizon, self.n_obs_steps, self.n_action_steps = int(horizon), int(n_obs_steps), int(n_action_steps)
+        self.action_dim, self.default_steps, self.task_name = int(action_dim), int(default_steps), task_name
+        if self.n_obs_steps - 1 + self.n_action_steps > self.horizon:
+            raise ValueError(f"n_obs_steps - 1 + n_action_steps = {self.n_obs_steps - 1 + self.n_action_steps} exceeds "
+                             f"horizon {self.horizon}")
+        self.task_cfg = None  # set by load_policy / build: the runner evaluates on it
+
+    @property
+    def device(self):
+        return next(self.parameters()).device
+
+    # --- checks -----------------------------------------------------------------------------------------
+    def _check_obs(self, obs: Mapping, min_steps: int, where: str) -> None:
+        if not isinstance(obs, Mapping):
+            raise TypeError(f"{where}: observations must be a dict of arrays, got {type(obs).__name__}")
+        need = self.obs_encoder.lowdim_keys + self.obs_encoder.image_keys
+        missing = [k for k in need if k not in obs]
+        if missing:
+            raise KeyError(f"{where}: observation keys {missing} missing (got {sorted(obs)}; the policy expects {need})")
+        for k in need:
+            x = obs[k]
+            want = self.obs_encoder.obs_shapes[k]
+            if tuple(x.shape[2:]) != want or x.ndim != 2 + len(want) or x.shape[1] < min_steps:
+                raise ValueError(f"{where}: observation {k!r} has shape {_shape_str(x.shape)}; expected "
+                                 f"(B, T>={min_steps}, {', '.join(map(str, want))})")
+            if not bool(torch.isfinite(torch.as_tensor(x, dtype=torch.float32)).all()):
+                raise ValueError(f"{where}: observation {k!r} contains NaN or inf")
+
+    # --- training ---------------------------------------------------------------------------------------
+    def compute_loss(self, batch, teacher: "Policy | None" = None):
+        obs, action = batch["obs"], batch["action"]
+        self._check_obs(obs, self.n_obs_steps, "batch")
+        if action.shape[1:] != (self.horizon, self.action_dim):
+            raise ValueError(f"batch: action has shape {_shape_str(action.shape)}; expected (B, {self.horizon}, "
+                             f"{self.action_dim}) (horizon, action_dim of the config)")
+        if not torch.isfinite(action).all():
+            raise ValueError("batch: action contains NaN or inf")
+        nobs = self.normalizer.normalize({k: obs[k] for k in self.obs_encoder.obs_shapes if k in obs})
+        naction = self.normalizer.normalize({"action": action})["action"]
+        cond = self.obs_encoder(nobs)
+        if teacher is None or teacher is self:
+            t_net, t_cond = self.net, None
+        else:
+            t_net = teacher.net
+            with torch.no_grad():
+                t_cond = teacher.obs_encoder(nobs)
+        return self.objective.loss(self.net, naction, cond, teacher=t_net, teacher_cond=t_cond)
+
+    def forward(self, batch, teacher=None):  # the trainer's (and DDP's) entry point
+        return self.compute_loss(batch, teacher)
+
+    # --- inference --------------------------------------------------------------------------------------
+    def check_steps(self, steps):
+        return self.objective.check_steps(steps)
+
+    def reset(self) -> None:
+        """The policy is stateless between calls (observation history is kept by the env wrapper)."""
+
+    @torch.no_grad()
+    def predict_action(self, obs: Mapping, steps: int | None = None, generator: torch.Generator | None = None,
+                       return_numpy: bool = True, **sample_kw):
+        steps = self.check_steps(self.default_steps if steps is None else steps)
+        self._check_obs(obs, self.n_obs_steps, "predict_action")
+        dev = self.device
+        obs_t = {k: torch.as_tensor(np.asarray(v) if not isinstance(v, torch.Tensor) else v, dtype=torch.float32,
+                                    device=dev)[:, -self.n_obs_steps:]
+                 for k, v in obs.items() if k in self.obs_encoder.obs_shapes}
+        nobs = self.normalizer.normalize(obs_t)
+        cond = self.obs_encoder(nobs)
+        B = cond.shape[0]
+        x0 = torch.randn(B, self.horizon, self.action_dim, device=dev, generator=generator)
+        if isinstance(self.objective, Diffusion):
+            sample_kw.setdefault("generator", generator)
+        naction = self.objective.sample(self.net, x0, cond, steps=steps, **sample_kw).clamp(-1.0, 1.0)
+        action = self.normalizer.unnormalize({"action": naction})["action"]
+        start = self.n_obs_steps - 1
+        out = action[:, start : start + self.n_action_steps]
+        return out.cpu().numpy() if return_numpy else out
+
+
+# -------------------------------------------------------------------------------------------------------------
+def _plain(cfg):
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, (DictConfig, ListConfig)) else cfg
+
+
+def build_policy(cfg, normalizer) -> Policy:
+    """Policy from a resolved config (task, net, objective) and a fitted (or empty, to load into) normaliser."""
+    task = _plain(cfg["task"])
+    enc_cfg = task.get("encoder", {}) or {}
+    encoder = ObsEncoder(task["obs_shapes"], task.get("lowdim_keys", []), task.get("image_keys", []),
+                         task["n_obs_steps"], crop_shape=task.get("crop_shape"), feature_dim=enc_cfg.get("feature_dim", 64),
+                         resnet_width=enc_cfg.get("resnet_width", 64))
+    net = build_net(cfg["net"], input_dim=task["action_dim"], global_cond_dim=encoder.out_dim)
+    objective = build_objective(cfg["objective"])
+    policy = Policy(net, objective, encoder, normalizer, horizon=task["horizon"], n_obs_steps=task["n_obs_steps"],
+                    n_action_steps=task["n_action_steps"], action_dim=task["action_dim"],
+                    default_steps=int(task.get("default_steps", 1)), task_name=task.get("name", ""))
+    policy.task_cfg = task
+    return policy
+
+
+def build_dataset(cfg, split: str = "train"):
+    from .datasets.zarr_dataset import SequenceDataset
+
+    task = _plain(cfg["task"])
+    dcfg = dict(task["dataset"])
+    path = Path(dcfg.pop("zarr_path"))
+    if not path.exists():
+        raise FileNotFoundError(f"task.dataset.zarr_path={str(path)!r}: no such dataset. Generate demonstrations with "
+                                f"`shortcut-policy demos task={task.get('env', '?')} out={path}` or point zarr_path at a file")
+    ds = SequenceDataset(path, horizon=task["horizon"], n_obs_steps=task["n_obs_steps"],
+                         n_action_steps=task["n_action_steps"], split=split, **dcfg)
+    shapes = {k: tuple(v) for k, v in ds.obs_shapes.items()}
+    want = {k: tuple(v) for k, v in task["obs_shapes"].items()}
+    if shapes != want:
+        raise ValueError(f"{path}: dataset observation shapes {shapes} do not match task.obs_shapes {want}")
+    if ds.action_dim != task["action_dim"]:
+        raise ValueError(f"{path}: dataset action dim {ds.action_dim} does not match task.action_dim={task['action_dim']}")
+    return ds
+
+
+class RolloutEvaluator:
+    """Periodic rollout evaluation during training (EMA weights, `steps` sampling steps)."""
+
+    def __init__(self, task_cfg, n_episodes: int, seed_start: int, steps: int = 1, run_dir=None, n_workers=None):
+        self.task_cfg, self.n_episodes, self.seed_start, self.steps = task_cfg, n_episodes, seed_start, steps
+        self.run_dir, self.n_workers = run_dir, n_workers
+
+    def __call__(self, policy, step: int) -> dict:
+        from .eval.rollout import evaluate
+
+        res = evaluate(self.task_cfg, policy=policy, steps_list=[self.steps], n_episodes=self.n_episodes,
+                       seed_start=self.seed_start, n_workers=self.n_workers, progress=False)
+        n = self.steps
+        return {"test_mean_score": res[f"mean_score@{n}"], "test_success_rate": res[f"success_rate@{n}"]}
+
+
+def build_policy_training(cfg, run_dir):
+    train_ds = build_dataset(cfg, "train")
+    val_ds = train_ds.get_validation_dataset()
+    policy = build_policy(cfg, train_ds.get_normalizer())
+    tcfg = cfg["train"]
+    evaluator = None
+    if int(tcfg.get("eval_every") or 0) > 0:
+        ev = _plain(cfg["task"]).get("eval", {})
+        evaluator = RolloutEvaluator(_plain(cfg["task"]), int(tcfg.get("eval_episodes", ev.get("n_episodes", 50))),
+                                     int(ev.get("seed_start", 100000)), steps=int(tcfg.get("eval_steps", 1)),
+                                     run_dir=run_dir, n_workers=ev.get("n_workers"))
+    return policy, train_ds, val_ds, evaluator
+
+
+def load_policy(path, device="cpu", weights: str | None = None, expect_task: str | None = None) -> Policy:
+    """Rebuild a policy from a checkpoint path alone (config, normaliser, EMA or online weights)."""
+    from omegaconf import OmegaConf
+
+    from .datasets.normalizer import LinearNormalizer
+    from .train.checkpoint import load_checkpoint
+
+    ck = load_checkpoint(path)
+    cfg = OmegaConf.create(ck["cfg"])
+    if cfg.task.get("kind", "policy") != "policy":
+        raise ValueError(f"checkpoint {path}: task {cfg.task.get('name')!r} is an image model, not a policy")
+    if expect_task is not None and cfg.task.name != expect_task:
+        raise ValueError(f"checkpoint {path} was trained on task {cfg.task.name!r}, not {expect_task!r}")
+    which = weights or cfg.train.get("eval_model", "ema")
+    sd = ck["ema"]["model"] if which == "ema" else ck["model"]
+    normalizer = LinearNormalizer.from_state_dict(sd, prefix="normalizer.")
+    policy = build_policy(cfg, normalizer)
+    policy.load_state_dict(sd)
+    policy.cfg = cfg
+    return policy.to(device).eval()
