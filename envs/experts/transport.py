@@ -240,7 +240,7 @@ class TransportExpert:
             if ph == "lid_descend":
                 return self._descend(a, 0, grasp, R, "lid_close", "lid_align", "lid_hover", vmax=0.4)
             if ph == "lid_close":
-                if self._settled(a, 0):
+                if self._settled(a, 0) or a.t_phase > 40:
                     if self._grasping(0, self.rs.transport.lid.handle_geoms):
                         a.aux["lid_z0"] = hp[2]
                         a.go("lid_lift")
@@ -305,7 +305,7 @@ class TransportExpert:
             if ph == "ham_descend":
                 return self._descend(a, 0, grasp, R, "ham_close", "ham_align", "ham_hover", vmax=0.4)
             if ph == "ham_close":
-                if self._settled(a, 0):
+                if self._settled(a, 0) or a.t_phase > 40:
                     if self._grasping(0, self.rs.transport.payload.handle_geoms):
                         a.aux["ham_z0"] = hpos[2]
                         a.go("ham_lift")
@@ -394,7 +394,7 @@ class TransportExpert:
             if ph == "trash_descend":
                 return self._descend(a, 1, grasp, R, "trash_close", "trash_align", "trash_hover", vmax=0.4)
             if ph == "trash_close":
-                if self._settled(a, 1):
+                if self._settled(a, 1) or a.t_phase > 40:
                     if self._grasping(1, tr.trash):
                         a.aux["trash_z0"] = tp[2]
                         a.go("trash_lift")
@@ -448,13 +448,14 @@ class TransportExpert:
                 if r0 not in ("ham_hold",):
                     # wait beside the handover point, out of robot0's way
                     return self._cmd(1, np.array([0.0, 0.18, 1.18]), _R_DOWN1, OPEN)
-                if self._at(1, hover, R, tol=0.012, rtol=0.08) and self.arms[0].t_phase > 5:
+                a.aux["ho_wait"] = a.aux.get("ho_wait", 0) + 1  # steps since robot0 holds still at the handover
+                if (self._at(1, hover, R, tol=0.012, rtol=0.08) or a.aux["ho_wait"] > 80) and self.arms[0].t_phase > 5:
                     a.go("ho_descend")
                 return self._cmd(1, hover, R, OPEN, vmax=0.8)
             if ph == "ho_descend":
                 return self._descend(a, 1, grasp, R, "ho_close", "ho_align", "pre_handover", vmax=0.35)
             if ph == "ho_close":
-                if self._settled(a, 1):
+                if self._settled(a, 1) or a.t_phase > 40:
                     if self._grasping(1, tr.payload.handle_geoms):
                         a.aux["has_hammer"] = True
                         self._log(1, "holds hammer")
@@ -571,6 +572,7 @@ def run_expert_episode(
     image_keys: tuple[str, ...] = (),
     stop_after_success: int | None = None,
     expert_seed: int | None = None,
+    lite_physics: bool | None = None,
 ) -> dict:
     """One seeded episode of the expert. With ``record`` the result holds robomimic-style arrays."""
     from shortcut_policy.envs.transport import LOWDIM_SHAPES, TransportEnv
@@ -578,7 +580,7 @@ def run_expert_episode(
     own = env is None
     if own:
         keys = tuple(LOWDIM_SHAPES) + tuple(image_keys)
-        env = TransportEnv(obs_keys=keys, enable_render=False)
+        env = TransportEnv(obs_keys=keys, enable_render=False, lite_physics=lite_physics)
     expert = TransportExpert(seed if expert_seed is None else expert_seed, action_noise=action_noise)
     t0 = time.time()
     env.reset(seed=seed)
@@ -621,10 +623,11 @@ def run_expert_episode(
 
 
 def _episode_worker(args):
-    seed, noise, max_steps, record, image_keys, stop_after = args
+    seed, noise, max_steps, record, image_keys, stop_after = args[:6]
+    lite = args[6] if len(args) > 6 else None
     try:
         return run_expert_episode(seed, noise, max_steps, record=record, image_keys=image_keys,
-                                  stop_after_success=stop_after)
+                                  stop_after_success=stop_after, lite_physics=lite)
     except Exception as e:  # report, don't kill the pool
         import traceback
 
@@ -643,13 +646,13 @@ def _pool_init():
 
 
 def evaluate_expert(seeds, action_noise: float = 0.0, n_workers: int = 2, max_steps: int = 700,
-                    progress: bool = True) -> dict:
+                    progress: bool = True, lite_physics: bool | None = None) -> dict:
     """Success rate of the expert on ``seeds`` (parallel processes)."""
     import multiprocessing as mp
 
     from tqdm import tqdm
 
-    args = [(int(s), action_noise, max_steps, False, (), 0) for s in seeds]  # stop at success (= max reward)
+    args = [(int(s), action_noise, max_steps, False, (), 0, lite_physics) for s in seeds]  # stop at success (= max reward)
     results = []
     ctx = mp.get_context("spawn")
     with ctx.Pool(n_workers, initializer=_pool_init, maxtasksperchild=10) as pool:
@@ -692,7 +695,8 @@ def _recorded_to_demo(rec: dict, image_keys) -> dict:
 
 def generate_transport_demos(cfg, run_dir) -> dict:
     """``shortcut-policy demos task=transport n_episodes=N out=DIR [workers=2] [seed=0] [overwrite=true]
-    [+expert.action_noise=0.1] [+obs_type=image]`` (keys of configs/demos.yaml; ``+`` adds the Transport-only ones).
+    [+expert.action_noise=0.1]`` (keys of configs/demos.yaml; ``+`` adds the Transport-only one). ``task=transport``
+    (alias of transport_lowdim) records low-dim obs, ``task=transport_image`` also the 4 cameras.
 
     Writes robomimic hdf5 files in the official layout - ``DIR/low_dim.hdf5`` (delta actions) and
     ``DIR/low_dim_abs.hdf5`` (absolute actions, ``control_delta=False``) or ``image*.hdf5`` - plus the zarr
@@ -716,15 +720,15 @@ def generate_transport_demos(cfg, run_dir) -> dict:
         return default if cur is None else cur
 
     n_eps = int(get("n_episodes", 10))
-    out_s = str(get("out", "data/transport_expert"))
+    out_s = str(get("out", None) or Path(str(get("task.dataset.zarr_path", "data/transport_expert/x"))).parent)
     if out_s.endswith("pusht_expert.zarr"):  # the demos.yaml default belongs to Push-T
-        out_s = "data/transport_expert"
+        out_s = str(Path(str(get("task.dataset.zarr_path", "data/transport_expert/x"))).parent)
     out = Path(out_s)
     overwrite = bool(get("overwrite", False))
     noise = float(get("expert.action_noise", get("action_noise", 0.0)))
     n_workers = int(get("workers", None) or get("n_workers", None) or 2)
     seed_start = int(get("seed", get("seed_start", 0)))
-    obs_type = str(get("obs_type", "lowdim"))
+    obs_type = str(get("obs_type", None) or get("task.obs_type", "lowdim"))
     if obs_type not in ("lowdim", "image"):
         raise ValueError(f"demos task=transport: obs_type={obs_type!r}, expected lowdim or image")
     image_keys = tuple(IMAGE_KEYS) if obs_type == "image" else ()
@@ -828,8 +832,11 @@ def main(argv=None) -> int:
     ap.add_argument("--noise", type=float, default=0.0)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--out", default=None, help="write the full result JSON here")
+    ap.add_argument("--lite-physics", action="store_true",
+                    help="robosuite lite_physics=True (bit-identical results here, about 1.5x faster)")
     args = ap.parse_args(argv)
-    res = evaluate_expert(_parse_seeds(args.seeds), args.noise, args.workers)
+    res = evaluate_expert(_parse_seeds(args.seeds), args.noise, args.workers,
+                          lite_physics=True if args.lite_physics else None)
     summary = {k: v for k, v in res.items() if k != "results"}
     summary["mean_wall_s"] = float(np.mean([r.get("wall_s", np.nan) for r in res["results"]]))
     if args.out:
