@@ -25,6 +25,7 @@ must be a :class:`~shortcut_policy.envs.pusht.PushTEnv`).
 """
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass
 
@@ -48,9 +49,11 @@ for _j in range(P.N_SUBSTEPS):
 A_STEP, B_STEP = _SUB_A[-1], _SUB_B[-1]
 
 
-def track_waypoints(p0, v0, waypoints):
+def track_waypoints(p0, v0, waypoints, max_lead: float | None = None):
     """Deadbeat targets for waypoints (K, 2): returns targets U (K, 2), substep positions (K, 10, 2),
-    substep velocities (K, 10, 2), and the states (p, v) at the start of each control step (K, 2) x 2."""
+    substep velocities (K, 10, 2), and the states (p, v) at the start of each control step (K, 2) x 2.
+    With ``max_lead`` the target is kept within that distance of the agent (no target jumps at sharp
+    reversals; the agent then lands near, not on, that waypoint — the returned trajectory is the true one)."""
     W = np.asarray(waypoints, dtype=np.float64)
     K = len(W)
     U = np.empty((K, 2))
@@ -65,10 +68,14 @@ def track_waypoints(p0, v0, waypoints):
         Vs[k] = vx, vy
         ux = (wx - a00 * px - a01 * vx) / b0
         uy = (wy - a00 * py - a01 * vy) / b0
+        if max_lead is not None:
+            lead = math.hypot(ux - px, uy - py)
+            if lead > max_lead:
+                f = max_lead / lead
+                ux, uy = px + (ux - px) * f, py + (uy - py) * f
         U[k] = ux, uy
-        vx = a10 * px + a11 * vx + b1 * ux
-        vy = a10 * py + a11 * vy + b1 * uy
-        px, py = wx, wy
+        vx, px = a10 * px + a11 * vx + b1 * ux, a00 * px + a01 * vx + b0 * ux
+        vy, py = a10 * py + a11 * vy + b1 * uy, a00 * py + a01 * vy + b0 * uy
     sub_p = (_SUB_A[None, :, 0, 0, None] * Ps[:, None] + _SUB_A[None, :, 0, 1, None] * Vs[:, None]
              + _SUB_B[None, :, 0, None] * U[:, None])
     sub_v = (_SUB_A[None, :, 1, 0, None] * Ps[:, None] + _SUB_A[None, :, 1, 1, None] * Vs[:, None]
@@ -288,7 +295,8 @@ class PushTExpert:
 
     def __init__(self, seed: int = 0, n_candidates: int = 64, n_refine: int = 4, n_perturb: int = 5,
                  travel_speed: tuple[float, float] = (13.0, 17.0), push_speed: tuple[float, float] = (6.0, 12.0),
-                 hull_margin: tuple[float, float] = (8.0, 12.0), step_cost: float = 0.5, max_primitive_steps: int = 80):
+                 hull_margin: tuple[float, float] = (8.0, 12.0), step_cost: float = 0.5, max_primitive_steps: int = 80,
+                 max_lead: float | None = 60.0):
         self.seed = seed
         self.rng = np.random.default_rng(seed)
         self.n_candidates = int(n_candidates)
@@ -299,6 +307,7 @@ class PushTExpert:
         self.hull_margin_range = hull_margin
         self.step_cost = float(step_cost)
         self.max_primitive_steps = int(max_primitive_steps)
+        self.max_lead = None if max_lead is None else float(max_lead)
         self._queue: deque = deque()
         self._space = None
         self.n_plans = 0
@@ -424,7 +433,7 @@ class PushTExpert:
         if not wps or len(wps) > self.max_primitive_steps:
             return None
         self.n_rollouts += 1
-        U, sub_p, sub_v, Ps, Vs = track_waypoints(st[0:2], st[5:7], wps)
+        U, sub_p, sub_v, Ps, Vs = track_waypoints(st[0:2], st[5:7], wps, self.max_lead)
         K = len(U)
         pos, ang = np.array(st[2:4], dtype=np.float64), float(st[4])
         near = R + 3.0
