@@ -74,7 +74,7 @@ def pusht_episode(env_seed: int, expert_seed: int = 0, max_steps: int = 300, ren
     from shortcut_policy.envs.experts.pusht import PushTExpert
     from shortcut_policy.envs.pusht import PushTEnv
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     env = PushTEnv(obs_type="state", max_steps=max_steps)
     _, info = env.reset(seed=int(env_seed))
     ss = np.random.SeedSequence([int(expert_seed), int(env_seed)])
@@ -105,6 +105,7 @@ def pusht_episode(env_seed: int, expert_seed: int = 0, max_steps: int = 300, ren
     if render:
         out["img"] = np.asarray(rec["img"], np.uint8)
     return {"data": out, "success": success, "seed": int(env_seed), "seconds": time.perf_counter() - t0,
+            "cpu_seconds": time.process_time() - c0,
             "n_steps": len(rec["action"]), "coverage": float(info["coverage"])}
 
 
@@ -145,7 +146,7 @@ def pusht_demos(cfg, run_dir: Path) -> dict:
 
     t0 = time.perf_counter()
     rb = ReplayBuffer.create_empty_zarr(tmp, zarr_format=2)
-    kept_seeds, dropped_seeds, lengths, ep_secs = [], [], [], []
+    kept_seeds, dropped_seeds, lengths, ep_secs, ep_cpu = [], [], [], [], []
     pending: dict[int, dict] = {}
     next_seed = seed  # next start to submit
     next_write = seed  # next seed to write (episodes are written in seed order, whatever the worker order)
@@ -167,6 +168,7 @@ def pusht_demos(cfg, run_dir: Path) -> dict:
             else:
                 dropped_seeds.append(r["seed"])
             ep_secs.append(r["seconds"])
+            ep_cpu.append(r["cpu_seconds"])
 
     bar = tqdm(total=n_episodes, desc="demos pusht", unit="ep", dynamic_ncols=True)
     try:
@@ -222,7 +224,9 @@ def pusht_demos(cfg, run_dir: Path) -> dict:
         "mean_episode_length": float(np.mean(lengths)),
         "max_episode_length": int(max(lengths)),
         "workers": workers,
-        "cpu_seconds_per_episode": float(np.mean(ep_secs)),
+        "worker_seconds_per_episode": round(float(np.mean(ep_secs)), 3),
+        "cpu_seconds_per_episode": round(float(np.mean(ep_cpu)), 3),
+        "cpu_seconds_total": round(float(np.sum(ep_cpu)), 1),
     }
     if len(kept_seeds) < n_episodes:
         result["warning"] = f"only {len(kept_seeds)} of {n_episodes} episodes succeeded in {max_attempts} attempts"
