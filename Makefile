@@ -27,7 +27,7 @@ sysdeps:
 	@bash scripts/install_sysdeps.sh
 
 demo: venv
-	$(BIN)/shortcut-policy bench toy
+	BIN=$(BIN) bash scripts/demo.sh
 
 test: venv
 	$(BIN)/python -m pytest -q -x --timeout=900

@@ -109,6 +109,8 @@ class Trainer:
         self.rank, self.world, self.device = setup_distributed(self.tcfg.get("device", "auto"))
         self.is_main = self.rank == 0
         seed_everything(int(self.tcfg.seed) + self.rank)
+        if self.tcfg.get("threads"):
+            torch.set_num_threads(int(self.tcfg.threads))  # on a busy CPU one thread avoids OpenMP oversubscription
         self.model = model.to(self.device)
         self.evaluator, self.val_dataset, self.progress = evaluator, val_dataset, progress
         self.num_steps = int(self.tcfg.num_steps)
