@@ -1,0 +1,88 @@
+"""Timestamped action queue with stale-action dropping and optional temporal ensembling.
+
+Times live on the control grid t_j = t0 + j * dt. A chunk predicted from the observation captured at ``obs_time``
+assigns action k to ``obs_time + k * dt`` (Diffusion Policy: action 0 is aligned with the latest observation).
+Actions whose time is already past (t + tolerance < now) are dropped when the chunk arrives: this is how inference
+latency is absorbed. Without ensembling a newer chunk replaces the queued actions it overlaps; with
+``ensemble_k`` the predictions for one tick are averaged with weights exp(-k * i), i = 0 for the oldest (ACT).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+class ActionQueue:
+    def __init__(self, t0: float, dt: float, tolerance: float, ensemble_k: float | None = None):
+        if dt <= 0:
+            raise ValueError(f"dt={dt}: expected > 0")
+        if not 0 <= tolerance < dt:
+            raise ValueError(f"tolerance={tolerance}: expected 0 <= tolerance < dt={dt}")
+        self.t0, self.dt, self.tolerance = float(t0), float(dt), float(tolerance)
+        self.ensemble_k = None if ensemble_k is None else float(ensemble_k)
+        self._slots: dict[int, list[tuple[np.ndarray, float]]] = {}  # tick -> [(action, obs_time)] oldest first
+        self.n_dropped_stale = 0   # actions discarded on arrival because their time had passed
+        self.n_dropped_unused = 0  # queued actions never executed (superseded by time)
+
+    def tick_of(self, t: float) -> int:
+        return int(round((t - self.t0) / self.dt))
+
+    def time_of(self, tick: int) -> float:
+        return self.t0 + tick * self.dt
+
+    def add_chunk(self, actions, obs_time: float, now: float) -> int:
+        """Queue a chunk (Ta, Da) predicted from the observation at ``obs_time``; returns how many were stale."""
+        actions = np.asarray(actions, dtype=np.float64)
+        if actions.ndim != 2:
+            raise ValueError(f"action chunk must be (Ta, Da), got shape {actions.shape}")
+        base = self.tick_of(obs_time)
+        if abs(self.time_of(base) - obs_time) > 0.5 * self.dt:
+            raise ValueError(f"obs_time {obs_time} is not on the control grid")
+        stale = 0
+        for k, a in enumerate(actions):
+            tick = base + k
+            if self.time_of(tick) + self.tolerance < now:
+                stale += 1
+                continue
+            if self.ensemble_k is None:
+                self._slots[tick] = [(a, obs_time)]
+            else:
+                self._slots.setdefault(tick, []).append((a, obs_time))
+        self.n_dropped_stale += stale
+        return stale
+
+    def pop(self, t: float):
+        """The action for the grid time ``t`` (None if there is none); older entries are discarded."""
+        tick = self.tick_of(t)
+        for old in [j for j in self._slots if j < tick]:
+            del self._slots[old]
+            self.n_dropped_unused += 1
+        preds = self._slots.pop(tick, None)
+        if not preds:
+            return None
+        if len(preds) == 1 or self.ensemble_k is None:
+            return preds[-1][0].copy()
+        w = np.exp(-self.ensemble_k * np.arange(len(preds)))
+        w /= w.sum()
+        return np.einsum("i,id->d", w, np.stack([p[0] for p in preds]))
+
+    def remaining(self, t: float) -> int:
+        """How many consecutive future ticks after ``t`` have an action queued."""
+        tick, n = self.tick_of(t), 0
+        while (tick + n + 1) in self._slots:
+            n += 1
+        return n
+
+    def has(self, t: float) -> bool:
+        return self.tick_of(t) in self._slots
+
+    def __len__(self) -> int:
+        return len(self._slots)
+
+    def clear(self) -> None:
+        self._slots.clear()
+
+
+def ceil_ticks(seconds: float, dt: float) -> int:
+    return max(0, int(math.ceil(seconds / dt - 1e-9)))

@@ -1,0 +1,355 @@
+"""Fixed-rate control loop executing timestamped action chunks (sync or async inference), and `deploy`.
+
+Cycle j is scheduled at T_j = t0 + j dt (t0 = the robot's tick 0). Each cycle: wait (sleep, then spin the last
+``spin_s``) until T_j; read the observation (validated); merge any finished chunk into the ActionQueue (stale
+actions dropped); send the action for T_j. Inference:
+  sync  - when the queue holds no action beyond T_j, infer in the loop thread on this cycle's observation (blocking);
+  async - a background thread infers; a request (the current observation) is made when the queued future actions
+          drop below ``margin`` = ceil(expected latency / dt) + 1 ticks, so the next chunk lands before the queue runs
+          dry; the robot keeps executing the current chunk meanwhile.
+Action k of a chunk is due at obs_time + k dt (Diffusion Policy). A deadline miss is a control tick at which no planned
+action was available in time (the queue ran dry, or the loop overran and skipped the tick): the robot holds the last
+action sent (explicitly re-sent when the loop runs the cycle) and the miss is counted. The loop never tries to catch
+up a burst of skipped ticks. ``close()`` is always called on the robot (normal end, KeyboardInterrupt, errors).
+"""
+from __future__ import annotations
+
+import math
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .action_queue import ActionQueue, ceil_ticks
+from .robot import TIMESTAMP_KEY, ObservationError, check_spec, validate_observation
+
+
+def wait_until(t: float, spin_s: float = 0.002, clock=time.perf_counter) -> float:
+    """Sleep until ``spin_s`` before ``t``, then busy-wait (low jitter); returns the time reached."""
+    while True:
+        now = clock()
+        left = t - now
+        if left <= 0:
+            return now
+        if left > spin_s:
+            time.sleep(left - spin_s)
+
+
+def _pct(x, q):
+    return float(np.percentile(np.asarray(x, dtype=np.float64), q)) if len(x) else float("nan")
+
+
+@dataclass
+class LoopStats:
+    hz: float
+    mode: str
+    cycles: int = 0
+    busy_s: list = field(default_factory=list)       # work time inside each cycle (obs, queue, send, sync inference)
+    period_s: list = field(default_factory=list)     # actual interval between consecutive cycle starts
+    jitter_s: list = field(default_factory=list)     # |actual cycle start - scheduled|
+    inference_s: list = field(default_factory=list)  # latency of each policy call
+    deadline_misses: int = 0
+    skipped_ticks: int = 0
+    startup_ticks: int = 0
+    stale_dropped: int = 0
+    chunks: int = 0
+    stopped_by: str = "n_steps"
+
+    def summary(self) -> dict:
+        ms = lambda v: 1e3 * v  # noqa: E731
+        return {
+            "hz": self.hz, "mode": self.mode, "cycles": self.cycles,
+            "cycle_p50_ms": ms(_pct(self.busy_s, 50)), "cycle_p99_ms": ms(_pct(self.busy_s, 99)),
+            "period_p50_ms": ms(_pct(self.period_s, 50)), "period_p99_ms": ms(_pct(self.period_s, 99)),
+            "jitter_p50_ms": ms(_pct(self.jitter_s, 50)), "jitter_p99_ms": ms(_pct(self.jitter_s, 99)),
+            "inference_p50_ms": ms(_pct(self.inference_s, 50)), "inference_p99_ms": ms(_pct(self.inference_s, 99)),
+            "deadline_misses": self.deadline_misses, "skipped_ticks": self.skipped_ticks,
+            "startup_ticks": self.startup_ticks, "stale_dropped": self.stale_dropped, "chunks": self.chunks,
+            "stopped_by": self.stopped_by,
+        }
+
+
+class _Worker(threading.Thread):
+    """Background inference: one request at a time; the result is picked up by the loop thread."""
+
+    def __init__(self, policy_fn, torch_threads: int | None):
+        super().__init__(daemon=True, name="policy-inference")
+        self.policy_fn, self.torch_threads = policy_fn, torch_threads
+        self._cv = threading.Condition()
+        self._request = None
+        self._result = None
+        self._busy = False
+        self._stop = False
+        self.error: BaseException | None = None
+
+    def run(self):
+        if self.torch_threads:
+            import torch
+
+            torch.set_num_threads(int(self.torch_threads))
+        while True:
+            with self._cv:
+                while self._request is None and not self._stop:
+                    self._cv.wait()
+                if self._stop:
+                    return
+                obs, obs_time = self._request
+                self._request = None
+            try:
+                t = time.perf_counter()
+                chunk = self.policy_fn(obs)
+                lat = time.perf_counter() - t
+                with self._cv:
+                    self._result = (chunk, obs_time, lat)
+                    self._busy = False
+            except BaseException as e:  # surfaced in the loop thread
+                with self._cv:
+                    self.error, self._busy = e, False
+                return
+
+    @property
+    def busy(self) -> bool:
+        with self._cv:
+            return self._busy or self._request is not None
+
+    def submit(self, obs, obs_time):
+        with self._cv:
+            self._request, self._busy = (obs, obs_time), True
+            self._cv.notify()
+
+    def take(self):
+        with self._cv:
+            r, self._result = self._result, None
+            return r
+
+    def stop(self):
+        with self._cv:
+            self._stop = True
+            self._cv.notify()
+
+
+class ControlLoop:
+    """Run ``policy_fn(obs) -> (Ta, Da)`` on ``robot`` at ``hz``; obs holds (To, ...) arrays (no batch dim)."""
+
+    def __init__(self, robot, policy_fn, obs_shapes, n_obs_steps: int, hz: float | None = None, mode: str = "async",
+                 tolerance_s: float | None = None, ensemble_k: float | None = None, expected_latency_s: float = 0.0,
+                 spin_s: float = 0.002, torch_threads: int | None = 1, status=None, status_every_s: float = 0.5):
+        if mode not in ("sync", "async"):
+            raise ValueError(f"mode={mode!r}: expected sync | async")
+        self.robot, self.policy_fn, self.mode = robot, policy_fn, mode
+        self.obs_shapes, self.n_obs_steps = dict(obs_shapes), int(n_obs_steps)
+        self.hz = float(hz or robot.control_hz)
+        if abs(self.hz - robot.control_hz) > 1e-9:
+            raise ValueError(f"hz={self.hz} differs from the robot's control rate {robot.control_hz}: build the robot at that rate")
+        self.dt = 1.0 / self.hz
+        self.tolerance = getattr(robot, "latch_s", 0.25 * self.dt) if tolerance_s is None else float(tolerance_s)
+        self.ensemble_k, self.spin_s, self.torch_threads = ensemble_k, spin_s, torch_threads
+        self.margin = max(1, ceil_ticks(expected_latency_s, self.dt) + 1)
+        self.status, self.status_every_s = status, status_every_s
+
+    def _observe(self):
+        obs = self.robot.get_observation()
+        validate_observation(obs, self.obs_shapes, self.n_obs_steps)
+        return obs
+
+    def _policy_obs(self, obs):
+        return {k: np.asarray(obs[k])[-self.n_obs_steps:] for k in self.obs_shapes}
+
+    def run(self, n_steps: int, seed: int | None = None) -> LoopStats:
+        stats = LoopStats(self.hz, self.mode)
+        worker = None
+        try:
+            if self.mode == "async":
+                worker = _Worker(self.policy_fn, self.torch_threads)
+                worker.start()
+            elif self.torch_threads:
+                import torch
+
+                torch.set_num_threads(int(self.torch_threads))
+            self._run(stats, n_steps, seed, worker)
+        except KeyboardInterrupt:
+            stats.stopped_by = "interrupt"
+            if self.status:
+                self.status("\ninterrupted: stopping the robot", final=True)
+        finally:
+            if worker is not None:
+                worker.stop()
+            self.robot.close()
+        return stats
+
+    def _infer(self, obs, stats):
+        t = time.perf_counter()
+        chunk = self.policy_fn(self._policy_obs(obs))
+        stats.inference_s.append(time.perf_counter() - t)
+        return chunk
+
+    def _run(self, stats, n_steps, seed, worker):
+        robot = self.robot
+        t0 = robot.start(seed)
+        queue = ActionQueue(t0, self.dt, self.tolerance, self.ensemble_k)
+        last_action, started = None, False
+        prev_start, next_status = None, t0
+        j = 0
+        while j < n_steps and not robot.done:
+            sched = t0 + j * self.dt
+            start = wait_until(sched, self.spin_s)
+            stats.jitter_s.append(abs(start - sched))
+            if prev_start is not None:
+                stats.period_s.append(start - prev_start)
+            prev_start = start
+            obs = self._observe()
+            obs_time = float(obs[TIMESTAMP_KEY][-1])
+            if worker is not None:
+                if worker.error is not None:
+                    raise RuntimeError(f"inference thread failed: {worker.error!r}") from worker.error
+                res = worker.take()
+                if res is not None:
+                    chunk, c_time, lat = res
+                    stats.inference_s.append(lat)
+                    stats.stale_dropped += queue.add_chunk(chunk, c_time, time.perf_counter())
+                    stats.chunks += 1
+            elif not queue.has(sched):  # sync: plan now, on this cycle's observation (blocking)
+                chunk = self._infer(obs, stats)
+                stats.stale_dropped += queue.add_chunk(chunk, obs_time, time.perf_counter())
+                stats.chunks += 1
+            action = queue.pop(sched)
+            if action is not None:
+                last_action, started = action, True
+                robot.send_action(action, sched)
+            elif started:
+                stats.deadline_misses += 1
+                robot.send_action(last_action, sched)  # hold the last safe action
+            else:
+                stats.startup_ticks += 1
+            if worker is not None and not worker.busy and queue.remaining(sched) < self.margin:
+                worker.submit(self._policy_obs(obs), obs_time)
+            now = time.perf_counter()
+            stats.busy_s.append(now - start)
+            stats.cycles += 1
+            if self.status and now >= next_status:
+                next_status = now + self.status_every_s
+                self.status(self._status_line(j, stats))
+            j += 1
+            nxt = t0 + j * self.dt
+            if now > nxt + self.tolerance:  # overran: skip the ticks already past, do not burst
+                skip = int(math.floor((now - t0) / self.dt)) + 1 - j
+                skip = min(skip, n_steps - j)
+                stats.skipped_ticks += skip
+                if started:
+                    stats.deadline_misses += skip
+                j += skip
+        if robot.done:
+            stats.stopped_by = "episode_end"
+        if self.status:
+            self.status(self._status_line(j - 1, stats), final=True)
+
+    def _status_line(self, j, stats):
+        info = self.robot.info()
+        lat = f"{1e3 * stats.inference_s[-1]:6.1f}" if stats.inference_s else "   -  "
+        jit = 1e3 * stats.jitter_s[-1] if stats.jitter_s else float("nan")
+        return (f"[{self.mode} {self.hz:g} Hz] step {j + 1:4d}  jitter {jit:5.2f} ms  infer {lat} ms  "
+                f"misses {stats.deadline_misses:3d}  reward {info.get('reward', 0.0):.3f}  max {info.get('max_reward', 0.0):.3f}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def _status_printer(stream=sys.stderr):
+    def status(line, final=False):
+        stream.write("\r" + line + ("\n" if final else ""))
+        stream.flush()
+
+    return status
+
+
+def measure_latency(policy_fn, obs, n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        t = time.perf_counter()
+        policy_fn(obs)
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def sustainable(latency_s: float, mode: str, n_action_steps: int, hz: float) -> tuple[bool, float]:
+    """(ok, highest sustainable rate in Hz): sync needs latency <= one period, async latency <= the chunk duration."""
+    budget_ticks = 1 if mode == "sync" else n_action_steps
+    ok = latency_s <= budget_ticks / hz
+    return ok, budget_ticks / max(latency_s, 1e-9)
+
+
+def make_policy_fn(policy, steps: int, seed: int | None = None):
+    import torch
+
+    steps = policy.check_steps(steps)
+    gen = torch.Generator(device=policy.device)
+    if seed is not None:
+        gen.manual_seed(int(seed))
+
+    def fn(obs):
+        batch = {k: np.asarray(v, dtype=np.float32)[None] for k, v in obs.items()}
+        return policy.predict_action(batch, steps=steps, generator=gen)[0]
+
+    return fn
+
+
+def deploy_command(cfg, run_dir) -> dict:
+    from omegaconf import OmegaConf
+
+    from shortcut_policy.policy import load_policy
+
+    from .sim_robot import make_sim_robot
+
+    if not cfg.get("checkpoint"):
+        raise ValueError("deploy: checkpoint=PATH is required")
+    robot_cfg = OmegaConf.to_container(cfg.robot, resolve=True)
+    if robot_cfg.get("kind", "sim") != "sim":
+        raise ValueError(f"robot kind {robot_cfg.get('kind')!r}: only simulated robots ship here (kind: sim); "
+                         f"a real robot implements shortcut_policy.deploy.robot.Robot")
+    if cfg.get("torch_threads"):
+        import torch
+
+        torch.set_num_threads(int(cfg.torch_threads))
+    policy = load_policy(cfg.checkpoint, device=cfg.get("device", "cpu"), weights=cfg.get("weights"))
+    task = policy.task_cfg
+    hz = float(cfg.hz or robot_cfg.get("control_hz", task.get("control_hz", 10)))
+    mode, steps, n_steps = str(cfg.mode), int(cfg.steps), int(cfg.n_steps)
+    if task.get("control_hz") and abs(float(task["control_hz"]) - hz) > 1e-9:
+        print(f"warning: the policy was trained at {task['control_hz']} Hz, deploying at {hz:g} Hz", file=sys.stderr)
+    robot = make_sim_robot(robot_cfg, n_obs_steps=policy.n_obs_steps, hz=hz)
+    try:
+        # 1. spec check before anything moves
+        check_spec(task["obs_shapes"], task["action_dim"], robot.obs_shapes, robot.action_dim,
+                   policy_name=f"checkpoint ({task.get('name')})", robot_name=robot.name)
+        policy_fn = make_policy_fn(policy, steps, seed=cfg.get("seed"))
+        # 2. warm-up inferences on a real observation of the robot at rest
+        robot.start(int(cfg.seed))
+        obs0 = robot.get_observation()
+        validate_observation(obs0, task["obs_shapes"], policy.n_obs_steps)
+        pobs = {k: obs0[k][-policy.n_obs_steps:] for k in task["obs_shapes"]}
+        warm = measure_latency(policy_fn, pobs, int(cfg.warmup))
+        lat = float(np.median(warm[1:] if len(warm) > 2 else warm))
+        ok, rate = sustainable(lat, mode, policy.n_action_steps, hz)
+        print(f"warm-up: {len(warm)} inferences ({steps} step{'s' if steps > 1 else ''}), median latency "
+              f"{1e3 * lat:.1f} ms; {mode} budget {1e3 * (1 if mode == 'sync' else policy.n_action_steps) / hz:.0f} ms",
+              file=sys.stderr)
+        if not ok:
+            print(f"WARNING: the policy cannot sustain {hz:g} Hz in {mode} mode (latency {1e3 * lat:.1f} ms); "
+                  f"it can sustain about {rate:.2f} Hz. Expect deadline misses (the robot holds its last action).",
+                  file=sys.stderr)
+    except BaseException:
+        robot.close()
+        raise
+    loop = ControlLoop(robot, policy_fn, task["obs_shapes"], policy.n_obs_steps, hz=hz, mode=mode,
+                       ensemble_k=cfg.get("ensemble_k"), expected_latency_s=max(warm), spin_s=float(cfg.spin_ms) / 1e3,
+                       torch_threads=cfg.get("torch_threads"),
+                       status=_status_printer() if cfg.get("status", True) else None)
+    stats = loop.run(n_steps, seed=int(cfg.seed))
+    info = robot.info()
+    res = stats.summary()
+    res.update({"steps": steps, "checkpoint": str(cfg.checkpoint), "objective": type(policy.objective).__name__,
+                "warmup_latency_ms": 1e3 * lat, "sustainable_hz": rate, "can_sustain": ok,
+                "mean_score": float(info.get("max_reward", 0.0)), "success": bool(info.get("success", False)),
+                "env_steps": int(info.get("n_env_steps", 0)), "late_commands": int(info.get("late_commands", 0)),
+                "seed": int(cfg.seed)})
+    return res

@@ -1,0 +1,161 @@
+"""A simulated robot that runs in real time behind the Robot protocol.
+
+The simulation advances on the wall clock: tick j covers [t0 + j dt, t0 + (j+1) dt] and is integrated (one env step)
+as soon as the wall clock has passed its end, so an observation stamped t is never visible before t. The command
+applied during a tick is a zero-order hold: the latest action with ``t_exec <= tick start`` that had arrived by
+``tick start + latch`` (a command arriving later than that takes effect at the following tick). Before the first
+command the robot stands still (no env step). Observations are stamped with their tick time (time.perf_counter)
+and the last ``n_obs_steps`` are kept (the oldest repeated at the start, as Diffusion Policy's wrapper).
+
+Any gymnasium env with dict observations of Box spaces works (Push-T, Transport); physics catch-up happens in the
+caller's thread inside get_observation()/send_action()/poll(), so no extra thread competes with inference.
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+
+import numpy as np
+
+from .robot import TIMESTAMP_KEY
+
+
+class SimRobot:
+    def __init__(self, env, control_hz: float, n_obs_steps: int = 2, latch_s: float | None = None,
+                 clock=time.perf_counter, name: str = "sim"):
+        if control_hz <= 0:
+            raise ValueError(f"control_hz={control_hz}: expected > 0")
+        if n_obs_steps < 1:
+            raise ValueError(f"n_obs_steps={n_obs_steps}: expected >= 1")
+        self.env, self.name = env, name
+        self.control_hz = float(control_hz)
+        self.dt = 1.0 / self.control_hz
+        self.latch_s = 0.25 * self.dt if latch_s is None else float(latch_s)
+        self.n_obs_steps = int(n_obs_steps)
+        self.clock = clock
+        space = env.observation_space
+        self.obs_shapes = {k: tuple(int(v) for v in s.shape) for k, s in space.spaces.items()}
+        self.action_dim = int(np.prod(env.action_space.shape))
+        self._hist: deque = deque(maxlen=self.n_obs_steps)
+        self._cmds: list[tuple[float, float, np.ndarray]] = []  # (t_exec, t_received, action)
+        self._current = None
+        self.t0 = None
+        self.ticks = 0
+        self.n_env_steps = 0
+        self.n_commands = 0
+        self.n_late_commands = 0
+        self.rewards: list[float] = []
+        self._terminated = self._truncated = False
+        self._last_info: dict = {}
+        self.closed = False
+
+    # -- lifecycle -----------------------------------------------------------------------------------------------
+    def start(self, seed: int | None = None) -> float:
+        if self.closed:
+            raise RuntimeError(f"{self.name}: start() after close()")
+        obs, info = self.env.reset(seed=seed)
+        self._last_info = info
+        self.t0 = self.clock()
+        self.ticks = 0
+        self.n_env_steps = 0
+        self.rewards = []
+        self._terminated = self._truncated = False
+        self._cmds, self._current = [], None
+        self._hist.clear()
+        self._hist.append((self.t0, obs))
+        return self.t0
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            try:
+                self.env.close()
+            except Exception:  # closing must never mask the error that made us close
+                pass
+
+    @property
+    def done(self) -> bool:
+        return self._terminated or self._truncated
+
+    # -- time ----------------------------------------------------------------------------------------------------
+    def _command_for(self, tick_start: float):
+        """The zero-order-hold command for the tick starting at ``tick_start``; applied commands are consumed."""
+        applicable, keep = [], []
+        for e, r, a in self._cmds:
+            (applicable if max(e, r - self.latch_s) <= tick_start + 1e-9 else keep).append((e, r, a))
+        if applicable:
+            self._current = max(applicable, key=lambda c: (c[0], c[1]))[2]
+        self._cmds = keep
+        return self._current
+
+    def poll(self, now: float | None = None) -> int:
+        """Integrate every tick whose end has passed; returns the number of ticks integrated."""
+        if self.t0 is None:
+            raise RuntimeError(f"{self.name}: call start() first")
+        if self.closed:
+            raise RuntimeError(f"{self.name}: robot is closed")
+        now = self.clock() if now is None else now
+        n = 0
+        while self.t0 + (self.ticks + 1) * self.dt <= now:
+            start = self.t0 + self.ticks * self.dt
+            action = self._command_for(start)
+            self.ticks += 1
+            stamp = self.t0 + self.ticks * self.dt
+            if action is not None and not self.done:
+                obs, reward, terminated, truncated, info = self.env.step(action)
+                self.n_env_steps += 1
+                self.rewards.append(float(reward))
+                self._terminated |= bool(terminated)
+                self._truncated = (self._truncated or bool(truncated)) and not self._terminated
+                self._last_info = info
+            else:
+                obs = self._hist[-1][1]
+            self._hist.append((stamp, obs))
+            n += 1
+        return n
+
+    # -- protocol ------------------------------------------------------------------------------------------------
+    def get_observation(self) -> dict:
+        self.poll()
+        hist = list(self._hist)
+        while len(hist) < self.n_obs_steps:
+            hist.insert(0, hist[0])
+        out = {k: np.stack([np.asarray(o[k], dtype=np.float32) for _, o in hist]) for k in self.obs_shapes}
+        out[TIMESTAMP_KEY] = np.array([t for t, _ in hist], dtype=np.float64)
+        return out
+
+    def send_action(self, action, t_exec: float) -> None:
+        now = self.clock()
+        self.poll(now)
+        a = np.asarray(action, dtype=np.float64).reshape(-1)
+        if a.shape != (self.action_dim,) or not np.all(np.isfinite(a)):
+            raise ValueError(f"{self.name}: action must be {self.action_dim} finite numbers, got {np.asarray(action)!r}")
+        if now - self.latch_s > t_exec:
+            self.n_late_commands += 1
+        self._cmds.append((float(t_exec), now, a))
+        self.n_commands += 1
+
+    def info(self) -> dict:
+        r = self.rewards
+        out = {"reward": r[-1] if r else 0.0, "max_reward": max(r) if r else 0.0, "n_env_steps": self.n_env_steps,
+               "ticks": self.ticks, "terminated": self._terminated, "truncated": self._truncated,
+               "late_commands": self.n_late_commands}
+        for k in ("success", "coverage"):
+            if k in self._last_info:
+                out[k] = self._last_info[k]
+        return out
+
+
+def make_sim_robot(robot_cfg, n_obs_steps: int, hz: float | None = None, latch_s: float | None = None) -> SimRobot:
+    """SimRobot from a robot config (configs/robot/sim_*.yaml): ``env`` pusht | transport plus the env's task fields."""
+    cfg = dict(robot_cfg)
+    env_name = cfg.get("env", "pusht")
+    if env_name == "pusht":
+        from shortcut_policy.envs.pusht import make_env
+    elif env_name == "transport":
+        from shortcut_policy.envs.transport import make_env
+    else:
+        raise ValueError(f"robot env {env_name!r}: expected pusht | transport")
+    env = make_env(cfg, wrap=False)
+    rate = float(hz or cfg.get("control_hz", 10))
+    return SimRobot(env, rate, n_obs_steps=n_obs_steps, latch_s=latch_s, name=cfg.get("name", f"sim_{env_name}"))
