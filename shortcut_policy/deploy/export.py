@@ -1,0 +1,209 @@
+"""`shortcut-policy export checkpoint=PATH format=onnx|torchscript [steps=1 out=PATH overwrite=false]`.
+
+Exports the N-step (default 1-step) policy, normalisation included, as ONE graph:
+  inputs  = the observation tensors (B, To, ...) in the encoder's key order, then ``noise`` (B, horizon, Da)
+  output  = ``action`` (B, Ta, Da), unnormalised, exactly Policy.predict_action's executed slice.
+The noise is an input so the graph is deterministic: pass a fixed noise (the metadata records the seed used for the
+parity check; zeros are a valid deterministic choice too). Then checks parity against the PyTorch policy fed the same
+noise (max abs difference over ``n_parity`` random observations drawn within the normaliser's observed range) and
+times onnxruntime / TorchScript against the PyTorch policy at batch 1. Files are written to a temp name, then renamed;
+an existing file is only replaced with ``overwrite=true``. A ``<out>.json`` sidecar describes inputs and outputs.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+FORMATS = {"onnx": ".onnx", "torchscript": ".ts.pt"}
+
+
+class ExportablePolicy(nn.Module):
+    """Observations + noise -> the Ta executed actions, with the normaliser and the N-step sampler unrolled."""
+
+    def __init__(self, policy, steps: int = 1):
+        super().__init__()
+        from shortcut_policy.objectives import Diffusion
+
+        if isinstance(policy.objective, Diffusion):
+            raise ValueError("export: the checkpoint uses the diffusion objective (scheduler loop with stochastic steps); "
+                             "export supports shortcut and flow-matching checkpoints")
+        self.policy = policy
+        self.steps = policy.check_steps(steps)
+        self.keys = list(policy.obs_encoder.lowdim_keys) + list(policy.obs_encoder.image_keys)
+        self.start, self.n_act = policy.n_obs_steps - 1, policy.n_action_steps
+
+    def forward(self, *inputs):
+        p = self.policy
+        obs = {k: x[:, -p.n_obs_steps:] for k, x in zip(self.keys, inputs[:-1])}
+        noise = inputs[-1]
+        cond = p.obs_encoder(p.normalizer.normalize(obs))
+        naction = p.objective.sample(p.net, noise, cond, steps=self.steps).clamp(-1.0, 1.0)
+        action = p.normalizer.unnormalize({"action": naction})["action"]
+        return action[:, self.start : self.start + self.n_act]
+
+
+def random_observations(policy, n: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Observations (n, To, ...) uniform within each field's fitted [min, max] (images: [0, 1])."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for k in list(policy.obs_encoder.lowdim_keys) + list(policy.obs_encoder.image_keys):
+        shape = (n, policy.n_obs_steps, *policy.obs_encoder.obs_shapes[k])
+        if k in policy.obs_encoder.image_keys:
+            out[k] = rng.uniform(0, 1, shape).astype(np.float32)
+        else:
+            st = policy.normalizer[k].get_input_stats()
+            lo, hi = st["min"].cpu().numpy(), st["max"].cpu().numpy()
+            out[k] = (lo + (hi - lo) * rng.uniform(0, 1, shape)).astype(np.float32)
+    return out
+
+
+def fixed_noise(policy, batch: int, seed: int) -> torch.Tensor:
+    """The noise predict_action draws with torch.Generator().manual_seed(seed) for this batch size."""
+    g = torch.Generator().manual_seed(int(seed))
+    return torch.randn(batch, policy.horizon, policy.action_dim, generator=g)
+
+
+def _atomic_target(out: Path, overwrite: bool) -> Path:
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists: pass overwrite=true to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return out.with_name(f".{out.name}.tmp{os.getpid()}")
+
+
+def export_onnx(module: ExportablePolicy, example: tuple, out: Path, overwrite: bool = False, opset: int = 17) -> Path:
+    tmp = _atomic_target(out, overwrite)
+    names = module.keys + ["noise"]
+    dyn = {n: {0: "batch"} for n in names + ["action"]}
+    try:
+        with torch.no_grad():
+            torch.onnx.export(module, example, str(tmp), input_names=names, output_names=["action"], dynamic_axes=dyn,
+                              opset_version=opset, dynamo=False, do_constant_folding=True)
+        import onnx
+
+        onnx.checker.check_model(onnx.load(str(tmp)))
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return out
+
+
+def export_torchscript(module: ExportablePolicy, example: tuple, out: Path, overwrite: bool = False) -> Path:
+    tmp = _atomic_target(out, overwrite)
+    try:
+        with torch.no_grad():
+            traced = torch.jit.trace(module, example, check_trace=False)
+        traced.save(str(tmp))
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return out
+
+
+class Runner:
+    """Call an exported file like the policy: run(obs: dict of (B, To, ...) arrays, noise (B, H, Da)) -> (B, Ta, Da)."""
+
+    def __init__(self, path: Path, fmt: str, keys: list[str], threads: int = 1):
+        self.fmt, self.keys = fmt, keys
+        if fmt == "onnx":
+            import onnxruntime as ort
+
+            so = ort.SessionOptions()
+            so.intra_op_num_threads = int(threads)
+            so.inter_op_num_threads = 1
+            self.sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        else:
+            self.mod = torch.jit.load(str(path)).eval()
+
+    def __call__(self, obs, noise):
+        if self.fmt == "onnx":
+            feed = {k: np.ascontiguousarray(obs[k], dtype=np.float32) for k in self.keys}
+            feed["noise"] = np.ascontiguousarray(noise, dtype=np.float32)
+            return self.sess.run(["action"], feed)[0]
+        with torch.no_grad():
+            args = [torch.as_tensor(obs[k], dtype=torch.float32) for k in self.keys] + [torch.as_tensor(noise)]
+            return self.mod(*args).numpy()
+
+
+def parity(policy, runner: Runner, steps: int, n: int, seed: int = 0) -> tuple[float, float]:
+    """max |exported - policy.predict_action| over n random observations, the same noise for both: in action units
+    and in the normalised [-1, 1] action space (float32 rounding scales with the action magnitude)."""
+    obs = random_observations(policy, n, seed)
+    noise = fixed_noise(policy, n, seed)
+    ref = policy.predict_action(obs, steps=steps, generator=torch.Generator().manual_seed(seed))
+    got = runner(obs, noise.numpy())
+    if got.shape != ref.shape:
+        raise AssertionError(f"exported output shape {got.shape} != policy output {ref.shape}")
+    diff = float(np.abs(got.astype(np.float64) - ref.astype(np.float64)).max())
+    norm = policy.normalizer["action"]
+    ndiff = (norm.normalize(torch.as_tensor(got, dtype=torch.float64)) - norm.normalize(torch.as_tensor(ref, dtype=torch.float64)))
+    return diff, float(ndiff.abs().max())
+
+
+def _median_ms(fn, n: int, warmup: int = 5) -> float:
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return 1e3 * float(np.median(ts))
+
+
+def export_command(cfg, run_dir) -> dict:
+    from shortcut_policy.policy import load_policy
+
+    fmt = str(cfg.format)
+    if fmt not in FORMATS:
+        raise ValueError(f"format={fmt!r}: expected one of {sorted(FORMATS)}")
+    if not cfg.get("checkpoint"):
+        raise ValueError("export: checkpoint=PATH is required")
+    threads = int(cfg.get("threads") or 1)
+    torch.set_num_threads(threads)
+    policy = load_policy(cfg.checkpoint, device="cpu", weights=cfg.get("weights"))
+    steps = policy.check_steps(int(cfg.steps))
+    module = ExportablePolicy(policy, steps).eval()
+    ckpt = Path(str(cfg.checkpoint))
+    out = Path(str(cfg.out)) if cfg.get("out") else ckpt.with_name(f"{ckpt.stem}_{steps}step{FORMATS[fmt]}")
+    seed = int(cfg.seed)
+    ex_obs = random_observations(policy, 2, seed)
+    example = tuple(torch.as_tensor(ex_obs[k]) for k in module.keys) + (fixed_noise(policy, 2, seed),)
+    if fmt == "onnx":
+        export_onnx(module, example, out, overwrite=bool(cfg.overwrite), opset=int(cfg.opset))
+    else:
+        export_torchscript(module, example, out, overwrite=bool(cfg.overwrite))
+    runner = Runner(out, fmt, module.keys, threads=threads)
+    diff, ndiff = parity(policy, runner, steps, int(cfg.n_parity), seed)
+    # batch-1 latency: the exported graph vs the PyTorch policy (predict_action, as deploy calls it)
+    obs1 = random_observations(policy, 1, seed + 1)
+    noise1 = fixed_noise(policy, 1, seed + 1).numpy()
+    gen = torch.Generator().manual_seed(seed)
+    n = int(cfg.n_timing)
+    exp_ms = _median_ms(lambda: runner(obs1, noise1), n)
+    torch_ms = _median_ms(lambda: policy.predict_action(obs1, steps=steps, generator=gen), n)
+    meta = {"format": fmt, "file": str(out), "checkpoint": str(ckpt), "task": policy.task_name, "steps": steps,
+            "inputs": {k: ["B", policy.n_obs_steps, *policy.obs_encoder.obs_shapes[k]] for k in module.keys}
+            | {"noise": ["B", policy.horizon, policy.action_dim]},
+            "output": {"action": ["B", policy.n_action_steps, policy.action_dim]}, "parity_noise_seed": seed,
+            "noise": "standard normal; pass a fixed tensor (e.g. torch.randn with a fixed seed, or zeros) for determinism"}
+    side = out.with_name(out.name + ".json")
+    tmp = side.with_name(f".{side.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(meta, indent=2))
+    os.replace(tmp, side)
+    res = {"format": fmt, "file": str(out), "steps": steps, "max_abs_diff": diff, "max_abs_diff_normalized": ndiff, "n_parity": int(cfg.n_parity),
+           "torch_latency_ms": torch_ms, "threads": threads}
+    res["onnx_latency_ms" if fmt == "onnx" else "torchscript_latency_ms"] = exp_ms
+    if fmt == "onnx":
+        import onnx
+        import onnxruntime
+
+        res.update(onnx_version=onnx.__version__, onnxruntime_version=onnxruntime.__version__)
+    return res
