@@ -332,33 +332,48 @@ def run_expert(task_cfg, seeds: list[int], n_workers: int, video_seeds=(), exper
     rows = [_lost_row(s, 1, *lost[s]) for s in lost]
     bar = _bar(len(seeds), "eval expert", progress)
     bar.update(len(rows))
+    from multiprocessing.connection import wait
+
     try:
-        for w in workers:
+        remaining: dict[int, list[int]] = {}  # worker index -> seeds not reported yet
+        deadline: dict[int, float] = {}
+        for i, w in enumerate(workers):
             if w.alive and not set(w.seeds) & set(lost):
-                w.send(("expert", None))
-        for w in workers:
-            if set(w.seeds) & set(lost):
-                continue
-            remaining = list(w.seeds)
-            while remaining:
                 try:
-                    kind, row = w.recv(episode_timeout)
+                    w.send(("expert", None))
                 except _WorkerLost as e:
-                    for s in remaining:
-                        rows.append(_lost_row(s, 1, e.status, e.detail))
-                    bar.update(len(remaining))
-                    remaining = []
-                    break
-                if kind == "episode":
-                    row["steps"] = 1
-                    rows.append(row)
-                    remaining.remove(row["seed"])
-                    bar.update(1)
-            if w.alive:
-                try:
-                    w.recv(episode_timeout)  # expert_done
-                except _WorkerLost:
-                    pass
+                    rows += [_lost_row(s, 1, e.status, e.detail) for s in w.seeds]
+                    bar.update(len(w.seeds))
+                    continue
+                remaining[i], deadline[i] = list(w.seeds), time.monotonic() + episode_timeout
+
+        def lose(i, e):
+            seeds_lost = remaining.pop(i)
+            rows.extend(_lost_row(s, 1, e.status, e.detail) for s in seeds_lost)
+            bar.update(len(seeds_lost))
+
+        def handle(i, msg):
+            kind, row = msg
+            deadline[i] = time.monotonic() + episode_timeout
+            if kind == "episode" and row["seed"] in remaining[i]:
+                row["steps"] = 1
+                rows.append(row)
+                remaining[i].remove(row["seed"])
+                bar.update(1)
+            if not remaining[i]:
+                del remaining[i]
+
+        while remaining:
+            # receive from whichever worker is ready (a big message from one never stalls the others)
+            ready = wait([workers[i].conn for i in remaining], timeout=1.0)
+            for i in list(remaining):
+                w = workers[i]
+                if w.conn not in ready and w.proc.is_alive() and time.monotonic() <= deadline[i]:
+                    continue
+                try:  # ready, dead (drains a last message, else raises) or past its deadline (raises)
+                    handle(i, w.recv(episode_timeout if w.conn in ready else 0.0))
+                except _WorkerLost as e:
+                    lose(i, e)
     finally:
         bar.close()
         for w in workers:
