@@ -254,10 +254,11 @@ class ControlLoop:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-def _status_printer(stream=sys.stderr):
+def _status_printer(stream=None):
     def status(line, final=False):
-        stream.write("\r" + line + ("\n" if final else ""))
-        stream.flush()
+        out = stream or sys.stderr
+        out.write("\r" + line + ("\n" if final else ""))
+        out.flush()
 
     return status
 

@@ -1,0 +1,39 @@
+"""Export: one graph (normaliser + 1-step sampler), parity with the PyTorch policy in onnxruntime / TorchScript,
+atomic writes that never overwrite by default."""
+import json
+
+import pytest
+
+from shortcut_policy import cli
+
+from test_deploy import tiny_checkpoint
+
+pytest.importorskip("onnxruntime")
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return tiny_checkpoint(tmp_path_factory)
+
+
+@pytest.mark.parametrize("fmt,ext", [("onnx", ".onnx"), ("torchscript", ".ts.pt")])
+def test_export_parity_and_no_overwrite(ckpt, tmp_path, fmt, ext):
+    out = tmp_path / f"policy{ext}"
+    args = [f"checkpoint={ckpt}", f"format={fmt}", f"out={out}", "n_parity=100", "n_timing=5"]
+    res = cli.run_verb("export", args + [f"run_dir={tmp_path / 'r1'}"])
+    assert out.exists() and res["n_parity"] == 100
+    # actions are in pixels (up to ~512): float32 rounding differences scale with that; in [-1, 1] units <= 1e-4
+    assert res["max_abs_diff_normalized"] <= 1e-4 and res["max_abs_diff"] <= 1e-4 * 512
+    assert res["torch_latency_ms"] > 0 and res[f"{fmt}_latency_ms"] > 0
+    meta = json.loads((tmp_path / f"policy{ext}.json").read_text())
+    assert meta["inputs"] == {"obs": ["B", 2, 20], "noise": ["B", 16, 2]} and meta["output"]["action"] == ["B", 8, 2]
+    before = out.stat().st_mtime_ns
+    with pytest.raises(FileExistsError, match="overwrite=true"):
+        cli.run_verb("export", args + [f"run_dir={tmp_path / 'r2'}"])
+    assert out.stat().st_mtime_ns == before and not list(tmp_path.glob(".policy*tmp*"))
+    cli.run_verb("export", args + ["overwrite=true", f"run_dir={tmp_path / 'r3'}"])
+
+
+def test_export_rejects_bad_format(ckpt, tmp_path):
+    with pytest.raises(ValueError, match="format='tflite'"):
+        cli.run_verb("export", [f"checkpoint={ckpt}", "format=tflite", f"run_dir={tmp_path}"])
