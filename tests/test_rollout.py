@@ -121,6 +121,16 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="obs_type 'rgb'"):
         make_env(dict(TASK, obs_type="rgb"))
     assert check_int("x", 1e5) == 100000
+    from omegaconf import OmegaConf
+
+    from shortcut_policy.eval.rollout import eval_command
+
+    with pytest.raises(ValueError, match="needs checkpoint=PATH"):
+        eval_command(OmegaConf.create({"policy": "checkpoint", "task": TASK}), "/tmp")
+    with pytest.raises(ValueError, match="policy='random'"):
+        eval_command(OmegaConf.create({"policy": "random", "task": TASK}), "/tmp")
+    with pytest.raises(ValueError, match="seed_start=0.25"):
+        eval_command(OmegaConf.create({"policy": "expert", "task": TASK, "seed_start": 0.25}), "/tmp")
 
 
 def test_wilson_interval_and_summary():
