@@ -243,3 +243,21 @@ def test_wrapped_make_env_stacks_observations(abs_env):
     assert obs["obs"].shape == (2, 59)
     obs, *_ = env.step(np.repeat(_hold_action(abs_env)[None], 8, axis=0))
     assert obs["obs"].shape == (2, 59)
+
+
+@pytest.mark.slow
+def test_lite_physics_is_bit_identical():
+    """robosuite's lite_physics=True only drops redundant mj_forward calls: same trajectory, faster."""
+    from shortcut_policy.envs.experts.transport import TransportExpert
+
+    trajs = []
+    for lite in (False, True):
+        env = T.TransportEnv(obs_keys=["obs"], enable_render=False, lite_physics=lite)
+        try:
+            assert env.env.lite_physics is lite
+            env.reset(seed=100004)
+            ex = TransportExpert(0).reset(env)
+            trajs.append(np.stack([env.step(ex.act(env))[0]["obs"] for _ in range(200)]))
+        finally:
+            env.close()
+    np.testing.assert_array_equal(trajs[0], trajs[1])

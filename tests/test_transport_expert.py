@@ -122,3 +122,28 @@ def test_demos_command_writes_hdf5_and_zarr(tmp_path):
         env.close()
     with pytest.raises(FileExistsError):
         demos(cfg, tmp_path)
+
+
+@pytest.mark.slow
+def test_expert_recovers_from_failed_grasp(env):
+    """Move the hammer away while robot0's fingers close on it: the grasp check fails, robot0 re-opens, comes
+    back to the hammer's new pose and picks it up."""
+    env.reset(seed=100005)
+    ex = TransportExpert(seed=0).reset(env)
+    moved = False
+    for t in range(650):
+        env.step(ex.act(env))
+        if not moved and ex.arms[0].phase == "ham_close":
+            rs = env.env
+            jn = rs.transport.payload.joints[0]
+            q = rs.sim.data.get_joint_qpos(jn).copy()
+            q[0] -= 0.10  # 10 cm along x (across the fingers): they close on air
+            rs.sim.data.set_joint_qpos(jn, q)
+            rs.sim.forward()
+            moved = True
+        if ex.arms[0].phase == "ham_carry":
+            break
+    assert moved
+    msgs = [m for _, i, m in ex.events if i == 0]
+    assert any("retry ham_grasp" in m for m in msgs), ex.events
+    assert ex.arms[0].phase == "ham_carry", (ex.phases, ex.events)

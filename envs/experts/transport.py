@@ -46,6 +46,11 @@ def _rotz(a: float) -> np.ndarray:
     return np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
 
 
+def _rotx(a: float) -> np.ndarray:
+    c, s = np.cos(a), np.sin(a)
+    return np.array([[1.0, 0.0, 0.0], [0.0, c, -s], [0.0, s, c]])
+
+
 def _rotvec(R: np.ndarray) -> np.ndarray:
     """Rotation vector of a rotation matrix (log map)."""
     from scipy.spatial.transform import Rotation
@@ -96,7 +101,8 @@ class TransportExpert:
 
     # geometry / tuning
     HOVER = 0.10  # hover height above a grasp point
-    HANDLE_OFFSET = 0.055  # grasp point distance from the hammer handle centre, per arm
+    GRASP_GAP = 0.11  # distance between robot0's and robot1's grasp points on the handle
+    HO_PITCH = np.deg2rad(35)  # robot1's handover grasp: fingers tilted toward -y (less arm extension)
     LIFT_Z = 1.10  # carry height (bin walls end at ~0.95)
     HANDOVER = np.array([0.0, -0.055, 1.08])  # robot0 grip site at handover
     LID_DROP = np.array([-0.17, -0.35])  # where the lid goes (table 0, beside the start bin)
@@ -155,11 +161,19 @@ class TransportExpert:
         return pos, axis
 
     def _hammer_grasp_point(self, arm: int):
-        """Handle point on robot ``arm``'s side (robot0: -y half, robot1: +y half) and the handle yaw."""
+        """Handle point for robot ``arm`` (robot0: the -y part, robot1: the +y part) and the handle yaw.
+
+        The hammer's centre of mass sits ~5 cm from the handle centre toward the head, and a grasp far from it
+        lets the hammer pivot about the finger axis. The two grasps are ``GRASP_GAP`` apart (hands must not
+        collide) and placed as close to the centre of mass as that allows: head toward +y -> robot0 at -3 cm,
+        robot1 at +8 cm (next to the head); head toward -y -> robot0 at -5 cm (at the centre of mass), robot1
+        at +6 cm."""
         pos, axis = self._hammer()
-        a = axis if axis[1] >= 0 else -axis  # pointing toward +y
-        sign = -1.0 if arm == 0 else 1.0
-        p = pos + sign * self.HANDLE_OFFSET * a
+        head_pos_y = axis[1] >= 0  # body z points from the handle centre toward the head
+        a = axis if head_pos_y else -axis  # pointing toward +y
+        o0 = -0.03 if head_pos_y else -0.05
+        off = o0 if arm == 0 else o0 + self.GRASP_GAP
+        p = pos + off * a
         yaw = np.arctan2(-a[0], a[1])  # rotation of the handle from world y about z
         return p, yaw, pos
 
@@ -196,7 +210,7 @@ class TransportExpert:
         """Vertical approach: fix x/y at the current height first, then go down to the grasp pose."""
         p, _ = self._site(i)
         exy = np.linalg.norm(p[:2] - grasp[:2])
-        tgt = np.array([grasp[0], grasp[1], p[2]]) if exy > 0.008 and p[2] > grasp[2] + 0.015 else grasp
+        tgt = np.array([grasp[0], grasp[1], p[2]]) if exy > 0.02 and p[2] > grasp[2] + 0.015 else grasp
         if self._at(i, grasp, R, tol=0.006, rtol=0.1) or arm.t_phase > timeout:
             if exy > 0.015:
                 self._retry(arm, key, back)
@@ -440,7 +454,7 @@ class TransportExpert:
         if ph in ("pre_handover", "ho_descend", "ho_close", "ho_wait_release"):
             gp, yaw, hpos = self._hammer_grasp_point(1)
             if ph in ("pre_handover", "ho_descend"):
-                a.aux["g"] = (gp + np.array([0, 0, 0.002]), _yaw_aligned(_R_DOWN1, yaw, np.pi))
+                a.aux["g"] = (gp + np.array([0, 0, 0.002]), _yaw_aligned(_rotx(-self.HO_PITCH) @ _R_DOWN1, yaw, np.pi))
             grasp, R = a.aux["g"]
             r0 = self.arms[0].phase
             if ph == "pre_handover":
