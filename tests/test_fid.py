@@ -32,6 +32,12 @@ def test_frechet_distance_matches_direct_scipy():
     # 1-D Gaussians: (m1-m2)^2 + (sd1-sd2)^2
     assert frechet_distance([0.0], [[4.0]], [1.0], [[1.0]], eps=0.0) == pytest.approx(1.0 + 1.0)
     assert feature_statistics(a)[1].shape == (16, 16)
+    # fewer samples than dimensions (singular covariances): still the eps-regularised sqrtm value
+    c, d = rng.normal(size=(40, 64)), rng.normal(size=(30, 64)) + 0.2
+    (m3, s3), (m4, s4) = feature_statistics(c), feature_statistics(d)
+    e = np.eye(64) * 1e-6
+    direct = np.sum((m3 - m4) ** 2) + np.trace(s3 + s4 + 2 * e - 2 * scipy.linalg.sqrtm((s3 + e) @ (s4 + e)).real)
+    assert frechet_distance(m3, s3, m4, s4) == pytest.approx(direct, rel=1e-6)
     with pytest.raises(ValueError, match="dimensions"):
         frechet_distance(mu1, s1, mu1[:3], s1[:3, :3])
 
