@@ -15,6 +15,7 @@ up a burst of skipped ticks. ``close()`` is always called on the robot (normal e
 from __future__ import annotations
 
 import math
+import os
 import sys
 import threading
 import time
@@ -135,7 +136,8 @@ class ControlLoop:
 
     def __init__(self, robot, policy_fn, obs_shapes, n_obs_steps: int, hz: float | None = None, mode: str = "async",
                  tolerance_s: float | None = None, ensemble_k: float | None = None, expected_latency_s: float = 0.0,
-                 spin_s: float = 0.002, torch_threads: int | None = 1, status=None, status_every_s: float = 0.5):
+                 spin_s: float = 0.002, torch_threads: int | None = 1, status=None, status_every_s: float = 0.5,
+                 switch_interval_s: float | None = None):
         if mode not in ("sync", "async"):
             raise ValueError(f"mode={mode!r}: expected sync | async")
         self.robot, self.policy_fn, self.mode = robot, policy_fn, mode
@@ -148,6 +150,7 @@ class ControlLoop:
         self.ensemble_k, self.spin_s, self.torch_threads = ensemble_k, spin_s, torch_threads
         self.margin = max(1, ceil_ticks(expected_latency_s, self.dt) + 1)
         self.status, self.status_every_s = status, status_every_s
+        self.switch_interval_s = switch_interval_s
 
     def _observe(self):
         obs = self.robot.get_observation()
@@ -160,6 +163,11 @@ class ControlLoop:
     def run(self, n_steps: int, seed: int | None = None) -> LoopStats:
         stats = LoopStats(self.hz, self.mode)
         worker = None
+        # optional: a shorter GIL switch interval than Python's 5 ms lets the loop thread take the GIL back sooner
+        # while the inference thread runs Python code between torch ops
+        old_switch = sys.getswitchinterval()
+        if self.switch_interval_s:
+            sys.setswitchinterval(float(self.switch_interval_s))
         try:
             if self.mode == "async":
                 worker = _Worker(self.policy_fn, self.torch_threads)
@@ -176,6 +184,7 @@ class ControlLoop:
         finally:
             if worker is not None:
                 worker.stop()
+            sys.setswitchinterval(old_switch)
             self.robot.close()
         return stats
 
@@ -344,6 +353,7 @@ def deploy_command(cfg, run_dir) -> dict:
     loop = ControlLoop(robot, policy_fn, task["obs_shapes"], policy.n_obs_steps, hz=hz, mode=mode,
                        ensemble_k=cfg.get("ensemble_k"), expected_latency_s=max(warm), spin_s=float(cfg.spin_ms) / 1e3,
                        torch_threads=cfg.get("torch_threads"),
+                       switch_interval_s=(float(cfg.switch_interval_ms) / 1e3) if cfg.get("switch_interval_ms") else None,
                        status=_status_printer() if cfg.get("status", True) else None)
     stats = loop.run(n_steps, seed=int(cfg.seed))
     info = robot.info()
@@ -352,5 +362,5 @@ def deploy_command(cfg, run_dir) -> dict:
                 "warmup_latency_ms": 1e3 * lat, "sustainable_hz": rate, "can_sustain": ok,
                 "mean_score": float(info.get("max_reward", 0.0)), "success": bool(info.get("success", False)),
                 "env_steps": int(info.get("n_env_steps", 0)), "late_commands": int(info.get("late_commands", 0)),
-                "seed": int(cfg.seed)})
+                "seed": int(cfg.seed), "load_avg_1min": os.getloadavg()[0]})
     return res
