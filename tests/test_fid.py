@@ -17,6 +17,15 @@ from shortcut_policy.eval.fid import (
     save_stats,
 )
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One torch thread: on the shared 2-core machine, 2 threads per process are several times slower under load."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 
 def test_frechet_distance_matches_direct_scipy():
     rng = np.random.default_rng(0)
