@@ -61,6 +61,10 @@ def test_action_queue_drops_stale_and_replaces_or_ensembles():
     e.add_chunk(chunk, 0.0, now=0.0)
     e.add_chunk(chunk + 10, 0.1, now=0.1)
     np.testing.assert_allclose(e.pop(0.2), [(2 + 11) / 2] * 2)
+    o = ActionQueue(t0=0.0, dt=0.1, tolerance=0.0)   # over budget: every action past -> the last one at the next tick
+    assert o.add_chunk(chunk, obs_time=0.0, now=1.234) == 8 and o.n_over_budget == 1
+    assert o.pop(1.2) is None
+    np.testing.assert_allclose(o.pop(1.3), [7, 7])
 
 
 # --- sim robot on a manual clock: real-time semantics without depending on this machine's speed -----------------
@@ -121,7 +125,7 @@ def test_slow_policy_causes_counted_deadline_misses_and_held_actions(policy, mod
     assert robot.closed and st.deadline_misses > 0
     if mode == "sync":
         assert st.skipped_ticks > 0       # the loop skipped the ticks it overran instead of bursting
-    assert robot.n_commands >= st.cycles - st.startup_ticks  # every cycle after start sent an action (held if none)
+    assert robot.n_commands >= st.cycles - st.startup_ticks - 1  # every cycle after the first plan sent an action (held if late)
 
 
 @pytest.mark.parametrize("mode", ["sync", "async"])

@@ -24,6 +24,7 @@ class ActionQueue:
         self._slots: dict[int, list[tuple[np.ndarray, float]]] = {}  # tick -> [(action, obs_time)] oldest first
         self.n_dropped_stale = 0   # actions discarded on arrival because their time had passed
         self.n_dropped_unused = 0  # queued actions never executed (superseded by time)
+        self.n_over_budget = 0     # chunks that arrived entirely stale (their last action was rescheduled)
 
     def tick_of(self, t: float) -> int:
         return int(round((t - self.t0) / self.dt))
@@ -32,7 +33,9 @@ class ActionQueue:
         return self.t0 + tick * self.dt
 
     def add_chunk(self, actions, obs_time: float, now: float) -> int:
-        """Queue a chunk (Ta, Da) predicted from the observation at ``obs_time``; returns how many were stale."""
+        """Queue a chunk (Ta, Da) predicted from the observation at ``obs_time``; returns how many were stale.
+        Over budget (every action already past, as Diffusion Policy's real-robot loop): the chunk's last action is
+        scheduled at the next grid tick after ``now`` instead, so a slow policy still moves (counted in n_over_budget)."""
         actions = np.asarray(actions, dtype=np.float64)
         if actions.ndim != 2:
             raise ValueError(f"action chunk must be (Ta, Da), got shape {actions.shape}")
@@ -50,6 +53,10 @@ class ActionQueue:
             else:
                 self._slots.setdefault(tick, []).append((a, obs_time))
         self.n_dropped_stale += stale
+        if stale == len(actions) and len(actions):
+            tick = int(math.floor((now - self.t0) / self.dt)) + 1
+            self._slots[tick] = [(actions[-1], obs_time)]
+            self.n_over_budget += 1
         return stale
 
     def pop(self, t: float):

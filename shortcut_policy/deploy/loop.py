@@ -55,6 +55,7 @@ class LoopStats:
     skipped_ticks: int = 0
     startup_ticks: int = 0
     stale_dropped: int = 0
+    over_budget: int = 0
     chunks: int = 0
     stopped_by: str = "n_steps"
 
@@ -67,7 +68,7 @@ class LoopStats:
             "jitter_p50_ms": ms(_pct(self.jitter_s, 50)), "jitter_p99_ms": ms(_pct(self.jitter_s, 99)),
             "inference_p50_ms": ms(_pct(self.inference_s, 50)), "inference_p99_ms": ms(_pct(self.inference_s, 99)),
             "deadline_misses": self.deadline_misses, "skipped_ticks": self.skipped_ticks,
-            "startup_ticks": self.startup_ticks, "stale_dropped": self.stale_dropped, "chunks": self.chunks,
+            "startup_ticks": self.startup_ticks, "stale_dropped": self.stale_dropped, "over_budget": self.over_budget, "chunks": self.chunks,
             "stopped_by": self.stopped_by,
         }
 
@@ -82,7 +83,7 @@ class _Worker(threading.Thread):
         self._request = None
         self._result = None
         self._busy = False
-        self._stop = False
+        self._stopping = False
         self.error: BaseException | None = None
 
     def run(self):
@@ -92,9 +93,9 @@ class _Worker(threading.Thread):
             torch.set_num_threads(int(self.torch_threads))
         while True:
             with self._cv:
-                while self._request is None and not self._stop:
+                while self._request is None and not self._stopping:
                     self._cv.wait()
-                if self._stop:
+                if self._stopping:
                     return
                 obs, obs_time = self._request
                 self._request = None
@@ -127,7 +128,7 @@ class _Worker(threading.Thread):
 
     def stop(self):
         with self._cv:
-            self._stop = True
+            self._stopping = True
             self._cv.notify()
 
 
@@ -184,6 +185,7 @@ class ControlLoop:
         finally:
             if worker is not None:
                 worker.stop()
+                worker.join(timeout=30.0)  # let an in-flight inference finish before the interpreter can exit
             sys.setswitchinterval(old_switch)
             self.robot.close()
         return stats
@@ -219,17 +221,20 @@ class ControlLoop:
                     stats.inference_s.append(lat)
                     stats.stale_dropped += queue.add_chunk(chunk, c_time, time.perf_counter())
                     stats.chunks += 1
+                    started = True
             elif not queue.has(sched):  # sync: plan now, on this cycle's observation (blocking)
                 chunk = self._infer(obs, stats)
                 stats.stale_dropped += queue.add_chunk(chunk, obs_time, time.perf_counter())
                 stats.chunks += 1
+                started = True
             action = queue.pop(sched)
             if action is not None:
-                last_action, started = action, True
+                last_action = action
                 robot.send_action(action, sched)
-            elif started:
+            elif started:  # a plan was due but none is on time: hold the last safe action (none yet: stand still)
                 stats.deadline_misses += 1
-                robot.send_action(last_action, sched)  # hold the last safe action
+                if last_action is not None:
+                    robot.send_action(last_action, sched)
             else:
                 stats.startup_ticks += 1
             if worker is not None and not worker.busy and queue.remaining(sched) < self.margin:
@@ -249,6 +254,7 @@ class ControlLoop:
                 if started:
                     stats.deadline_misses += skip
                 j += skip
+        stats.over_budget = queue.n_over_budget
         if robot.done:
             stats.stopped_by = "episode_end"
         if self.status:
