@@ -57,7 +57,7 @@ def load_vae(path, device="cpu"):
     from diffusers import AutoencoderKL
 
     try:
-        vae = AutoencoderKL.from_pretrained(str(path))
+        vae = AutoencoderKL.from_pretrained(str(path), low_cpu_mem_usage=False)  # no `accelerate` needed
     except Exception as e:
         raise ValueError(f"cannot load the AutoencoderKL in {path}: {e}") from e
     return vae.to(device).eval().requires_grad_(False)

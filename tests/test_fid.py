@@ -128,6 +128,12 @@ def test_reference_stats_cached_with_resolution_check(tmp_path):
     np.testing.assert_array_equal(mu, mu2)
     with pytest.raises(ValueError, match="resolution=16"):
         reference_stats(ext, 32, ref_stats=cache)
+    # `shortcut-policy fid samples_dir=...`: the reference folder against its own cached statistics -> 0
+    from shortcut_policy.cli import run_verb
+
+    res = run_verb("fid", [f"samples_dir={folder}", f"ref_stats={cache}", "resolution=16", "device=cpu",
+                           f"run_dir={tmp_path / 'run'}"])
+    assert res["fid"] == pytest.approx(0.0, abs=1e-2) and res["n_samples"] == 3
     with pytest.raises(FileExistsError, match="overwrite"):
         save_stats(cache, mu, sigma, meta)
     # plain upstream npz (mu/sigma only) is accepted with a warning
