@@ -8,7 +8,8 @@ actions dropped); send the action for T_j. Inference:
           drop below ``margin`` = ceil(expected latency / dt) + 1 ticks, so the next chunk lands before the queue runs
           dry; the robot keeps executing the current chunk meanwhile.
 Action k of a chunk is due at obs_time + k dt (Diffusion Policy). A deadline miss is a control tick at which no planned
-action was available in time (the queue ran dry, or the loop overran and skipped the tick): the robot holds the last
+action was available in time (the queue ran dry, or the loop overran and skipped the tick; in sync mode the first
+action of a chunk computed within the period is dropped as stale, as DP, without counting a miss): the robot holds the last
 action sent (explicitly re-sent when the loop runs the cycle) and the miss is counted. The loop never tries to catch
 up a burst of skipped ticks. ``close()`` is always called on the robot (normal end, KeyboardInterrupt, errors).
 """
@@ -211,6 +212,7 @@ class ControlLoop:
                 stats.period_s.append(start - prev_start)
             prev_start = start
             obs = self._observe()
+            planned_here = False
             obs_time = float(obs[TIMESTAMP_KEY][-1])
             if worker is not None:
                 if worker.error is not None:
@@ -223,15 +225,19 @@ class ControlLoop:
                     stats.chunks += 1
                     started = True
             elif not queue.has(sched):  # sync: plan now, on this cycle's observation (blocking)
+                planned_here = True
                 chunk = self._infer(obs, stats)
                 stats.stale_dropped += queue.add_chunk(chunk, obs_time, time.perf_counter())
                 stats.chunks += 1
                 started = True
             action = queue.pop(sched)
+            # sync: the cycle's own (within-deadline) inference makes its first action late; like DP it is dropped
+            # and the robot keeps the previous target for this tick: latency absorbed, not a deadline miss
+            absorbed = planned_here and stats.inference_s[-1] <= self.dt
             if action is not None:
                 last_action = action
                 robot.send_action(action, sched)
-            elif started:  # a plan was due but none is on time: hold the last safe action (none yet: stand still)
+            elif started and not absorbed:  # a plan was due but none is on time: hold the last safe action (none yet: stand still)
                 stats.deadline_misses += 1
                 if last_action is not None:
                     robot.send_action(last_action, sched)
