@@ -139,7 +139,7 @@ class ControlLoop:
     def __init__(self, robot, policy_fn, obs_shapes, n_obs_steps: int, hz: float | None = None, mode: str = "async",
                  tolerance_s: float | None = None, ensemble_k: float | None = None, expected_latency_s: float = 0.0,
                  spin_s: float = 0.002, torch_threads: int | None = 1, status=None, status_every_s: float = 0.5,
-                 switch_interval_s: float | None = None):
+                 switch_interval_s: float | None = None, rt_priority: int = 0):
         if mode not in ("sync", "async"):
             raise ValueError(f"mode={mode!r}: expected sync | async")
         self.robot, self.policy_fn, self.mode = robot, policy_fn, mode
@@ -153,6 +153,23 @@ class ControlLoop:
         self.margin = max(1, ceil_ticks(expected_latency_s, self.dt) + 1)
         self.status, self.status_every_s = status, status_every_s
         self.switch_interval_s = switch_interval_s
+        self.rt_priority = int(rt_priority or 0)
+        self.rt_applied = False
+
+    def _set_realtime(self):
+        """Opt-in SCHED_FIFO for the loop thread (async mode only: the loop thread then only waits, reads, sends;
+        inference stays at normal priority). Returns what to restore, or None (not requested / not permitted)."""
+        if self.rt_priority <= 0 or self.mode != "async" or not hasattr(os, "SCHED_FIFO"):
+            return None
+        try:
+            old = (os.sched_getscheduler(0), os.sched_getparam(0))
+            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(self.rt_priority))
+        except (PermissionError, OSError) as e:
+            print(f"warning: rt_priority={self.rt_priority}: SCHED_FIFO not permitted ({e}); running at normal priority",
+                  file=sys.stderr)
+            return None
+        self.rt_applied = True
+        return old
 
     def _observe(self):
         obs = self.robot.get_observation()
@@ -170,10 +187,12 @@ class ControlLoop:
         old_switch = sys.getswitchinterval()
         if self.switch_interval_s:
             sys.setswitchinterval(float(self.switch_interval_s))
+        rt_restore = None
         try:
             if self.mode == "async":
                 worker = _Worker(self.policy_fn, self.torch_threads)
-                worker.start()
+                worker.start()  # before the RT switch: threads inherit the scheduling policy of their creator
+                rt_restore = self._set_realtime()
             elif self.torch_threads:
                 import torch
 
@@ -188,6 +207,8 @@ class ControlLoop:
                 worker.stop()
                 worker.join(timeout=30.0)  # let an in-flight inference finish before the interpreter can exit
             sys.setswitchinterval(old_switch)
+            if rt_restore is not None:
+                os.sched_setscheduler(0, *rt_restore)
             self.robot.close()
         return stats
 
@@ -366,6 +387,7 @@ def deploy_command(cfg, run_dir) -> dict:
                        ensemble_k=cfg.get("ensemble_k"), expected_latency_s=max(warm), spin_s=float(cfg.spin_ms) / 1e3,
                        torch_threads=cfg.get("torch_threads"),
                        switch_interval_s=(float(cfg.switch_interval_ms) / 1e3) if cfg.get("switch_interval_ms") else None,
+                       rt_priority=int(cfg.get("rt_priority") or 0),
                        status=_status_printer() if cfg.get("status", True) else None)
     stats = loop.run(n_steps, seed=int(cfg.seed))
     info = robot.info()
@@ -374,5 +396,6 @@ def deploy_command(cfg, run_dir) -> dict:
                 "warmup_latency_ms": 1e3 * lat, "sustainable_hz": rate, "can_sustain": ok,
                 "mean_score": float(info.get("max_reward", 0.0)), "success": bool(info.get("success", False)),
                 "env_steps": int(info.get("n_env_steps", 0)), "late_commands": int(info.get("late_commands", 0)),
-                "seed": int(cfg.seed), "load_avg_1min": os.getloadavg()[0]})
+                "seed": int(cfg.seed), "rt_priority": int(cfg.get("rt_priority") or 0) if loop.rt_applied else 0,
+                "load_avg_1min": os.getloadavg()[0]})
     return res
