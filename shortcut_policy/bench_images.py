@@ -8,7 +8,9 @@ net, optimiser, batch and step budget for both objectives. Quality at N = 1, 2, 
 - ``acc@<objective><N>``: that classifier's accuracy on class-conditional samples (the label asked for).
 A PNG grid (rows: objective x N in {1, 4, 128}; columns: classes 0..9; the same noise everywhere).
 Settings come from ``DEFAULTS`` below, overridden by ``bench.images.*`` (``shortcut-policy bench images
-images.num_steps=500``).
++images.num_steps=500``). Each objective checkpoints under ``<run_dir>/<objective>/checkpoints``; re-running with the
+same ``run_dir`` resumes (an interrupted run) or, when training is complete, only re-evaluates (e.g. with
+``+images.eval_model=online``).
 """
 from __future__ import annotations
 
@@ -147,7 +149,7 @@ def make_model_cfg(s: dict, objective: dict, run_seed: int):
                   "lr": s["lr"], "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": s["weight_decay"],
                   "lr_schedule": "constant", "warmup_steps": 0, "grad_clip": None, "ema": s["ema"],
                   "eval_model": s["eval_model"], "log_every": 100, "eval_every": 0,
-                  "checkpoint_every": 10**9, "topk": 0, "topk_key": "score", "resume": False, "num_workers": 0,
+                  "checkpoint_every": 500, "topk": 0, "topk_key": "score", "resume": True, "num_workers": 0,
                   "amp": "auto", "max_minutes": None},
     })
 

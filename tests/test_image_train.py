@@ -113,3 +113,24 @@ def test_train_imagenet256_dit_b2(assets):
     s = run_verb("sample", [f"checkpoint={root / 'train_b2' / 'checkpoints' / 'last.ckpt'}", "num_images=2",
                             "steps=[1,4]", "device=cpu", f"run_dir={root / 'sample_b2'}"])
     assert set(s["grids"]) == {"1steps", "4steps"}
+
+
+def test_bench_images_smoke(tmp_path):
+    """`bench images` end to end at a toy budget: RESULT keys, grid, classifier cache, re-evaluation."""
+    from omegaconf import OmegaConf
+
+    from shortcut_policy.bench_images import run_bench_images
+
+    over = {"num_steps": 2, "batch_size": 16, "n_eval": 20, "steps": [1, 2], "parallel": False,
+            "classifier_epochs": 1, "classifier_cache": str(tmp_path / "clf_{size}px.pt"),
+            "net": {"hidden_size": 16, "depth": 1, "num_heads": 2}}
+    res = run_bench_images(OmegaConf.create({"images": over}), tmp_path / "run")
+    for obj in ("shortcut", "flow_matching"):
+        for n in (1, 2):
+            assert np.isfinite(res[f"fid@{obj}{n}"]) and 0.0 <= res[f"acc@{obj}{n}"] <= 1.0
+    assert "targets" not in res  # the targets need N = 128, not evaluated at this budget
+    assert (tmp_path / "clf_16px.pt").is_file() and (tmp_path / "run" / "samples_grid.png").is_file()
+    assert (tmp_path / "run" / "shortcut" / "checkpoints" / "last.ckpt").is_file()
+    # same run_dir: training is complete, so only the evaluation runs again (same figures)
+    again = run_bench_images(OmegaConf.create({"images": over}), tmp_path / "run")
+    assert again["fid@shortcut1"] == pytest.approx(res["fid@shortcut1"])
