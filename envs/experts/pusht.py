@@ -102,31 +102,16 @@ def _outward_normals(poly: np.ndarray) -> np.ndarray:
 
 
 def _faces():
-    """Pushable faces: (start, end, outward normal, min/max of the contact parameter along the face)."""
-    n = _outward_normals(_OUTLINE)
-    # For the non-convex outline, fix the normals explicitly (pointing out of the material).
-    faces = []
-    for i in range(len(_OUTLINE)):
-        a, b = _OUTLINE[i], _OUTLINE[(i + 1) % len(_OUTLINE)]
-        faces.append((a, b))
-    normals = {
-        0: (0, -1), 1: (1, 0), 2: (0, 1), 3: (1, 0), 4: (0, 1), 5: (-1, 0), 6: (0, 1), 7: (-1, 0)
-    }
+    """Pushable faces of the T outline: (start, end, outward normal, min/max contact parameter along the face).
+    Near the two concave corners (+-15, 30) the agent circle cannot reach closer than R to the other face."""
+    normals = [(0, -1), (1, 0), (0, 1), (1, 0), (0, 1), (-1, 0), (0, 1), (-1, 0)]
     out = []
-    for i, (a, b) in enumerate(faces):
+    for i, n in enumerate(normals):
+        a, b = _OUTLINE[i], _OUTLINE[(i + 1) % len(_OUTLINE)]
         L = float(np.linalg.norm(b - a))
-        lo, hi = 0.0, L
-        # concave corners at (15, 30) and (-15, 30): the agent circle cannot get closer than R to the other face
-        if i == 2:
-            hi = L - R  # bar underside right, from (60,30) to (15,30)
-        if i == 3:
-            lo = R  # stem right side, from (15,30) to (15,120)
-        if i == 5:
-            hi = L - R  # stem left side, from (-15,120) to (-15,30)
-        if i == 6:
-            lo = R  # bar underside left, from (-15,30) to (-60,30)
-        out.append((a, b, np.array(normals[i], float), lo, hi))
-    del n
+        lo = R if i in (3, 6) else 0.0  # stem right side / bar underside left start at a concave corner
+        hi = L - R if i in (2, 5) else L  # bar underside right / stem left side end at a concave corner
+        out.append((a, b, np.array(n, float), lo, hi))
     return out
 
 
