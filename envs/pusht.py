@@ -474,7 +474,8 @@ def make_env(task_cfg, wrap: bool = True, **kwargs):
     """Build the Push-T env described by a task config (configs/task/pusht_*.yaml).
 
     Returns ``MultiStepWrapper(PushTEnv(obs_type), n_obs_steps, n_action_steps, max_steps)`` (or the bare env
-    when ``wrap=False``). Extra keyword arguments go to :class:`PushTEnv`.
+    when ``wrap=False``). Optional task field ``local_keypoints`` ((9, 2) body-local block keypoints, e.g. from
+    :func:`local_keypoints_from_data` on DP's official data). Extra keyword arguments go to :class:`PushTEnv`.
     """
     from shortcut_policy.envs.wrappers import MultiStepWrapper
 
@@ -487,6 +488,9 @@ def make_env(task_cfg, wrap: bool = True, **kwargs):
     image_shape = (get("obs_keys", None) or {}).get("image", None) if obs_type == "image" else None
     if image_shape is not None and "render_size" not in kwargs:
         kwargs["render_size"] = int(list(image_shape)[-1])
+    local_kps = get("local_keypoints", None)  # optional (9, 2) list, e.g. recovered from DP's official zarr
+    if local_kps is not None and "local_keypoints" not in kwargs:
+        kwargs["local_keypoints"] = np.asarray(list(local_kps), dtype=np.float64)
     env = PushTEnv(obs_type=obs_type, max_steps=max_steps, **kwargs)
     if not wrap:
         return env
