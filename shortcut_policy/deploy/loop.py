@@ -55,6 +55,7 @@ class LoopStats:
     deadline_misses: int = 0
     skipped_ticks: int = 0
     startup_ticks: int = 0
+    absorbed_ticks: int = 0   # sync: ticks whose action was late only by this cycle's within-period inference
     stale_dropped: int = 0
     over_budget: int = 0
     chunks: int = 0
@@ -69,7 +70,7 @@ class LoopStats:
             "jitter_p50_ms": ms(_pct(self.jitter_s, 50)), "jitter_p99_ms": ms(_pct(self.jitter_s, 99)),
             "inference_p50_ms": ms(_pct(self.inference_s, 50)), "inference_p99_ms": ms(_pct(self.inference_s, 99)),
             "deadline_misses": self.deadline_misses, "skipped_ticks": self.skipped_ticks,
-            "startup_ticks": self.startup_ticks, "stale_dropped": self.stale_dropped, "over_budget": self.over_budget, "chunks": self.chunks,
+            "startup_ticks": self.startup_ticks, "absorbed_ticks": self.absorbed_ticks, "stale_dropped": self.stale_dropped, "over_budget": self.over_budget, "chunks": self.chunks,
             "stopped_by": self.stopped_by,
         }
 
@@ -258,12 +259,15 @@ class ControlLoop:
             if action is not None:
                 last_action = action
                 robot.send_action(action, sched)
-            elif started and not absorbed:  # a plan was due but none is on time: hold the last safe action (none yet: stand still)
-                stats.deadline_misses += 1
+            elif not started:
+                stats.startup_ticks += 1
+            else:  # no action on time: hold the last safe action (none yet: the robot stands still)
+                if absorbed:
+                    stats.absorbed_ticks += 1
+                else:
+                    stats.deadline_misses += 1
                 if last_action is not None:
                     robot.send_action(last_action, sched)
-            else:
-                stats.startup_ticks += 1
             if worker is not None and not worker.busy and queue.remaining(sched) < self.margin:
                 worker.submit(self._policy_obs(obs), obs_time)
             now = time.perf_counter()
