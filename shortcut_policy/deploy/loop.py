@@ -204,13 +204,15 @@ class ControlLoop:
             if self.status:
                 self.status("\ninterrupted: stopping the robot", final=True)
         finally:
-            if worker is not None:
-                worker.stop()
-                worker.join(timeout=30.0)  # let an in-flight inference finish before the interpreter can exit
-            sys.setswitchinterval(old_switch)
-            if rt_restore is not None:
-                os.sched_setscheduler(0, *rt_restore)
-            self.robot.close()
+            try:
+                self.robot.close()  # stop the robot first; an in-flight inference may still take a while
+            finally:
+                if rt_restore is not None:
+                    os.sched_setscheduler(0, *rt_restore)
+                sys.setswitchinterval(old_switch)
+                if worker is not None:
+                    worker.stop()
+                    worker.join(timeout=30.0)  # let an in-flight inference finish before the interpreter can exit
         return stats
 
     def _infer(self, obs, stats):
