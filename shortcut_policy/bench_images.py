@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 DEFAULTS = {
     "image_size": 16,
-    "num_steps": 1500,
+    "num_steps": 2500,
     "batch_size": 128,
     "lr": 1.0e-3,
     "weight_decay": 0.1,

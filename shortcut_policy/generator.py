@@ -162,7 +162,7 @@ def build_generator(cfg, vae=None) -> ImageGenerator:
         net, objective, vae=vae, num_classes=int(task.num_classes), class_conditional=bool(task.class_conditional),
         image_size=int(task.image_size), image_channels=int(task.get("image_channels", 3)), space=space,
         vae_path=task.get("vae_path"), latent_scale=float(task.get("latent_scale", 0.18215)),
-        encode_online=space == "latent" and not task.get("latents_path") and task.get("source", "folder") != "store",
+        encode_online=space == "latent" and not task.get("latents_path"),
         latent_sample=bool(task.get("latent_sample", True)),
     )
 
