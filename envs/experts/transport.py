@@ -716,7 +716,8 @@ def generate_transport_demos(cfg, run_dir) -> dict:
     ``DIR/low_dim_abs.hdf5`` (absolute actions, ``control_delta=False``) or ``image*.hdf5`` - plus the zarr
     ReplayBuffers the training configs read (``DIR/low_dim.zarr``, ``DIR/low_dim_abs.zarr``; for images also the
     camera keys). Only successful episodes are kept (each recorded until 10 steps after success); seeds start at
-    ``seed_start`` (default 0, disjoint from the test seeds 100000+).
+    ``seed`` (default 0, disjoint from the test seeds 100000+); episodes run up to 700 steps (demos.yaml's
+    ``max_steps`` is Push-T's). RESULT keys: n_episodes, n_dropped, seconds, out, the four file paths.
     """
     import multiprocessing as mp
 
@@ -765,7 +766,7 @@ def generate_transport_demos(cfg, run_dir) -> dict:
             meta_w._env_meta["env_kwargs"].update(
                 {"use_camera_obs": True, "has_offscreen_renderer": True, "camera_names": [k[:-6] for k in image_keys]}
             )
-    n_ok, n_fail, tried = 0, 0, 0
+    n_ok, n_fail, tried, errors = 0, 0, 0, []
     t0 = time.time()
     seeds = iter(range(seed_start, seed_start + max_tries))
     ctx = mp.get_context("spawn")
@@ -795,11 +796,15 @@ def generate_transport_demos(cfg, run_dir) -> dict:
                 else:
                     n_fail += 1
                     bar.set_postfix(failed=n_fail)
+                    if res.get("error"):
+                        errors.append(f"seed {res['seed']}: {res['error']}")
+                        tqdm.write(f"transport demos: seed {res['seed']} raised {res['error']}")
                 if n_ok + len(pending) < n_eps:
                     submit()
             pool.terminate()
         if n_ok < n_eps:
-            raise RuntimeError(f"transport demos: only {n_ok}/{n_eps} successful episodes in {tried} seeds")
+            raise RuntimeError(f"transport demos: only {n_ok}/{n_eps} successful episodes in {tried} seeds"
+                               + (f"; first error: {errors[0]}" if errors else ""))
         w.close(val_ratio=0.02 if n_ok > 10 else None)
         w_abs.close(val_ratio=0.02 if n_ok > 10 else None)
     except BaseException:
@@ -815,15 +820,19 @@ def generate_transport_demos(cfg, run_dir) -> dict:
     res = {
         "task": "transport",
         "n_episodes": n_ok,
-        "n_failed": n_fail,
+        "n_dropped": n_fail,
         "seeds_tried": tried,
         "expert_success_rate": n_ok / max(n_ok + n_fail, 1),
         "action_noise": noise,
-        "wall_s": time.time() - t0,
+        "seconds": time.time() - t0,
+        "out": str(out),
         **{k: str(v) for k, v in files.items()},
     }
     (Path(run_dir) / "demos.json").write_text(json.dumps(res, indent=2))
     return res
+
+
+demos = generate_transport_demos  # the name registered in envs/experts/__init__.py GENERATORS
 
 
 def _parse_seeds(spec: str) -> list[int]:
@@ -863,6 +872,3 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
-
-
-demos = generate_transport_demos  # the name registered in envs/experts/__init__.py GENERATORS
