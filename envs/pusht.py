@@ -485,7 +485,7 @@ def make_env(task_cfg, wrap: bool = True, **kwargs):
         raise ValueError(f"task env {env_name!r} is not Push-T: use the env's own make_env")
     obs_type = get("obs_type", "keypoints")
     max_steps = int(get("max_steps", MAX_STEPS))
-    image_shape = (get("obs_keys", None) or {}).get("image", None) if obs_type == "image" else None
+    image_shape = (get("obs_shapes", None) or {}).get("image", None) if obs_type == "image" else None
     if image_shape is not None and "render_size" not in kwargs:
         kwargs["render_size"] = int(list(image_shape)[-1])
     local_kps = get("local_keypoints", None)  # optional (9, 2) list, e.g. recovered from DP's official zarr
