@@ -156,7 +156,7 @@ def _worker_main(conn, task_cfg: dict, seeds: list[int], video_seeds: list[int],
             if msg == "close":
                 break
             if msg == "expert":
-                _worker_expert(conn, envs, expert_spec)
+                _worker_expert(conn, envs, expert_spec, dict(task_cfg.get("expert_kwargs") or {}))
             elif msg == "reset":
                 out = {}
                 for s, env in envs.items():
@@ -199,12 +199,12 @@ def _worker_main(conn, task_cfg: dict, seeds: list[int], video_seeds: list[int],
                 pass
 
 
-def _worker_expert(conn, envs: dict, expert_spec: str | None):
+def _worker_expert(conn, envs: dict, expert_spec: str | None, expert_kwargs: dict | None = None):
     for s, env in envs.items():
         t0 = time.perf_counter()
         try:
             cls = _import_attr(expert_spec)
-            expert = cls(s)
+            expert = cls(s, **(expert_kwargs or {}))  # e.g. action_noise=0.1 (eval expert_kwargs.action_noise=...)
             env.reset(seed=s)
             expert.reset(env)
             success, terminated = None, False
@@ -595,7 +595,9 @@ def eval_command(cfg, run_dir) -> dict:
         raise ValueError(f"policy={mode!r}: expected 'expert' or 'checkpoint'")
     if mode == "expert" and ckpt is not None:
         raise ValueError(f"policy=expert with checkpoint={ckpt!r}: drop one of them")
-    task_cfg = _cfg_get(cfg, "task")
+    task_cfg = _to_plain(_cfg_get(cfg, "task"))
+    if _cfg_get(cfg, "expert_kwargs"):
+        task_cfg = {**task_cfg, "expert_kwargs": _to_plain(_cfg_get(cfg, "expert_kwargs"))}
     policy = None
     if mode == "checkpoint":
         if ckpt is None:
