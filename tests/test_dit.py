@@ -10,13 +10,6 @@ from shortcut_policy.nets.dit import DiT, count_params, dit_preset, sincos_pos_e
 
 LOGVAR_PARAMS = 256  # the reference's unused logvars Embed(256, 1); omitted here
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: on the shared 2-core machine, 2 threads per process are several times slower under load."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 

@@ -17,13 +17,6 @@ from shortcut_policy.eval.fid import (
     save_stats,
 )
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: on the shared 2-core machine, 2 threads per process are several times slower under load."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 

@@ -13,13 +13,6 @@ from PIL import Image
 
 from shortcut_policy.cli import run_verb
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: on the shared 2-core machine, 2 threads per process are several times slower under load."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 

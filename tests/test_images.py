@@ -9,13 +9,6 @@ from PIL import Image
 from shortcut_policy.datasets.images import DigitsDataset, ImageFolderDataset, center_crop_resize, make_grid
 from shortcut_policy.datasets.latents import LatentDataset, decode, encode, encode_dataset, load_vae
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: on the shared 2-core machine, 2 threads per process are several times slower under load."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 
