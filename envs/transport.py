@@ -112,16 +112,7 @@ def default_env_meta(abs_action: bool = False) -> dict:
     return meta
 
 
-def _as_plain(x):
-    """OmegaConf containers -> plain python (dict / list)."""
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(x, (DictConfig, ListConfig)):
-            return OmegaConf.to_container(x, resolve=True)
-    except ImportError:  # pragma: no cover
-        pass
-    return copy.deepcopy(x)
+from shortcut_policy.utils import to_plain as _as_plain  # noqa: E402
 
 
 def _is_old_part_config(cfg: Mapping) -> bool:

@@ -57,15 +57,7 @@ def _cfg_get(cfg, key, default=None):
     return default if v is None else v
 
 
-def _to_plain(cfg):
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(cfg, (DictConfig, ListConfig)):
-            return OmegaConf.to_container(cfg, resolve=True)
-    except ImportError:  # pragma: no cover
-        pass
-    return cfg
+from shortcut_policy.utils import to_plain as _to_plain  # noqa: E402
 
 
 def check_int(name: str, value, minimum: int | None = None) -> int:

@@ -19,6 +19,7 @@ from torch import nn
 from .nets import build_net
 from .nets.obs_encoders import ObsEncoder
 from .objectives import Diffusion, build_objective
+from .utils import to_plain
 
 
 def _shape_str(s):
@@ -111,15 +112,9 @@ class Policy(nn.Module):
 
 
 # -------------------------------------------------------------------------------------------------------------
-def _plain(cfg):
-    from omegaconf import DictConfig, ListConfig, OmegaConf
-
-    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, (DictConfig, ListConfig)) else cfg
-
-
 def build_policy(cfg, normalizer) -> Policy:
     """Policy from a resolved config (task, net, objective) and a fitted (or empty, to load into) normaliser."""
-    task = _plain(cfg["task"])
+    task = to_plain(cfg["task"])
     enc_cfg = task.get("encoder", {}) or {}
     encoder = ObsEncoder(task["obs_shapes"], task.get("lowdim_keys", []), task.get("image_keys", []),
                          task["n_obs_steps"], crop_shape=task.get("crop_shape"), feature_dim=enc_cfg.get("feature_dim", 64),
@@ -136,7 +131,7 @@ def build_policy(cfg, normalizer) -> Policy:
 def build_dataset(cfg, split: str = "train"):
     from .datasets.zarr_dataset import SequenceDataset
 
-    task = _plain(cfg["task"])
+    task = to_plain(cfg["task"])
     dcfg = dict(task["dataset"])
     path = Path(dcfg.pop("zarr_path"))
     if not path.exists():
@@ -176,8 +171,8 @@ def build_policy_training(cfg, run_dir):
     tcfg = cfg["train"]
     evaluator = None
     if int(tcfg.get("eval_every") or 0) > 0:
-        ev = _plain(cfg["task"]).get("eval", {})
-        evaluator = RolloutEvaluator(_plain(cfg["task"]), int(tcfg.get("eval_episodes", ev.get("n_episodes", 50))),
+        ev = to_plain(cfg["task"]).get("eval", {})
+        evaluator = RolloutEvaluator(to_plain(cfg["task"]), int(tcfg.get("eval_episodes", ev.get("n_episodes", 50))),
                                      int(ev.get("seed_start", 100000)), steps=int(tcfg.get("eval_steps", 1)),
                                      run_dir=run_dir, n_workers=ev.get("n_workers"))
     return policy, train_ds, val_ds, evaluator
