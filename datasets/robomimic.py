@@ -237,6 +237,41 @@ def robomimic_to_replay_buffer(
     return rb
 
 
+def env_meta_action_mode(env_meta: Mapping) -> str | None:
+    """"delta" / "absolute" from an env_meta's controller config (old flat ``control_delta`` or robosuite 1.5's
+    composite ``body_parts.<arm>.input_type``); None when the config does not say."""
+    cc = (env_meta.get("env_kwargs") or {}).get("controller_configs") or {}
+    if "control_delta" in cc:
+        return "delta" if cc["control_delta"] else "absolute"
+    for part in (cc.get("body_parts") or {}).values():
+        if isinstance(part, Mapping) and "input_type" in part:
+            return "delta" if part["input_type"] == "delta" else "absolute"
+    return None
+
+
+def replay_buffer_from_hdf5(path, obs_keys: Mapping[str, Sequence[str] | str], abs_action: bool,
+                            image_keys: Sequence[str] = (), filter_key: str | None = None):
+    """The in-memory ReplayBuffer a task's dataset block needs, read straight from a robomimic hdf5 (official layout,
+    as ``task.dataset.hdf5_path``): every hdf5 obs key named by the ``obs_keys`` source specs (``"object"``,
+    ``"robot0_eef_pos[:2]"``) is copied under its own name, actions go to ``action`` (axis-angle -> rot6d with
+    ``abs_action``). The file's ``env_args`` must be readable (the evaluation env is created from it), and its
+    controller must match ``abs_action``."""
+    from shortcut_policy.datasets.zarr_dataset import _as_list, parse_source
+
+    meta = read_env_meta(path)  # clear error when env_args is missing
+    mode = env_meta_action_mode(meta)
+    want = "absolute" if abs_action else "delta"
+    if mode is not None and mode != want:
+        raise ValueError(f"{path}: env_args has {mode} actions but the task has abs_action={bool(abs_action)} "
+                         f"(expects {want}); use the matching file (low_dim.hdf5 = delta, low_dim_abs.hdf5 = absolute) "
+                         "or set task.abs_action and task.action_dim to match")
+    keys = list(dict.fromkeys(parse_source(s)[0] for v in obs_keys.values() for s in _as_list(v)))
+    keys += [k for k in image_keys if k not in keys]
+    rb = robomimic_to_replay_buffer(path, keys, abs_action=abs_action, action_dim=None, filter_key=filter_key)
+    rb._source = str(path)
+    return rb
+
+
 # ---------------------------------------------------------------------------------------------- writing
 class RobomimicHdf5Writer:
     """Write a robomimic hdf5 in the official layout. Written to a temporary file next to ``path`` and renamed

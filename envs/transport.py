@@ -374,8 +374,11 @@ class TransportEnv(gym.Env):
 
 
 def env_meta_from_task_cfg(task_cfg) -> dict | None:
-    """env_meta from a task config: ``env_meta_path`` (a robomimic hdf5) wins over the inline ``env_meta``."""
+    """env_meta from a task config: ``env_meta_path`` (a robomimic hdf5), else the training hdf5
+    (``dataset.hdf5_path``), else the inline ``env_meta``."""
     path = task_cfg.get("env_meta_path", None) if hasattr(task_cfg, "get") else None
+    if not path and hasattr(task_cfg, "get"):  # trained from a robomimic hdf5: its env_args define the env (as DP)
+        path = (task_cfg.get("dataset", None) or {}).get("hdf5_path", None)
     if path:
         from shortcut_policy.datasets.robomimic import read_env_meta
 

@@ -133,11 +133,21 @@ def build_dataset(cfg, split: str = "train"):
 
     task = to_plain(cfg["task"])
     dcfg = dict(task["dataset"])
-    path = Path(dcfg.pop("zarr_path"))
-    if not path.exists():
-        raise FileNotFoundError(f"task.dataset.zarr_path={str(path)!r}: no such dataset. Generate demonstrations with "
-                                f"`shortcut-policy demos task={task.get('env', '?')} out={path}` or point zarr_path at a file")
-    ds = SequenceDataset(path, horizon=task["horizon"], n_obs_steps=task["n_obs_steps"],
+    hdf5 = dcfg.pop("hdf5_path", None)
+    filter_key = dcfg.pop("hdf5_filter_key", None)
+    zarr_path = dcfg.pop("zarr_path", None)
+    path = Path(hdf5 or zarr_path or "")
+    if not (hdf5 or zarr_path) or not path.exists():
+        key = "hdf5_path" if hdf5 else "zarr_path"
+        raise FileNotFoundError(f"task.dataset.{key}={str(path)!r}: no such dataset. Generate demonstrations with "
+                                f"`shortcut-policy demos task={task.get('env', '?')} out=...` or point {key} at a file")
+    source = {"zarr_path": path}
+    if hdf5:  # a robomimic hdf5 (official layout) read directly, no conversion by hand
+        from .datasets.robomimic import replay_buffer_from_hdf5
+
+        source = {"replay_buffer": replay_buffer_from_hdf5(path, dcfg["obs_keys"], bool(task.get("abs_action", False)),
+                                                           dcfg.get("image_keys", ()), filter_key)}
+    ds = SequenceDataset(**source, horizon=task["horizon"], n_obs_steps=task["n_obs_steps"],
                          n_action_steps=task["n_action_steps"], split=split, **dcfg)
     shapes = {k: tuple(v) for k, v in ds.obs_shapes.items()}
     want = {k: tuple(v) for k, v in task["obs_shapes"].items()}

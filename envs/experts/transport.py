@@ -743,6 +743,9 @@ def generate_transport_demos(cfg, run_dir) -> dict:
     noise = float(get("expert.action_noise", get("action_noise", 0.0)))
     n_workers = int(get("workers", None) or get("n_workers", None) or 2)
     seed_start = int(get("seed", get("seed_start", 0)))
+    # robosuite's lite_physics only drops redundant mj_forward calls: measured bit-identical observations and
+    # ~1.5x faster (docs/results/transport.md), so demonstrations are recorded with it unless told otherwise.
+    lite = bool(get("lite_physics", get("task.lite_physics", True)))
     obs_type = str(get("obs_type", None) or get("task.obs_type", "lowdim"))
     if obs_type not in ("lowdim", "image"):
         raise ValueError(f"demos task=transport: obs_type={obs_type!r}, expected lowdim or image")
@@ -780,7 +783,7 @@ def generate_transport_demos(cfg, run_dir) -> dict:
                 if s is None:
                     return False
                 tried += 1
-                pending.append(pool.apply_async(_episode_worker, ((s, noise, 700, True, image_keys, 10),)))
+                pending.append(pool.apply_async(_episode_worker, ((s, noise, 700, True, image_keys, 10, lite),)))
                 return True
 
             for _ in range(min(n_workers * 2, n_eps)):
