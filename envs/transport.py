@@ -19,7 +19,8 @@ Observations are dicts (gymnasium ``spaces.Dict``):
 Actions: delta (14) = 2 x [dpos 3, drot axis-angle 3, gripper 1] in [-1, 1]; absolute (20) = 2 x [pos 3, rot6d 6,
 gripper 1] (world frame, Diffusion Policy's ``abs_action``), converted to axis-angle for robosuite's absolute OSC.
 
-Episodes never terminate (robomimic sets ``ignore_done``); ``truncated`` is set after ``max_episode_steps``
+Episodes never terminate (robomimic sets ``ignore_done``) unless ``terminate_on_success`` (then at the first
+success: the score is the max reward either way); ``truncated`` is set after ``max_episode_steps``
 (700). ``reward`` is the env's sparse reward, ``info["success"]`` its ``_check_success()``.
 Seeding follows Diffusion Policy: ``np.random.seed(seed)`` right before robosuite's ``reset()``; robosuite's
 placement samplers, robot init noise and the hammer's size all draw from numpy's global RNG.
@@ -211,6 +212,7 @@ class TransportEnv(gym.Env):
         image_size: int | None = None,
         hard_reset: bool | None = None,
         lite_physics: bool | None = None,
+        terminate_on_success: bool = False,
         source: str = "env_meta",
     ):
         os.environ.setdefault("MUJOCO_GL", "egl")
@@ -258,6 +260,7 @@ class TransportEnv(gym.Env):
         self.render_size = tuple(render_size)
         self.enable_render = enable_render
         self.max_episode_steps = int(max_episode_steps)
+        self.terminate_on_success = bool(terminate_on_success)
         self._step = 0
         self._last_raw = None
 
@@ -352,7 +355,10 @@ class TransportEnv(gym.Env):
         success = bool(self.env._check_success())
         truncated = self._step >= self.max_episode_steps
         info = {"success": success, "step": self._step}
-        return self._convert_obs(raw), float(reward), False, truncated, info
+        # terminate_on_success (evaluation speed): the score is the episode's max reward, so ending at the first
+        # success changes no result; robomimic's own env (ignore_done) runs on to the step limit
+        terminated = success and self.terminate_on_success
+        return self._convert_obs(raw), float(reward), terminated, truncated and not terminated, info
 
     def render(self, camera: str | None = None, size: tuple[int, int] | None = None) -> np.ndarray:
         """RGB frame (H, W, 3) uint8 from an offscreen MuJoCo render (for videos)."""
@@ -413,6 +419,8 @@ def make_env(task_cfg, wrap: bool = True, render: bool = True, **overrides):
         kwargs["hard_reset"] = bool(get("hard_reset"))
     if get("lite_physics", None) is not None:
         kwargs["lite_physics"] = bool(get("lite_physics"))
+    if get("terminate_on_success", None) is not None:
+        kwargs["terminate_on_success"] = bool(get("terminate_on_success"))
     kwargs.update(overrides)
     env = TransportEnv(**kwargs)
     if not wrap:

@@ -147,6 +147,21 @@ def test_seeded_reset_is_deterministic(delta_env):
     np.testing.assert_allclose(env._convert_obs(env._last_raw)["obs"], a["obs"], atol=1e-6)
 
 
+def test_terminate_on_success_only_when_asked():
+    for flag in (False, True):
+        env = T.TransportEnv(obs_keys=["robot0_eef_pos"], max_episode_steps=5, enable_render=False,
+                             terminate_on_success=flag)
+        try:
+            env.reset(seed=0)
+            _, _, term, trunc, info = env.step(np.zeros(14))
+            assert not term and not trunc and info["success"] is False  # the start state is not a success
+            env.env._check_success = lambda: True  # the task's success predicate now holds
+            _, _, term, trunc, info = env.step(np.zeros(14))
+            assert info["success"] is True and term is flag and not trunc
+        finally:
+            env.close()
+
+
 def test_truncation_after_max_steps():
     env = T.TransportEnv(obs_keys=["robot0_eef_pos"], max_episode_steps=3, enable_render=False)
     try:
