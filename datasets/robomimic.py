@@ -393,6 +393,9 @@ class RobomimicHdf5Writer:
             for k, names in masks.items():
                 mg.create_dataset(k, data=np.array([str(n).encode() for n in names], dtype="S"))
         self._f.close()
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(self._tmp, 0o666 & ~umask)  # mkstemp creates 0600: give the file the usual permissions
         os.replace(self._tmp, self.path)
         self._closed = True
         return self.path

@@ -95,6 +95,23 @@ def test_sim_robot_steps_on_the_clock_and_latches_timed_commands():
         r.get_observation()
 
 
+def test_sim_robot_auto_reset_keeps_running_and_records_episodes():
+    now = [0.0]
+    r = SimRobot(make_env({**TASK, "max_steps": 5}, wrap=False), 10.0, n_obs_steps=2, clock=lambda: now[0],
+                 auto_reset=True)
+    r.start(seed=100000)
+    first = r.get_observation()["obs"][-1].copy()
+    r.send_action(first[-2:] + 30.0, t_exec=0.0)
+    now[0] = 0.71                                          # 7 ticks: the 5-step episode ends, a new one starts
+    obs = r.get_observation()
+    assert not r.done and r.n_env_steps == 7
+    assert [(e["seed"], e["env_steps"]) for e in r.episodes] == [(100000, 5)]
+    assert r.info()["episodes"] == r.episodes and r.info()["n_env_steps"] == 7
+    # the new episode started from seed 100001's initial state: the T block is elsewhere
+    assert not np.allclose(obs["obs"][-1, :18], first[:18])
+    r.close()
+
+
 # --- control loop on the real Push-T sim ------------------------------------------------------------------------
 @pytest.mark.parametrize("mode", ["sync", "async"])
 def test_loop_runs_chunks_in_both_modes(policy, mode):

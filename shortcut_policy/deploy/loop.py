@@ -15,6 +15,7 @@ up a burst of skipped ticks. ``close()`` is always called on the robot (normal e
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
@@ -365,7 +366,7 @@ def deploy_command(cfg, run_dir) -> dict:
     mode, steps, n_steps = str(cfg.mode), int(cfg.steps), int(cfg.n_steps)
     if task.get("control_hz") and abs(float(task["control_hz"]) - hz) > 1e-9:
         print(f"warning: the policy was trained at {task['control_hz']} Hz, deploying at {hz:g} Hz", file=sys.stderr)
-    robot = make_sim_robot(robot_cfg, n_obs_steps=policy.n_obs_steps, hz=hz)
+    robot = make_sim_robot(robot_cfg, n_obs_steps=policy.n_obs_steps, hz=hz, auto_reset=bool(cfg.get("auto_reset", False)))
     try:
         # 1. spec check before anything moves
         check_spec(task["obs_shapes"], task["action_dim"], robot.obs_shapes, robot.action_dim,
@@ -396,11 +397,23 @@ def deploy_command(cfg, run_dir) -> dict:
                        rt_priority=int(cfg.get("rt_priority") or 0),
                        status=_status_printer() if cfg.get("status", True) else None)
     stats = loop.run(n_steps, seed=int(cfg.seed))
+    # per-cycle timeline (ms) for diagnosing stalls: jitter and work time per cycle, latency per inference
+    timeline = {"jitter_ms": [1e3 * v for v in stats.jitter_s], "cycle_ms": [1e3 * v for v in stats.busy_s],
+                "inference_ms": [1e3 * v for v in stats.inference_s]}
+    from pathlib import Path as _Path
+
+    (_Path(run_dir) / "timeline.json").write_text(json.dumps(timeline))
     info = robot.info()
+    episodes = info.get("episodes") or []
+    if episodes:  # auto_reset: score over the finished episodes (the unfinished last one is left out)
+        info["max_reward"] = float(np.mean([e["max_reward"] for e in episodes]))
+        info["success"] = float(np.mean([e["success"] for e in episodes]))
     res = stats.summary()
     res.update({"steps": steps, "checkpoint": str(cfg.checkpoint), "objective": type(policy.objective).__name__,
                 "warmup_latency_ms": 1e3 * lat, "sustainable_hz": rate, "can_sustain": ok,
-                "mean_score": float(info.get("max_reward", 0.0)), "success": bool(info.get("success", False)),
+                "mean_score": float(info.get("max_reward", 0.0)),
+                "success": float(info["success"]) if episodes else bool(info.get("success", False)),
+                "episodes": len(episodes) if episodes else 1,
                 "env_steps": int(info.get("n_env_steps", 0)), "late_commands": int(info.get("late_commands", 0)),
                 "seed": int(cfg.seed), "rt_priority": int(cfg.get("rt_priority") or 0) if loop.rt_applied else 0,
                 "load_avg_1min": os.getloadavg()[0]})

@@ -22,7 +22,9 @@ from .robot import TIMESTAMP_KEY
 
 class SimRobot:
     def __init__(self, env, control_hz: float, n_obs_steps: int = 2, latch_s: float | None = None,
-                 clock=time.perf_counter, name: str = "sim"):
+                 clock=time.perf_counter, name: str = "sim", auto_reset: bool = False):
+        """``auto_reset``: when an episode ends the env is reset at once (next seed) and the robot keeps running,
+        like a cell whose operator resets the scene; finished episodes are listed in ``info()["episodes"]``."""
         if control_hz <= 0:
             raise ValueError(f"control_hz={control_hz}: expected > 0")
         if n_obs_steps < 1:
@@ -48,6 +50,9 @@ class SimRobot:
         self._terminated = self._truncated = False
         self._last_info: dict = {}
         self.closed = False
+        self.auto_reset = bool(auto_reset)
+        self.episodes: list[dict] = []  # finished episodes (auto_reset): seed, max_reward, success, env_steps
+        self._seed = None
 
     # -- lifecycle -----------------------------------------------------------------------------------------------
     def start(self, seed: int | None = None) -> float:
@@ -55,6 +60,7 @@ class SimRobot:
             raise RuntimeError(f"{self.name}: start() after close()")
         obs, info = self.env.reset(seed=seed)
         self._last_info = info
+        self._seed, self._ep_start_step, self.episodes = seed, 0, []
         self.t0 = self.clock()
         self.ticks = 0
         self.n_env_steps = 0
@@ -108,11 +114,27 @@ class SimRobot:
                 self._terminated |= bool(terminated)
                 self._truncated = (self._truncated or bool(truncated)) and not self._terminated
                 self._last_info = info
+                if self.done and self.auto_reset:
+                    obs = self._next_episode()
             else:
                 obs = self._hist[-1][1]
             self._hist.append((stamp, obs))
             n += 1
         return n
+
+    def _next_episode(self):
+        """auto_reset: record the finished episode, reset the env with the next seed, keep the clock running."""
+        r = self.rewards[self._ep_start_step:]
+        self.episodes.append({"seed": self._seed, "max_reward": max(r) if r else 0.0,
+                              "success": bool(self._last_info.get("success", self._terminated)),
+                              "env_steps": len(r)})
+        self._seed = None if self._seed is None else int(self._seed) + 1
+        obs, info = self.env.reset(seed=self._seed)
+        self._last_info = info
+        self._terminated = self._truncated = False
+        self._ep_start_step = len(self.rewards)
+        self._cmds = []  # commands planned in the old episode are not replayed in the new one
+        return obs
 
     # -- protocol ------------------------------------------------------------------------------------------------
     def get_observation(self) -> dict:
@@ -136,17 +158,18 @@ class SimRobot:
         self.n_commands += 1
 
     def info(self) -> dict:
-        r = self.rewards
+        r = self.rewards[self._ep_start_step:] if self.t0 is not None else self.rewards
         out = {"reward": r[-1] if r else 0.0, "max_reward": max(r) if r else 0.0, "n_env_steps": self.n_env_steps,
                "ticks": self.ticks, "terminated": self._terminated, "truncated": self._truncated,
-               "late_commands": self.n_late_commands}
+               "late_commands": self.n_late_commands, "episodes": list(self.episodes)}
         for k in ("success", "coverage"):
             if k in self._last_info:
                 out[k] = self._last_info[k]
         return out
 
 
-def make_sim_robot(robot_cfg, n_obs_steps: int, hz: float | None = None, latch_s: float | None = None) -> SimRobot:
+def make_sim_robot(robot_cfg, n_obs_steps: int, hz: float | None = None, latch_s: float | None = None,
+                   auto_reset: bool = False) -> SimRobot:
     """SimRobot from a robot config (configs/robot/sim_*.yaml): ``env`` pusht | transport plus the env's task fields."""
     cfg = dict(robot_cfg)
     env_name = cfg.get("env", "pusht")
@@ -158,4 +181,5 @@ def make_sim_robot(robot_cfg, n_obs_steps: int, hz: float | None = None, latch_s
         raise ValueError(f"robot env {env_name!r}: expected pusht | transport")
     env = make_env(cfg, wrap=False)
     rate = float(hz or cfg.get("control_hz", 10))
-    return SimRobot(env, rate, n_obs_steps=n_obs_steps, latch_s=latch_s, name=cfg.get("name", f"sim_{env_name}"))
+    return SimRobot(env, rate, n_obs_steps=n_obs_steps, latch_s=latch_s, name=cfg.get("name", f"sim_{env_name}"),
+                    auto_reset=auto_reset)
