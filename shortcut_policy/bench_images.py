@@ -216,7 +216,9 @@ def run_bench_images(cfg, run_dir) -> dict:
         f_train, f_test = clf.features(train.x).numpy(), clf.features(test.x).numpy()
     result: dict = {"classifier_test_acc": clf_acc,
                     "fid@real_test": frechet_distance(*feature_statistics(f_test), *feature_statistics(f_train))}
-    objs = list(s["objectives"].items())
+    objs = [(n, o) for n, o in s["objectives"].items() if o]  # an objective set to null is skipped
+    if not objs:
+        raise ValueError("bench images: every objective in images.objectives is null; expected at least one")
     if s.get("parallel", True) and len(objs) > 1:
         # one process per objective, one thread each: small matrices use 2 cores better this way than 2 threads
         import torch.multiprocessing as mp
