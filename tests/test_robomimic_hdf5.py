@@ -157,6 +157,7 @@ def test_zarr_feeds_sequence_dataset_with_task_config(tmp_path):
     task = OmegaConf.load(CONFIGS / "transport_lowdim.yaml")
     d = OmegaConf.to_container(task.dataset, resolve=True)
     d["zarr_path"] = str(out)
+    assert d.pop("hdf5_path") is None and d.pop("hdf5_filter_key") is None  # read by policy.build_dataset only
     ds = SequenceDataset(horizon=task.horizon, n_obs_steps=task.n_obs_steps, n_action_steps=task.n_action_steps,
                          **{k: v for k, v in d.items()})
     s = ds[0]
