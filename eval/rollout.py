@@ -490,9 +490,11 @@ def _save_videos(rows: list[dict], run_dir: Path, fps: int) -> list[str]:
 
 def evaluate(task_cfg, policy=None, steps_list=(1,), n_episodes: int = 50, seed_start: int = 100000,
              n_workers: int | None = None, n_videos: int = 0, run_dir=None, expert_spec: str | None = None,
-             timeout: float = 600.0, progress: bool = True) -> dict:
+             timeout: float = 600.0, progress: bool = True, envs_per_worker: int | None = None) -> dict:
     """Programmatic entry (also for trainers): ``policy=None`` evaluates the scripted expert. Returns the
-    RESULT dict; writes per-seed tables, videos and the plot into ``run_dir`` when given."""
+    RESULT dict; writes per-seed tables, videos and the plot into ``run_dir`` when given.
+    ``envs_per_worker`` caps the envs alive per worker: the seeds then run in waves of ``n_workers x
+    envs_per_worker`` (a Transport env holds ~1 GB, so 25 per worker exhaust the memory); null = all at once."""
     task_cfg = _to_plain(task_cfg)
     n_episodes = check_int("n_episodes", n_episodes, 1)
     seed_start = check_int("seed_start", seed_start, 0)
@@ -501,12 +503,18 @@ def evaluate(task_cfg, policy=None, steps_list=(1,), n_episodes: int = 50, seed_
     n_workers = min(n_workers, n_episodes)
     seeds = list(range(seed_start, seed_start + n_episodes))
     video_seeds = seeds[:n_videos]
+    if envs_per_worker is None:
+        waves = [seeds]
+    else:
+        per_wave = n_workers * check_int("envs_per_worker", envs_per_worker, 1)
+        waves = [seeds[i : i + per_wave] for i in range(0, len(seeds), per_wave)]
     t0 = time.perf_counter()
     all_rows: list[dict] = []
     if policy is None:
         steps_list = [1]
-        all_rows += run_expert(task_cfg, seeds, n_workers, video_seeds, expert_spec, episode_timeout=timeout,
-                               progress=progress)
+        for wave in waves:
+            all_rows += run_expert(task_cfg, wave, n_workers, video_seeds, expert_spec, episode_timeout=timeout,
+                                   progress=progress)
     else:
         from shortcut_policy.conventions import check_steps
 
@@ -515,8 +523,9 @@ def evaluate(task_cfg, policy=None, steps_list=(1,), n_episodes: int = 50, seed_
         steps_list = [check(s) for s in steps_list]
         for n in steps_list:
             _seed_policy_rng(seed_start)  # same sampling noise stream for every budget: reproducible evals
-            all_rows += run_policy(policy, task_cfg, seeds, n_workers, n, video_seeds, step_timeout=timeout,
-                                   progress=progress)
+            for wave in waves:
+                all_rows += run_policy(policy, task_cfg, wave, n_workers, n, video_seeds, step_timeout=timeout,
+                                       progress=progress)
     result: dict = {"n_episodes": n_episodes, "seed_start": seed_start, "steps": list(steps_list),
                     "policy": "expert" if policy is None else "checkpoint", "workers": n_workers}
     for n in steps_list:
@@ -617,7 +626,8 @@ def eval_command(cfg, run_dir) -> dict:
     steps = list(steps) if isinstance(_to_plain(steps), (list, tuple)) else [steps]
     return evaluate(task_cfg, policy=policy, steps_list=steps, n_episodes=n_episodes, seed_start=seed_start,
                     n_workers=workers, n_videos=n_videos, run_dir=run_dir, expert_spec=_cfg_get(cfg, "expert"),
-                    timeout=float(_cfg_get(cfg, "timeout_s", 600.0)), progress=bool(_cfg_get(cfg, "progress", True)))
+                    timeout=float(_cfg_get(cfg, "timeout_s", 600.0)), progress=bool(_cfg_get(cfg, "progress", True)),
+                    envs_per_worker=_cfg_get(cfg, "envs_per_worker", _cfg_get(tev, "envs_per_worker", None)))
 
 
 __all__ = ["evaluate", "eval_command", "make_env", "run_expert", "run_policy", "check_int", "ENV_MODULES", "EXPERTS"]

@@ -169,7 +169,8 @@ class RolloutEvaluator:
         from .eval.rollout import evaluate
 
         res = evaluate(self.task_cfg, policy=policy, steps_list=[self.steps], n_episodes=self.n_episodes,
-                       seed_start=self.seed_start, n_workers=self.n_workers, progress=False)
+                       seed_start=self.seed_start, n_workers=self.n_workers, progress=False,
+                       envs_per_worker=(self.task_cfg.get("eval") or {}).get("envs_per_worker"))
         n = self.steps
         return {"test_mean_score": res[f"mean_score@{n}"], "test_success_rate": res[f"success_rate@{n}"]}
 

@@ -92,6 +92,22 @@ def test_learned_policy_protocol(tmp_path):
         evaluate(task, policy=pol, steps_list=[3], n_episodes=1, progress=False)
 
 
+def test_envs_per_worker_runs_seeds_in_waves_with_the_same_results(tmp_path):
+    task = dict(TASK, max_steps=24)
+    at_once = evaluate(task, policy=ChasePolicy(), n_episodes=3, seed_start=100000, n_workers=1, progress=False,
+                       run_dir=tmp_path / "a")
+    pol = ChasePolicy()
+    waves = evaluate(task, policy=pol, n_episodes=3, seed_start=100000, n_workers=1, progress=False,
+                     envs_per_worker=1, run_dir=tmp_path / "b")
+    assert {c[0][0] for c in pol.calls} == {1}  # one env alive at a time: the policy sees batches of 1
+    rows_a = json.loads((tmp_path / "a" / "per_seed.json").read_text())
+    rows_b = json.loads((tmp_path / "b" / "per_seed.json").read_text())
+    assert [(r["seed"], r["max_reward"]) for r in rows_b] == [(r["seed"], r["max_reward"]) for r in rows_a]
+    assert waves["mean_score@1"] == pytest.approx(at_once["mean_score@1"])
+    with pytest.raises(ValueError, match="envs_per_worker"):
+        evaluate(task, policy=pol, n_episodes=2, envs_per_worker=0, progress=False)
+
+
 def test_crashed_worker_is_reported_with_its_seed():
     task = dict(TASK, max_steps=5)
     t0 = time.time()
