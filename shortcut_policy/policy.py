@@ -161,16 +161,17 @@ def build_dataset(cfg, split: str = "train"):
 class RolloutEvaluator:
     """Periodic rollout evaluation during training (EMA weights, `steps` sampling steps)."""
 
-    def __init__(self, task_cfg, n_episodes: int, seed_start: int, steps: int = 1, run_dir=None, n_workers=None):
+    def __init__(self, task_cfg, n_episodes: int, seed_start: int, steps: int = 1, run_dir=None, n_workers=None,
+                 envs_per_worker=None):
         self.task_cfg, self.n_episodes, self.seed_start, self.steps = task_cfg, n_episodes, seed_start, steps
-        self.run_dir, self.n_workers = run_dir, n_workers
+        self.run_dir, self.n_workers, self.envs_per_worker = run_dir, n_workers, envs_per_worker
 
     def __call__(self, policy, step: int) -> dict:
         from .eval.rollout import evaluate
 
         res = evaluate(self.task_cfg, policy=policy, steps_list=[self.steps], n_episodes=self.n_episodes,
                        seed_start=self.seed_start, n_workers=self.n_workers, progress=False,
-                       envs_per_worker=(self.task_cfg.get("eval") or {}).get("envs_per_worker"))
+                       envs_per_worker=self.envs_per_worker)
         n = self.steps
         return {"test_mean_score": res[f"mean_score@{n}"], "test_success_rate": res[f"success_rate@{n}"]}
 
@@ -185,7 +186,8 @@ def build_policy_training(cfg, run_dir):
         ev = to_plain(cfg["task"]).get("eval", {})
         evaluator = RolloutEvaluator(to_plain(cfg["task"]), int(tcfg.get("eval_episodes", ev.get("n_episodes", 50))),
                                      int(ev.get("seed_start", 100000)), steps=int(tcfg.get("eval_steps", 1)),
-                                     run_dir=run_dir, n_workers=ev.get("n_workers"))
+                                     run_dir=run_dir, n_workers=ev.get("n_workers"),
+                                     envs_per_worker=ev.get("envs_per_worker"))
     return policy, train_ds, val_ds, evaluator
 
 

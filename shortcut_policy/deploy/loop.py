@@ -22,6 +22,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -400,20 +401,18 @@ def deploy_command(cfg, run_dir) -> dict:
     # per-cycle timeline (ms) for diagnosing stalls: jitter and work time per cycle, latency per inference
     timeline = {"jitter_ms": [1e3 * v for v in stats.jitter_s], "cycle_ms": [1e3 * v for v in stats.busy_s],
                 "inference_ms": [1e3 * v for v in stats.inference_s]}
-    from pathlib import Path as _Path
-
-    (_Path(run_dir) / "timeline.json").write_text(json.dumps(timeline))
+    (Path(run_dir) / "timeline.json").write_text(json.dumps(timeline))
     info = robot.info()
     episodes = info.get("episodes") or []
     if episodes:  # auto_reset: score over the finished episodes (the unfinished last one is left out)
-        info["max_reward"] = float(np.mean([e["max_reward"] for e in episodes]))
-        info["success"] = float(np.mean([e["success"] for e in episodes]))
+        score = float(np.mean([e["max_reward"] for e in episodes]))
+        success = float(np.mean([e["success"] for e in episodes]))
+    else:
+        score, success = float(info.get("max_reward", 0.0)), bool(info.get("success", False))
     res = stats.summary()
     res.update({"steps": steps, "checkpoint": str(cfg.checkpoint), "objective": type(policy.objective).__name__,
                 "warmup_latency_ms": 1e3 * lat, "sustainable_hz": rate, "can_sustain": ok,
-                "mean_score": float(info.get("max_reward", 0.0)),
-                "success": float(info["success"]) if episodes else bool(info.get("success", False)),
-                "episodes": len(episodes) if episodes else 1,
+                "mean_score": score, "success": success, "episodes": max(len(episodes), 1),
                 "env_steps": int(info.get("n_env_steps", 0)), "late_commands": int(info.get("late_commands", 0)),
                 "seed": int(cfg.seed), "rt_priority": int(cfg.get("rt_priority") or 0) if loop.rt_applied else 0,
                 "load_avg_1min": os.getloadavg()[0]})

@@ -53,6 +53,7 @@ class SimRobot:
         self.auto_reset = bool(auto_reset)
         self.episodes: list[dict] = []  # finished episodes (auto_reset): seed, max_reward, success, env_steps
         self._seed = None
+        self._ep_start_step = 0  # index into self.rewards where the current episode began
 
     # -- lifecycle -----------------------------------------------------------------------------------------------
     def start(self, seed: int | None = None) -> float:
@@ -158,7 +159,7 @@ class SimRobot:
         self.n_commands += 1
 
     def info(self) -> dict:
-        r = self.rewards[self._ep_start_step:] if self.t0 is not None else self.rewards
+        r = self.rewards[self._ep_start_step:]
         out = {"reward": r[-1] if r else 0.0, "max_reward": max(r) if r else 0.0, "n_env_steps": self.n_env_steps,
                "ticks": self.ticks, "terminated": self._terminated, "truncated": self._truncated,
                "late_commands": self.n_late_commands, "episodes": list(self.episodes)}
