@@ -31,6 +31,8 @@ DEFAULTS = {
     "batch_size": 128,
     "lr": 1.0e-3,
     "weight_decay": 0.1,
+    "lr_schedule": "constant",   # or "cosine" (decays to 0 over num_steps after warmup_steps)
+    "warmup_steps": 0,
     "ema": {"decay": 0.999, "warmup": "power", "power": 0.75, "inv_gamma": 1.0},
     "eval_model": "ema",
     "net": {"kind": "dit", "hidden_size": 96, "depth": 4, "num_heads": 4, "patch_size": 4, "mlp_ratio": 4.0},
@@ -147,7 +149,7 @@ def make_model_cfg(s: dict, objective: dict, run_seed: int):
         "net": s["net"], "objective": objective, "logger": {"kind": "none"},
         "train": {"seed": run_seed, "device": "cpu", "num_steps": s["num_steps"], "batch_size": s["batch_size"],
                   "lr": s["lr"], "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": s["weight_decay"],
-                  "lr_schedule": "constant", "warmup_steps": 0, "grad_clip": None, "ema": s["ema"],
+                  "lr_schedule": s["lr_schedule"], "warmup_steps": s["warmup_steps"], "grad_clip": None, "ema": s["ema"],
                   "eval_model": s["eval_model"], "log_every": 100, "eval_every": 0,
                   "checkpoint_every": 500, "topk": 0, "topk_key": "score", "resume": True, "num_workers": 0,
                   "amp": "auto", "max_minutes": None},

@@ -103,6 +103,26 @@ def test_missing_dataset_is_a_clear_error(tmp_path):
                                f"run_dir={tmp_path}/run"])
 
 
+def test_init_weights_starts_from_another_runs_weights(lowdim_ckpt, zarr_path, tmp_path):
+    src = torch.load(lowdim_ckpt, weights_only=False)
+    run = tmp_path / "ft"
+    res = cli.run_verb("train", ["task=pusht_lowdim", f"task.dataset.zarr_path={zarr_path}", *TINY, "train.num_steps=1",
+                                 "train.lr=1e-12", f"train.init_weights={lowdim_ckpt}", f"run_dir={run}"])
+    assert res["steps"] == 1  # a fresh step count and schedule
+    ck = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    # one step at a negligible learning rate: the weights are (to rounding) the source run's, not a new init
+    for k, v in src["model"].items():
+        if v.is_floating_point():
+            assert torch.allclose(ck["model"][k], v, atol=1e-6), k
+    assert ck["ema"]["step"] == src["ema"]["step"] + 1
+    with pytest.raises(ValueError, match="do not fit this run's network"):
+        cli.run_verb("train", ["task=pusht_lowdim", f"task.dataset.zarr_path={zarr_path}", *TINY, "net.down_dims=[8,16]",
+                               "train.num_steps=1", f"train.init_weights={lowdim_ckpt}", f"run_dir={tmp_path}/bad"])
+    with pytest.raises(FileNotFoundError, match="init_weights"):
+        cli.run_verb("train", ["task=pusht_lowdim", f"task.dataset.zarr_path={zarr_path}", *TINY, "train.num_steps=1",
+                               f"train.init_weights={tmp_path}/none.ckpt", f"run_dir={tmp_path}/bad2"])
+
+
 def test_killed_training_resumes_from_last_checkpoint(zarr_path, tmp_path):
     run = tmp_path / "run"
     args = [sys.executable, "-m", "shortcut_policy.cli", "train", "task=pusht_lowdim", f"task.dataset.zarr_path={zarr_path}",

@@ -127,6 +127,8 @@ class Trainer:
         self.best_metrics: dict = {}
         if self.tcfg.get("resume", True) and (self.ckpt_dir / "last.ckpt").exists():
             self.load(self.ckpt_dir / "last.ckpt")
+        elif self.tcfg.get("init_weights"):
+            self.init_weights(self.tcfg.init_weights)
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -170,6 +172,25 @@ class Trainer:
             random.setstate(rng["python"])
         if self.is_main:
             print(f"resumed from {path} at step {self.step}", flush=True)
+
+    def init_weights(self, path) -> None:
+        """Fine-tune / continue: online and EMA weights (normaliser included) from another run's checkpoint, with a
+        fresh optimiser, schedule and step count. Resuming this run's own last.ckpt takes precedence."""
+        path = Path(str(path))
+        if not path.is_file():
+            raise FileNotFoundError(f"train.init_weights={path}: no such checkpoint file")
+        ck = load_checkpoint(path, map_location=self.device)
+        for what, target, sd in (("model", self.model, ck.get("model")), ("ema", self.ema, ck.get("ema"))):
+            if sd is None:
+                raise KeyError(f"train.init_weights={path}: the checkpoint has no {what!r} entry")
+            try:
+                target.load_state_dict(sd)
+            except RuntimeError as e:
+                raise ValueError(f"train.init_weights={path}: its {what} weights do not fit this run's network "
+                                 f"(net / task config differ?): {str(e).splitlines()[0]}") from None
+        if self.is_main:
+            print(f"initialised weights from {path} (step {ck.get('step')}); optimiser and schedule start fresh",
+                  flush=True)
 
     def save_last(self, metrics=None) -> None:
         if self.is_main:
