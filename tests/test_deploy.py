@@ -210,7 +210,12 @@ def test_sustainable_rate():
     assert sustainable(0.05, "sync", 8, 10.0) == (True, pytest.approx(20.0))
     ok, rate = sustainable(0.5, "sync", 8, 10.0)
     assert not ok and rate == pytest.approx(2.0)
-    assert sustainable(0.5, "async", 8, 10.0)[0] and not sustainable(1.0, "async", 8, 10.0)[0]
+    # async, Ta = 8: a chunk arrives ceil(L/dt) ticks late and the next one needs as long again
+    assert sustainable(0.3, "async", 8, 10.0)[0]                 # 3 + 3 <= 8
+    ok, rate = sustainable(0.5, "async", 8, 10.0)                 # 5 + 5 > 8 (it is shorter than the chunk's 0.8 s)
+    assert not ok and rate == pytest.approx(8.0)                  # floor(8 / 2) / 0.5 s
+    assert sustainable(0.5, "async", 8, rate)[0]                  # and at that rate it fits exactly (4 + 4)
+    assert not sustainable(0.45, "async", 7, 10.0)[0] and sustainable(0.3, "async", 7, 10.0)[0]
 
 
 def test_deploy_verb_rejects_mismatched_robot_before_moving(ckpt, tmp_path):

@@ -323,10 +323,18 @@ def measure_latency(policy_fn, obs, n: int) -> list[float]:
 
 
 def sustainable(latency_s: float, mode: str, n_action_steps: int, hz: float) -> tuple[bool, float]:
-    """(ok, highest sustainable rate in Hz): sync needs latency <= one period, async latency <= the chunk duration."""
-    budget_ticks = 1 if mode == "sync" else n_action_steps
-    ok = latency_s <= budget_ticks / hz
-    return ok, budget_ticks / max(latency_s, 1e-9)
+    """(ok, highest sustainable rate in Hz) for an inference latency L at period dt = 1/hz.
+
+    sync: L <= dt. async: action k of a chunk is due k periods after its observation, so a chunk arrives with only
+    its actions k >= ceil(L/dt) still in the future; the next chunk (observed at the earliest ceil(L/dt) ticks later,
+    once the previous inference is done) must land before those run out: ceil(L/dt) + L/dt <= Ta. The highest rate
+    meeting that is floor(Ta/2)/L (with n = ceil(L/dt) the condition is L/dt <= min(n, Ta - n), largest at
+    n = floor(Ta/2))."""
+    if mode == "sync":
+        return latency_s <= 1.0 / hz, 1.0 / max(latency_s, 1e-9)
+    x = latency_s * hz  # latency in periods
+    ok = math.ceil(x - 1e-9) + x <= n_action_steps
+    return ok, (n_action_steps // 2) / max(latency_s, 1e-9)
 
 
 def make_policy_fn(policy, steps: int, seed: int | None = None):
