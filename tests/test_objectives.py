@@ -73,6 +73,10 @@ def test_level_allocation_stratified_and_small_batch_fallback():
         small = allocate_levels(4, 7, "reference")
     assert small.tolist() == [6, 5, 4, 3]
     assert sorted(set(allocate_levels(21, 7, "cycle").tolist())) == list(range(7))
+    # the reference's bootstrap_dt_bias=1 counts for 32 rows (shortcut-models.md): {6..2: 2 each, 1: 8, 0: 14}
+    assert torch.bincount(allocate_levels(32, 7, "dt_bias"), minlength=7).tolist() == [14, 8, 2, 2, 2, 2, 2]
+    with pytest.raises(ValueError, match="dt_bias"):
+        allocate_levels(32, 7, "nope")
 
 
 def test_flow_matching_rows_use_smallest_step_and_velocity_target():

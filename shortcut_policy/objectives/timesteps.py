@@ -27,6 +27,9 @@ def allocate_levels(n: int, log2_m: int = LOG2_M, mode: str = "reference") -> to
       (d = 1), exactly as the reference. For n < log2_m the reference gives every row level 0
       (its issue #11); we then fall back to `cycle` and warn.
     cycle: [log2_m-1, ..., 0, log2_m-1, ...] truncated to n (every level covered as soon as n >= log2_m).
+    dt_bias: the reference's ``bootstrap_dt_bias=1`` option, biased toward large steps: levels log2_m-1 ... 2 each
+      (n // 2) // log2_m times, then n // 4 rows at level 1 and the rest at level 0 (n = 32, log2_m = 7:
+      {6..2: 2 each, 1: 8, 0: 14}).
     """
     order = torch.arange(log2_m - 1, -1, -1)
     if mode == "reference" and n // log2_m == 0 and n > 0:
@@ -41,7 +44,14 @@ def allocate_levels(n: int, log2_m: int = LOG2_M, mode: str = "reference") -> to
         return torch.cat([reps, torch.zeros(n - reps.numel(), dtype=torch.long)])
     if mode == "cycle":
         return order.repeat(n // log2_m + 1)[:n]
-    raise ValueError(f"level allocation mode {mode!r}: expected 'reference' or 'cycle'")
+    if mode == "dt_bias":
+        if n > 0 and (n // 2) // log2_m == 0:
+            warnings.warn(f"{n} bootstrap rows: the dt_bias allocation gives levels {log2_m - 1}..2 no rows below "
+                          f"{2 * log2_m} rows (only d=1 and d=1/2 are trained)", stacklevel=3)
+        fine = torch.arange(log2_m - 1, 1, -1).repeat_interleave((n // 2) // log2_m)
+        ones = torch.ones(n // 4, dtype=torch.long)
+        return torch.cat([fine, ones, torch.zeros(n - fine.numel() - ones.numel(), dtype=torch.long)])
+    raise ValueError(f"level allocation mode {mode!r}: expected 'reference', 'cycle' or 'dt_bias'")
 
 
 def dist_rank_world() -> tuple[int, int]:
