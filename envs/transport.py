@@ -262,6 +262,7 @@ class TransportEnv(gym.Env):
         self.max_episode_steps = int(max_episode_steps)
         self.terminate_on_success = bool(terminate_on_success)
         self._step = 0
+        self._stages: dict[str, int] = {}
         self._last_raw = None
 
         h = int(kw.get("camera_heights", 84))
@@ -318,7 +319,9 @@ class TransportEnv(gym.Env):
             raw = self.reset_to(options["state"])
         self._last_raw = raw
         self._step = 0
-        return self._convert_obs(raw), {"success": bool(self.env._check_success())}
+        self._stages = {}
+        self._update_stages()
+        return self._convert_obs(raw), {"success": bool(self.env._check_success()), "stages": dict(self._stages)}
 
     def reset_to(self, state) -> dict:
         """Set the flattened MuJoCo state (robomimic ``states`` row) and return the raw obs."""
@@ -354,7 +357,8 @@ class TransportEnv(gym.Env):
         self._step += 1
         success = bool(self.env._check_success())
         truncated = self._step >= self.max_episode_steps
-        info = {"success": success, "step": self._step}
+        self._update_stages()
+        info = {"success": success, "step": self._step, "stages": dict(self._stages)}
         # terminate_on_success (evaluation speed): the score is the episode's max reward, so ending at the first
         # success changes no result; robomimic's own env (ignore_done) runs on to the step limit
         terminated = success and self.terminate_on_success
@@ -367,6 +371,36 @@ class TransportEnv(gym.Env):
         h, w = size or self.render_size
         img = self.env.sim.render(camera_name=camera or self.render_camera, height=int(h), width=int(w))
         return np.ascontiguousarray(img[::-1])
+
+    def task_stages(self) -> dict[str, bool]:
+        """The task's sub-goals in the current state, from privileged simulator state (for diagnosing policies;
+        never an observation). ``hammer_grasped_robot1`` is the hand-over (the hammer starts on robot0's side)."""
+        rs, tr = self.env, self.env.transport
+        sim = rs.sim
+
+        def grasped(i, geoms):
+            return bool(rs._check_grasp(gripper=rs.robots[i].gripper["right"], object_geoms=geoms))
+
+        hp = np.asarray(sim.data.geom_xpos[tr.lid_handle_geom_ids[0]])
+        bid = sim.model.body_name2id(tr.objects["start_bin"].root_body)
+        bp = np.asarray(sim.data.body_xpos[bid])
+        lid_on = np.linalg.norm(hp[:2] - bp[:2]) < 0.2 and hp[2] > 0.9
+        return {
+            "lid_grasped": grasped(0, tr.lid.handle_geoms) or grasped(1, tr.lid.handle_geoms),
+            "lid_off": not lid_on,
+            "trash_grasped": grasped(0, tr.trash) or grasped(1, tr.trash),
+            "trash_in_trash_bin": bool(tr.trash_in_trash_bin),
+            "hammer_grasped_robot0": grasped(0, tr.payload.handle_geoms),
+            "hammer_grasped_robot1": grasped(1, tr.payload.handle_geoms),
+            "hammer_in_target_bin": bool(tr.payload_in_target_bin),
+            "success": bool(rs._check_success()),
+        }
+
+    def _update_stages(self) -> None:
+        """Remember the first step at which each stage was reached (``info["stages"]``: name -> step)."""
+        for k, v in self.task_stages().items():
+            if v and k not in self._stages:
+                self._stages[k] = self._step
 
     def is_success(self) -> bool:
         return bool(self.env._check_success())

@@ -6,6 +6,9 @@ Metrics (Diffusion Policy's protocol plus a success rate):
 * ``success_rate@N`` fraction of seeds whose episode succeeded (Push-T: max coverage > 0.95);
 * ``success_ci95@N`` the 95 % Wilson score interval [lo, hi] of the success rate (z = 1.96). Wilson rather
                      than the normal approximation because rates near 0 or 1 with 50 episodes are the norm.
+* ``stage_rate@N``   for envs that report task stages in ``info["stages"]`` (Transport: lid off, trash in its
+                     bin, hammer handed over, ...): the fraction of seeds that reached each stage, in the order
+                     the stages are reached on average; ``per_seed.csv`` lists each seed's stages with the step.
 Crashed or timed-out episodes count as failures with score 0 and are listed under ``crashed_seeds@N``.
 """
 from __future__ import annotations
@@ -17,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-FIELDS = ["steps", "seed", "max_reward", "success", "env_steps", "status", "error"]
+FIELDS = ["steps", "seed", "max_reward", "success", "env_steps", "status", "error", "stages"]
 
 
 def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -43,6 +46,14 @@ def summarize(rows: list[dict], steps: int) -> dict:
         f"success_rate@{steps}": k / n if n else float("nan"),
         f"success_ci95@{steps}": [round(lo, 4), round(hi, 4)],
     }
+    staged = [r["stages"] for r in rows if isinstance(r.get("stages"), dict)]
+    if staged:
+        first: dict[str, list] = {}
+        for st in staged:
+            for k, v in st.items():
+                first.setdefault(k, []).append(float(v))
+        order = sorted(first, key=lambda k: float(np.mean(first[k])))
+        out[f"stage_rate@{steps}"] = {k: len(first[k]) / n for k in order}
     crashed = [int(r["seed"]) for r in rows if r.get("status") != "ok"]
     if crashed:
         out[f"crashed_seeds@{steps}"] = crashed
@@ -60,7 +71,10 @@ def write_per_seed(rows: list[dict], run_dir) -> tuple[Path, Path]:
         w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
         w.writeheader()
         for r in rows:
-            w.writerow({k: r.get(k, "") for k in FIELDS})
+            row = {k: r.get(k, "") for k in FIELDS}
+            if isinstance(row["stages"], dict):  # name:first step, in the order reached
+                row["stages"] = " ".join(f"{k}:{v}" for k, v in sorted(row["stages"].items(), key=lambda kv: kv[1]))
+            w.writerow(row)
     return jpath, cpath
 
 

@@ -122,6 +122,14 @@ def _recorder(env):
     return None
 
 
+def _info_stages(info: dict) -> dict | None:
+    """The env's task stages reached so far (name -> first inner step), if it reports them (Transport)."""
+    st = info.get("stages")
+    if isinstance(st, list):  # MultiStepWrapper: the values of the last To inner steps
+        st = next((x for x in reversed(st) if x is not None), None)
+    return dict(st) if isinstance(st, dict) else None
+
+
 def _info_success(info: dict) -> bool | None:
     s = info.get("success")
     if isinstance(s, list):
@@ -166,7 +174,8 @@ def _worker_main(conn, task_cfg: dict, seeds: list[int], video_seeds: list[int],
                         obs, reward, terminated, truncated, info = env.step(chunk)
                         done = bool(terminated or truncated)
                         res = {"obs": obs, "reward": float(reward), "done": done, "terminated": bool(terminated),
-                               "env_steps": env.n_inner_steps, "success": _info_success(info)}
+                               "env_steps": env.n_inner_steps, "success": _info_success(info),
+                               "stages": _info_stages(info)}
                         if done:
                             rec = _recorder(env)
                             res["frames"] = rec.frames if (rec is not None and rec.enabled) else None
@@ -199,16 +208,16 @@ def _worker_expert(conn, envs: dict, expert_spec: str | None, expert_kwargs: dic
             expert = cls(s, **(expert_kwargs or {}))  # e.g. action_noise=0.1 (eval expert_kwargs.action_noise=...)
             env.reset(seed=s)
             expert.reset(env)
-            success, terminated = None, False
+            success, terminated, stages = None, False, None
             while not env.done:
                 act = np.asarray(expert.act(env))
                 _, _, terminated, _, info = env.step(act[None] if act.ndim == 1 else act)
-                success = _info_success(info)
+                success, stages = _info_success(info), _info_stages(info)
             rewards = env.rewards
             rec = _recorder(env)
             row = {"seed": s, "max_reward": max(rewards) if rewards else 0.0,
                    "success": bool(success) if success is not None else bool(terminated),
-                   "env_steps": env.n_inner_steps, "status": "ok", "error": "",
+                   "env_steps": env.n_inner_steps, "status": "ok", "error": "", "stages": stages,
                    "frames": rec.frames if (rec is not None and rec.enabled) else None,
                    "seconds": time.perf_counter() - t0}
         except Exception:
@@ -448,7 +457,8 @@ def run_policy(policy, task_cfg, seeds: list[int], n_workers: int, steps: int, v
                     if res["done"]:
                         succ = res["success"] if res["success"] is not None else res["terminated"]
                         rows[s] = {"steps": steps, "seed": s, "max_reward": res["reward"], "success": bool(succ),
-                                   "env_steps": res["env_steps"], "status": "ok", "error": "", "frames": res.get("frames")}
+                                   "env_steps": res["env_steps"], "status": "ok", "error": "", "frames": res.get("frames"),
+                                   "stages": res.get("stages")}
                         obs.pop(s, None)
                         bar.update(1)
                     else:

@@ -162,3 +162,7 @@ def test_wilson_interval_and_summary():
     m = report.summarize(rows, 4)
     assert m["mean_score@4"] == pytest.approx(0.5) and m["success_rate@4"] == pytest.approx(1 / 3)
     assert m["crashed_seeds@4"] == [3]
+    assert "stage_rate@4" not in m  # Push-T reports no stages
+    rows[0]["stages"], rows[1]["stages"] = {"lid_off": 90, "trash_in_bin": 150}, {"lid_off": 110}
+    assert list(m2 := report.summarize(rows, 4)["stage_rate@4"]) == ["lid_off", "trash_in_bin"]
+    assert m2 == {"lid_off": pytest.approx(2 / 3), "trash_in_bin": pytest.approx(1 / 3)}

@@ -35,8 +35,12 @@ def test_expert_first_phases(env):
     for t in range(90):
         a = ex.act(env)
         assert a.shape == (14,) and a.dtype == np.float32 and np.all(np.abs(a) <= 1.0)
-        env.step(a)
+        _, _, _, _, info = env.step(a)
     lid, trash = ex._lid_handle()[0], ex._trash()[0]
+    # the env's diagnostic stages (privileged state) saw both grasps, at steps inside the episode, and nothing later
+    st = info["stages"]
+    assert {"lid_grasped", "trash_grasped"} <= set(st) and all(0 < v <= 90 for v in st.values()), st
+    assert not {"hammer_grasped_robot1", "hammer_in_target_bin", "success"} & set(st), st
     assert lid[2] - lid0[2] > 0.05, (ex.phases, ex.events)
     assert trash[2] - trash0[2] > 0.05 or ex.arms[1].phase in ("trash_lift", "trash_move"), (ex.phases, ex.events)
     assert ex.arms[0].phase in ("lid_move", "lid_lower"), ex.phases
