@@ -115,3 +115,39 @@ def plot_vs_steps(metrics: dict, path, title: str = "") -> Path | None:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def plot_stages(metrics: dict, path, title: str = "") -> Path | None:
+    """PNG of the fraction of episodes reaching each task stage (``stage_rate@N``), one bar group per N, stages in
+    the order they are reached. None when the env reports no stages."""
+    keys = sorted((k for k in metrics if k.startswith("stage_rate@")), key=lambda k: int(k.split("@")[1]))
+    if not keys:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(metrics[keys[0]])
+    for k in keys[1:]:
+        names += [n for n in metrics[k] if n not in names]
+    y = np.arange(len(names))
+    h = 0.8 / len(keys)
+    fig, ax = plt.subplots(figsize=(6, 0.45 * len(names) + 1.2), dpi=120)
+    for i, k in enumerate(keys):
+        vals = [metrics[k].get(n, 0.0) for n in names]
+        bars = ax.barh(y + i * h, vals, height=h, label=f"{k.split('@')[1]} step(s)")
+        ax.bar_label(bars, labels=[f"{v:.2f}" for v in vals], fontsize=7, padding=2)
+    ax.set_yticks(y + h * (len(keys) - 1) / 2)
+    ax.set_yticklabels(names, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1.1)
+    ax.set_xlabel("fraction of episodes that reached the stage")
+    ax.legend(fontsize=7, loc="lower right")
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -547,8 +547,11 @@ def evaluate(task_cfg, policy=None, steps_list=(1,), n_episodes: int = 50, seed_
         report.write_per_seed(all_rows, run_dir)
         plot = report.plot_vs_steps(result, run_dir / "score_vs_steps.png",
                                     title=f"{_cfg_get(task_cfg, 'name', '')} seeds {seed_start}..{seed_start + n_episodes - 1}")
+        stages = report.plot_stages(result, run_dir / "stages.png", title=f"{_cfg_get(task_cfg, 'name', '')}: how far episodes get")
         result["videos"] = videos
         result["plot"] = str(plot) if plot else None
+        if stages:
+            result["stages_plot"] = str(stages)
     else:
         for r in all_rows:
             r.pop("frames", None)

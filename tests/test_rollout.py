@@ -149,7 +149,7 @@ def test_bad_arguments():
         eval_command(OmegaConf.create({"policy": "expert", "task": TASK, "seed_start": 0.25}), "/tmp")
 
 
-def test_wilson_interval_and_summary():
+def test_wilson_interval_and_summary(tmp_path):
     lo, hi = report.wilson_interval(50, 50)
     assert lo == pytest.approx(0.9287, abs=1e-4) and hi == 1.0
     lo, hi = report.wilson_interval(0, 50)
@@ -166,3 +166,6 @@ def test_wilson_interval_and_summary():
     rows[0]["stages"], rows[1]["stages"] = {"lid_off": 90, "trash_in_bin": 150}, {"lid_off": 110}
     assert list(m2 := report.summarize(rows, 4)["stage_rate@4"]) == ["lid_off", "trash_in_bin"]
     assert m2 == {"lid_off": pytest.approx(2 / 3), "trash_in_bin": pytest.approx(1 / 3)}
+    assert report.plot_stages(m, tmp_path / "none.png") is None
+    png = report.plot_stages({"stage_rate@1": m2, "stage_rate@4": {"lid_off": 1.0}}, tmp_path / "stages.png")
+    assert png.is_file() and png.stat().st_size > 1000
