@@ -376,18 +376,13 @@ class TransportEnv(gym.Env):
         """The task's sub-goals in the current state, from privileged simulator state (for diagnosing policies;
         never an observation). ``hammer_grasped_robot1`` is the hand-over (the hammer starts on robot0's side)."""
         rs, tr = self.env, self.env.transport
-        sim = rs.sim
 
         def grasped(i, geoms):
             return bool(rs._check_grasp(gripper=rs.robots[i].gripper["right"], object_geoms=geoms))
 
-        hp = np.asarray(sim.data.geom_xpos[tr.lid_handle_geom_ids[0]])
-        bid = sim.model.body_name2id(tr.objects["start_bin"].root_body)
-        bp = np.asarray(sim.data.body_xpos[bid])
-        lid_on = np.linalg.norm(hp[:2] - bp[:2]) < 0.2 and hp[2] > 0.9
         return {
             "lid_grasped": grasped(0, tr.lid.handle_geoms) or grasped(1, tr.lid.handle_geoms),
-            "lid_off": not lid_on,
+            "lid_off": not self.lid_on_start_bin(),
             "trash_grasped": grasped(0, tr.trash) or grasped(1, tr.trash),
             "trash_in_trash_bin": bool(tr.trash_in_trash_bin),
             "hammer_grasped_robot0": grasped(0, tr.payload.handle_geoms),
@@ -395,6 +390,13 @@ class TransportEnv(gym.Env):
             "hammer_in_target_bin": bool(tr.payload_in_target_bin),
             "success": bool(rs._check_success()),
         }
+
+    def lid_on_start_bin(self) -> bool:
+        """The lid's handle is within 0.2 m (xy) of the start bin's centre and above 0.9 m: the lid is still on."""
+        sim, tr = self.env.sim, self.env.transport
+        hp = np.asarray(sim.data.geom_xpos[tr.lid_handle_geom_ids[0]])
+        bp = np.asarray(sim.data.body_xpos[sim.model.body_name2id(tr.objects["start_bin"].root_body)])
+        return bool(np.linalg.norm(hp[:2] - bp[:2]) < 0.2 and hp[2] > 0.9)
 
     def _update_stages(self) -> None:
         """Remember the first step at which each stage was reached (``info["stages"]``: name -> step)."""

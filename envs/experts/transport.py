@@ -377,10 +377,7 @@ class TransportExpert:
         return _R_DOWN0
 
     def _lid_on_start_bin(self) -> bool:
-        hp, _ = self._lid_handle()
-        sb = self.rs.transport.objects["start_bin"]
-        bpos, _ = self._body_pose(sb.root_body)
-        return np.linalg.norm(hp[:2] - bpos[:2]) < 0.2 and hp[2] > 0.9
+        return self.tenv.lid_on_start_bin()
 
     # ------------------------------------------------------------------ robot1
     def _robot1(self) -> np.ndarray:
