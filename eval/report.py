@@ -89,11 +89,7 @@ def plot_vs_steps(metrics: dict, path, title: str = "") -> Path | None:
     steps = sorted({int(k.split("@")[1]) for k in metrics if k.startswith("mean_score@")})
     if not steps:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     score = [metrics[f"mean_score@{s}"] for s in steps]
     succ = [metrics[f"success_rate@{s}"] for s in steps]
     ci = np.array([metrics[f"success_ci95@{s}"] for s in steps], dtype=float)
@@ -108,13 +104,7 @@ def plot_vs_steps(metrics: dict, path, title: str = "") -> Path | None:
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
-    if title:
-        ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path, title)
 
 
 def plot_stages(metrics: dict, path, title: str = "") -> Path | None:
@@ -123,11 +113,7 @@ def plot_stages(metrics: dict, path, title: str = "") -> Path | None:
     keys = sorted((k for k in metrics if k.startswith("stage_rate@")), key=lambda k: int(k.split("@")[1]))
     if not keys:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     names = list(metrics[keys[0]])
     for k in keys[1:]:
         names += [n for n in metrics[k] if n not in names]
@@ -144,10 +130,24 @@ def plot_stages(metrics: dict, path, title: str = "") -> Path | None:
     ax.set_xlim(0, 1.1)
     ax.set_xlabel("fraction of episodes that reached the stage")
     ax.legend(fontsize=7, loc="lower right")
+    return _save(fig, ax, path, title)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, ax, path, title: str) -> Path:
+    """Title, tight layout, write the PNG, free the figure."""
     if title:
         ax.set_title(title, fontsize=9)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path)
-    plt.close(fig)
+    _pyplot().close(fig)
     return path

@@ -21,7 +21,7 @@ from shortcut_policy.envs.experts.transport import (  # noqa: E402
 
 @pytest.fixture(scope="module")
 def env():
-    e = T.TransportEnv(obs_keys=["obs"], enable_render=False)
+    e = T.TransportEnv(obs_keys=["obs"], enable_render=False, track_stages=True)
     yield e
     e.close()
 
