@@ -179,3 +179,30 @@ def test_recorded_episode_to_robomimic_and_zarr(env, tmp_path):
     env.reset(seed=100001)
     env.reset_to(d["states"][0])
     np.testing.assert_allclose(env.raw_obs()["object-state"], d["obs"]["object"][0], atol=1e-6)
+
+
+def test_clean_labels_dart(env):
+    """label='clean': without noise identical to the executed labels; with noise the labels are the expert's own
+    commands (not the perturbed ones sent), and the absolute label is the goal that command would have set."""
+    from shortcut_policy.envs.experts.transport import clean_goal_abs
+
+    ex_ = run_expert_episode(100000, max_steps=12, env=env, record=True)["record"]
+    cl = run_expert_episode(100000, max_steps=12, env=env, record=True, label="clean")["record"]
+    np.testing.assert_allclose(np.stack(cl["actions"]), np.stack(ex_["actions"]), atol=1e-7)
+    np.testing.assert_allclose(np.stack(cl["actions_abs"])[:, :3], np.stack(ex_["actions_abs"])[:, :3], atol=1e-7)
+    noisy = run_expert_episode(100000, action_noise=0.2, max_steps=12, env=env, record=True, expert_seed=1)["record"]
+    noisy_cl = run_expert_episode(100000, action_noise=0.2, max_steps=12, env=env, record=True, expert_seed=1,
+                                  label="clean")["record"]
+    np.testing.assert_allclose(np.stack(noisy_cl["obs"][0]["object-state"]), noisy["obs"][0]["object-state"])
+    d = np.abs(np.stack(noisy_cl["actions"]) - np.stack(noisy["actions"]))[:, :6]  # noise on the arm dims
+    assert d.mean() > 0.05, d.mean()
+    # clean_goal_abs: a clean command differing by +1 in x moves the goal by 5 cm; rotation is composed
+    goal = np.array([[0.1, 0.2, 1.0, 0.0, 0.0, 0.3], [0.0, 0.0, 1.0, 0.2, 0.0, 0.0]])
+    sent = np.zeros(14)
+    clean = sent.copy()
+    clean[0] = 1.0
+    out = clean_goal_abs(goal, sent, clean).reshape(2, 7)
+    np.testing.assert_allclose(out[0, :6], [0.15, 0.2, 1.0, 0.0, 0.0, 0.3], atol=1e-9)
+    np.testing.assert_allclose(out[1, :6], goal[1], atol=1e-9)
+    with pytest.raises(ValueError, match="label"):
+        run_expert_episode(100000, max_steps=1, env=env, label="noisy")

@@ -530,6 +530,7 @@ class TransportExpert:
         a0 = self._robot0()
         a1 = self._robot1()
         act = np.concatenate([a0, a1])
+        self.last_clean = np.clip(act, -1.0, 1.0)  # the expert's own command at this state (DART-style labels)
         if self.action_noise > 0:
             act = act + self.action_noise * self.rng.standard_normal(act.shape)
         self.t += 1
@@ -574,6 +575,22 @@ def controller_goal_abs(tenv) -> np.ndarray:
     return np.stack(out)
 
 
+def clean_goal_abs(goal: np.ndarray, sent: np.ndarray, clean: np.ndarray) -> np.ndarray:
+    """The controller goal (pos, axis-angle, gripper) x 2 that ``clean`` would have set, from the goal ``goal``
+    (2 x 6, ``controller_goal_abs``) that the sent delta ``sent`` did set: the same reference pose, so clean and
+    executed labels agree exactly when no noise was added."""
+    from shortcut_policy.datasets.robomimic import axis_angle_to_matrix, matrix_to_axis_angle
+
+    out = []
+    for i in range(2):
+        s, c = sent[7 * i : 7 * i + 7], clean[7 * i : 7 * i + 7]
+        pos = goal[i, :3] + (c[:3] - s[:3]) * POS_SCALE
+        R_ref = axis_angle_to_matrix(s[3:6] * ROT_SCALE).T @ axis_angle_to_matrix(goal[i, 3:6])
+        R = axis_angle_to_matrix(c[3:6] * ROT_SCALE) @ R_ref
+        out.append(np.concatenate([pos, matrix_to_axis_angle(R), c[6:7]]))
+    return np.concatenate(out)
+
+
 def run_expert_episode(
     seed: int,
     action_noise: float = 0.0,
@@ -584,8 +601,16 @@ def run_expert_episode(
     stop_after_success: int | None = None,
     expert_seed: int | None = None,
     lite_physics: bool | None = None,
+    label: str = "executed",
 ) -> dict:
-    """One seeded episode of the expert. With ``record`` the result holds robomimic-style arrays."""
+    """One seeded episode of the expert. With ``record`` the result holds robomimic-style arrays.
+
+    ``label="executed"`` records the action sent to the env (noise included) and, as the absolute action, the
+    controller goal it produced. ``label="clean"`` records, at every (noise-perturbed) state, the expert's own
+    noise-free command instead (DART, Laskey et al. 2017): the states spread wider than a clean run while every
+    label points back at the expert's path, so the data holds corrections the clean demonstrations never show."""
+    if label not in ("executed", "clean"):
+        raise ValueError(f"run_expert_episode: label={label!r}, expected 'executed' or 'clean'")
     from shortcut_policy.envs.transport import LOWDIM_SHAPES, TransportEnv
 
     own = env is None
@@ -607,10 +632,17 @@ def run_expert_episode(
         _, reward, _, _, info = env.step(act)
         steps += 1
         if record:
-            rec["actions"].append(np.asarray(act, np.float64))
             g = controller_goal_abs(env)
-            grips = np.asarray(act, np.float64).reshape(2, 7)[:, 6:7] if not env.abs_action else np.asarray(act).reshape(2, 10)[:, 9:10]
-            rec["actions_abs"].append(np.concatenate([g, grips], axis=1).reshape(-1))
+            if label == "clean":
+                if env.abs_action:
+                    raise ValueError("run_expert_episode: label='clean' needs a delta-action env")
+                sent, clean = np.asarray(act, np.float64), np.asarray(expert.last_clean, np.float64)
+                rec["actions"].append(clean)
+                rec["actions_abs"].append(clean_goal_abs(g, sent, clean))
+            else:
+                rec["actions"].append(np.asarray(act, np.float64))
+                grips = np.asarray(act, np.float64).reshape(2, 7)[:, 6:7] if not env.abs_action else np.asarray(act).reshape(2, 10)[:, 9:10]
+                rec["actions_abs"].append(np.concatenate([g, grips], axis=1).reshape(-1))
             rec["rewards"].append(float(reward))
         if info["success"] and success_step is None:
             success_step = t + 1
@@ -636,9 +668,10 @@ def run_expert_episode(
 def _episode_worker(args):
     seed, noise, max_steps, record, image_keys, stop_after = args[:6]
     lite = args[6] if len(args) > 6 else None
+    label = args[7] if len(args) > 7 else "executed"
     try:
         return run_expert_episode(seed, noise, max_steps, record=record, image_keys=image_keys,
-                                  stop_after_success=stop_after, lite_physics=lite)
+                                  stop_after_success=stop_after, lite_physics=lite, label=label)
     except Exception as e:  # report, don't kill the pool
         import traceback
 
@@ -706,7 +739,7 @@ def _recorded_to_demo(rec: dict, image_keys) -> dict:
 
 def generate_transport_demos(cfg, run_dir) -> dict:
     """``shortcut-policy demos task=transport n_episodes=N out=DIR [workers=2] [seed=0] [overwrite=true]
-    [+expert.action_noise=0.1]`` (keys of configs/demos.yaml; ``+`` adds the Transport-only one). ``task=transport``
+    [+expert.action_noise=0.1] [+expert.label=clean]`` (keys of configs/demos.yaml; ``+`` adds the Transport-only one). ``task=transport``
     (alias of transport_lowdim) records low-dim obs, ``task=transport_image`` also the 4 cameras.
 
     Writes robomimic hdf5 files in the official layout - ``DIR/low_dim.hdf5`` (delta actions) and
@@ -738,6 +771,9 @@ def generate_transport_demos(cfg, run_dir) -> dict:
     out = Path(out_s)
     overwrite = bool(get("overwrite", False))
     noise = float(get("expert.action_noise", get("action_noise", 0.0)))
+    label = str(get("expert.label", "executed"))
+    if label not in ("executed", "clean"):
+        raise ValueError(f"demos task=transport: expert.label={label!r}, expected 'executed' or 'clean'")
     n_workers = int(get("workers", None) or get("n_workers", None) or 2)
     seed_start = int(get("seed", get("seed_start", 0)))
     # robosuite's lite_physics only drops redundant mj_forward calls: measured bit-identical observations and
@@ -780,7 +816,7 @@ def generate_transport_demos(cfg, run_dir) -> dict:
                 if s is None:
                     return False
                 tried += 1
-                pending.append(pool.apply_async(_episode_worker, ((s, noise, 700, True, image_keys, 10, lite),)))
+                pending.append(pool.apply_async(_episode_worker, ((s, noise, 700, True, image_keys, 10, lite, label),)))
                 return True
 
             for _ in range(min(n_workers * 2, n_eps)):
@@ -824,6 +860,7 @@ def generate_transport_demos(cfg, run_dir) -> dict:
         "seeds_tried": tried,
         "expert_success_rate": n_ok / max(n_ok + n_fail, 1),
         "action_noise": noise,
+        "label": label,
         "seconds": time.time() - t0,
         "out": str(out),
         **{k: str(v) for k, v in files.items()},
