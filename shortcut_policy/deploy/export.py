@@ -160,6 +160,23 @@ def torch_float32_floor(module: ExportablePolicy, policy, n: int, seed: int = 0)
     return float((batched.double() - single.double()).abs().max())
 
 
+def float64_errors(module: ExportablePolicy, runner: Runner, policy, n: int, seed: int = 0) -> tuple[float, float]:
+    """(PyTorch float32, exported graph) max |. - exact| in action units, "exact" = the same module in float64 on
+    the parity inputs. When the two are alike, the exported graph is as accurate as PyTorch itself and the parity
+    difference is float32 rounding. (onnxruntime's CPU provider has no float64 Conv, so the graph stays float32.)"""
+    import copy
+
+    obs = random_observations(policy, n, seed)
+    noise = fixed_noise(policy, n, seed)
+    args = [torch.as_tensor(obs[k]) for k in module.keys] + [noise]
+    m64 = copy.deepcopy(module).double()
+    with torch.no_grad():
+        exact = m64(*[a.double() for a in args])
+        fp32 = module(*args).double()
+    got = torch.as_tensor(runner(obs, noise.numpy()), dtype=torch.float64)
+    return float((fp32 - exact).abs().max()), float((got - exact).abs().max())
+
+
 def _median_ms(fn, n: int, warmup: int = 5) -> float:
     for _ in range(warmup):
         fn()
@@ -196,6 +213,7 @@ def export_command(cfg, run_dir) -> dict:
     runner = Runner(out, fmt, module.keys, threads=threads)
     diff, ndiff = parity(policy, runner, steps, int(cfg.n_parity), seed)
     floor = torch_float32_floor(module, policy, int(cfg.n_parity), seed)
+    err_torch, err_exported = float64_errors(module, runner, policy, int(cfg.n_parity), seed)
     # batch-1 latency: the exported graph vs the PyTorch policy (predict_action, as deploy calls it)
     obs1 = random_observations(policy, 1, seed + 1)
     noise1 = fixed_noise(policy, 1, seed + 1).numpy()
@@ -213,7 +231,8 @@ def export_command(cfg, run_dir) -> dict:
     tmp.write_text(json.dumps(meta, indent=2))
     os.replace(tmp, side)
     res = {"format": fmt, "file": str(out), "steps": steps, "max_abs_diff": diff, "max_abs_diff_normalized": ndiff,
-           "torch_batch1_vs_batched_diff": floor, "n_parity": int(cfg.n_parity),
+           "torch_batch1_vs_batched_diff": floor, "torch_fp32_vs_fp64": err_torch, f"{fmt}_vs_fp64": err_exported,
+           "n_parity": int(cfg.n_parity),
            "torch_latency_ms": torch_ms, "threads": threads}
     res["onnx_latency_ms" if fmt == "onnx" else "torchscript_latency_ms"] = exp_ms
     if fmt == "onnx":

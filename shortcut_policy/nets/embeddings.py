@@ -15,8 +15,9 @@ def sinusoidal(x: torch.Tensor, dim: int, max_period: float = 10000.0, order: st
     """
     half = dim // 2
     denom = half if order == "cos_sin" else max(half - 1, 1)
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=x.device, dtype=torch.float32) / denom)
-    args = x.float().reshape(-1, 1) * freqs.reshape(1, -1)
+    dtype = x.dtype if x.is_floating_point() else torch.float32  # float64 nets (precision checks) stay float64
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=x.device, dtype=dtype) / denom)
+    args = x.to(dtype).reshape(-1, 1) * freqs.reshape(1, -1)
     if order == "cos_sin":
         return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     return torch.cat([torch.sin(args), torch.cos(args)], dim=-1)

@@ -95,12 +95,12 @@ class UNet1D(nn.Module):
         B, T, _ = x.shape
         if T % self.horizon_multiple:
             raise ValueError(f"UNet1D: horizon T={T} must be divisible by {self.horizon_multiple} (2^(levels-1))")
-        t = torch.as_tensor(t, device=x.device, dtype=torch.float32).reshape(-1).expand(B)
+        t = torch.as_tensor(t, device=x.device, dtype=x.dtype).reshape(-1).expand(B)
         feat = self.time_embed(t)
         if self.step_size_embed is not None:
             if d_level is None:
                 raise ValueError("UNet1D: d_level is required when use_step_size=True")
-            d_level = torch.as_tensor(d_level, device=x.device, dtype=torch.float32).reshape(-1).expand(B)
+            d_level = torch.as_tensor(d_level, device=x.device, dtype=x.dtype).reshape(-1).expand(B)
             feat = feat + self.step_size_embed(d_level)
         if self.global_cond_dim:
             if cond is None or cond.shape != (B, self.global_cond_dim):
