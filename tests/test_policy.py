@@ -123,6 +123,30 @@ def test_init_weights_starts_from_another_runs_weights(lowdim_ckpt, zarr_path, t
                                f"train.init_weights={tmp_path}/none.ckpt", f"run_dir={tmp_path}/bad2"])
 
 
+def test_init_normalizer_data_keeps_this_runs_fit(lowdim_ckpt, zarr_path, tmp_path):
+    """init_normalizer=data: weights from the checkpoint, normaliser refit to this run's data (here the checkpoint's
+    normaliser was altered, so the two choices give different, known results)."""
+    src = torch.load(lowdim_ckpt, weights_only=False)
+    norm_keys = [k for k in src["model"] if k.startswith("normalizer.") and k.endswith(".scale")]
+    assert norm_keys
+    for sd in (src["model"], src["ema"]["model"]):
+        for k in norm_keys:
+            sd[k] = sd[k] * 2.0
+    altered = tmp_path / "altered.ckpt"
+    torch.save(src, altered)
+    base = ["task=pusht_lowdim", f"task.dataset.zarr_path={zarr_path}", *TINY, "train.num_steps=1", "train.lr=1e-12",
+            f"train.init_weights={altered}"]
+    for mode, factor in (("checkpoint", 2.0), ("data", 1.0)):
+        run = tmp_path / mode
+        cli.run_verb("train", base + [f"train.init_normalizer={mode}", f"run_dir={run}"])
+        ck = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+        for k in norm_keys:
+            want = src["model"][k] / 2.0 * factor
+            assert torch.allclose(ck["model"][k], want) and torch.allclose(ck["ema"]["model"][k], want), (mode, k)
+    with pytest.raises(ValueError, match="init_normalizer"):
+        cli.run_verb("train", base + ["train.init_normalizer=both", f"run_dir={tmp_path}/bad"])
+
+
 def test_killed_training_resumes_from_last_checkpoint(zarr_path, tmp_path):
     run = tmp_path / "run"
     args = [sys.executable, "-m", "shortcut_policy.cli", "train", "task=pusht_lowdim", f"task.dataset.zarr_path={zarr_path}",

@@ -179,6 +179,11 @@ class Trainer:
         path = Path(str(path))
         if not path.is_file():
             raise FileNotFoundError(f"train.init_weights={path}: no such checkpoint file")
+        keep_from = str(self.tcfg.get("init_normalizer", "checkpoint"))
+        if keep_from not in ("checkpoint", "data"):
+            raise ValueError(f"train.init_normalizer={keep_from!r}: expected 'checkpoint' or 'data'")
+        # "data": keep the normaliser fitted to THIS run's dataset (e.g. new demonstrations reach past the old range)
+        fitted = {k: v.clone() for k, v in self.model.state_dict().items() if k.startswith("normalizer.")}
         ck = load_checkpoint(path, map_location=self.device)
         for what, target, sd in (("model", self.model, ck.get("model")), ("ema", self.ema, ck.get("ema"))):
             if sd is None:
@@ -188,9 +193,14 @@ class Trainer:
             except RuntimeError as e:
                 raise ValueError(f"train.init_weights={path}: its {what} weights do not fit this run's network "
                                  f"(net / task config differ?): {str(e).splitlines()[0]}") from None
+        if keep_from == "data":
+            if not fitted:
+                raise ValueError("train.init_normalizer=data: this run's model has no normaliser to keep")
+            for m in (self.model, self.ema.model):
+                m.load_state_dict(fitted, strict=False)
         if self.is_main:
-            print(f"initialised weights from {path} (step {ck.get('step')}); optimiser and schedule start fresh",
-                  flush=True)
+            print(f"initialised weights from {path} (step {ck.get('step')}, normaliser from the {keep_from}); "
+                  "optimiser and schedule start fresh", flush=True)
 
     def save_last(self, metrics=None) -> None:
         if self.is_main:
