@@ -243,3 +243,29 @@ def test_zip_store_reads(tmp_path):
     assert ReplayBuffer.open(zipped).n_episodes == 2
     with pytest.raises(ReplayBufferError, match="read-only"):
         ReplayBuffer.open(zipped, mode="r+")
+
+
+def test_merge_replay_buffers_script(tmp_path):
+    """scripts/merge_replay_buffers.py: episodes of both inputs in order; mismatched keys refused; no overwrite."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "merge_replay_buffers.py"
+    a = ReplayBuffer.from_arrays({"x": np.arange(5.0)[:, None], "action": np.ones((5, 2))}, [2, 5])
+    b = ReplayBuffer.from_arrays({"x": -np.arange(4.0)[:, None], "action": np.zeros((4, 2))}, [4])
+    c = ReplayBuffer.from_arrays({"y": np.zeros((3, 1))}, [3])
+    for name, rb in (("a", a), ("b", b), ("c", c)):
+        rb.save_to_path(tmp_path / f"{name}.zarr")
+    out = tmp_path / "ab.zarr"
+    run = [sys.executable, str(script), str(out), str(tmp_path / "a.zarr"), str(tmp_path / "b.zarr")]
+    subprocess.run(run, check=True, capture_output=True)
+    m = ReplayBuffer.copy_from_path(out)
+    assert m.n_episodes == 3 and list(m.episode_ends) == [2, 5, 9]
+    np.testing.assert_array_equal(m["x"][:, 0], [0, 1, 2, 3, 4, 0, -1, -2, -3])
+    again = subprocess.run(run, capture_output=True, text=True)
+    assert again.returncode != 0 and "overwrite" in again.stderr
+    bad = subprocess.run([sys.executable, str(script), str(tmp_path / "ac.zarr"), str(tmp_path / "a.zarr"),
+                          str(tmp_path / "c.zarr")], capture_output=True, text=True)
+    assert bad.returncode != 0 and "c.zarr" in bad.stderr and "keys" in bad.stderr
+    assert not (tmp_path / "ac.zarr").exists()
