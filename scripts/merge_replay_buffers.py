@@ -11,22 +11,27 @@ from __future__ import annotations
 import argparse
 import sys
 
+import numpy as np
+
 from shortcut_policy.datasets.replay_buffer import ReplayBuffer, ReplayBufferError
 
 
 def merge(inputs, out, overwrite: bool = False) -> ReplayBuffer:
     if len(inputs) < 2:
         raise ValueError(f"merge: need at least two input buffers, got {list(inputs)}")
-    merged = ReplayBuffer.create_empty_numpy()
-    keys = None
-    for path in inputs:
-        rb = ReplayBuffer.copy_from_path(path)
-        if keys is None:
-            keys = sorted(rb.keys())
-        elif sorted(rb.keys()) != keys:
-            raise ReplayBufferError(f"{path}: keys {sorted(rb.keys())} differ from the first input's {keys}")
-        for i in range(rb.n_episodes):
-            merged.add_episode(rb.get_episode(i, copy=True))
+    bufs = [ReplayBuffer.copy_from_path(p) for p in inputs]
+    keys = sorted(bufs[0].keys())
+    for path, rb in zip(inputs[1:], bufs[1:]):
+        if sorted(rb.keys()) != keys:
+            raise ReplayBufferError(f"{path}: keys {sorted(rb.keys())} differ from {inputs[0]}'s {keys}")
+        for k in keys:
+            if rb[k].shape[1:] != bufs[0][k].shape[1:]:
+                raise ReplayBufferError(f"{path}: data/{k} has per-step shape {rb[k].shape[1:]}, "
+                                        f"{inputs[0]} has {bufs[0][k].shape[1:]}")
+    offsets = np.cumsum([0] + [rb.n_steps for rb in bufs[:-1]])
+    ends = np.concatenate([rb.episode_ends + off for rb, off in zip(bufs, offsets)])
+    merged = ReplayBuffer.from_arrays({k: np.concatenate([rb[k] for rb in bufs]) for k in keys}, ends,
+                                      source=" + ".join(map(str, inputs)))
     merged.save_to_path(out, overwrite=overwrite)
     return merged
 

@@ -193,7 +193,6 @@ def test_clean_labels_dart(env):
     noisy = run_expert_episode(100000, action_noise=0.2, max_steps=12, env=env, record=True, expert_seed=1)["record"]
     noisy_cl = run_expert_episode(100000, action_noise=0.2, max_steps=12, env=env, record=True, expert_seed=1,
                                   label="clean")["record"]
-    np.testing.assert_allclose(np.stack(noisy_cl["obs"][0]["object-state"]), noisy["obs"][0]["object-state"])
     d = np.abs(np.stack(noisy_cl["actions"]) - np.stack(noisy["actions"]))[:, :6]  # noise on the arm dims
     assert d.mean() > 0.05, d.mean()
     # clean_goal_abs: a clean command differing by +1 in x moves the goal by 5 cm; rotation is composed

@@ -117,6 +117,7 @@ class TransportExpert:
         self.t = 0
         self.arms = [_Arm(0), _Arm(1)]
         self.events: list[tuple[int, int, str]] = []
+        self.last_clean: np.ndarray | None = None  # the last command before noise (act_delta)
 
     # ------------------------------------------------------------------ env access
     def reset(self, env) -> "TransportExpert":
@@ -617,6 +618,9 @@ def run_expert_episode(
     if own:
         keys = tuple(LOWDIM_SHAPES) + tuple(image_keys)
         env = TransportEnv(obs_keys=keys, enable_render=False, lite_physics=lite_physics)
+    if label == "clean" and env.abs_action:
+        raise ValueError("run_expert_episode: label='clean' needs a delta-action env (the labels are derived from "
+                         "the delta command and the controller goal it set)")
     expert = TransportExpert(seed if expert_seed is None else expert_seed, action_noise=action_noise)
     t0 = time.time()
     env.reset(seed=seed)
@@ -634,8 +638,6 @@ def run_expert_episode(
         if record:
             g = controller_goal_abs(env)
             if label == "clean":
-                if env.abs_action:
-                    raise ValueError("run_expert_episode: label='clean' needs a delta-action env")
                 sent, clean = np.asarray(act, np.float64), np.asarray(expert.last_clean, np.float64)
                 rec["actions"].append(clean)
                 rec["actions_abs"].append(clean_goal_abs(g, sent, clean))

@@ -132,9 +132,10 @@ class Runner:
             return self.mod(*args).numpy()
 
 
-def parity(policy, runner: Runner, steps: int, n: int, seed: int = 0) -> tuple[float, float]:
+def parity(policy, runner: Runner, steps: int, n: int, seed: int = 0) -> tuple[float, float, np.ndarray]:
     """max |exported - policy.predict_action| over n random observations, the same noise for both: in action units
-    and in the normalised [-1, 1] action space (float32 rounding scales with the action magnitude)."""
+    and in the normalised [-1, 1] action space (float32 rounding scales with the action magnitude); and the
+    exported outputs themselves (for ``float32_reference``)."""
     obs = random_observations(policy, n, seed)
     noise = fixed_noise(policy, n, seed)
     ref = policy.predict_action(obs, steps=steps, generator=torch.Generator().manual_seed(seed))
@@ -144,37 +145,28 @@ def parity(policy, runner: Runner, steps: int, n: int, seed: int = 0) -> tuple[f
     diff = float(np.abs(got.astype(np.float64) - ref.astype(np.float64)).max())
     norm = policy.normalizer["action"]
     ndiff = (norm.normalize(torch.as_tensor(got, dtype=torch.float64)) - norm.normalize(torch.as_tensor(ref, dtype=torch.float64)))
-    return diff, float(ndiff.abs().max())
+    return diff, float(ndiff.abs().max()), got
 
 
-def torch_float32_floor(module: ExportablePolicy, policy, n: int, seed: int = 0) -> float:
-    """max |PyTorch batched - PyTorch one observation at a time| on the parity inputs: how far float32 PyTorch
-    disagrees with itself (different kernels / summation order per batch size). Exported-graph differences of the
-    same size are float32 rounding, not an export error."""
-    obs = random_observations(policy, n, seed)
-    noise = fixed_noise(policy, n, seed)
-    args = [torch.as_tensor(obs[k]) for k in module.keys] + [noise]
-    with torch.no_grad():
-        batched = module(*args)
-        single = torch.cat([module(*[a[i : i + 1] for a in args]) for i in range(n)])
-    return float((batched.double() - single.double()).abs().max())
+def float32_reference(module: ExportablePolicy, policy, got: np.ndarray, n: int, seed: int = 0) -> dict:
+    """How big float32 rounding is on the parity inputs, so the parity difference can be read against it:
 
-
-def float64_errors(module: ExportablePolicy, runner: Runner, policy, n: int, seed: int = 0) -> tuple[float, float]:
-    """(PyTorch float32, exported graph) max |. - exact| in action units, "exact" = the same module in float64 on
-    the parity inputs. When the two are alike, the exported graph is as accurate as PyTorch itself and the parity
-    difference is float32 rounding. (onnxruntime's CPU provider has no float64 Conv, so the graph stays float32.)"""
+    * ``torch_batch1_vs_batched_diff``: max |PyTorch batched - PyTorch one observation at a time| (PyTorch float32
+      disagreeing with itself: other kernels / summation order per batch size);
+    * ``torch_fp32_vs_fp64`` and ``exported_vs_fp64``: PyTorch float32 and the exported outputs ``got`` against the
+      same module run in float64 ("exact"; onnxruntime's CPU provider has no float64 Conv, so the graph stays
+      float32). When the two are alike, the exported graph is as accurate as PyTorch itself."""
     import copy
 
     obs = random_observations(policy, n, seed)
-    noise = fixed_noise(policy, n, seed)
-    args = [torch.as_tensor(obs[k]) for k in module.keys] + [noise]
-    m64 = copy.deepcopy(module).double()
+    args = [torch.as_tensor(obs[k]) for k in module.keys] + [fixed_noise(policy, n, seed)]
     with torch.no_grad():
-        exact = m64(*[a.double() for a in args])
-        fp32 = module(*args).double()
-    got = torch.as_tensor(runner(obs, noise.numpy()), dtype=torch.float64)
-    return float((fp32 - exact).abs().max()), float((got - exact).abs().max())
+        batched = module(*args).double()
+        single = torch.cat([module(*[a[i : i + 1] for a in args]) for i in range(n)]).double()
+        exact = copy.deepcopy(module).double()(*[a.double() for a in args])
+    return {"torch_batch1_vs_batched_diff": float((batched - single).abs().max()),
+            "torch_fp32_vs_fp64": float((batched - exact).abs().max()),
+            "exported_vs_fp64": float((torch.as_tensor(got, dtype=torch.float64) - exact).abs().max())}
 
 
 def _median_ms(fn, n: int, warmup: int = 5) -> float:
@@ -211,9 +203,8 @@ def export_command(cfg, run_dir) -> dict:
     else:
         export_torchscript(module, example, out, overwrite=bool(cfg.overwrite))
     runner = Runner(out, fmt, module.keys, threads=threads)
-    diff, ndiff = parity(policy, runner, steps, int(cfg.n_parity), seed)
-    floor = torch_float32_floor(module, policy, int(cfg.n_parity), seed)
-    err_torch, err_exported = float64_errors(module, runner, policy, int(cfg.n_parity), seed)
+    diff, ndiff, got = parity(policy, runner, steps, int(cfg.n_parity), seed)
+    rounding = float32_reference(module, policy, got, int(cfg.n_parity), seed)
     # batch-1 latency: the exported graph vs the PyTorch policy (predict_action, as deploy calls it)
     obs1 = random_observations(policy, 1, seed + 1)
     noise1 = fixed_noise(policy, 1, seed + 1).numpy()
@@ -231,7 +222,8 @@ def export_command(cfg, run_dir) -> dict:
     tmp.write_text(json.dumps(meta, indent=2))
     os.replace(tmp, side)
     res = {"format": fmt, "file": str(out), "steps": steps, "max_abs_diff": diff, "max_abs_diff_normalized": ndiff,
-           "torch_batch1_vs_batched_diff": floor, "torch_fp32_vs_fp64": err_torch, f"{fmt}_vs_fp64": err_exported,
+           "torch_batch1_vs_batched_diff": rounding["torch_batch1_vs_batched_diff"],
+           "torch_fp32_vs_fp64": rounding["torch_fp32_vs_fp64"], f"{fmt}_vs_fp64": rounding["exported_vs_fp64"],
            "n_parity": int(cfg.n_parity),
            "torch_latency_ms": torch_ms, "threads": threads}
     res["onnx_latency_ms" if fmt == "onnx" else "torchscript_latency_ms"] = exp_ms
