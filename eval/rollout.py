@@ -628,6 +628,15 @@ def eval_command(cfg, run_dir) -> dict:
         policy = _load_checkpoint_policy(str(ckpt), device)
         if bool(_cfg_get(cfg, "use_checkpoint_task", True)):
             task_cfg = _policy_task_cfg(policy) or task_cfg
+        n_act = _cfg_get(cfg, "n_action_steps", None)
+        if n_act is not None:  # execute a different number of each chunk's actions than the policy was trained with
+            n_act = check_int("n_action_steps", n_act, 1)
+            room = policy.horizon - policy.n_obs_steps + 1
+            if n_act > room:
+                raise ValueError(f"n_action_steps={n_act}: the policy predicts horizon {policy.horizon} with "
+                                 f"n_obs_steps {policy.n_obs_steps}, so at most {room} actions can be executed")
+            policy.n_action_steps = n_act
+            task_cfg = {**_to_plain(task_cfg), "n_action_steps": n_act}
     if task_cfg is None:
         raise ValueError("eval: no task config (task=pusht_lowdim|pusht_image|...)")
     tev = _cfg_get(task_cfg, "eval", {}) or {}
@@ -637,10 +646,13 @@ def eval_command(cfg, run_dir) -> dict:
     n_videos = _cfg_get(cfg, "n_videos", _cfg_get(tev, "n_videos", 2))
     steps = _cfg_get(cfg, "steps", [1])
     steps = list(steps) if isinstance(_to_plain(steps), (list, tuple)) else [steps]
-    return evaluate(task_cfg, policy=policy, steps_list=steps, n_episodes=n_episodes, seed_start=seed_start,
-                    n_workers=workers, n_videos=n_videos, run_dir=run_dir, expert_spec=_cfg_get(cfg, "expert"),
-                    timeout=float(_cfg_get(cfg, "timeout_s", 600.0)), progress=bool(_cfg_get(cfg, "progress", True)),
-                    envs_per_worker=_cfg_get(cfg, "envs_per_worker", _cfg_get(tev, "envs_per_worker", None)))
+    res = evaluate(task_cfg, policy=policy, steps_list=steps, n_episodes=n_episodes, seed_start=seed_start,
+                   n_workers=workers, n_videos=n_videos, run_dir=run_dir, expert_spec=_cfg_get(cfg, "expert"),
+                   timeout=float(_cfg_get(cfg, "timeout_s", 600.0)), progress=bool(_cfg_get(cfg, "progress", True)),
+                   envs_per_worker=_cfg_get(cfg, "envs_per_worker", _cfg_get(tev, "envs_per_worker", None)))
+    if policy is not None:
+        res["n_action_steps"] = policy.n_action_steps
+    return res
 
 
 __all__ = ["evaluate", "eval_command", "make_env", "run_expert", "run_policy", "check_int", "ENV_MODULES", "EXPERTS"]

@@ -95,13 +95,14 @@ class Policy(nn.Module):
         steps = self.check_steps(self.default_steps if steps is None else steps)
         self._check_obs(obs, self.n_obs_steps, "predict_action")
         dev = self.device
-        obs_t = {k: torch.as_tensor(np.asarray(v) if not isinstance(v, torch.Tensor) else v, dtype=torch.float32,
+        dtype = next(self.net.parameters()).dtype  # float32; float64 for a policy.double() reference (export parity)
+        obs_t = {k: torch.as_tensor(np.asarray(v) if not isinstance(v, torch.Tensor) else v, dtype=dtype,
                                     device=dev)[:, -self.n_obs_steps:]
                  for k, v in obs.items() if k in self.obs_encoder.obs_shapes}
         nobs = self.normalizer.normalize(obs_t)
         cond = self.obs_encoder(nobs)
         B = cond.shape[0]
-        x0 = torch.randn(B, self.horizon, self.action_dim, device=dev, generator=generator)
+        x0 = torch.randn(B, self.horizon, self.action_dim, device=dev, generator=generator).to(dtype)
         if isinstance(self.objective, Diffusion):
             sample_kw.setdefault("generator", generator)
         naction = self.objective.sample(self.net, x0, cond, steps=steps, **sample_kw).clamp(-1.0, 1.0)

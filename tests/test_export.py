@@ -40,3 +40,36 @@ def test_export_parity_and_no_overwrite(ckpt, tmp_path, fmt, ext):
 def test_export_rejects_bad_format(ckpt, tmp_path):
     with pytest.raises(ValueError, match="format='tflite'"):
         cli.run_verb("export", [f"checkpoint={ckpt}", "format=tflite", f"run_dir={tmp_path}"])
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_float64_export_matches_the_float64_policy(ckpt, tmp_path, fmt):
+    """precision=float64: layers lowered to elementary ops (onnxruntime has no float64 Conv); the graph agrees with
+    the PyTorch policy in float64 far below float32 rounding, and float64 inputs are what it takes."""
+    out = tmp_path / "p64"
+    res = cli.run_verb("export", [f"checkpoint={ckpt}", f"format={fmt}", f"out={out}", "precision=float64",
+                                  "n_parity=20", "n_timing=3", f"run_dir={tmp_path / 'r'}"])
+    assert res["precision"] == "float64"
+    assert res["max_abs_diff"] <= 1e-9 and res[f"{fmt}_vs_fp64"] <= 1e-9
+    assert res["torch_fp32_vs_fp64"] > 1e3 * res["max_abs_diff"]  # float32 rounding would have dominated
+    assert json.loads((tmp_path / "p64.json").read_text())["precision"] == "float64"
+    if fmt == "onnx":
+        import onnx
+
+        graph = onnx.load(str(out)).graph
+        assert {n.op_type for n in graph.node}.isdisjoint({"Conv", "ConvTranspose", "Softplus", "Mish"})
+        assert graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.DOUBLE
+
+
+def test_float64_export_rejects_bad_precision(ckpt, tmp_path):
+    with pytest.raises(ValueError, match="precision='float16'"):
+        cli.run_verb("export", [f"checkpoint={ckpt}", "format=onnx", "precision=float16", f"run_dir={tmp_path}"])
+
+
+def test_eval_n_action_steps_override(ckpt, tmp_path):
+    """eval n_action_steps=N executes N actions of each chunk (reported); more than the horizon allows is an error."""
+    res = cli.run_verb("eval", [f"checkpoint={ckpt}", "n_action_steps=3", "n_episodes=1", "workers=1", "n_videos=0",
+                                "progress=false", f"run_dir={tmp_path / 'e'}"])
+    assert res["n_action_steps"] == 3 and res["n_episodes"] == 1
+    with pytest.raises(ValueError, match="n_action_steps=16: .* at most 15"):
+        cli.run_verb("eval", [f"checkpoint={ckpt}", "n_action_steps=16", "n_episodes=1", f"run_dir={tmp_path / 'f'}"])

@@ -8,9 +8,15 @@ parity check; zeros are a valid deterministic choice too). Then checks parity ag
 noise (max abs difference over ``n_parity`` random observations drawn within the normaliser's observed range) and
 times onnxruntime / TorchScript against the PyTorch policy at batch 1. Files are written to a temp name, then renamed;
 an existing file is only replaced with ``overwrite=true``. A ``<out>.json`` sidecar describes inputs and outputs.
+
+``precision=float64`` exports the graph in float64 instead: onnxruntime's CPU provider has no float64 Conv, so the
+layers are first rewritten into elementary ops (``lowering.lower_module``), and the parity reference is the PyTorch
+policy in float64 (``policy.double()``), so the parity figure measures the export alone, not float32 rounding (which is
+~2e-4 px for a Push-T policy whose outputs reach 500 px: ``torch_fp32_vs_fp64``). Inputs are then float64 arrays.
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import time
@@ -58,7 +64,8 @@ def random_observations(policy, n: int, seed: int = 0) -> dict[str, np.ndarray]:
             out[k] = rng.uniform(0, 1, shape).astype(np.float32)
         else:
             st = policy.normalizer[k].get_input_stats()
-            lo, hi = st["min"].cpu().numpy(), st["max"].cpu().numpy()
+            # float64 arithmetic whatever the policy's dtype: a policy.double() copy draws the same observations
+            lo, hi = st["min"].cpu().double().numpy(), st["max"].cpu().double().numpy()
             out[k] = (lo + (hi - lo) * rng.uniform(0, 1, shape)).astype(np.float32)
     return out
 
@@ -110,8 +117,8 @@ def export_torchscript(module: ExportablePolicy, example: tuple, out: Path, over
 class Runner:
     """Call an exported file like the policy: run(obs: dict of (B, To, ...) arrays, noise (B, H, Da)) -> (B, Ta, Da)."""
 
-    def __init__(self, path: Path, fmt: str, keys: list[str], threads: int = 1):
-        self.fmt, self.keys = fmt, keys
+    def __init__(self, path: Path, fmt: str, keys: list[str], threads: int = 1, dtype=np.float32):
+        self.fmt, self.keys, self.dtype = fmt, keys, np.dtype(dtype)
         if fmt == "onnx":
             import onnxruntime as ort
 
@@ -124,11 +131,12 @@ class Runner:
 
     def __call__(self, obs, noise):
         if self.fmt == "onnx":
-            feed = {k: np.ascontiguousarray(obs[k], dtype=np.float32) for k in self.keys}
-            feed["noise"] = np.ascontiguousarray(noise, dtype=np.float32)
+            feed = {k: np.ascontiguousarray(obs[k], dtype=self.dtype) for k in self.keys}
+            feed["noise"] = np.ascontiguousarray(noise, dtype=self.dtype)
             return self.sess.run(["action"], feed)[0]
         with torch.no_grad():
-            args = [torch.as_tensor(obs[k], dtype=torch.float32) for k in self.keys] + [torch.as_tensor(noise)]
+            tdt = torch.float64 if self.dtype == np.float64 else torch.float32
+            args = [torch.as_tensor(np.asarray(obs[k]), dtype=tdt) for k in self.keys] + [torch.as_tensor(np.asarray(noise), dtype=tdt)]
             return self.mod(*args).numpy()
 
 
@@ -154,10 +162,8 @@ def float32_reference(module: ExportablePolicy, policy, got: np.ndarray, n: int,
     * ``torch_batch1_vs_batched_diff``: max |PyTorch batched - PyTorch one observation at a time| (PyTorch float32
       disagreeing with itself: other kernels / summation order per batch size);
     * ``torch_fp32_vs_fp64`` and ``exported_vs_fp64``: PyTorch float32 and the exported outputs ``got`` against the
-      same module run in float64 ("exact"; onnxruntime's CPU provider has no float64 Conv, so the graph stays
-      float32). When the two are alike, the exported graph is as accurate as PyTorch itself."""
-    import copy
-
+      same module run in float64 ("exact"). For a float32 graph: when the two are alike, the exported graph is as
+      accurate as PyTorch itself. For a float64 graph, ``exported_vs_fp64`` is the lowering's error alone."""
     obs = random_observations(policy, n, seed)
     args = [torch.as_tensor(obs[k]) for k in module.keys] + [fixed_noise(policy, n, seed)]
     with torch.no_grad():
@@ -188,22 +194,33 @@ def export_command(cfg, run_dir) -> dict:
         raise ValueError(f"format={fmt!r}: expected one of {sorted(FORMATS)}")
     if not cfg.get("checkpoint"):
         raise ValueError("export: checkpoint=PATH is required")
+    precision = str(cfg.get("precision") or "float32")
+    if precision not in ("float32", "float64"):
+        raise ValueError(f"precision={precision!r}: expected float32 or float64")
     threads = int(cfg.get("threads") or 1)
     torch.set_num_threads(threads)
     policy = load_policy(cfg.checkpoint, device="cpu", weights=cfg.get("weights"))
     steps = policy.check_steps(int(cfg.steps))
     module = ExportablePolicy(policy, steps).eval()
+    ref_policy, graph, dtype = policy, module, np.float32
+    if precision == "float64":
+        from shortcut_policy.deploy.lowering import lower_module
+
+        ref_policy = copy.deepcopy(policy).double()
+        graph, dtype = lower_module(module).double().eval(), np.float64
     ckpt = Path(str(cfg.checkpoint))
-    out = Path(str(cfg.out)) if cfg.get("out") else ckpt.with_name(f"{ckpt.stem}_{steps}step{FORMATS[fmt]}")
+    suffix = "_fp64" if precision == "float64" else ""
+    out = Path(str(cfg.out)) if cfg.get("out") else ckpt.with_name(f"{ckpt.stem}_{steps}step{suffix}{FORMATS[fmt]}")
     seed = int(cfg.seed)
     ex_obs = random_observations(policy, 2, seed)
-    example = tuple(torch.as_tensor(ex_obs[k]) for k in module.keys) + (fixed_noise(policy, 2, seed),)
+    tdt = torch.float64 if precision == "float64" else torch.float32
+    example = tuple(torch.as_tensor(ex_obs[k], dtype=tdt) for k in module.keys) + (fixed_noise(policy, 2, seed).to(tdt),)
     if fmt == "onnx":
-        export_onnx(module, example, out, overwrite=bool(cfg.overwrite), opset=int(cfg.opset))
+        export_onnx(graph, example, out, overwrite=bool(cfg.overwrite), opset=int(cfg.opset))
     else:
-        export_torchscript(module, example, out, overwrite=bool(cfg.overwrite))
-    runner = Runner(out, fmt, module.keys, threads=threads)
-    diff, ndiff, got = parity(policy, runner, steps, int(cfg.n_parity), seed)
+        export_torchscript(graph, example, out, overwrite=bool(cfg.overwrite))
+    runner = Runner(out, fmt, module.keys, threads=threads, dtype=dtype)
+    diff, ndiff, got = parity(ref_policy, runner, steps, int(cfg.n_parity), seed)
     rounding = float32_reference(module, policy, got, int(cfg.n_parity), seed)
     # batch-1 latency: the exported graph vs the PyTorch policy (predict_action, as deploy calls it)
     obs1 = random_observations(policy, 1, seed + 1)
@@ -211,8 +228,12 @@ def export_command(cfg, run_dir) -> dict:
     gen = torch.Generator().manual_seed(seed)
     n = int(cfg.n_timing)
     exp_ms = _median_ms(lambda: runner(obs1, noise1), n)
-    torch_ms = _median_ms(lambda: policy.predict_action(obs1, steps=steps, generator=gen), n)
+    torch_ms = _median_ms(lambda: ref_policy.predict_action(obs1, steps=steps, generator=gen), n)
+    extra = {}
+    if precision == "float64":  # what the float32 PyTorch policy costs, for comparison
+        extra["torch_float32_latency_ms"] = _median_ms(lambda: policy.predict_action(obs1, steps=steps, generator=gen), n)
     meta = {"format": fmt, "file": str(out), "checkpoint": str(ckpt), "task": policy.task_name, "steps": steps,
+            "precision": precision,
             "inputs": {k: ["B", policy.n_obs_steps, *policy.obs_encoder.obs_shapes[k]] for k in module.keys}
             | {"noise": ["B", policy.horizon, policy.action_dim]},
             "output": {"action": ["B", policy.n_action_steps, policy.action_dim]}, "parity_noise_seed": seed,
@@ -221,11 +242,12 @@ def export_command(cfg, run_dir) -> dict:
     tmp = side.with_name(f".{side.name}.tmp{os.getpid()}")
     tmp.write_text(json.dumps(meta, indent=2))
     os.replace(tmp, side)
-    res = {"format": fmt, "file": str(out), "steps": steps, "max_abs_diff": diff, "max_abs_diff_normalized": ndiff,
+    res = {"format": fmt, "file": str(out), "steps": steps, "precision": precision,
+           "max_abs_diff": diff, "max_abs_diff_normalized": ndiff,
            "torch_batch1_vs_batched_diff": rounding["torch_batch1_vs_batched_diff"],
            "torch_fp32_vs_fp64": rounding["torch_fp32_vs_fp64"], f"{fmt}_vs_fp64": rounding["exported_vs_fp64"],
            "n_parity": int(cfg.n_parity),
-           "torch_latency_ms": torch_ms, "threads": threads}
+           "torch_latency_ms": torch_ms, **extra, "threads": threads}
     res["onnx_latency_ms" if fmt == "onnx" else "torchscript_latency_ms"] = exp_ms
     if fmt == "onnx":
         import onnx
