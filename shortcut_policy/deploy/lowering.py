@@ -5,7 +5,7 @@ Log, Tanh, Sin, Cos and the like, but none for ``Conv``, ``ConvTranspose``, ``So
 onnxruntime 1.2x: "Could not find an implementation for Conv(11) node ... tensor(double)"). ``lower_module`` returns a
 deep copy of a module in which
 
-* ``nn.Conv1d``          -> ``MatmulConv1d``         (sum over kernel taps of a channel matmul on a strided slice),
+* ``nn.Conv1d``          -> ``MatmulConv1d``         (im2col: the K strided slices stacked, one matmul),
 * ``nn.ConvTranspose1d`` -> ``MatmulConvTranspose1d`` (zero insertion, padding, then the flipped kernel as a conv),
 * ``nn.GroupNorm``       -> ``ElementaryGroupNorm``   (mean / biased variance over each group, like PyTorch),
 * ``nn.Mish``            -> ``ElementaryMish``        (x * tanh(log(1 + exp(x))), linear above x = 20),
@@ -24,7 +24,7 @@ from torch import nn
 
 
 class MatmulConv1d(nn.Module):
-    """nn.Conv1d (groups=1, zero padding) as a sum of K matmuls on strided slices of the padded input."""
+    """nn.Conv1d (groups=1, zero padding) as one matmul on the K strided slices of the padded input (im2col)."""
 
     def __init__(self, conv: nn.Conv1d):
         super().__init__()
@@ -40,11 +40,9 @@ class MatmulConv1d(nn.Module):
         K, s, dil = self.weight.shape[-1], self.stride, self.dil
         L = x.shape[-1]
         n_out = (L - dil * (K - 1) - 1) // s + 1
-        y = None
-        for k in range(K):
-            xs = x[:, :, k * dil : k * dil + s * (n_out - 1) + 1 : s]  # (B, C, L_out)
-            term = torch.matmul(self.weight[:, :, k], xs)              # (O, C) @ (B, C, L_out)
-            y = term if y is None else y + term
+        # im2col: the K strided slices stacked on the channel axis, then ONE matmul with the (O, K*C) weight
+        cols = torch.cat([x[:, :, k * dil : k * dil + s * (n_out - 1) + 1 : s] for k in range(K)], dim=1)
+        y = torch.matmul(self.weight.permute(0, 2, 1).reshape(self.weight.shape[0], -1), cols)
         if self.bias is not None:
             y = y + self.bias[:, None]
         return y
@@ -70,10 +68,8 @@ class MatmulConvTranspose1d(nn.Module):
         lo = K - 1 - self.pad
         x = F.pad(x, (lo, lo + self.out_pad))
         n_out = x.shape[-1] - K + 1
-        y = None
-        for k in range(K):
-            term = torch.matmul(self.weight[:, :, k], x[:, :, k : k + n_out])
-            y = term if y is None else y + term
+        cols = torch.cat([x[:, :, k : k + n_out] for k in range(K)], dim=1)  # im2col, as in MatmulConv1d
+        y = torch.matmul(self.weight.permute(0, 2, 1).reshape(self.weight.shape[0], -1), cols)
         if self.bias is not None:
             y = y + self.bias[:, None]
         return y
