@@ -174,7 +174,8 @@ class RolloutEvaluator:
                        seed_start=self.seed_start, n_workers=self.n_workers, progress=False,
                        envs_per_worker=self.envs_per_worker)
         n = self.steps
-        return {"test_mean_score": res[f"mean_score@{n}"], "test_success_rate": res[f"success_rate@{n}"]}
+        return {"test_mean_score": res[f"mean_score@{n}"], "test_success_rate": res[f"success_rate@{n}"],
+                "seed_start": self.seed_start, "n_episodes": self.n_episodes}
 
 
 def build_policy_training(cfg, run_dir):
@@ -185,8 +186,10 @@ def build_policy_training(cfg, run_dir):
     evaluator = None
     if int(tcfg.get("eval_every") or 0) > 0:
         ev = to_plain(cfg["task"]).get("eval", {})
-        evaluator = RolloutEvaluator(to_plain(cfg["task"]), int(tcfg.get("eval_episodes", ev.get("n_episodes", 50))),
-                                     int(ev.get("seed_start", 100000)), steps=int(tcfg.get("eval_steps", 1)),
+        n_eval = tcfg.get("eval_episodes") or ev.get("n_episodes", 50)
+        seed_start = tcfg.get("eval_seed_start")
+        seed_start = ev.get("seed_start", 100000) if seed_start is None else seed_start
+        evaluator = RolloutEvaluator(to_plain(cfg["task"]), int(n_eval), int(seed_start), steps=int(tcfg.get("eval_steps", 1)),
                                      run_dir=run_dir, n_workers=ev.get("n_workers"),
                                      envs_per_worker=ev.get("envs_per_worker"))
     return policy, train_ds, val_ds, evaluator

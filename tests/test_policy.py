@@ -168,3 +168,18 @@ def test_killed_training_resumes_from_last_checkpoint(zarr_path, tmp_path):
     assert f"resumed from {last} at step {done}" in out.stdout
     result = json.loads(out.stdout.strip().splitlines()[-1][len("RESULT "):])
     assert result["steps"] == done + 2
+
+
+def test_rollout_evaluation_during_training_on_chosen_seeds(zarr_path, tmp_path):
+    """train.eval_seed_start / eval_episodes: rollouts during training on seeds disjoint from the test seeds select
+    the top-k checkpoints; the logged metrics say which seeds were used."""
+    res = cli.run_verb("train", ["task=pusht_lowdim", f"task.dataset.zarr_path={zarr_path}", *TINY,
+                                 "train.num_steps=2", "train.eval_every=2", "train.eval_episodes=1",
+                                 "train.eval_seed_start=200000", "task.max_steps=16", "task.eval.n_workers=1",
+                                 "task.eval.n_videos=0", f"run_dir={tmp_path}"])
+    logs = [json.loads(line) for line in (tmp_path / "logs.jsonl").read_text().splitlines()]
+    evals = [r for r in logs if "eval/test_mean_score" in r]
+    assert len(evals) == 1 and evals[0]["eval/seed_start"] == 200000 and evals[0]["eval/n_episodes"] == 1
+    topk = json.loads((tmp_path / "checkpoints" / "topk.json").read_text())
+    assert topk[0]["step"] == 2 and (tmp_path / "checkpoints" / topk[0]["path"]).is_file()
+    assert res["best_test_mean_score"] == pytest.approx(evals[0]["eval/test_mean_score"])
