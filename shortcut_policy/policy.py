@@ -174,8 +174,9 @@ class RolloutEvaluator:
                        seed_start=self.seed_start, n_workers=self.n_workers, progress=False,
                        envs_per_worker=self.envs_per_worker)
         n = self.steps
+        stages = {f"stage/{k}": v for k, v in (res.get(f"stage_rate@{n}") or {}).items()}  # Transport: how far episodes get
         return {"test_mean_score": res[f"mean_score@{n}"], "test_success_rate": res[f"success_rate@{n}"],
-                "seed_start": self.seed_start, "n_episodes": self.n_episodes}
+                "seed_start": self.seed_start, "n_episodes": self.n_episodes, **stages}
 
 
 def build_policy_training(cfg, run_dir):

@@ -180,6 +180,7 @@ def test_rollout_evaluation_during_training_on_chosen_seeds(zarr_path, tmp_path)
     logs = [json.loads(line) for line in (tmp_path / "logs.jsonl").read_text().splitlines()]
     evals = [r for r in logs if "eval/test_mean_score" in r]
     assert len(evals) == 1 and evals[0]["eval/seed_start"] == 200000 and evals[0]["eval/n_episodes"] == 1
+    assert not any(k.startswith("eval/stage/") for k in evals[0])  # Push-T reports no task stages
     topk = json.loads((tmp_path / "checkpoints" / "topk.json").read_text())
     assert topk[0]["step"] == 2 and (tmp_path / "checkpoints" / topk[0]["path"]).is_file()
     assert res["best_test_mean_score"] == pytest.approx(evals[0]["eval/test_mean_score"])
