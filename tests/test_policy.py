@@ -184,3 +184,8 @@ def test_rollout_evaluation_during_training_on_chosen_seeds(zarr_path, tmp_path)
     topk = json.loads((tmp_path / "checkpoints" / "topk.json").read_text())
     assert topk[0]["step"] == 2 and (tmp_path / "checkpoints" / topk[0]["path"]).is_file()
     assert res["best_test_mean_score"] == pytest.approx(evals[0]["eval/test_mean_score"])
+    # the top-k file is usable as a command-line override (no '=' in its name): fine-tune from it through the CLI
+    best = tmp_path / "checkpoints" / topk[0]["path"]
+    res2 = cli.run_verb("train", ["task=pusht_lowdim", f"task.dataset.zarr_path={zarr_path}", *TINY, "train.num_steps=1",
+                                  f"train.init_weights={best}", f"run_dir={tmp_path / 'ft'}"])
+    assert res2["steps"] == 1

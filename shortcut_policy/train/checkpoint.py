@@ -47,7 +47,8 @@ class TopK:
             return None
         if len(self.entries) >= self.k and score <= min(e["score"] for e in self.entries):
             return None
-        name = f"step={step:07d}-{self.key}={score:.3f}.ckpt"
+        # no '=' in the name: every verb takes `checkpoint=PATH` as a Hydra override, which would reject it
+        name = f"step{step:07d}-{self.key}_{score:.3f}.ckpt"
         path = save_checkpoint(self.dir / name, payload)
         self.entries.append({"step": step, "score": float(score), "path": name})
         self.entries.sort(key=lambda e: -e["score"])
