@@ -147,4 +147,8 @@ def bench_command(cfg, run_dir):
         from .bench_images import run_bench_images
 
         return run_bench_images(cfg, Path(run_dir))
-    raise ValueError(f"bench {what!r}: expected one of toy, policy, images")
+    if what == "policies":
+        from .bench_policies import run_bench_policies
+
+        return run_bench_policies(cfg, Path(run_dir))
+    raise ValueError(f"bench {what!r}: expected one of toy, policy, images, policies")

@@ -155,8 +155,9 @@ def build_generator(cfg, vae=None) -> ImageGenerator:
 
     task = cfg.task
     channels, size = generator_dims(task)
-    net = build_net(cfg.net, input_size=size, in_channels=channels, num_classes=int(task.num_classes))
     objective = build_objective(cfg.objective)
+    net = build_net(cfg.net, step_input=objective.step_input, input_size=size, in_channels=channels,
+                    num_classes=int(task.num_classes))
     space = task.get("space", "pixel")
     return ImageGenerator(
         net, objective, vae=vae, num_classes=int(task.num_classes), class_conditional=bool(task.class_conditional),

@@ -120,8 +120,9 @@ def build_policy(cfg, normalizer) -> Policy:
     encoder = ObsEncoder(task["obs_shapes"], task.get("lowdim_keys", []), task.get("image_keys", []),
                          task["n_obs_steps"], crop_shape=task.get("crop_shape"), feature_dim=enc_cfg.get("feature_dim", 64),
                          resnet_width=enc_cfg.get("resnet_width", 64))
-    net = build_net(cfg["net"], input_dim=task["action_dim"], global_cond_dim=encoder.out_dim)
     objective = build_objective(cfg["objective"])
+    net = build_net(cfg["net"], step_input=objective.step_input, input_dim=task["action_dim"],
+                    global_cond_dim=encoder.out_dim)
     policy = Policy(net, objective, encoder, normalizer, horizon=task["horizon"], n_obs_steps=task["n_obs_steps"],
                     n_action_steps=task["n_action_steps"], action_dim=task["action_dim"],
                     default_steps=int(task.get("default_steps", 1)), task_name=task.get("name", ""))

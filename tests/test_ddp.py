@@ -60,10 +60,23 @@ def _policy_cfg():
     return cfg
 
 
+def _meanflow_cfg():
+    """The policy task with objective=meanflow: its JVP target must not bypass DDP's gradient synchronisation."""
+    cfg = _policy_cfg()
+    cfg.objective = {"name": "meanflow", "m": 128, "flow_fraction": 0.5, "time_dist": "logit_normal",
+                     "logit_mean": 0.4, "logit_std": 1.0, "adaptive_p": 1.0, "adaptive_c": 1e-3, "jvp": "autograd"}
+    return cfg
+
+
+def _cfg_of(name):
+    return {"policy": _policy_cfg, "meanflow": _meanflow_cfg}.get(name, lambda: _cfg(name))()
+
+
 def _build(name):
-    """(model, global batch) for 'shortcut' / 'flow_matching' (image DiT on digits) or 'policy' (UNet1D, shortcut)."""
+    """(model, global batch) for 'shortcut' / 'flow_matching' (image DiT on digits), 'policy' (UNet1D, shortcut) or
+    'meanflow' (UNet1D, MeanFlow)."""
     torch.manual_seed(0)
-    if name == "policy":
+    if name in ("policy", "meanflow"):
         from shortcut_policy.datasets.normalizer import LinearNormalizer
         from shortcut_policy.policy import build_policy
 
@@ -72,7 +85,7 @@ def _build(name):
         action = torch.rand(WORLD * B_LOCAL, 16, 2, generator=g) * 500
         norm = LinearNormalizer().fit({"obs": obs.reshape(-1, 20), "action": action.reshape(-1, 2)})
         torch.manual_seed(0)
-        return build_policy(_policy_cfg(), norm), {"obs": {"obs": obs}, "action": action}
+        return build_policy(_cfg_of(name), norm), {"obs": {"obs": obs}, "action": action}
     from shortcut_policy.datasets.images import DigitsDataset
     from shortcut_policy.generator import build_generator
 
@@ -87,7 +100,7 @@ def _half(batch, r):
     return batch[r * B_LOCAL: (r + 1) * B_LOCAL]
 
 
-NAMES = ("shortcut", "flow_matching", "policy")
+NAMES = ("shortcut", "flow_matching", "policy", "meanflow")
 
 
 def _worker(rank, port, outdir):
@@ -102,7 +115,7 @@ def _worker(rank, port, outdir):
     out = {}
     for name in NAMES:
         try:
-            cfg = _policy_cfg() if name == "policy" else _cfg(name)
+            cfg = _cfg_of(name)
             model, batch = _build(name)
             trainer = Trainer(model, cfg, os.path.join(outdir, f"{name}{rank}"), batches=iter([_half(batch, rank)]),
                               progress=False)
@@ -126,7 +139,7 @@ def _reference(name):
     from shortcut_policy.train.ema import EMA
     from shortcut_policy.train.trainer import seed_everything
 
-    cfg = _policy_cfg() if name == "policy" else _cfg(name)
+    cfg = _cfg_of(name)
     model, batch = _build(name)
     init = {k: v.clone() for k, v in model.state_dict().items()}
     t = cfg.train
@@ -188,3 +201,11 @@ def test_ddp_policy_matches_single_process(ddp_results):
     if _normalizer_breaks_module_to():
         pytest.xfail("LinearNormalizer._apply shadows nn.Module._apply: Policy.to(device) raises (datasets/normalizer.py)")
     _check_same_as_single_process(ddp_results, "policy")
+
+
+@pytest.mark.timeout(300)
+def test_ddp_meanflow_jvp_matches_single_process(ddp_results):
+    """MeanFlow's JVP target inside DDP: same loss per rank and the same averaged update as one process."""
+    if _normalizer_breaks_module_to():
+        pytest.xfail("LinearNormalizer._apply shadows nn.Module._apply: Policy.to(device) raises (datasets/normalizer.py)")
+    _check_same_as_single_process(ddp_results, "meanflow")

@@ -2,13 +2,22 @@
 from __future__ import annotations
 
 
-def build_net(net_cfg, **dims):
-    """Instantiate a net from a configs/net/*.yaml group entry; `dims` fill task-dependent sizes."""
+def build_net(net_cfg, *, step_input: str = "level", **dims):
+    """Instantiate a net from a configs/net/*.yaml group entry; `dims` fill task-dependent sizes.
+
+    `step_input` is what the objective feeds as the third argument: "level" (dyadic log2(1/d)) or "continuous"
+    (the step size d, MeanFlow). A net config that sets `step_input` to something else raises ValueError.
+    """
     from omegaconf import OmegaConf
 
     cfg = OmegaConf.to_container(net_cfg, resolve=True) if not isinstance(net_cfg, dict) else dict(net_cfg)
     kind = cfg.pop("kind")
     cfg.pop("name", None)
+    asked = cfg.pop("step_input", None)
+    if asked not in (None, "auto", step_input):
+        raise ValueError(f"net.step_input={asked!r}, but the objective feeds a {step_input!r} step-size input "
+                         "(objective=meanflow needs 'continuous'; the others 'level'); drop the override or pick another objective")
+    cfg["step_input"] = step_input
     cfg.update({k: v for k, v in dims.items() if v is not None})
     if kind == "unet1d":
         from .unet1d import UNet1D

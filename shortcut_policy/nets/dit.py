@@ -165,8 +165,13 @@ class DiT(nn.Module):
         t_scale: float = 1.0,
         level_scale: float = 1.0,
         freq_dim: int = 256,
+        step_input: str = "level",
     ):
         super().__init__()
+        if step_input not in ("level", "continuous"):
+            raise ValueError(f"DiT: step_input={step_input!r}: expected 'level' or 'continuous'")
+        # continuous: d_level is the step size d in [0, 1], embedded at t's scale (same parameters)
+        self.step_input, self._d_mult = step_input, (float(t_scale) / float(level_scale)) if step_input == "continuous" else 1.0
         if isinstance(input_size, int):
             input_size = (input_size, input_size)
         self.input_size = tuple(int(s) for s in input_size)
@@ -228,7 +233,7 @@ class DiT(nn.Module):
         if cond is None:  # unconditional call: the null label
             cond = torch.full((B,), self.num_classes, dtype=torch.long, device=x.device)
         t = torch.as_tensor(t, device=x.device, dtype=torch.float32).reshape(-1).expand(B)
-        d_level = torch.as_tensor(d_level, device=x.device, dtype=torch.float32).reshape(-1).expand(B)
+        d_level = torch.as_tensor(d_level, device=x.device, dtype=torch.float32).reshape(-1).expand(B) * self._d_mult
         cond = cond.reshape(-1).long()
         h = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed.to(x.dtype)
         c = self.t_embedder(t) + self.y_embedder(cond) + self.d_embedder(d_level)

@@ -9,8 +9,13 @@ from .embeddings import TimestepEmbedder
 
 class MLPNet(nn.Module):
     def __init__(self, input_dim: int = 2, hidden: int = 256, depth: int = 4, cond_dim: int = 0,
-                 use_step_size: bool = True, time_scale: float = 1000.0):
+                 use_step_size: bool = True, time_scale: float = 1000.0,
+                 step_input: str = "level"):
         super().__init__()
+        if step_input not in ("level", "continuous"):
+            raise ValueError(f"MLPNet: step_input={step_input!r}: expected 'level' or 'continuous'")
+        # continuous: d_level is the step size d in [0, 1], scaled like t (same parameters)
+        self.step_input, self._d_mult = step_input, float(time_scale) if step_input == "continuous" else 1.0
         self.input_dim, self.cond_dim = input_dim, cond_dim
         # t in [0,1] is scaled so the sinusoid sees more than its top few frequencies (levels are 0..7 raw)
         self.t_embed = TimestepEmbedder(hidden, scale=time_scale)
@@ -25,7 +30,8 @@ class MLPNet(nn.Module):
         B = x.shape[0]
         c = self.t_embed(torch.as_tensor(t, device=x.device, dtype=torch.float32).reshape(-1).expand(B))
         if self.d_embed is not None:
-            c = c + self.d_embed(torch.as_tensor(d_level, device=x.device, dtype=torch.float32).reshape(-1).expand(B))
+            c = c + self.d_embed(torch.as_tensor(d_level, device=x.device, dtype=torch.float32).reshape(-1).expand(B)
+                             * self._d_mult)
         h = self.inp(x if not self.cond_dim else torch.cat([x, cond], -1))
         for blk in self.blocks:
             h = h + blk(h + c)

@@ -47,7 +47,11 @@ class ConditionalResidualBlock1D(nn.Module):
 
 
 class UNet1D(nn.Module):
-    """net(x, t, d_level, cond) -> velocity/noise prediction shaped like x; x is (B, T, Da), cond (B, Dc)."""
+    """net(x, t, d_level, cond) -> velocity/noise prediction shaped like x; x is (B, T, Da), cond (B, Dc).
+
+    `step_input="level"`: d_level is the dyadic level log2(1/d) (0..7), fed raw; `"continuous"`: it is the step
+    size d in [0, 1] (MeanFlow's t - r), scaled by `time_scale` like t. Same parameters either way.
+    """
 
     def __init__(
         self,
@@ -60,8 +64,13 @@ class UNet1D(nn.Module):
         cond_predict_scale: bool = True,
         use_step_size: bool = True,
         time_scale: float = 100.0,
+        step_input: str = "level",
     ):
         super().__init__()
+        if step_input not in ("level", "continuous"):
+            raise ValueError(f"UNet1D: step_input={step_input!r}: expected 'level' (dyadic level log2(1/d), shortcut) "
+                             "or 'continuous' (step size d in [0, 1], MeanFlow)")
+        self.step_input, self.time_scale = step_input, float(time_scale)
         dsed = step_embed_dim
         self.input_dim, self.global_cond_dim = input_dim, global_cond_dim
         self.down_dims = list(down_dims)
@@ -101,6 +110,8 @@ class UNet1D(nn.Module):
             if d_level is None:
                 raise ValueError("UNet1D: d_level is required when use_step_size=True")
             d_level = torch.as_tensor(d_level, device=x.device, dtype=x.dtype).reshape(-1).expand(B)
+            if self.step_input == "continuous":  # d in [0, 1] gets t's scaling (no new parameters)
+                d_level = d_level * self.time_scale
             feat = feat + self.step_size_embed(d_level)
         if self.global_cond_dim:
             if cond is None or cond.shape != (B, self.global_cond_dim):

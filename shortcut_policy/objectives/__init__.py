@@ -8,9 +8,12 @@ from __future__ import annotations
 from .base import Objective
 from .diffusion import Diffusion
 from .flow_matching import FlowMatching
+from .meanflow import MeanFlow
+from .regression import Regression
 from .shortcut import Shortcut
 
-OBJECTIVES = {"shortcut": Shortcut, "flow_matching": FlowMatching, "diffusion": Diffusion}
+OBJECTIVES = {"shortcut": Shortcut, "flow_matching": FlowMatching, "diffusion": Diffusion, "meanflow": MeanFlow,
+              "regression": Regression}
 
 
 def build_objective(cfg) -> Objective:
@@ -23,4 +26,4 @@ def build_objective(cfg) -> Objective:
     return OBJECTIVES[name](**d)
 
 
-__all__ = ["Objective", "Shortcut", "FlowMatching", "Diffusion", "build_objective", "OBJECTIVES"]
+__all__ = ["Objective", "Shortcut", "FlowMatching", "Diffusion", "MeanFlow", "Regression", "build_objective", "OBJECTIVES"]

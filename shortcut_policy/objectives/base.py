@@ -12,6 +12,7 @@ class Objective(nn.Module):
 
     name = "objective"
     uses_step_size = False
+    step_input = "level"  # what the net's third argument means: "level" log2(1/d) or "continuous" d (MeanFlow)
 
     def __init__(self, m: int = M):
         super().__init__()

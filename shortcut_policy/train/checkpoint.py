@@ -60,5 +60,17 @@ class TopK:
         os.replace(tmp, self.index_path)
         return path
 
+    def drop_after(self, step: int) -> None:
+        """Forget (and delete) top-k checkpoints of steps after `step`: a resumed run re-evaluates those steps."""
+        late = [e for e in self.entries if e["step"] > step]
+        if not late:
+            return
+        for e in late:
+            (self.dir / e["path"]).unlink(missing_ok=True)
+        self.entries = [e for e in self.entries if e["step"] <= step]
+        tmp = self.index_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.entries, indent=1))
+        os.replace(tmp, self.index_path)
+
     def best(self) -> Path | None:
         return self.dir / self.entries[0]["path"] if self.entries else None

@@ -35,6 +35,15 @@ class Logger:
         if self.wandb is not None:
             self.wandb.log(metrics, step=int(step))
 
+    def truncate_after(self, step: int) -> None:
+        """Drop rows logged after `step` (a killed attempt's steps past its last checkpoint), atomically."""
+        if not (self.enabled and self.path.exists()):
+            return
+        keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
+        tmp.write_text("".join(ln + "\n" for ln in keep))
+        os.replace(tmp, self.path)
+
     def finish(self):
         if self.wandb is not None:
             self.wandb.finish()

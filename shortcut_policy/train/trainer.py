@@ -8,6 +8,7 @@ checkpointing, DistributedSampler; the batch size in the config is the GLOBAL ba
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
@@ -78,27 +79,107 @@ def make_lr_lambda(schedule: str, warmup: int, total: int):
     raise ValueError(f"train.lr_schedule={schedule!r}: expected 'cosine' or 'constant'")
 
 
-def infinite_loader(dataset, batch_size: int, rank: int, world: int, seed: int, num_workers: int = 0, start_epoch: int = 0):
-    """Yield batches forever; under DDP each rank gets batch_size // world rows of a DistributedSampler."""
-    from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+def infinite_loader(dataset, batch_size: int, rank: int, world: int, seed: int, num_workers: int = 0,
+                    start_step: int = 0):
+    """Yield batches forever, in an order that is a pure function of (seed, step): batch i of the run is the same
+    whether the run was resumed or not. Epoch e shuffles with a generator seeded `seed + e` (DDP: a
+    DistributedSampler with that seed, each rank gets batch_size // world rows); a run resumed at `start_step` skips
+    the batches already used in its epoch without loading them. Loader workers are seeded from (seed, epoch).
+
+    Raises ValueError when the batch does not divide over the processes or the dataset is smaller than a batch.
+    """
+    from torch.utils.data import DataLoader, DistributedSampler
 
     if batch_size % world:
         raise ValueError(f"train.batch_size={batch_size} must be divisible by the number of processes ({world})")
     per_rank = batch_size // world
     if len(dataset) < per_rank:
         raise ValueError(f"dataset has {len(dataset)} samples, fewer than the per-process batch of {per_rank}")
-    epoch = start_epoch
-    while True:
+
+    def epoch_indices(epoch: int) -> list[int]:
         if world > 1:
             sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
             sampler.set_epoch(epoch)
-        else:
-            g = torch.Generator().manual_seed(seed + epoch)
-            sampler = RandomSampler(dataset, generator=g)
-        loader = DataLoader(dataset, batch_size=per_rank, sampler=sampler, drop_last=True, num_workers=num_workers,
-                            persistent_workers=False)
+            return list(sampler)
+        g = torch.Generator().manual_seed(seed + epoch)
+        return torch.randperm(len(dataset), generator=g).tolist()
+
+    per_epoch = len(epoch_indices(0)) // per_rank
+    epoch, skip = divmod(int(start_step), per_epoch)
+    while True:
+        idx = epoch_indices(epoch)[skip * per_rank : per_epoch * per_rank]
+        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)  # worker seeds (augmentation in workers)
+        loader = DataLoader(dataset, batch_size=per_rank, sampler=idx, drop_last=True, num_workers=num_workers,
+                            persistent_workers=False, generator=g)
         yield from loader
-        epoch += 1
+        epoch, skip = epoch + 1, 0
+
+
+# Settings a resumed run may change (they take effect and are logged); every other key of net / objective / task /
+# train must equal the checkpoint's, or the resume is refused before anything is written.
+RESUME_CHANGEABLE = ("train.num_steps", "train.lr", "train.lr_schedule", "train.warmup_steps", "train.weight_decay",
+                     "train.betas", "train.eps", "train.grad_clip", "train.eval_every", "train.eval_episodes",
+                     "train.eval_seed_start", "train.eval_steps", "train.eval_model", "train.checkpoint_every",
+                     "train.log_every", "train.topk", "train.topk_key", "train.threads", "train.device",
+                     "train.max_minutes", "train.num_workers", "train.amp", "train.resume", "train.init_weights",
+                     "train.init_normalizer", "train.deterministic", "task.eval")
+RESUME_COMPARED = ("net", "objective", "task", "train")
+
+
+def _flatten(d, prefix="") -> dict:
+    out = {}
+    if isinstance(d, dict):
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: d}
+
+
+def resume_diff(new_cfg, old_cfg) -> tuple[dict, dict]:
+    """Compare a run's config with the config stored in its checkpoint.
+
+    Returns (fixed, changed): dicts mapping dotted keys to (checkpoint value, new value); `fixed` holds keys that
+    may not change on resume (net, objective, task, data, seed, batch, EMA), `changed` the allowed changes.
+    """
+    from omegaconf import DictConfig, OmegaConf
+
+    def plain(c):
+        return OmegaConf.to_container(c, resolve=True) if isinstance(c, DictConfig) else c
+
+    new, old = plain(new_cfg), plain(old_cfg)
+    fixed, changed = {}, {}
+    for section in RESUME_COMPARED:
+        a, b = _flatten(old.get(section, {}), f"{section}."), _flatten(new.get(section, {}), f"{section}.")
+        for key in sorted(set(a) | set(b)):
+            va, vb = a.get(key, "<absent>"), b.get(key, "<absent>")
+            if va == vb or (isinstance(va, (list, tuple)) and isinstance(vb, (list, tuple)) and list(va) == list(vb)):
+                continue
+            allowed = any(key == c or key.startswith(c + ".") for c in RESUME_CHANGEABLE)
+            (changed if allowed else fixed)[key] = (va, vb)
+    return fixed, changed
+
+
+def check_resume(cfg, ckpt_cfg, ckpt_path) -> dict:
+    """Raise ValueError naming every fixed key whose value differs from the checkpoint's; return the allowed changes."""
+    fixed, changed = resume_diff(cfg, ckpt_cfg)
+    if fixed:
+        lines = "; ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in list(fixed.items())[:12])
+        more = f" (+{len(fixed) - 12} more)" if len(fixed) > 12 else ""
+        raise ValueError(f"cannot resume {ckpt_path}: settings that cannot change on resume differ: {lines}{more}. "
+                         "Use a new run_dir (or train.init_weights=... to start a new run from these weights), or "
+                         "restore these settings")
+    return changed
+
+
+def train_command_preflight(cfg, run_dir) -> dict:
+    """Called by the CLI before it writes anything into run_dir: refuses a resume whose fixed settings differ from
+    the checkpoint's (ValueError naming the keys); returns {'resume_changes': {key: [old, new]}} otherwise."""
+    last = Path(run_dir) / "checkpoints" / "last.ckpt"
+    if not (cfg.train.get("resume", True) and last.exists()):
+        return {}
+    ck = load_checkpoint(last)
+    changed = check_resume(cfg, ck["cfg"], last)
+    return {"resume_changes": {k: [a, b] for k, (a, b) in changed.items()}} if changed else {}
 
 
 class Trainer:
@@ -109,6 +190,8 @@ class Trainer:
         self.rank, self.world, self.device = setup_distributed(self.tcfg.get("device", "auto"))
         self.is_main = self.rank == 0
         seed_everything(int(self.tcfg.seed) + self.rank)
+        if self.tcfg.get("deterministic"):
+            torch.use_deterministic_algorithms(True, warn_only=False)
         if self.tcfg.get("threads"):
             torch.set_num_threads(int(self.tcfg.threads))  # on a busy CPU one thread avoids OpenMP oversubscription
         self.model = model.to(self.device)
@@ -122,6 +205,7 @@ class Trainer:
         e = self.tcfg.ema
         self.ema = EMA(self.model, decay=float(e.decay), warmup=e.warmup, power=float(e.power), inv_gamma=float(e.inv_gamma))
         self.step, self.epoch = 0, 0
+        self.resume_changes: dict = {}
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.topk = TopK(self.ckpt_dir, k=int(self.tcfg.topk), key=str(self.tcfg.topk_key)) if self.is_main else None
         self.best_metrics: dict = {}
@@ -139,9 +223,16 @@ class Trainer:
             if train_dataset is None:
                 raise ValueError("Trainer needs a train_dataset or a batch iterator")
             batches = infinite_loader(train_dataset, int(self.tcfg.batch_size), self.rank, self.world,
-                                      int(self.tcfg.seed), int(self.tcfg.get("num_workers", 0)), start_epoch=self.step)
+                                      int(self.tcfg.seed), int(self.tcfg.get("num_workers", 0)), start_step=self.step)
         self.batches = batches
         self.logger = Logger(self.run_dir, cfg, cfg.get("logger"), enabled=self.is_main)
+        if self.step and self.is_main:  # resumed: rows a killed attempt logged past the checkpoint are dropped
+            self.logger.truncate_after(self.step)
+            if self.topk is not None:
+                self.topk.drop_after(self.step)
+            if self.resume_changes:
+                self.logger.log({"resume_changes": json.dumps({k: [a, b] for k, (a, b) in self.resume_changes.items()})},
+                                self.step)
         amp = self.tcfg.get("amp", "auto")
         self.autocast = self.device.type == "cuda" and amp in ("auto", "bf16", True)
 
@@ -158,13 +249,29 @@ class Trainer:
         }
 
     def load(self, path) -> None:
+        """Resume this run from its own checkpoint: weights, EMA, optimiser, schedule, step, RNG streams. Fixed
+        settings must match the checkpoint (ValueError naming the keys); allowed changes (num_steps, lr, eval
+        frequency, ...) take effect and are printed and logged as `resume_changes`."""
         ck = load_checkpoint(path, map_location=self.device)
+        self.resume_changes = check_resume(self.cfg, ck["cfg"], path)
         self.model.load_state_dict(ck["model"])
         self.ema.load_state_dict(ck["ema"])
         self.opt.load_state_dict(ck["optimizer"])
         self.sched.load_state_dict(ck["scheduler"])
         self.step = int(ck["step"])
         self.best_metrics = ck.get("best_metrics", {})
+        # the schedule follows THIS command's lr / num_steps / warm-up (a new total re-shapes the cosine from here on)
+        lr = float(self.tcfg.lr)
+        for g in self.opt.param_groups:
+            g["initial_lr"] = lr
+            g["weight_decay"] = float(self.tcfg.weight_decay)
+            g["betas"], g["eps"] = tuple(self.tcfg.betas), float(self.tcfg.eps)
+        self.sched.base_lrs = [lr for _ in self.opt.param_groups]
+        self.sched.lr_lambdas = [make_lr_lambda(self.tcfg.lr_schedule, int(self.tcfg.warmup_steps), self.num_steps)
+                                 for _ in self.opt.param_groups]
+        for g, base, f in zip(self.opt.param_groups, self.sched.base_lrs, self.sched.lr_lambdas):
+            g["lr"] = base * f(self.sched.last_epoch)
+        self.sched._last_lr = [g["lr"] for g in self.opt.param_groups]
         rng = ck.get("rng")
         if rng and self.world == 1:
             torch.set_rng_state(rng["torch"].cpu())
@@ -172,6 +279,8 @@ class Trainer:
             random.setstate(rng["python"])
         if self.is_main:
             print(f"resumed from {path} at step {self.step}", flush=True)
+            for k, (a, b) in self.resume_changes.items():
+                print(f"resume: {k} changed from {a!r} to {b!r} (takes effect now)", flush=True)
 
     def init_weights(self, path) -> None:
         """Fine-tune / continue: online and EMA weights (normaliser included) from another run's checkpoint, with a
@@ -234,7 +343,11 @@ class Trainer:
         which = self.tcfg.get("eval_model", "ema")
         model = self.ema.model if which == "ema" else self.model
         model.eval()
-        metrics = self.evaluator(model, self.step) or {}
+        py_state, np_state = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            metrics = self.evaluator(model, self.step) or {}  # rollouts seed their own noise; training RNG untouched
+        random.setstate(py_state)
+        np.random.set_state(np_state)
         key = str(self.tcfg.topk_key)
         if key in metrics:
             if metrics[key] >= self.best_metrics.get(key, -math.inf):
@@ -287,6 +400,9 @@ class Trainer:
 def train_command(cfg, run_dir):
     """`shortcut-policy train task=... net=... objective=...`: dispatch on the task kind (policy | image)."""
     kind = cfg.task.get("kind", "policy")
+    # every random draw (weight init, data order, dropout, bootstrap levels) follows from train.seed: seed BEFORE
+    # the network is built (the Trainer seeds again per rank for the loop)
+    seed_everything(int(cfg.train.seed) + int(os.environ.get("RANK", "0")))
     if kind == "image":
         from ..generator import build_generator, build_image_dataset
 

@@ -1,0 +1,72 @@
+"""`bench policies`: objectives trained and evaluated side by side; resumable; bad input refused before training."""
+import json
+
+import pytest
+
+from shortcut_policy import cli
+from shortcut_policy.bench_policies import parse_nfe
+from shortcut_policy.datasets.pusht import write_synthetic_pusht_zarr
+
+
+@pytest.fixture(scope="module")
+def zarr_path(tmp_path_factory):
+    p = tmp_path_factory.mktemp("data") / "pusht.zarr"
+    write_synthetic_pusht_zarr(p, episode_lengths=(30, 25, 41, 33))
+    return p
+
+
+def _args(zarr_path, out, *extra):
+    train = ["logger=none", "net=unet1d_small", "net.down_dims=[16,32]", "net.step_embed_dim=16", "train.batch_size=8",
+             "train.num_steps=4", "train.eval_every=2", "train.eval_episodes=2", "train.eval_seed_start=200000",
+             "train.topk_key=test_success_rate", "train.warmup_steps=1", "task.max_steps=16", "task.eval.n_workers=1",
+             "train.threads=1", f"task.dataset.zarr_path={zarr_path}"]
+    return ["what=policies", "policies.task=pusht_lowdim", f"policies.out={out}", "policies.eval.n_episodes=3",
+            "policies.eval.workers=1", "policies.latency_rounds=2", f"policies.train_overrides={json.dumps(train)}",
+            *extra]
+
+
+def test_two_objectives_table_figures_and_resume(zarr_path, tmp_path):
+    out = tmp_path / "bench"
+    args = _args(zarr_path, out, "policies.objectives=[regression,shortcut_m16]", "policies.seeds=[0]",
+                 "policies.variants.shortcut_m16=['objective=shortcut','objective.m=16']", "policies.nfe.shortcut=[1,128]")
+    res = cli.run_verb("bench", args + [f"run_dir={tmp_path / 'r1'}"])
+    summary = json.loads((out / "results.json").read_text())["summary"]
+    keys = {(r["entry"], r["nfe_key"]) for r in summary["rows"]}
+    assert keys == {("regression", "1"), ("shortcut_m16", "1"), ("shortcut_m16", "16")}  # 128 capped at M = 16
+    for r in summary["rows"]:
+        assert r["n_episodes"] == 3 and 0.0 <= r["success_rate"] <= 1.0 and r["latency_ms"] > 0
+        assert r["ci95"][0] <= r["success_rate"] <= r["ci95"][1]
+        assert "validation" in r["checkpoint_choice"]["0"]  # chosen on validation seeds
+    assert (out / "success_vs_nfe.png").stat().st_size > 0 and (out / "success_vs_latency.png").stat().st_size > 0
+    assert "| regression | 1 |" in (out / "table.md").read_text()
+    assert "success_rate@regression@1" in res
+    # a second run reuses every finished training and evaluation
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.json") if p.name.startswith(("eval_", "metrics"))}
+    cli.run_verb("bench", args + [f"run_dir={tmp_path / 'r2'}"])
+    assert stamps == {p: p.stat().st_mtime_ns for p in stamps}
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["policies.objectives=[shortcut,nonexistent]", "policies.seeds=[0]"], "nonexistent"),
+    (["policies.objectives=[shortcut]", "policies.seeds=[]"], "seeds"),
+    (["policies.objectives=[]", "policies.seeds=[0]"], "objectives"),
+])
+def test_bad_input_refused_before_training(zarr_path, tmp_path, extra, match):
+    out = tmp_path / "bench"
+    with pytest.raises(ValueError, match=match):
+        cli.run_verb("bench", _args(zarr_path, out, *extra) + [f"run_dir={tmp_path / 'r'}"])
+    assert not out.exists() or not any(out.rglob("train"))
+
+
+def test_missing_data_file_refused_before_training(tmp_path):
+    out = tmp_path / "bench"
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        cli.run_verb("bench", _args(tmp_path / "missing.zarr", out, "policies.objectives=[shortcut]",
+                                    "policies.seeds=[0]") + [f"run_dir={tmp_path / 'r'}"])
+    assert not out.exists() or not any(out.rglob("train"))
+
+
+def test_parse_nfe():
+    assert parse_nfe("ddpm100") == ("ddpm", 100) and parse_nfe(8) == (None, 8) and parse_nfe("ddim10") == ("ddim", 10)
+    with pytest.raises(ValueError):
+        parse_nfe("euler8")

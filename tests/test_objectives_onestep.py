@@ -1,0 +1,129 @@
+"""MeanFlow and the regression baseline: analytic properties (no training needed)."""
+import pytest
+import torch
+from torch import nn
+
+from shortcut_policy.conventions import INTERP_EPS
+from shortcut_policy.nets import build_net
+from shortcut_policy.objectives import MeanFlow, Regression, build_objective
+
+
+class Fn(nn.Module):
+    """A 'net' computing a fixed function of (x, t, d) with one scalar parameter; continuous step input."""
+
+    step_input = "continuous"
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn, self.w = fn, nn.Parameter(torch.ones(()))
+
+    def forward(self, x, t, d, cond=None):
+        return self.fn(x, t, d) * self.w
+
+
+def linear_field_average_velocity(a):
+    """v(x, t) = a x has flow x_s = x_t exp(a (s - t)); its exact average velocity over [t, t + d]."""
+    def u(x, t, d):
+        db = d.reshape(-1, *([1] * (x.dim() - 1)))
+        safe = torch.where(db.abs() < 1e-6, torch.ones_like(db), db)
+        ratio = torch.where(db.abs() < 1e-6, a * torch.ones_like(db), torch.expm1(a * db) / safe)
+        return x * ratio
+    return u
+
+
+@pytest.mark.parametrize("jvp", ["autograd", "finite_difference"])
+def test_meanflow_target_equals_analytic_average_velocity_on_a_linear_field(jvp):
+    torch.set_default_dtype(torch.float64)
+    try:
+        a = 0.7
+        net = Fn(linear_field_average_velocity(a))
+        obj = MeanFlow(jvp=jvp, fd_eps=1e-4)
+        x = torch.randn(32, 4, 3)
+        t = torch.rand(32) * 0.5
+        d = torch.rand(32) * 0.5
+        v = a * x  # the instantaneous velocity at (x, t)
+        target = v + d.reshape(-1, 1, 1) * obj.time_derivative(net, x, t, d, v, None)
+        torch.testing.assert_close(target, net(x, t, d), atol=1e-6, rtol=1e-6)
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 8])
+def test_meanflow_straight_line_oracle_loss_zero_and_exact_sampling(steps):
+    c = torch.tensor([[2.0, -3.0, 0.5]])
+
+    def straight(x, t, d):  # point mass at c: straight paths, average velocity = instantaneous velocity
+        tb = t.reshape(-1, 1)
+        return c - (1 - INTERP_EPS) * (x - tb * c) / (1 - (1 - INTERP_EPS) * tb)
+
+    net, obj = Fn(straight), MeanFlow(flow_fraction=0.25)
+    loss, info = obj.loss(net, c.expand(64, 3).clone())
+    assert info["mse"] < 1e-8
+    out = obj.sample(net, torch.randn(16, 3), steps=steps)
+    torch.testing.assert_close(out, c.expand(16, 3), atol=1e-3, rtol=0)
+
+
+def test_meanflow_no_gradient_through_target_and_every_parameter_gets_one():
+    torch.manual_seed(0)
+    net = build_net({"kind": "unet1d", "step_embed_dim": 16, "down_dims": [16, 32]}, step_input="continuous",
+                    input_dim=2, global_cond_dim=6)
+    obj = build_objective({"name": "meanflow"})
+    x1, cond = torch.randn(16, 8, 2), torch.randn(16, 6)
+    t, d = obj.sample_times(16, "cpu")
+    dudt = obj.time_derivative(net, torch.randn_like(x1), t, d, torch.randn_like(x1), cond)
+    assert not dudt.requires_grad
+    loss, _ = obj.loss(net, x1, cond)
+    loss.backward()
+    for n, p in net.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, n
+
+
+def test_meanflow_times_and_flow_fraction():
+    torch.manual_seed(0)
+    t, d = MeanFlow(flow_fraction=0.75).sample_times(20000, "cpu")
+    assert (t >= 0).all() and (d >= 0).all() and (t + d <= 1 + 1e-6).all()
+    assert (d == 0).float().mean().item() == pytest.approx(0.75, abs=0.02)
+    t, d = MeanFlow(flow_fraction=0.0, time_dist="uniform").sample_times(20000, "cpu")
+    assert (d > 0).all()
+
+
+def test_meanflow_refuses_a_level_net_and_bad_options():
+    level_net = build_net({"kind": "unet1d", "step_embed_dim": 16, "down_dims": [16, 32]}, input_dim=2,
+                          global_cond_dim=6)
+    with pytest.raises(ValueError, match="continuous"):
+        MeanFlow().loss(level_net, torch.randn(4, 8, 2), torch.randn(4, 6))
+    with pytest.raises(ValueError, match="step_input"):
+        build_net({"kind": "unet1d", "down_dims": [16, 32], "step_input": "level"}, step_input="continuous",
+                  input_dim=2)
+    with pytest.raises(ValueError, match="flow_fraction"):
+        MeanFlow(flow_fraction=1.0)
+    with pytest.raises(TypeError, match="bootstrap_fracton"):
+        build_objective({"name": "meanflow", "bootstrap_fracton": 0.5})
+
+
+def test_continuous_step_input_keeps_the_parameter_count():
+    kw = {"kind": "unet1d", "step_embed_dim": 16, "down_dims": [16, 32]}
+    a = build_net(kw, input_dim=2, global_cond_dim=6)
+    b = build_net(kw, step_input="continuous", input_dim=2, global_cond_dim=6)
+    b.load_state_dict(a.state_dict())  # same parameters: existing checkpoints load into either
+    assert b.step_input == "continuous" and a.step_input == "level"
+
+
+def test_regression_learns_the_conditional_mean_and_ignores_steps():
+    torch.manual_seed(0)
+    net = build_net({"kind": "mlp", "hidden": 32, "depth": 2, "cond_dim": 1}, input_dim=2)
+    obj = Regression()
+    cond = torch.randn(256, 1)
+    x1 = torch.cat([cond * 2.0, -cond], 1)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    for _ in range(300):
+        loss, _ = obj.loss(net, x1, cond)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 1e-2
+    out1 = obj.sample(net, torch.randn(256, 2), cond, steps=1)
+    out2 = obj.sample(net, torch.randn(256, 2), cond, steps=1)
+    assert torch.equal(out1, out2)  # deterministic: the noise is ignored
+    with pytest.warns(UserWarning, match="ignores steps=8"):
+        assert obj.check_steps(8) == 1
