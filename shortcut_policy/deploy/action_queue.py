@@ -25,6 +25,7 @@ class ActionQueue:
         self.n_dropped_stale = 0   # actions discarded on arrival because their time had passed
         self.n_dropped_unused = 0  # queued actions never executed (superseded by time)
         self.n_over_budget = 0     # chunks that arrived entirely stale (their last action was rescheduled)
+        self.n_dropped_reset = 0   # queued actions discarded by discard() (an episode reset)
 
     def tick_of(self, t: float) -> int:
         return int(round((t - self.t0) / self.dt))
@@ -89,6 +90,16 @@ class ActionQueue:
 
     def clear(self) -> None:
         self._slots.clear()
+
+    def discard(self) -> tuple[int, int]:
+        """Empty the queue because what it holds is void (the robot reset to a new episode). Returns
+        (actions discarded, chunks they came from, told apart by their observation time); the actions are counted
+        in n_dropped_reset, not n_dropped_unused."""
+        n_actions = len(self._slots)
+        n_chunks = len({obs_time for preds in self._slots.values() for _, obs_time in preds})
+        self._slots.clear()
+        self.n_dropped_reset += n_actions
+        return n_actions, n_chunks
 
 
 def ceil_ticks(seconds: float, dt: float) -> int:

@@ -12,6 +12,14 @@ action was available in time (the queue ran dry, or the loop overran and skipped
 action of a chunk computed within the period is dropped as stale, as DP, without counting a miss): the robot holds the last
 action sent (explicitly re-sent when the loop runs the cycle) and the miss is counted. The loop never tries to catch
 up a burst of skipped ticks. ``close()`` is always called on the robot (normal end, KeyboardInterrupt, errors).
+
+Episode resets (robot.py, "Episode resets"): when the latest frame's "episode" id changes, nothing planned in the old
+episode is executed in the new one: the queued actions are discarded, a chunk still in flight (async) is discarded
+when it lands, the held action is forgotten (no deadline-miss hold until the new episode has a chunk: those ticks are
+``reset_wait_ticks``), and the policy's window is rebuilt from the new episode's frames only (``episode_window``:
+the first frame repeated, as the evaluation env wrapper does after reset). Actions are sent with the episode they
+were planned in, so the robot can drop one that a reset overtook. Each reset is recorded in ``LoopStats.resets``
+(cycle, episode, queued chunks/actions and in-flight chunks discarded), in the result and in timeline.json.
 """
 from __future__ import annotations
 
@@ -27,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from .action_queue import ActionQueue, ceil_ticks
-from .robot import TIMESTAMP_KEY, ObservationError, check_spec, validate_observation
+from .robot import EPISODE_KEY, TIMESTAMP_KEY, ObservationError, check_spec, validate_observation
 
 
 def wait_until(t: float, spin_s: float = 0.002, clock=time.perf_counter) -> float:
@@ -39,6 +47,21 @@ def wait_until(t: float, spin_s: float = 0.002, clock=time.perf_counter) -> floa
             return now
         if left > spin_s:
             time.sleep(left - spin_s)
+
+
+def episode_window(obs, obs_shapes, n_obs_steps: int) -> dict:
+    """The policy's input from one robot observation: the last ``n_obs_steps`` frames of each key in ``obs_shapes``
+    ({key: (To, ...)}). If ``obs`` carries episode ids (EPISODE_KEY, validated), frames of an earlier episode than
+    the latest frame's are replaced by the latest episode's first frame in the window, so right after a reset the
+    policy sees that first frame repeated (as MultiStepWrapper after reset), never a mix of two episodes."""
+    out = {k: np.asarray(obs[k])[-n_obs_steps:] for k in obs_shapes}
+    if EPISODE_KEY not in obs:
+        return out
+    ep = np.asarray(obs[EPISODE_KEY])[-n_obs_steps:]
+    first = int(np.argmax(ep == ep[-1]))  # ids never decrease: the latest episode's frames are a suffix
+    if first == 0:
+        return out
+    return {k: np.concatenate([np.repeat(v[first:first + 1], first, axis=0), v[first:]]) for k, v in out.items()}
 
 
 def _pct(x, q):
@@ -60,8 +83,24 @@ class LoopStats:
     absorbed_ticks: int = 0   # sync: ticks whose action was late only by this cycle's within-period inference
     stale_dropped: int = 0
     over_budget: int = 0
-    chunks: int = 0
+    chunks: int = 0           # chunks merged into the queue (a chunk discarded because of a reset is not counted)
+    reset_wait_ticks: int = 0  # ticks after a reset before the new episode's first chunk (the robot stands still)
+    # one entry per episode reset seen: {"cycle", "episode" (the new id), "queued_chunks", "queued_actions"
+    # (discarded from the queue), "in_flight_chunks" (inferences started before the reset, discarded on landing)}
+    resets: list = field(default_factory=list)
     stopped_by: str = "n_steps"
+
+    @property
+    def episode_resets(self) -> int:
+        return len(self.resets)
+
+    @property
+    def reset_discarded_chunks(self) -> int:
+        return sum(r["queued_chunks"] + r["in_flight_chunks"] for r in self.resets)
+
+    @property
+    def reset_discarded_actions(self) -> int:
+        return sum(r["queued_actions"] for r in self.resets)
 
     def summary(self) -> dict:
         ms = lambda v: 1e3 * v  # noqa: E731
@@ -73,12 +112,15 @@ class LoopStats:
             "inference_p50_ms": ms(_pct(self.inference_s, 50)), "inference_p99_ms": ms(_pct(self.inference_s, 99)),
             "deadline_misses": self.deadline_misses, "skipped_ticks": self.skipped_ticks,
             "startup_ticks": self.startup_ticks, "absorbed_ticks": self.absorbed_ticks, "stale_dropped": self.stale_dropped, "over_budget": self.over_budget, "chunks": self.chunks,
+            "episode_resets": self.episode_resets, "reset_discarded_chunks": self.reset_discarded_chunks,
+            "reset_discarded_actions": self.reset_discarded_actions, "reset_wait_ticks": self.reset_wait_ticks,
             "stopped_by": self.stopped_by,
         }
 
 
 class _Worker(threading.Thread):
-    """Background inference: one request at a time; the result is picked up by the loop thread."""
+    """Background inference: one request at a time; the result (chunk, obs_time, latency s, episode of the
+    observation) is picked up by the loop thread."""
 
     def __init__(self, policy_fn, torch_threads: int | None):
         super().__init__(daemon=True, name="policy-inference")
@@ -101,14 +143,14 @@ class _Worker(threading.Thread):
                     self._cv.wait()
                 if self._stopping:
                     return
-                obs, obs_time = self._request
+                obs, obs_time, episode = self._request
                 self._request = None
             try:
                 t = time.perf_counter()
                 chunk = self.policy_fn(obs)
                 lat = time.perf_counter() - t
                 with self._cv:
-                    self._result = (chunk, obs_time, lat)
+                    self._result = (chunk, obs_time, lat, episode)
                     self._busy = False
             except BaseException as e:  # surfaced in the loop thread
                 with self._cv:
@@ -120,9 +162,9 @@ class _Worker(threading.Thread):
         with self._cv:
             return self._busy or self._request is not None
 
-    def submit(self, obs, obs_time):
+    def submit(self, obs, obs_time, episode=None):
         with self._cv:
-            self._request, self._busy = (obs, obs_time), True
+            self._request, self._busy = (obs, obs_time, episode), True
             self._cv.notify()
 
     def take(self):
@@ -180,9 +222,20 @@ class ControlLoop:
         return obs
 
     def _policy_obs(self, obs):
-        return {k: np.asarray(obs[k])[-self.n_obs_steps:] for k in self.obs_shapes}
+        return episode_window(obs, self.obs_shapes, self.n_obs_steps)
+
+    def _send(self, action, t_exec, episode):
+        if episode is None:  # a robot without episode ids (protocol before resets were signalled)
+            self.robot.send_action(action, t_exec)
+        else:
+            self.robot.send_action(action, t_exec, episode=episode)
 
     def run(self, n_steps: int, seed: int | None = None) -> LoopStats:
+        """Start the robot (``seed``) and run ``n_steps`` control cycles of 1/hz seconds (fewer if the robot reports
+        ``done``); returns the LoopStats (episode resets in ``stats.resets``). The robot is closed on every exit.
+        Raises ObservationError for an observation that fails validation or whose episode id goes back or
+        disappears, RuntimeError (chained) if the inference thread failed, and whatever the policy raises in sync
+        mode; KeyboardInterrupt stops the loop (``stopped_by="interrupt"``) instead of propagating."""
         stats = LoopStats(self.hz, self.mode)
         worker = None
         # optional: a shorter GIL switch interval than Python's 5 ms lets the loop thread take the GIL back sooner
@@ -228,6 +281,7 @@ class ControlLoop:
         t0 = robot.start(seed)
         queue = ActionQueue(t0, self.dt, self.tolerance, self.ensemble_k)
         last_action, started = None, False
+        episode = None  # id of the episode the loop is acting in (None: the robot reports none)
         prev_start, next_status = None, t0
         j = 0
         while j < n_steps and not robot.done:
@@ -240,16 +294,30 @@ class ControlLoop:
             obs = self._observe()
             planned_here = False
             obs_time = float(obs[TIMESTAMP_KEY][-1])
+            ep = int(obs[EPISODE_KEY][-1]) if EPISODE_KEY in obs else None
+            if ep != episode:
+                if episode is not None and (ep is None or ep < episode):
+                    raise ObservationError(f"observation {EPISODE_KEY!r} went from {episode} to {ep}: episode ids "
+                                           f"must be reported on every observation and never decrease")
+                if episode is not None:  # the robot reset: void everything planned in the old episode
+                    n_actions, n_chunks = queue.discard()
+                    stats.resets.append({"cycle": j, "episode": ep, "queued_chunks": n_chunks,
+                                         "queued_actions": n_actions, "in_flight_chunks": 0})
+                    last_action, started = None, False
+                episode = ep
             if worker is not None:
                 if worker.error is not None:
                     raise RuntimeError(f"inference thread failed: {worker.error!r}") from worker.error
                 res = worker.take()
                 if res is not None:
-                    chunk, c_time, lat = res
+                    chunk, c_time, lat, c_ep = res
                     stats.inference_s.append(lat)
-                    stats.stale_dropped += queue.add_chunk(chunk, c_time, time.perf_counter())
-                    stats.chunks += 1
-                    started = True
+                    if c_ep != episode:  # started before a reset: planned from the old episode
+                        stats.resets[-1]["in_flight_chunks"] += 1
+                    else:
+                        stats.stale_dropped += queue.add_chunk(chunk, c_time, time.perf_counter())
+                        stats.chunks += 1
+                        started = True
             elif not queue.has(sched):  # sync: plan now, on this cycle's observation (blocking)
                 planned_here = True
                 chunk = self._infer(obs, stats)
@@ -262,18 +330,21 @@ class ControlLoop:
             absorbed = planned_here and stats.inference_s[-1] <= self.dt
             if action is not None:
                 last_action = action
-                robot.send_action(action, sched)
+                self._send(action, sched, episode)
             elif not started:
-                stats.startup_ticks += 1
+                if stats.resets:
+                    stats.reset_wait_ticks += 1
+                else:
+                    stats.startup_ticks += 1
             else:  # no action on time: hold the last safe action (none yet: the robot stands still)
                 if absorbed:
                     stats.absorbed_ticks += 1
                 else:
                     stats.deadline_misses += 1
                 if last_action is not None:
-                    robot.send_action(last_action, sched)
+                    self._send(last_action, sched, episode)
             if worker is not None and not worker.busy and queue.remaining(sched) < self.margin:
-                worker.submit(self._policy_obs(obs), obs_time)
+                worker.submit(self._policy_obs(obs), obs_time, episode)
             now = time.perf_counter()
             stats.busy_s.append(now - start)
             stats.cycles += 1
@@ -407,8 +478,9 @@ def deploy_command(cfg, run_dir) -> dict:
                        status=_status_printer() if cfg.get("status", True) else None)
     stats = loop.run(n_steps, seed=int(cfg.seed))
     # per-cycle timeline (ms) for diagnosing stalls: jitter and work time per cycle, latency per inference
+    # and one entry per episode reset (auto_reset): cycle, new episode id, chunks/actions discarded because of it
     timeline = {"jitter_ms": [1e3 * v for v in stats.jitter_s], "cycle_ms": [1e3 * v for v in stats.busy_s],
-                "inference_ms": [1e3 * v for v in stats.inference_s]}
+                "inference_ms": [1e3 * v for v in stats.inference_s], "resets": stats.resets}
     (Path(run_dir) / "timeline.json").write_text(json.dumps(timeline))
     info = robot.info()
     episodes = info.get("episodes") or []
@@ -422,6 +494,7 @@ def deploy_command(cfg, run_dir) -> dict:
                 "warmup_latency_ms": 1e3 * lat, "sustainable_hz": rate, "can_sustain": ok,
                 "mean_score": score, "success": success, "episodes": max(len(episodes), 1),
                 "env_steps": int(info.get("n_env_steps", 0)), "late_commands": int(info.get("late_commands", 0)),
+                "reset_dropped_commands": int(info.get("reset_dropped_commands", 0)),
                 "seed": int(cfg.seed), "rt_priority": int(cfg.get("rt_priority") or 0) if loop.rt_applied else 0,
                 "load_avg_1min": os.getloadavg()[0]})
     return res

@@ -7,6 +7,14 @@ applied during a tick is a zero-order hold: the latest action with ``t_exec <= t
 command the robot stands still (no env step). Observations are stamped with their tick time (time.perf_counter)
 and the last ``n_obs_steps`` are kept (the oldest repeated at the start, as Diffusion Policy's wrapper).
 
+Episodes (``auto_reset``): when an episode ends the env is reset within the same tick, so the observation stamped
+with that tick's end is the new episode's first frame. Every frame carries its episode id (observation key
+"episode", robot.EPISODE_KEY; 0 after ``start``, +1 per reset) and the window restarts at a reset: the new first
+frame repeated ``n_obs_steps`` times, as at start. Commands sent with ``episode=e`` (as the control loop does) are
+bound to episode e: queued or held ones are forgotten at the reset (the robot stands still until a command of the
+new episode arrives) and one arriving later is dropped (counted in ``n_reset_dropped_commands``). A command sent
+without ``episode`` is a plain standing target: it is held across a reset, as before episodes were tracked.
+
 Any gymnasium env with dict observations of Box spaces works (Push-T, Transport); physics catch-up happens in the
 caller's thread inside get_observation()/send_action()/poll(), so no extra thread competes with inference.
 """
@@ -17,14 +25,19 @@ from collections import deque
 
 import numpy as np
 
-from .robot import TIMESTAMP_KEY
+from .robot import EPISODE_KEY, TIMESTAMP_KEY
 
 
 class SimRobot:
     def __init__(self, env, control_hz: float, n_obs_steps: int = 2, latch_s: float | None = None,
                  clock=time.perf_counter, name: str = "sim", auto_reset: bool = False):
-        """``auto_reset``: when an episode ends the env is reset at once (next seed) and the robot keeps running,
-        like a cell whose operator resets the scene; finished episodes are listed in ``info()["episodes"]``."""
+        """``env``: a gymnasium env with dict observations of Box spaces; ``control_hz`` (Hz, > 0): tick rate;
+        ``n_obs_steps`` (>= 1): frames per observation window; ``latch_s`` (seconds, default a quarter period): how
+        late after a tick's start a command may arrive and still apply to that tick; ``clock``: seconds (default
+        time.perf_counter). ``auto_reset``: when an episode ends the env is reset at once (next seed) and the robot
+        keeps running, like a cell whose operator resets the scene; finished episodes are listed in
+        ``info()["episodes"]`` and the episode id advances (see the module docstring). Raises ValueError for
+        control_hz <= 0 or n_obs_steps < 1."""
         if control_hz <= 0:
             raise ValueError(f"control_hz={control_hz}: expected > 0")
         if n_obs_steps < 1:
@@ -39,8 +52,9 @@ class SimRobot:
         self.obs_shapes = {k: tuple(int(v) for v in s.shape) for k, s in space.spaces.items()}
         self.action_dim = int(np.prod(env.action_space.shape))
         self._hist: deque = deque(maxlen=self.n_obs_steps)
-        self._cmds: list[tuple[float, float, np.ndarray]] = []  # (t_exec, t_received, action)
-        self._current = None
+        self._cmds: list[tuple[float, float, np.ndarray, int | None]] = []  # (t_exec, t_received, action, episode)
+        self._current = None          # the held command
+        self._current_episode = None  # the episode it was sent for (None: untagged, held across resets)
         self.t0 = None
         self.ticks = 0
         self.n_env_steps = 0
@@ -54,9 +68,13 @@ class SimRobot:
         self.episodes: list[dict] = []  # finished episodes (auto_reset): seed, max_reward, success, env_steps
         self._seed = None
         self._ep_start_step = 0  # index into self.rewards where the current episode began
+        self.episode = 0         # id of the current episode (0 after start, +1 per auto_reset)
+        self.n_reset_dropped_commands = 0  # commands bound to an episode that had ended when they arrived
 
     # -- lifecycle -----------------------------------------------------------------------------------------------
     def start(self, seed: int | None = None) -> float:
+        """Reset the env (``seed``), stand still, start the clock: returns t0 (seconds, ``clock`` time) of tick 0.
+        The episode id restarts at 0. Raises RuntimeError after close()."""
         if self.closed:
             raise RuntimeError(f"{self.name}: start() after close()")
         obs, info = self.env.reset(seed=seed)
@@ -67,9 +85,10 @@ class SimRobot:
         self.n_env_steps = 0
         self.rewards = []
         self._terminated = self._truncated = False
-        self._cmds, self._current = [], None
+        self._cmds, self._current, self._current_episode = [], None, None
+        self.episode, self.n_reset_dropped_commands = 0, 0
         self._hist.clear()
-        self._hist.append((self.t0, obs))
+        self._hist.append((self.t0, obs, self.episode))
         return self.t0
 
     def close(self) -> None:
@@ -88,15 +107,16 @@ class SimRobot:
     def _command_for(self, tick_start: float):
         """The zero-order-hold command for the tick starting at ``tick_start``; applied commands are consumed."""
         applicable, keep = [], []
-        for e, r, a in self._cmds:
-            (applicable if max(e, r - self.latch_s) <= tick_start + 1e-9 else keep).append((e, r, a))
+        for c in self._cmds:
+            (applicable if max(c[0], c[1] - self.latch_s) <= tick_start + 1e-9 else keep).append(c)
         if applicable:
-            self._current = max(applicable, key=lambda c: (c[0], c[1]))[2]
+            _, _, self._current, self._current_episode = max(applicable, key=lambda c: (c[0], c[1]))
         self._cmds = keep
         return self._current
 
     def poll(self, now: float | None = None) -> int:
-        """Integrate every tick whose end has passed; returns the number of ticks integrated."""
+        """Integrate every tick whose end has passed by ``now`` (seconds, default ``clock()``); returns the number of
+        ticks integrated. Raises RuntimeError before start() or after close()."""
         if self.t0 is None:
             raise RuntimeError(f"{self.name}: call start() first")
         if self.closed:
@@ -116,10 +136,10 @@ class SimRobot:
                 self._truncated = (self._truncated or bool(truncated)) and not self._terminated
                 self._last_info = info
                 if self.done and self.auto_reset:
-                    obs = self._next_episode()
+                    obs = self._next_episode()  # restarts the window: this frame is the new episode's first
             else:
                 obs = self._hist[-1][1]
-            self._hist.append((stamp, obs))
+            self._hist.append((stamp, obs, self.episode))
             n += 1
         return n
 
@@ -134,35 +154,54 @@ class SimRobot:
         self._last_info = info
         self._terminated = self._truncated = False
         self._ep_start_step = len(self.rewards)
+        self.episode += 1
         self._cmds = []  # commands planned in the old episode are not replayed in the new one
+        if self._current_episode is not None:  # nor held: the robot stands still until a command for this episode
+            self._current, self._current_episode = None, None
+        self._hist.clear()  # the window restarts from the new first frame (get_observation repeats it)
         return obs
 
     # -- protocol ------------------------------------------------------------------------------------------------
     def get_observation(self) -> dict:
+        """Catch up on the clock, then the window: {key: (To, ...) float32, "timestamp": (To,) float64 seconds,
+        "episode": (To,) int64}, oldest first (frames before the current episode's first are never included)."""
         self.poll()
         hist = list(self._hist)
         while len(hist) < self.n_obs_steps:
             hist.insert(0, hist[0])
-        out = {k: np.stack([np.asarray(o[k], dtype=np.float32) for _, o in hist]) for k in self.obs_shapes}
-        out[TIMESTAMP_KEY] = np.array([t for t, _ in hist], dtype=np.float64)
+        out = {k: np.stack([np.asarray(o[k], dtype=np.float32) for _, o, _ in hist]) for k in self.obs_shapes}
+        out[TIMESTAMP_KEY] = np.array([t for t, _, _ in hist], dtype=np.float64)
+        out[EPISODE_KEY] = np.array([e for _, _, e in hist], dtype=np.int64)
         return out
 
-    def send_action(self, action, t_exec: float) -> None:
+    def send_action(self, action, t_exec: float, episode: int | None = None) -> None:
+        """Queue ``action`` (action_dim finite numbers) to take effect at ``t_exec`` (seconds, ``clock`` time).
+        ``episode``: the episode it was planned in; if that episode has already ended the command is dropped
+        (counted in n_reset_dropped_commands), and it is forgotten at the next reset. Raises ValueError for a
+        malformed action or an ``episode`` newer than the current one."""
         now = self.clock()
         self.poll(now)
         a = np.asarray(action, dtype=np.float64).reshape(-1)
         if a.shape != (self.action_dim,) or not np.all(np.isfinite(a)):
             raise ValueError(f"{self.name}: action must be {self.action_dim} finite numbers, got {np.asarray(action)!r}")
+        if episode is not None:
+            episode = int(episode)
+            if episode > self.episode:
+                raise ValueError(f"{self.name}: action for episode {episode}, but the current episode is {self.episode}")
+            if episode < self.episode:  # planned before a reset that happened meanwhile: never executed
+                self.n_reset_dropped_commands += 1
+                return
         if now - self.latch_s > t_exec:
             self.n_late_commands += 1
-        self._cmds.append((float(t_exec), now, a))
+        self._cmds.append((float(t_exec), now, a, episode))
         self.n_commands += 1
 
     def info(self) -> dict:
         r = self.rewards[self._ep_start_step:]
         out = {"reward": r[-1] if r else 0.0, "max_reward": max(r) if r else 0.0, "n_env_steps": self.n_env_steps,
                "ticks": self.ticks, "terminated": self._terminated, "truncated": self._truncated,
-               "late_commands": self.n_late_commands, "episodes": list(self.episodes)}
+               "late_commands": self.n_late_commands, "episodes": list(self.episodes), "episode": self.episode,
+               "reset_dropped_commands": self.n_reset_dropped_commands}
         for k in ("success", "coverage"):
             if k in self._last_info:
                 out[k] = self._last_info[k]
