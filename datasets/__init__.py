@@ -14,6 +14,7 @@ _EXPORTS = {
     "ReplayBuffer": "replay_buffer", "ReplayBufferError": "replay_buffer",
     "SequenceSampler": "sampler", "create_indices": "sampler", "downsample_mask": "sampler", "get_val_mask": "sampler",
     "SequenceDataset": "zarr_dataset", "parse_source": "zarr_dataset",
+    "DataSanityError": "sanity", "DataSanityWarning": "sanity", "SanityReport": "sanity", "check_dataset": "sanity",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -12,12 +12,16 @@ the image generator maps every label to the null label when the task is uncondit
 from __future__ import annotations
 
 import os
+import stat
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
+
+from .sanity import DataSanityWarning
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
@@ -27,7 +31,25 @@ def _is_image(p: Path) -> bool:
 
 
 def list_images(root: Path) -> list[Path]:
-    return sorted(p for p in Path(root).rglob("*") if _is_image(p))
+    """Image files under ``root`` (recursive, sorted), zero-byte files included (see :func:`scan_images`)."""
+    good, empty = scan_images(root)
+    return sorted(good + empty)
+
+
+def scan_images(root: Path) -> tuple[list[Path], list[Path]]:
+    """(non-empty image files, zero-byte image files) under ``root``, recursive and sorted; one ``stat`` per file
+    with an image extension (hidden files skipped)."""
+    good, empty = [], []
+    for p in Path(root).rglob("*"):
+        if p.name.startswith(".") or p.suffix.lower() not in IMAGE_EXTENSIONS:
+            continue
+        try:
+            st = p.stat()
+        except OSError:  # broken link, vanished file
+            continue
+        if stat.S_ISREG(st.st_mode):
+            (good if st.st_size > 0 else empty).append(p)
+    return sorted(good), sorted(empty)
 
 
 def center_crop_resize(img: Image.Image, size: int) -> Image.Image:
@@ -59,7 +81,16 @@ def load_image(path: Path, size: int, mode: str = "RGB") -> Image.Image:
 
 
 class ImageFolderDataset(Dataset):
-    """An image folder, unconditional (all images under ``root``) or class-conditional (sub-folder = class)."""
+    """An image folder, unconditional (all images under ``root``) or class-conditional (sub-folder = class).
+
+    Zero-byte image files are skipped with a ``DataSanityWarning`` naming them; a class folder without images keeps
+    its class index (labels follow the sorted folder names) and is named in a warning. A file that is not a
+    readable image raises ``OSError`` naming it when it is loaded.
+
+    Raises:
+        FileNotFoundError: ``root`` is not a directory.
+        ValueError: no image at all (or, class-conditional, no class sub-folder); ``channels`` not 1 or 3.
+    """
 
     def __init__(self, root, image_size: int, class_conditional: bool, random_flip: bool = True,
                  channels: int = 3, max_items: int | None = None):
@@ -80,13 +111,30 @@ class ImageFolderDataset(Dataset):
                 )
             self.classes = [d.name for d in class_dirs]
             self.items: list[tuple[Path, int]] = []
+            empty_files: list[Path] = []
+            empty_classes: list[str] = []
             for i, d in enumerate(class_dirs):
-                self.items += [(p, i) for p in list_images(d)]
+                good, empty = scan_images(d)
+                self.items += [(p, i) for p in good]
+                empty_files += empty
+                if not good:
+                    empty_classes.append(d.name)
+            if empty_classes and len(empty_classes) < len(class_dirs):
+                shown = ", ".join(empty_classes[:20]) + (f", ... ({len(empty_classes)} in all)" if len(empty_classes) > 20 else "")
+                warnings.warn(f"image folder {root}: {len(empty_classes)} class folder(s) contain no images and yield no "
+                              f"items (their class indices are kept): {shown}", DataSanityWarning, stacklevel=2)
         else:
             self.classes = []
-            self.items = [(p, 0) for p in list_images(root)]
+            good, empty_files = scan_images(root)
+            self.items = [(p, 0) for p in good]
+        if empty_files:
+            shown = ", ".join(str(p.relative_to(root)) for p in empty_files[:20])
+            more = f", ... ({len(empty_files)} in all)" if len(empty_files) > 20 else ""
+            warnings.warn(f"image folder {root}: skipped {len(empty_files)} empty (0-byte) image file(s): {shown}{more}",
+                          DataSanityWarning, stacklevel=2)
         if not self.items:
-            raise ValueError(f"image folder {root} contains no images (extensions {', '.join(IMAGE_EXTENSIONS)})")
+            also = f" ({len(empty_files)} image file(s) are empty, 0 bytes)" if empty_files else ""
+            raise ValueError(f"image folder {root} contains no images{also} (extensions {', '.join(IMAGE_EXTENSIONS)})")
         if max_items is not None:
             self.items = self.items[: int(max_items)]
 

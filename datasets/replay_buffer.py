@@ -17,11 +17,20 @@ zarr 3 notes: the zarr-2 API (``DirectoryStore``, ``MemoryStore``, ``compressor=
 gone; format-2 arrays take a numcodecs codec through ``compressors=``, format-3 arrays a ``zarr.codecs`` codec.
 zarr 3 resets its IO thread after ``fork`` (``zarr.core.sync.reset_resources_after_fork``), so on-disk buffers
 work in forked DataLoader workers.
+
+Legacy nested stores: zarr < 2.8 could write format-2 chunk keys nested (``data/img/0/0/0/0`` directories) without
+recording ``dimension_separator`` in ``.zarray``. zarr 3 then assumes the '.' separator, finds no chunk and silently
+returns the fill value (all zeros). Every array opened here is checked (:func:`open_array_checked`): a format-2
+array whose ``.zarray`` has no ``dimension_separator`` and whose chunk keys are '/'-nested is opened with the '/'
+separator (and, when appended to in ``mode='r+'``, its ``.zarray`` is rewritten with ``"dimension_separator": "/"``).
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -29,7 +38,7 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-__all__ = ["ReplayBuffer", "ReplayBufferError", "get_optimal_chunks", "resolve_compressor"]
+__all__ = ["ReplayBuffer", "ReplayBufferError", "get_optimal_chunks", "open_array_checked", "resolve_compressor"]
 
 _CHUNK_TARGET_BYTES = 2 * 1024 * 1024  # ~2 MB chunks, like Diffusion Policy
 
@@ -97,9 +106,11 @@ def _validate_layout(source: str, lengths: Mapping[str, int], episode_ends: np.n
         if len(bad):
             i = int(bad[0])
             prev = 0 if i == 0 else int(episode_ends[i - 1])
+            what = (f"episode {i} would have 0 steps (empty episodes cannot be stored in this layout)" if steps[i] == 0
+                    else f"episode {i} would have {int(steps[i])} steps")
             raise ReplayBufferError(
                 f"{source}: meta/episode_ends must be strictly increasing and start above 0, but "
-                f"episode_ends[{i}]={int(episode_ends[i])} follows {prev}"
+                f"episode_ends[{i}]={int(episode_ends[i])} follows {prev}: {what}"
             )
     n_steps = int(episode_ends[-1]) if len(episode_ends) else 0
     distinct = sorted(set(lengths.values()))
@@ -135,6 +146,68 @@ def _open_zarr_group(path: str | os.PathLike, mode: str):
         raise ReplayBufferError(f"{p}: not a readable zarr group ({type(e).__name__}: {e})") from e
 
 
+_FLAT_CHUNK_KEY = re.compile(r"^\d+(\.\d+)+$")  # '0.0.0' (ndim >= 2, '.' separator)
+
+
+async def _list_children(store, prefix: str) -> list[str]:
+    return [k async for k in store.list_dir(prefix)]
+
+
+def _raw_v2_metadata(store, prefix: str) -> dict | None:
+    """The ``.zarray`` JSON of a format-2 array exactly as stored (zarr fills in defaults when it parses it)."""
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.sync import sync
+
+    key = f"{prefix}/.zarray" if prefix else ".zarray"
+    buf = sync(store.get(key, prototype=default_buffer_prototype()))
+    if buf is None:
+        return None
+    try:
+        return json.loads(buf.to_bytes())
+    except ValueError:
+        return None
+
+
+def open_array_checked(arr, source: str, name: str):
+    """Return ``arr`` (a ``zarr.Array``) reading the chunks that are really in the store.
+
+    A zarr-format-2 array with ndim >= 2 whose ``.zarray`` has no ``dimension_separator`` field (written by
+    zarr < 2.8) is listed: if its chunk keys are '/'-nested (sub-directories named by a chunk index, e.g.
+    ``0/0``) it is reopened with ``dimension_separator='/'``; otherwise ``arr`` is returned unchanged (zarr's
+    '.' default is right). Format-3 arrays, 1-D arrays (whose chunk keys are the same under both separators)
+    and arrays that record their separator are returned unchanged.
+
+    ``source`` (the file) and ``name`` (e.g. ``"data/img"``) are used in error messages only.
+
+    Raises ReplayBufferError when the array holds both nested and flat chunk keys (e.g. a nested store that
+    was later appended to by a zarr that assumed '.': the two halves cannot be read as one array).
+    """
+    import zarr
+    from zarr.core.sync import sync
+
+    md = arr.metadata
+    if getattr(md, "zarr_format", None) != 2 or len(arr.shape) < 2 or md.dimension_separator != ".":
+        return arr
+    store_path = arr.async_array.store_path
+    store, prefix = store_path.store, store_path.path
+    raw = _raw_v2_metadata(store, prefix)
+    if raw is None or "dimension_separator" in raw:
+        return arr
+    children = sync(_list_children(store, prefix))
+    nested = sorted(c for c in children if c.isdigit())
+    flat = [c for c in children if _FLAT_CHUNK_KEY.match(c)]
+    if not nested:
+        return arr
+    if flat:
+        raise ReplayBufferError(
+            f"{source}: {name} has both nested ('/', e.g. {nested[0]}/...) and flat ('.', e.g. {flat[0]}) chunk keys "
+            "and its .zarray records no dimension_separator; expected one layout (was a zarr < 2.8 store appended "
+            "to by a newer zarr?). Rewrite the array with one separator."
+        )
+    fixed = dataclasses.replace(md, dimension_separator="/")
+    return zarr.Array(zarr.AsyncArray(metadata=fixed, store_path=store_path, config=arr.async_array.config))
+
+
 def _read_group_layout(root, source: str):
     """Return (data_group, episode_ends_array) after checking that both exist."""
     import zarr
@@ -149,7 +222,7 @@ def _read_group_layout(root, source: str):
     ends = root["meta"]["episode_ends"]
     if not isinstance(ends, zarr.Array):
         raise ReplayBufferError(f"{source}: 'meta/episode_ends' is a group, expected an array")
-    return root["data"], ends
+    return root["data"], open_array_checked(ends, source, "meta/episode_ends")
 
 
 def _select_keys(available: Iterable[str], keys, source: str) -> list[str]:
@@ -222,7 +295,7 @@ class ReplayBuffer:
         root = _open_zarr_group(path, mode)
         data_group, ends_arr = _read_group_layout(root, source)
         ends = np.asarray(ends_arr[:])
-        data = {k: data_group[k] for k in sorted(data_group.array_keys())}
+        data = {k: open_array_checked(data_group[k], source, f"data/{k}") for k in sorted(data_group.array_keys())}
         _validate_layout(source, {k: a.shape[0] for k, a in data.items()}, ends)
         return cls(_backend="zarr", _data=data, _episode_ends=ends, _root=root, _source=source)
 
@@ -234,9 +307,10 @@ class ReplayBuffer:
         data_group, ends_arr = _read_group_layout(root, source)
         ends = np.asarray(ends_arr[:])
         selected = _select_keys(data_group.array_keys(), keys, source)
-        lengths = {k: data_group[k].shape[0] for k in selected}
+        arrays = {k: open_array_checked(data_group[k], source, f"data/{k}") for k in selected}
+        lengths = {k: a.shape[0] for k, a in arrays.items()}
         _validate_layout(source, lengths, ends)  # before reading (possibly GBs of) data
-        data = {k: np.asarray(data_group[k][:]) for k in selected}
+        data = {k: np.asarray(a[:]) for k, a in arrays.items()}
         return cls(_backend="numpy", _data=data, _episode_ends=ends.astype(np.int64), _source=source)
 
     # ---------------------------------------------------------------- properties

@@ -19,6 +19,7 @@ import json
 import os
 import re
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -147,22 +148,44 @@ def read_env_meta(path) -> dict:
 
 
 def list_demos(f, path="<hdf5>", filter_key: str | None = None) -> list[str]:
-    """Demo group names sorted by index (demo_0, demo_1, ..., demo_10). ``filter_key`` reads mask/<key>."""
+    """Demo group names sorted by index (demo_0, demo_1, ..., demo_10). ``filter_key`` reads mask/<key>.
+
+    Raises RobomimicFormatError (naming the file) when there is no ``data`` group, no ``mask/<filter_key>``, or
+    when ``mask/<filter_key>`` lists demos that ``data/`` does not have (all missing names are listed).
+    """
     if "data" not in f:
         raise RobomimicFormatError(f"{path}: no group 'data' (top-level keys: {list(f)})")
     if filter_key is not None:
         if "mask" not in f or filter_key not in f["mask"]:
             have = list(f["mask"]) if "mask" in f else []
             raise RobomimicFormatError(f"{path}: no filter key mask/{filter_key} (have: {have})")
-        names = [n.decode() if isinstance(n, bytes) else str(n) for n in f["mask"][filter_key][:]]
+        names = [n.decode() if isinstance(n, bytes) else str(n) for n in np.asarray(f["mask"][filter_key][()]).reshape(-1)]
+        missing = [n for n in names if n not in f["data"]]
+        if missing:
+            shown = ", ".join(missing[:20]) + (f", ... ({len(missing)} in all)" if len(missing) > 20 else "")
+            raise RobomimicFormatError(
+                f"{path}: filter key mask/{filter_key} lists {len(missing)} demo(s) that data/ does not have: {shown} "
+                f"(data/ has {len([n for n in f['data'] if _DEMO_RE.match(n)])} demo_<i> groups); expected every "
+                f"name in mask/{filter_key} to be a group under data/"
+            )
     else:
         names = [n for n in f["data"] if _DEMO_RE.match(n)]
     return sorted(names, key=lambda n: int(_DEMO_RE.match(n).group(1)) if _DEMO_RE.match(n) else 1 << 60)
 
 
 def read_demo(f, name: str, obs_keys: Sequence[str], path="<hdf5>", action_key: str = "actions") -> dict:
-    """One demo as {obs key: array, 'actions': array, 'states': array (if present)}."""
+    """One demo as {obs key: array, 'actions': array, 'states': array (if present)}.
+
+    Raises RobomimicFormatError naming the file and ``data/<name>/...`` when the demo, its ``obs`` group, an
+    observation key or the action key is missing.
+    """
+    import h5py
+
+    if name not in f["data"]:
+        raise RobomimicFormatError(f"{path}: no demo data/{name}")
     g = f["data"][name]
+    if not isinstance(g, h5py.Group):
+        raise RobomimicFormatError(f"{path}: data/{name} is a dataset, expected a demo group (actions, obs/...)")
     out = {}
     if "obs" not in g:
         raise RobomimicFormatError(f"{path}: data/{name} has no 'obs' group (keys: {list(g)})")
@@ -171,12 +194,12 @@ def read_demo(f, name: str, obs_keys: Sequence[str], path="<hdf5>", action_key: 
             raise RobomimicFormatError(
                 f"{path}: observation key {k!r} not in data/{name}/obs (available: {sorted(g['obs'])})"
             )
-        out[k] = np.asarray(g["obs"][k][:])
+        out[k] = np.asarray(g["obs"][k][()])
     if action_key not in g:
         raise RobomimicFormatError(f"{path}: data/{name} has no {action_key!r} (keys: {sorted(g)})")
-    out["actions"] = np.asarray(g[action_key][:])
+    out["actions"] = np.asarray(g[action_key][()])
     if "states" in g:
-        out["states"] = np.asarray(g["states"][:])
+        out["states"] = np.asarray(g["states"][()])
     return out
 
 
@@ -200,30 +223,59 @@ def robomimic_to_replay_buffer(
     * actions go to ``data/action``; with ``abs_action`` the 14-dim [pos, axis-angle, gripper] x 2 become 20-dim
       [pos, rot6d, gripper] x 2. ``action_dim`` (the file's per-step action size, 14 for Transport) is checked.
 
+    Empty or malformed demos are skipped with one ``DataSanityWarning`` naming the file and each demo and why:
+    0 steps, actions not (N, A), observation/action step counts that disagree, or a requested key missing from
+    some (not all) demos.
+
     Returns the ReplayBuffer (numpy backend); with ``out_path`` it is also written there (zarr, atomically).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        RobomimicFormatError (a KeyError; the message names the file): no ``data`` group; ``mask/<filter_key>``
+            missing or listing demos that ``data/`` lacks (all named); a key missing from every demo; no usable
+            demo left (each skipped demo named with the reason).
+        ValueError: a demo's action dim differs from ``action_dim`` (file, demo and shapes named).
     """
     from shortcut_policy.datasets.replay_buffer import ReplayBuffer
+    from shortcut_policy.datasets.sanity import DataSanityWarning
 
     concat_obs = {k: list(v) for k, v in (concat_obs or {}).items()}
     needed = list(dict.fromkeys(list(obs_keys) + [c for v in concat_obs.values() for c in v]))
     rb = ReplayBuffer.create_empty_numpy()
+    skipped: list[tuple[str, str, str]] = []  # (demo, kind, why)
+    first_missing: RobomimicFormatError | None = None
     with _open(path) as f:
         demos = list_demos(f, path, filter_key)
         if not demos:
-            raise RobomimicFormatError(f"{path}: no demo_<i> groups under data/")
+            where = f"mask/{filter_key} lists no demos" if filter_key is not None else "no demo_<i> groups under data/"
+            raise RobomimicFormatError(f"{path}: {where}")
         for name in demos:
-            d = read_demo(f, name, needed, path, action_key)
+            try:
+                d = read_demo(f, name, needed, path, action_key)
+            except RobomimicFormatError as e:  # a key missing in this demo: skipped unless missing everywhere
+                first_missing = first_missing or e
+                skipped.append((name, "missing", str(e).removeprefix(f"{path}: ")))
+                continue
             act = d["actions"]
-            if act.ndim != 2 or (action_dim is not None and act.shape[1] != action_dim):
+            n = int(act.shape[0]) if act.ndim else 0
+            if act.size == 0 or n == 0:
+                skipped.append((name, "empty", f"0 steps (data/{name}/{action_key} has shape {act.shape})"))
+                continue
+            if act.ndim != 2:
+                skipped.append((name, "malformed", f"data/{name}/{action_key} has shape {act.shape}, expected (N, A)"))
+                continue
+            if action_dim is not None and act.shape[1] != action_dim:
                 raise ValueError(
                     f"{path}: data/{name}/{action_key} has shape {act.shape}, expected (N, {action_dim})"
                 )
-            n = act.shape[0]
+            bad = [f"data/{name}/obs/{k} has {d[k].shape[0] if d[k].ndim else 0} steps" for k in needed
+                   if d[k].ndim == 0 or d[k].shape[0] != n]
+            if bad:
+                skipped.append((name, "malformed", f"{', '.join(bad)}, but {action_key} has {n}"))
+                continue
             ep = {}
             for k in obs_keys:
                 a = d[k]
-                if a.shape[0] != n:
-                    raise ValueError(f"{path}: data/{name}/obs/{k} has {a.shape[0]} steps, actions have {n}")
                 ep[k] = a if a.dtype == np.uint8 else a.astype(np.float32)
             for ck, parts in concat_obs.items():
                 ep[ck] = np.concatenate([d[c].reshape(n, -1).astype(np.float32) for c in parts], axis=1)
@@ -232,6 +284,15 @@ def robomimic_to_replay_buffer(
             else:
                 ep["action"] = act.astype(np.float32)
             rb.add_episode(ep)
+    if rb.n_episodes == 0:
+        if first_missing is not None and all(kind == "missing" for _, kind, _ in skipped):
+            raise first_missing  # missing in every demo: a wrong obs/action key rather than bad demos
+        why = "; ".join(f"{n}: {w}" for n, _, w in skipped[:10]) + (f"; ... ({len(skipped)} in all)" if len(skipped) > 10 else "")
+        raise RobomimicFormatError(f"{path}: no usable demo (all {len(skipped)} skipped): {why}")
+    if skipped:
+        why = "; ".join(f"{n}: {w}" for n, _, w in skipped[:20]) + (f"; ... ({len(skipped)} in all)" if len(skipped) > 20 else "")
+        warnings.warn(f"{path}: skipped {len(skipped)} empty or malformed demo(s) of {len(demos)}: {why}",
+                      DataSanityWarning, stacklevel=2)
     if out_path is not None:
         rb.save_to_path(out_path, zarr_format=zarr_format, overwrite=overwrite)
     return rb

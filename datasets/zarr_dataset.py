@@ -14,12 +14,19 @@ padding, never across episodes). Split: ``get_val_mask(n, val_ratio, seed)``, tr
 ``max_train_episodes`` with ``downsample_mask(..., seed)``; ``split="val"`` is the complement of train (so
 episodes dropped by the downsampling are validation episodes, as in DP); ``split="all"`` uses every episode.
 The normalizer is fit on the whole buffer.
+
+Load-time checks: every ``data/<key>`` the dataset uses goes through :func:`~.sanity.check_dataset` (all-zero
+actions/observations, non-finite values and image ranges contradicting their dtype raise ``DataSanityError``;
+constant dims warn) and the report is kept as ``dataset.sanity_report`` (``summary()`` / ``to_dict()``). Episodes
+too short for one window are skipped with a ``DataSanityWarning`` naming them; a train (or ``"all"``) split with
+no window at all raises ``ValueError`` explaining the episode lengths against the window.
 """
 from __future__ import annotations
 
 import copy
 import os
 import re
+import warnings
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -28,6 +35,7 @@ from torch.utils.data import Dataset
 
 from .normalizer import LinearNormalizer, SingleFieldLinearNormalizer
 from .replay_buffer import ReplayBuffer
+from .sanity import DataSanityWarning, check_dataset
 from .sampler import SequenceSampler, downsample_mask, get_val_mask
 
 __all__ = ["SequenceDataset", "parse_source", "DEFAULT_IMAGE_MEMORY_BYTES"]
@@ -67,6 +75,16 @@ class _Fields:
 
 
 class SequenceDataset(Dataset):
+    """Windows of ``horizon`` steps over a zarr ReplayBuffer (see the module docstring for fields and splits).
+
+    Raises:
+        FileNotFoundError / ReplayBufferError: the file is missing or not in the Diffusion Policy layout.
+        KeyError: a ``data/<key>`` named by ``obs_keys`` / ``action_keys`` is not in the file.
+        DataSanityError (ValueError): implausible data (see :mod:`.sanity`); the message names file and key.
+        ValueError: bad arguments, or a train/"all" split that yields no window (the message gives the episode
+            lengths against the window length).
+    """
+
     def __init__(
         self,
         zarr_path: str | os.PathLike | None = None,
@@ -151,6 +169,16 @@ class SequenceDataset(Dataset):
                 arrays["obs/" + name] = self._concat(load, srcs, source, name)
         arrays["action"] = self._concat(load, self.action_sources, source, "action")
         self._episode_ends = np.asarray(disk.episode_ends, dtype=np.int64)
+        # ---- sanity pass over the data/<key> arrays used (images: at most 2000 frames) -> self.sanity_report
+        self.sanity_report = check_dataset(loaded, self._episode_ends, source, image_keys=image_src,
+                                           action_keys={k for k, _ in self.action_sources}, max_frames=2000)
+        for key in sorted(image_src):
+            st = self.sanity_report.keys.get(key)
+            if st is not None and st.image_range == "0..1" and np.dtype(st.dtype).kind == "f":
+                msg = (f"{source}: data/{key} (image) is a float image in 0..1 (max {st.max:g}), but this dataset "
+                       "expects images stored 0..255 and divides them by 255: its frames will be nearly black")
+                self.sanity_report.warnings.append(msg)
+                warnings.warn(msg, DataSanityWarning, stacklevel=2)
         self._fields = _Fields(arrays, self._episode_ends)
 
         # ---- split and windows
@@ -185,13 +213,56 @@ class SequenceDataset(Dataset):
 
     def _make_sampler(self, mask: np.ndarray) -> None:
         self.episode_mask = np.asarray(mask, dtype=bool)
+        pad_before = self.n_obs_steps - 1 + self.n_latency_steps
+        pad_after = self.n_action_steps - 1
         self.sampler = SequenceSampler(
             self._fields,
             sequence_length=self.horizon,
-            pad_before=self.n_obs_steps - 1 + self.n_latency_steps,
-            pad_after=self.n_action_steps - 1,
+            pad_before=pad_before,
+            pad_after=pad_after,
             episode_mask=self.episode_mask,
         )
+        self._check_windows(pad_before, pad_after)
+
+    def min_episode_length(self) -> int:
+        """Steps an episode needs to yield at least one window: horizon - pad_before - pad_after (>= 1), with
+        pad_before = n_obs_steps - 1 + n_latency_steps and pad_after = n_action_steps - 1 (each at most horizon - 1)."""
+        H = self.horizon
+        pb = min(max(self.n_obs_steps - 1 + self.n_latency_steps, 0), H - 1)
+        pa = min(max(self.n_action_steps - 1, 0), H - 1)
+        return max(1, H - pb - pa)
+
+    def _check_windows(self, pad_before: int, pad_after: int) -> None:
+        """Warn about selected episodes too short for a window; raise when a train/all split has no window."""
+        need = self.min_episode_length()
+        lengths = np.diff(self._episode_ends, prepend=0)
+        selected = np.flatnonzero(self.episode_mask)
+        short = selected[lengths[selected] < need]
+        window = (f"a window is horizon={self.horizon} steps, of which up to pad_before={pad_before} "
+                  f"(n_obs_steps - 1 + n_latency_steps) repeat an episode's first frame and up to pad_after={pad_after} "
+                  f"(n_action_steps - 1) its last, so an episode needs at least {need} steps")
+        if len(self.sampler) == 0 and self.split != "val":
+            if len(selected) == 0:
+                raise ValueError(
+                    f"{self.source}: no training windows: split {self.split!r} selects 0 of {len(lengths)} episodes "
+                    f"(val_ratio={self.val_ratio}, max_train_episodes={self.max_train_episodes})"
+                )
+            sl = lengths[selected]
+            raise ValueError(
+                f"{self.source}: no training windows: all {len(selected)} {self.split!r} episode(s) are too short. "
+                f"{window[0].upper()}{window[1:]}; these episodes have {int(sl.min())}..{int(sl.max())} steps "
+                f"(median {float(np.median(sl)):g}). Use longer episodes, or a shorter horizon / more padding "
+                "(n_obs_steps, n_action_steps)."
+            )
+        if len(short):
+            desc = ", ".join(f"{int(i)} ({int(lengths[i])} steps)" for i in short[:20])
+            more = f", ... ({len(short)} in all)" if len(short) > 20 else ""
+            warnings.warn(
+                f"{self.source}: {len(short)} of {len(selected)} {self.split!r} episode(s) are shorter than a window and "
+                f"are skipped ({window}): episode {desc}{more}",
+                DataSanityWarning,
+                stacklevel=3,
+            )
 
     # ------------------------------------------------------------------ public API
     def get_validation_dataset(self) -> "SequenceDataset":

@@ -181,7 +181,15 @@ class RolloutEvaluator:
 
 
 def build_policy_training(cfg, run_dir):
+    """(policy, train dataset, validation dataset, rollout evaluator or None) for `train` on a policy task. Prints
+    the data sanity summary (ranges per key, constant dims, image range, episode lengths) and saves it as
+    <run_dir>/data_sanity.json; implausible data raises before any training (datasets/sanity.py)."""
     train_ds = build_dataset(cfg, "train")
+    report = getattr(train_ds, "sanity_report", None)
+    if report is not None:
+        print(report.summary(), flush=True)
+        if run_dir is not None:
+            report.save_json(Path(run_dir) / "data_sanity.json")
     val_ds = train_ds.get_validation_dataset()
     policy = build_policy(cfg, train_ds.get_normalizer())
     tcfg = cfg["train"]
