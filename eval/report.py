@@ -9,13 +9,18 @@ Metrics (Diffusion Policy's protocol plus a success rate):
 * ``stage_rate@N``   for envs that report task stages in ``info["stages"]`` (Transport: lid off, trash in its
                      bin, hammer handed over, ...): the fraction of seeds that reached each stage, in the order
                      the stages are reached on average; ``per_seed.csv`` lists each seed's stages with the step.
-Crashed or timed-out episodes count as failures with score 0 and are listed under ``crashed_seeds@N``.
+Crashed or timed-out episodes (status other than ``ok``) are listed under ``crashed_seeds@N`` with their count
+``n_crashed@N``. :func:`summarize` with ``exclude_crashed=True`` (what :func:`shortcut_policy.eval.rollout.evaluate`
+uses) computes the rates over the episodes that ran (``n_ran@N``), so a crash never passes silently as a failed
+episode; with the default ``exclude_crashed=False`` they count as failures with score 0.
+:func:`crash_cause` turns a crash's traceback text into one line (exception type and message).
 """
 from __future__ import annotations
 
 import csv
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -34,8 +39,16 @@ def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
-def summarize(rows: list[dict], steps: int) -> dict:
-    """Metrics for one step budget from per-seed rows (dicts with max_reward, success, status)."""
+def summarize(rows: list[dict], steps: int, exclude_crashed: bool = False) -> dict:
+    """Metrics for one step budget from per-seed rows (dicts with max_reward, success, status).
+
+    Rows whose status is not ``ok`` crashed or timed out: they are listed under ``crashed_seeds@N`` and
+    counted in ``n_crashed@N``. With ``exclude_crashed`` the score, success rate, its interval and stage rates are
+    over the episodes that ran (``n_ran@N``; NaN when none ran), otherwise crashed episodes count as failures
+    with score 0."""
+    crashed = [int(r["seed"]) for r in rows if r.get("status") != "ok"]
+    if exclude_crashed:
+        rows = [r for r in rows if r.get("status") == "ok"]
     n = len(rows)
     scores = np.array([float(r.get("max_reward") or 0.0) if r.get("status") == "ok" else 0.0 for r in rows])
     succ = np.array([bool(r.get("success")) and r.get("status") == "ok" for r in rows])
@@ -54,10 +67,34 @@ def summarize(rows: list[dict], steps: int) -> dict:
                 first.setdefault(k, []).append(float(v))
         order = sorted(first, key=lambda k: float(np.mean(first[k])))
         out[f"stage_rate@{steps}"] = {k: len(first[k]) / n for k in order}
-    crashed = [int(r["seed"]) for r in rows if r.get("status") != "ok"]
     if crashed:
         out[f"crashed_seeds@{steps}"] = crashed
+        out[f"n_crashed@{steps}"] = len(crashed)
+        if exclude_crashed:
+            out[f"n_ran@{steps}"] = n
     return out
+
+
+_TB_HEADER = "Traceback (most recent call last):"
+
+
+def crash_cause(error) -> str:
+    """One line for a crashed row's ``error`` text: the exception (``Type: message``) of its last traceback, with
+    any text before the traceback (``worker crashed while running seed S``) in parentheses; text without a
+    traceback (``worker process died (exit code 3)``) is returned on one line."""
+    text = str(error or "").strip()
+    if not text:
+        return "no error text recorded"
+    if _TB_HEADER not in text:
+        return " ".join(p.strip() for p in text.splitlines() if p.strip())
+    prefix = text[: text.index(_TB_HEADER)].strip().rstrip(":").strip()
+    last_tb = text[text.rindex(_TB_HEADER) + len(_TB_HEADER):]
+    lines = last_tb.splitlines()
+    # frames are indented ("  File ...", "    code", "    ^^^"); the exception starts at the first line that is not
+    start = next((i for i, ln in enumerate(lines) if ln.strip() and not ln[:1].isspace()), None)
+    exc = " ".join(ln.strip() for ln in lines[start:] if ln.strip()) if start is not None else ""
+    exc = re.sub(r"\s+", " ", exc) or "unknown exception"
+    return f"{exc} ({prefix})" if prefix else exc
 
 
 def write_per_seed(rows: list[dict], run_dir) -> tuple[Path, Path]:

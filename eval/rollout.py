@@ -14,7 +14,12 @@ Runner design
   executed per call (early stop on success, DP's MultiStepWrapper). Every N runs on the same seeds.
 * Workers never hang the runner: every reply is awaited with a timeout while checking that the process is
   alive; a dead or stuck worker is killed and its unfinished seeds are reported (status ``crashed``/
-  ``timeout``, error text) and counted as failures. An exception inside one env only affects that seed.
+  ``timeout``, error text). An exception inside one env only affects that seed (status ``error``).
+* Crashes are never scored silently: when every episode of a step budget crashed, or more than
+  ``max_crash_fraction`` of them (``eval`` config key; default 0.1 for the CLI, no share limit for direct callers),
+  :func:`evaluate` raises :class:`EvalCrashError` with the first crash's cause (seed, exception type and message)
+  after writing the per-seed tables. Below the limit the rates are over the episodes that ran, RESULT has
+  ``n_crashed@N`` / ``n_ran@N`` / ``crashed_seeds@N`` and ``warnings``, and a ``warning:`` line goes to stderr.
 
 Outputs in run_dir: ``per_seed.json`` / ``per_seed.csv`` (steps, seed, max_reward, success, env_steps,
 status), ``videos/*.mp4`` (or .gif) of the first ``n_videos`` seeds, ``score_vs_steps.png``; the returned
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -43,6 +49,13 @@ EXPERTS: dict[str, str] = {
     "pusht": "shortcut_policy.envs.experts.pusht:PushTExpert",
     "transport": "shortcut_policy.envs.experts.transport:TransportExpert",
 }
+
+
+class EvalCrashError(RuntimeError):
+    """Every episode of a step budget crashed, or more than ``max_crash_fraction`` of them; the message names the
+    count, the first crash's seed and cause, where the per-seed errors are, and the fix."""
+
+    user_error = True  # the CLI prints the message as it is (no type name, no --debug hint)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -498,14 +511,58 @@ def _save_videos(rows: list[dict], run_dir: Path, fps: int) -> list[str]:
     return out
 
 
+def check_crash_fraction(value) -> float | None:
+    """``max_crash_fraction``: None (no share limit) or a number in [0, 1]; a clear error otherwise."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise ValueError(f"max_crash_fraction={value!r}: expected a number in [0, 1] or null")
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"max_crash_fraction={value!r}: expected a number in [0, 1] or null") from None
+    if not 0.0 <= f <= 1.0:
+        raise ValueError(f"max_crash_fraction={value!r}: expected a number in [0, 1] or null")
+    return f
+
+
+def _check_crashes(rows: list[dict], steps: int, max_crash_fraction: float | None, where: str) -> str | None:
+    """Raise :class:`EvalCrashError` when every row crashed or more than ``max_crash_fraction`` of them; return a
+    warning line when some (fewer) crashed, else None. ``where`` tells where the per-seed errors are."""
+    bad = sorted((r for r in rows if r.get("status") != "ok"), key=lambda r: int(r["seed"]))
+    n, k = len(rows), len(bad)
+    if not k:
+        return None
+    first = bad[0]
+    cause = f"seed {first['seed']} ({first.get('status')}): {report.crash_cause(first.get('error'))}"
+    seeds = [int(r["seed"]) for r in bad]
+    shown = str(seeds) if len(seeds) <= 10 else f"[{', '.join(map(str, seeds[:10]))}, ... ({len(seeds)} seeds)]"
+    if k == n:
+        raise EvalCrashError(f"eval: all {n} episodes crashed at steps={steps} (seeds {shown}), nothing was "
+                             f"evaluated; first: {cause}; {where}; fix the cause and rerun")
+    if max_crash_fraction is not None and k / n > max_crash_fraction:
+        raise EvalCrashError(f"eval: {k} of {n} episodes crashed at steps={steps} (seeds {shown}), more than "
+                             f"max_crash_fraction={max_crash_fraction:g} allows; first: {cause}; {where}; fix the "
+                             f"cause, or accept crashes with a larger max_crash_fraction")
+    return (f"{k} of {n} episodes crashed at steps={steps} (seeds {shown}); mean_score@{steps} and "
+            f"success_rate@{steps} are over the {n - k} that ran; first: {cause}")
+
+
 def evaluate(task_cfg, policy=None, steps_list=(1,), n_episodes: int = 50, seed_start: int = 100000,
              n_workers: int | None = None, n_videos: int = 0, run_dir=None, expert_spec: str | None = None,
-             timeout: float = 600.0, progress: bool = True, envs_per_worker: int | None = None) -> dict:
+             timeout: float = 600.0, progress: bool = True, envs_per_worker: int | None = None,
+             max_crash_fraction: float | None = None) -> dict:
     """Programmatic entry (also for trainers): ``policy=None`` evaluates the scripted expert. Returns the
     RESULT dict; writes per-seed tables, videos and the plot into ``run_dir`` when given.
     ``envs_per_worker`` caps the envs alive per worker: the seeds then run in waves of ``n_workers x
-    envs_per_worker`` (a Transport env holds ~1 GB, so 25 per worker exhaust the memory); null = all at once."""
+    envs_per_worker`` (a Transport env holds ~1 GB, so 25 per worker exhaust the memory); null = all at once.
+
+    Crashed / timed-out episodes: when all episodes of a step budget crashed, or more than
+    ``max_crash_fraction`` (in [0, 1]; None = no share limit) of them, raises :class:`EvalCrashError` naming the
+    first crash (the per-seed tables are written first). Otherwise the metrics are over the episodes that ran and
+    the RESULT lists ``n_crashed@N``, ``n_ran@N``, ``crashed_seeds@N`` and ``warnings`` (also printed to stderr)."""
     task_cfg = _to_plain(task_cfg)
+    max_crash_fraction = check_crash_fraction(max_crash_fraction)
     n_episodes = check_int("n_episodes", n_episodes, 1)
     seed_start = check_int("seed_start", seed_start, 0)
     n_videos = check_int("n_videos", n_videos, 0)
@@ -520,11 +577,29 @@ def evaluate(task_cfg, policy=None, steps_list=(1,), n_episodes: int = 50, seed_
         waves = [seeds[i : i + per_wave] for i in range(0, len(seeds), per_wave)]
     t0 = time.perf_counter()
     all_rows: list[dict] = []
+    warnings: list[str] = []
+    where = (f"every seed's error is in {Path(run_dir) / 'per_seed.csv'}" if run_dir is not None
+             else "pass run_dir to get every seed's error in per_seed.csv")
+
+    def check(n):
+        try:
+            w = _check_crashes([r for r in all_rows if r["steps"] == n], n, max_crash_fraction, where)
+        except EvalCrashError:
+            if run_dir is not None:
+                for r in all_rows:
+                    r.pop("frames", None)
+                report.write_per_seed(all_rows, run_dir)
+            raise
+        if w:
+            warnings.append(w)
+            print(f"warning: {w}", file=sys.stderr, flush=True)
+
     if policy is None:
         steps_list = [1]
         for wave in waves:
             all_rows += run_expert(task_cfg, wave, n_workers, video_seeds, expert_spec, episode_timeout=timeout,
                                    progress=progress)
+        check(1)
     else:
         from shortcut_policy.conventions import check_steps
 
@@ -536,10 +611,13 @@ def evaluate(task_cfg, policy=None, steps_list=(1,), n_episodes: int = 50, seed_
             for wave in waves:
                 all_rows += run_policy(policy, task_cfg, wave, n_workers, n, video_seeds, step_timeout=timeout,
                                        progress=progress)
+            check(n)
     result: dict = {"n_episodes": n_episodes, "seed_start": seed_start, "steps": list(steps_list),
                     "policy": "expert" if policy is None else "checkpoint", "workers": n_workers}
     for n in steps_list:
-        result.update(report.summarize([r for r in all_rows if r["steps"] == n], n))
+        result.update(report.summarize([r for r in all_rows if r["steps"] == n], n, exclude_crashed=True))
+    if warnings:
+        result["warnings"] = warnings
     result["seconds"] = round(time.perf_counter() - t0, 2)
     if run_dir is not None:
         run_dir = Path(run_dir)
@@ -603,6 +681,9 @@ def _policy_task_cfg(policy):
 
 
 def eval_command(cfg, run_dir) -> dict:
+    """`shortcut-policy eval ...` (configs/eval.yaml): the expert or a checkpoint on the task's seeds. Fails
+    (:class:`EvalCrashError`) when all episodes crash or more than ``max_crash_fraction`` (default 0.1) do."""
+    max_crash = check_crash_fraction(cfg.get("max_crash_fraction", 0.1) if hasattr(cfg, "get") else 0.1)
     ckpt = _cfg_get(cfg, "checkpoint")
     mode = str(_cfg_get(cfg, "policy", "checkpoint" if ckpt is not None else "expert"))
     if mode not in ("expert", "checkpoint"):
@@ -649,10 +730,11 @@ def eval_command(cfg, run_dir) -> dict:
     res = evaluate(task_cfg, policy=policy, steps_list=steps, n_episodes=n_episodes, seed_start=seed_start,
                    n_workers=workers, n_videos=n_videos, run_dir=run_dir, expert_spec=_cfg_get(cfg, "expert"),
                    timeout=float(_cfg_get(cfg, "timeout_s", 600.0)), progress=bool(_cfg_get(cfg, "progress", True)),
-                   envs_per_worker=_cfg_get(cfg, "envs_per_worker", _cfg_get(tev, "envs_per_worker", None)))
+                   envs_per_worker=_cfg_get(cfg, "envs_per_worker", _cfg_get(tev, "envs_per_worker", None)),
+                   max_crash_fraction=max_crash)
     if policy is not None:
         res["n_action_steps"] = policy.n_action_steps
     return res
 
 
-__all__ = ["evaluate", "eval_command", "make_env", "run_expert", "run_policy", "check_int", "ENV_MODULES", "EXPERTS"]
+__all__ = ["evaluate", "eval_command", "EvalCrashError", "check_crash_fraction", "make_env", "run_expert", "run_policy", "check_int", "ENV_MODULES", "EXPERTS"]

@@ -55,15 +55,42 @@ class VectorModel(nn.Module):
 
     @torch.no_grad()
     def sample(self, n: int, steps: int, seed: int = 0) -> np.ndarray:
+        """n samples with `steps` sampling steps; the initial noise (and a re-noising sampler's fresh noise, e.g.
+        objective=consistency) come from one generator seeded with `seed`. Regression ignores steps (no warning)."""
+        import inspect
+        import warnings
+
         g = torch.Generator().manual_seed(seed)
         x0 = torch.randn(n, self.net.input_dim, generator=g)
-        return self.objective.sample(self.net, x0, steps=steps).numpy()
+        kw = {"generator": g} if "generator" in inspect.signature(self.objective.sample).parameters else {}
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*ignores steps=")  # regression: one pass at every N
+            return self.objective.sample(self.net, x0, steps=steps, **kw).numpy()
 
 
 def _toy_batches(dataset, batch, seed):
     rng = np.random.default_rng(seed + 1)
     while True:
         yield {"x": torch.from_numpy(sample_toy(dataset, batch, rng))}
+
+
+def toy_selection(tc) -> list[str]:
+    """The objective presets to run: `toy.select` (a list of names of `toy.objectives`, or one comma-separated
+    string), in order, duplicates dropped. ValueError for an empty selection or an unknown name (listing the valid
+    ones)."""
+    valid = list(tc.objectives)
+    sel = tc.get("select")
+    if sel is None:
+        sel = valid
+    elif isinstance(sel, str):
+        sel = [s for s in (x.strip() for x in sel.split(",")) if s]
+    names = list(dict.fromkeys(str(s) for s in sel))
+    if not names:
+        raise ValueError(f"bench toy: toy.select is empty; pick one or more of {valid}")
+    unknown = [n for n in names if n not in tc.objectives]
+    if unknown:
+        raise ValueError(f"bench toy: unknown objective(s) {unknown} in toy.select; valid: {valid}")
+    return names
 
 
 def run_toy(cfg, run_dir: Path) -> dict:
@@ -77,11 +104,14 @@ def run_toy(cfg, run_dir: Path) -> dict:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     held_out = sample_toy(tc.dataset, int(tc.n_eval), np.random.default_rng(10_000 + int(cfg.seed)))
     floor = sliced_w2(sample_toy(tc.dataset, int(tc.n_eval), np.random.default_rng(20_000)), held_out, int(tc.n_projections))
+    names = toy_selection(tc)
     result = {"metric": "sliced_w2", "dataset": tc.dataset, "noise_floor": floor, "num_steps": int(tc.num_steps)}
     samples = {}
-    for name, ocfg in tc.objectives.items():
+    for name in names:
+        ocfg = tc.objectives[name]
         torch.manual_seed(int(cfg.seed))
-        model = VectorModel(build_net(tc.net), build_objective(ocfg))
+        objective = build_objective(ocfg)
+        model = VectorModel(build_net(tc.net, step_input=objective.step_input), objective)
         sub = run_dir / name
         sub.mkdir(parents=True, exist_ok=True)
         t0 = time.time()
@@ -92,7 +122,8 @@ def run_toy(cfg, run_dir: Path) -> dict:
             from .train.checkpoint import load_checkpoint
 
             ck = load_checkpoint(sub / "checkpoints" / "last.ckpt")
-            ema_model = VectorModel(build_net(tc.net), build_objective(ocfg))
+            ema_obj = build_objective(ocfg)
+            ema_model = VectorModel(build_net(tc.net, step_input=ema_obj.step_input), ema_obj)
             ema_model.load_state_dict(ck["ema"]["model"])
         ema_model.eval()
         samples[name] = {}

@@ -1,17 +1,33 @@
-"""`shortcut-policy <verb> [hydra overrides]` — a thin dispatcher.
+"""`shortcut-policy [--debug] <verb> [hydra overrides]` — a thin dispatcher.
 
 Each verb has a config `configs/<verb>.yaml` (composed with Hydra's compose API, so the usual
 `key=value`, `group=option`, `+new=value` overrides work) and a command function
 `fn(cfg: DictConfig, run_dir: pathlib.Path) -> dict`. The CLI creates the run directory, saves the
 resolved config there, runs the command, writes `metrics.json`, and prints `RESULT <json>` last.
+
+Run-directory rules (see :func:`run_verb`):
+
+* one live command per run directory: an exclusive ``flock`` on ``<run_dir>/.lock`` (holding the pid) is held for
+  the whole command; a second command on the same run_dir fails at once. The lock dies with its process, so a
+  killed run can be resumed.
+* a run directory belongs to the verb that created it (``run.json``); another verb pointed at it is refused
+  instead of overwriting its ``config.yaml`` / ``metrics.json``. The same verb may reuse it (resume).
+* an optional ``<fn>_preflight(cfg, run_dir)`` in the verb's module runs after the lock is taken and before
+  anything is written; it may raise to refuse the command or return a dict of notes (RESULT ``preflight``).
+* temporary files ``.<name>.tmp<pid>`` left by a killed atomic write are removed at the next start.
+
+Errors reach the user as one line ``error: <problem and fix>`` on stderr with exit code 1 (130 on Ctrl-C);
+``--debug`` as the first argument or ``SHORTCUT_POLICY_DEBUG=1`` shows the full traceback instead.
 """
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import importlib
 import json
 import math
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -27,7 +43,23 @@ VERBS: dict[str, tuple[str, str]] = {
     "export": ("shortcut_policy.deploy.export", "export_command"),
 }
 
-USAGE = "usage: shortcut-policy {" + "|".join(VERBS) + "} [hydra overrides ...]"
+USAGE = ("usage: shortcut-policy [--debug] {" + "|".join(VERBS) + "} [hydra overrides ...]\n"
+         "  --debug (or SHORTCUT_POLICY_DEBUG=1): show the full traceback of an error instead of one line")
+
+LOCK_NAME = ".lock"          # flock target; holds the pid of the command running in the directory
+MARKER_NAME = "run.json"     # {"verb": ..., "created": ..., "pid": ...}: the verb that owns the directory
+# files that mark a directory made before run.json existed as another verb's
+LEGACY_SIGNATURES: dict[str, tuple[str, ...]] = {"train": ("checkpoints",), "eval": ("per_seed.json", "per_seed.csv")}
+_TMP_RE = re.compile(r"^\.(?P<name>.+)\.tmp(?P<pid>\d+)$")   # atomic_write_text / save_checkpoint temp files
+_DEBUG_ENV = "SHORTCUT_POLICY_DEBUG"
+
+
+class RunDirError(RuntimeError):
+    """A run directory cannot be used by this command (in use, owned by another verb, unreadable marker).
+    The message names the directory and the fix."""
+
+    # exceptions with a true `user_error` attribute already name the problem and the fix: printed as they are
+    user_error = True
 
 
 def compose(verb: str, overrides: list[str] | None = None):
@@ -57,37 +89,311 @@ def _jsonable(x):
 
 
 def make_run_dir(cfg, verb: str) -> Path:
+    """The command's run directory (``cfg.run_dir``, default ``runs/<verb>/<timestamp>``), created if needed."""
     run_dir = cfg.get("run_dir", None) if hasattr(cfg, "get") else None
     if not run_dir:
         stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
         run_dir = Path("runs") / verb / stamp
     run_dir = Path(str(run_dir))
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunDirError(f"run_dir={run_dir}: exists and is not a directory; choose another run_dir")
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
 
 
 def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through ``.<name>.tmp<pid>`` + rename (readers never see a partial file; the
+    temp file of a killed writer is removed by :func:`clean_stale_temp_files` at the next start)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text(text)
     os.replace(tmp, path)
 
 
+# ---------------------------------------------------------------------------------------------------------
+# run-directory lock, ownership, stale temp files
+def _is_main_rank() -> bool:
+    """False in the non-zero ranks of a torchrun launch (they share rank 0's run_dir and lock)."""
+    try:
+        return int(os.environ.get("RANK", "0") or 0) == 0
+    except ValueError:
+        return True
+
+
+class RunDirLock:
+    """Exclusive, non-blocking ``flock`` on ``<run_dir>/.lock`` with the holder's pid written into it.
+
+    ``acquire`` raises :class:`RunDirError` naming the run_dir and the holder's pid when another process holds
+    it. The kernel drops the lock when the holding process exits or is killed, so a stale ``.lock`` file never
+    blocks a resume. The file itself is left in place (deleting it would let two processes lock different files).
+    """
+
+    def __init__(self, run_dir):
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / LOCK_NAME
+        self._f = None
+
+    def acquire(self) -> "RunDirLock":
+        import fcntl
+
+        f = open(self.path, "a+")
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = ""
+            try:
+                f.seek(0)
+                holder = (f.read().split() or [""])[0]
+            except OSError:
+                pass
+            f.close()
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                who = f"pid {holder}" if holder else "pid unknown"
+                raise RunDirError(f"run_dir {self.run_dir} is in use by another shortcut-policy command ({who}, lock "
+                                  f"{self.path}); wait for it to finish or stop it, or choose another run_dir") from None
+            raise RunDirError(f"run_dir {self.run_dir}: cannot lock {self.path} ({e.strerror or e}); use a run_dir "
+                              "on a file system that supports flock") from e
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        self._f = f
+        return self
+
+    def release(self) -> None:
+        """Unlock and close (also done by the kernel when the process ends)."""
+        if self._f is None:
+            return
+        import fcntl
+
+        try:
+            fcntl.flock(self._f.fileno(), fcntl.LOCK_UN)
+        finally:
+            self._f.close()
+            self._f = None
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+        return False
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (ours counts as alive; another user's too)."""
+    if pid <= 0:
+        return False
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except (OverflowError, OSError):
+        return False
+    return True
+
+
+def clean_stale_temp_files(run_dir) -> list[Path]:
+    """Delete ``.<name>.tmp<pid>`` files (left by a killed :func:`atomic_write_text` or checkpoint write) in
+    ``run_dir`` and ``run_dir/checkpoints`` whose writer pid is not a live process. Returns the removed paths."""
+    run_dir = Path(run_dir)
+    removed = []
+    for d in (run_dir, run_dir / "checkpoints"):
+        if not d.is_dir():
+            continue
+        for p in sorted(d.iterdir()):
+            m = _TMP_RE.match(p.name)
+            if m and p.is_file() and not p.is_symlink() and not _pid_alive(int(m["pid"])):
+                try:
+                    p.unlink()
+                    removed.append(p)
+                except FileNotFoundError:
+                    pass
+    return removed
+
+
+def _configs_dir() -> Path:
+    return Path(importlib.import_module("shortcut_policy.configs").__file__).parent
+
+
+def _verb_config_keys(verb: str) -> set[str]:
+    """Top-level keys of configs/<verb>.yaml, config groups of its defaults list included (run_dir excluded)."""
+    import yaml
+
+    path = _configs_dir() / f"{verb}.yaml"
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return set()
+    keys = {str(k) for k in data if k != "defaults"}
+    for entry in data.get("defaults") or []:
+        if isinstance(entry, dict):
+            keys |= {str(k).split()[-1] for k in entry}
+    return keys - {"run_dir"}
+
+
+def _legacy_owner(run_dir: Path, verb: str) -> tuple[str | None, str]:
+    """Owner verb of a directory with files but no run.json (made by an older version), and why; (None, '') when
+    it cannot be told or the directory holds nothing of a run."""
+    for owner, names in LEGACY_SIGNATURES.items():
+        for name in names:
+            if (run_dir / name).exists():
+                return owner, f"it has {name}{'/' if (run_dir / name).is_dir() else ''}"
+    cfg_path = run_dir / "config.yaml"
+    if not cfg_path.is_file():
+        return None, ""
+    import yaml
+
+    try:
+        old = yaml.safe_load(cfg_path.read_text())
+    except (OSError, yaml.YAMLError):
+        return None, ""
+    if not isinstance(old, dict):
+        return None, ""
+    old_keys = {str(k) for k in old} - {"run_dir"}
+
+    def score(v):
+        keys = _verb_config_keys(v)
+        return len(old_keys & keys) / max(1, len(old_keys | keys))
+
+    scores = {v: score(v) for v in VERBS}
+    best = max(scores, key=scores.get)
+    if best != verb and scores[best] >= 0.5 and scores[best] > scores.get(verb, 0.0):
+        return best, f"its config.yaml has the keys of configs/{best}.yaml"
+    return None, ""
+
+
+def _suggest_run_dir(run_dir: Path, verb: str) -> Path:
+    cand = run_dir.parent / verb
+    if run_dir.name != verb and not cand.exists():
+        return cand
+    return run_dir.with_name(f"{run_dir.name}-{verb}")
+
+
+def check_run_dir_owner(run_dir, verb: str) -> str | None:
+    """Refuse (:class:`RunDirError`) when ``run_dir`` belongs to a verb other than ``verb``: its ``run.json``
+    says so, or, without one, an older run's files show it (``checkpoints/`` = train, ``per_seed.json`` = eval,
+    or its config.yaml's keys match another verb's config). Returns the recorded owner (None when unmarked)."""
+    run_dir = Path(run_dir)
+    marker = run_dir / MARKER_NAME
+    if marker.exists():
+        try:
+            owner = json.loads(marker.read_text())["verb"]
+            if not isinstance(owner, str):
+                raise TypeError(f"'verb' is {owner!r}")
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise RunDirError(f"{marker}: unreadable run marker ({e}); expected JSON like {{\"verb\": \"train\"}}: "
+                              "restore it, or choose another run_dir") from None
+        why = f"{MARKER_NAME} says so"
+        recorded = owner
+    else:
+        owner, why = _legacy_owner(run_dir, verb)
+        recorded = None
+    if owner is not None and owner != verb:
+        raise RunDirError(f"run_dir {run_dir} belongs to a '{owner}' run ({why}); '{verb}' would overwrite its files "
+                          f"(config.yaml, metrics.json): choose another run_dir, e.g. "
+                          f"run_dir={_suggest_run_dir(run_dir, verb)}")
+    return recorded
+
+
+def _write_marker(run_dir: Path, verb: str) -> None:
+    atomic_write_text(run_dir / MARKER_NAME, json.dumps(
+        {"verb": verb, "created": _dt.datetime.now().isoformat(timespec="seconds"), "pid": os.getpid()}, indent=1))
+
+
+_EMPTY_OVERRIDE = re.compile(r"^\+{0,2}(?P<key>[A-Za-z_][\w.\-/@]*)=$")
+
+
+def _check_empty_overrides(verb: str, overrides: list[str]) -> None:
+    """Refuse ``key=`` (no value) for a key whose config value is a number, bool, list or mapping: Hydra would set
+    it to the empty string and the command would fail much later (``train.lr=`` -> a type error mid-setup)."""
+    empty = [o for o in overrides if _EMPTY_OVERRIDE.match(o)]
+    if not empty:
+        return
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    try:
+        base = compose(verb, [o for o in overrides if o not in empty])
+    except Exception:  # noqa: BLE001 - the other overrides' own errors are reported by the real compose
+        return
+    for o in empty:
+        key = _EMPTY_OVERRIDE.match(o)["key"]
+        group_dir = _configs_dir() / key
+        if group_dir.is_dir():
+            options = sorted(p.stem for p in group_dir.glob("*.yaml"))
+            raise ValueError(f"override {o!r}: no option given for config group '{key}'; valid options: "
+                             f"{', '.join(options)}")
+        try:
+            orig = OmegaConf.select(base, key, throw_on_missing=False)
+        except Exception:  # noqa: BLE001
+            continue
+        if isinstance(orig, DictConfig):
+            raise ValueError(f"override {o!r}: no value given for {key}, which is a mapping in the {verb} config; "
+                             f"set its entries ({key}.<name>=value) or {key}=null")
+        if isinstance(orig, (bool, int, float, ListConfig)):
+            shown = OmegaConf.to_container(orig) if isinstance(orig, ListConfig) else orig
+            example = json.dumps(shown).replace(" ", "") if isinstance(shown, list) else json.dumps(shown)
+            raise ValueError(f"override {o!r}: no value given for {key}, which is {example} in the {verb} config; "
+                             f"give a value ({key}={example}) or {key}=null")
+
+
+# ---------------------------------------------------------------------------------------------------------
 def run_verb(verb: str, overrides: list[str] | None = None) -> dict:
+    """Run one verb: compose its config, lock and claim the run directory, call the verb's preflight hook, save
+    config.yaml, run the command, save metrics.json; returns the (JSON-able) result.
+
+    Order: compose -> mkdir run_dir -> lock ``.lock`` (rank 0) -> ownership check (``run.json``) -> remove stale
+    temp files -> ``<fn>_preflight(cfg, run_dir)`` (may raise: nothing is written) -> run.json -> config.yaml ->
+    command -> metrics.json -> unlock. Non-zero torchrun ranks skip the lock and the writes.
+    """
     from omegaconf import OmegaConf
 
     if verb not in VERBS:
-        raise SystemExit(f"unknown verb {verb!r}. {USAGE}")
+        raise SystemExit(f"unknown verb {verb!r}; expected one of {', '.join(VERBS)}. {USAGE.splitlines()[0]}")
+    overrides = list(overrides or [])
+    _check_empty_overrides(verb, overrides)
     cfg = compose(verb, overrides)
+    OmegaConf.to_yaml(cfg, resolve=True)  # an interpolation that does not resolve fails before anything is made
     run_dir = make_run_dir(cfg, verb)
     with _open_dict(cfg):
         cfg.run_dir = str(run_dir)
-    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    module, fn = VERBS[verb]
-    result = getattr(importlib.import_module(module), fn)(cfg, run_dir) or {}
-    result = _jsonable(result)
-    atomic_write_text(run_dir / "metrics.json", json.dumps(result, indent=2))
-    return result
+    main_rank = _is_main_rank()
+    lock = RunDirLock(run_dir)
+    if main_rank:
+        lock.acquire()
+    try:
+        if main_rank:
+            marked = check_run_dir_owner(run_dir, verb) is not None
+            removed = clean_stale_temp_files(run_dir)
+            if removed:
+                print(f"note: removed {len(removed)} stale temp file(s) of killed writes in {run_dir}: "
+                      + ", ".join(str(p.relative_to(run_dir)) for p in removed), file=sys.stderr)
+        module, fn = VERBS[verb]
+        mod = importlib.import_module(module)
+        command = getattr(mod, fn)
+        preflight = getattr(mod, fn + "_preflight", None)
+        notes = preflight(cfg, run_dir) if preflight is not None else None
+        if notes is not None and not isinstance(notes, dict):
+            raise TypeError(f"{module}.{fn}_preflight returned {type(notes).__name__}; expected a dict of notes or None")
+        if notes:
+            print(f"note: {verb} preflight: {json.dumps(_jsonable(notes), sort_keys=True)}", file=sys.stderr)
+        if main_rank:
+            if not marked:
+                _write_marker(run_dir, verb)
+            atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        result = command(cfg, run_dir) or {}
+        if notes:
+            result = {**result, "preflight": notes}
+        result = _jsonable(result)
+        if main_rank:
+            atomic_write_text(run_dir / "metrics.json", json.dumps(result, indent=2))
+        return result
+    finally:
+        lock.release()
 
 
 class _open_dict:
@@ -103,8 +409,123 @@ class _open_dict:
         return self._ctx.__exit__(*a)
 
 
+# ---------------------------------------------------------------------------------------------------------
+# one-line errors
+_GL_PATTERN = re.compile(r"MUJOCO_GL|PYOPENGL|OpenGL|\bEGL\b|\begl\b|GLFW|OSMesa|osmesa|gladLoadGL|mjr_context", re.I)
+_GL_FIX = ("the OpenGL backend cannot start: set MUJOCO_GL (and PYOPENGL_PLATFORM) to one this machine supports "
+           "(egl needs a GPU driver, osmesa renders in software, glfw needs a display)")
+
+
+def _one_line(text: str) -> str:
+    """Collapse a multi-line message into one line."""
+    parts = [p.strip() for p in str(text).splitlines()]
+    out = " ".join(p for p in parts if p)
+    return out
+
+
+def format_error(e: BaseException) -> str:
+    """The one-line message (without the ``error: `` prefix) for an exception that reaches the CLI: Hydra override
+    and config-group errors say which override and list the valid options; missing files name the path; other
+    errors keep their message and get a hint (OpenGL backend, ``--debug``)."""
+    try:
+        from hydra.errors import (ConfigCompositionException, HydraException, MissingConfigException,
+                                  OverrideParseException)
+    except ImportError:  # pragma: no cover
+        ConfigCompositionException = HydraException = MissingConfigException = OverrideParseException = ()
+    if isinstance(e, OverrideParseException):
+        lines = [p.strip() for p in str(e.message).splitlines() if p.strip()]
+        url = next((p.split()[1] for p in lines if p.startswith("See ") and len(p.split()) > 1), None)
+        reason = "; ".join(p for p in lines if not p.startswith("See ")) or "invalid syntax"
+        return (f"cannot parse override {e.override!r}: {reason}; fix its syntax (key=value, +key=value adds a key, "
+                f"~key deletes one; quote values with spaces or brackets)" + (f", see {url}" if url else ""))
+    if isinstance(e, MissingConfigException) and getattr(e, "missing_cfg_file", None) and "/" in str(e.missing_cfg_file):
+        group, _, option = str(e.missing_cfg_file).rpartition("/")
+        opts = getattr(e, "options", None)
+        valid = f"; valid options: {', '.join(opts)}" if opts else ""
+        return f"{group}={option}: no such option in config group '{group}' (no configs/{group}/{option}.yaml){valid}"
+    if isinstance(e, ConfigCompositionException) or isinstance(e, HydraException):
+        msg = _one_line(str(e))
+        cause = e.__cause__
+        if cause is not None and _one_line(str(cause)):
+            msg += f" ({_one_line(str(cause)).split(' full_key:')[0]})"
+        return msg or type(e).__name__
+    if getattr(e, "user_error", False):
+        return _one_line(str(e))
+    if isinstance(e, FileNotFoundError):
+        if e.filename is not None and e.strerror:
+            return f"{e.filename}: {e.strerror.lower()}; check the path (relative paths start at {os.getcwd()})"
+        return f"{_one_line(str(e))}; check the path"
+    if isinstance(e, KeyError):
+        arg = e.args[0] if e.args else ""
+        if isinstance(arg, str) and " " in arg.strip():
+            return _one_line(arg)
+        return f"missing key {arg!r} (run shortcut-policy --debug ... to see where it was looked up)"
+    msg = _one_line(str(e))
+    if not isinstance(e, (ValueError, KeyError)) or not msg:
+        msg = f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+    if _GL_PATTERN.search(msg):
+        return f"{msg}; {_GL_FIX}"
+    if not isinstance(e, (ValueError, KeyError)):
+        msg += " (run shortcut-policy --debug ... for the traceback)"
+    return msg
+
+
+# `bench <sub> key=value`: the keys each sub-benchmark takes at the top level of its command line
+BENCH_SHORTHAND = {
+    "toy": {"dataset": "toy.dataset", "num_steps": "toy.num_steps", "batch_size": "toy.batch_size",
+            "objectives": "toy.select"},
+    "policies": {k: f"policies.{k}" for k in ("task", "objectives", "seeds", "out", "nfe", "eval", "variants",
+                                              "train_overrides", "latency_rounds")},
+}
+
+
+def bench_shorthand(sub: str, overrides: list[str]) -> list[str]:
+    """`bench toy dataset=moons objectives=[a,b]` -> ['what=toy', 'toy.dataset=moons', 'toy.select=[a,b]'];
+    `bench policies task=T objectives=[...] seeds=[...]` -> policies.task=..., policies.objectives=..., ..."""
+    table = BENCH_SHORTHAND.get(sub, {})
+    out = [f"what={sub}"]
+    for o in overrides:
+        key, eq, value = o.partition("=")
+        bare = key.lstrip("+~")
+        out.append(f"{key[: len(key) - len(bare)]}{table[bare]}{eq}{value}" if eq and bare in table else o)
+    return out
+
+
+class LineStream:
+    """Wraps stderr for a non-terminal log: a progress bar's carriage-return redraws become one line each."""
+
+    def __init__(self, raw):
+        self.raw, self._at_line_start = raw, True
+
+    def write(self, s: str) -> int:
+        s = s.replace("\r", "\n")
+        if self._at_line_start:
+            s = s.lstrip("\n")
+        while "\n\n" in s:
+            s = s.replace("\n\n", "\n")
+        if s:
+            self.raw.write(s)
+            self._at_line_start = s.endswith("\n")
+        return len(s)
+
+    def flush(self) -> None:
+        self.raw.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+    def __getattr__(self, name):  # fileno, encoding, ... of the wrapped stream
+        return getattr(self.raw, name)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """CLI entry: ``[--debug] <verb> [overrides]``. Prints ``RESULT <json>`` and returns 0 on success; on an error
+    prints one line ``error: ...`` to stderr and returns 1 (130 on Ctrl-C); with ``--debug`` or
+    ``SHORTCUT_POLICY_DEBUG=1`` the exception propagates with its full traceback."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = os.environ.get(_DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
+    if argv and argv[0] == "--debug":
+        debug, argv = True, argv[1:]
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         print("verbs: " + ", ".join(VERBS))
@@ -112,13 +533,24 @@ def main(argv: list[str] | None = None) -> int:
     verb, overrides = argv[0], argv[1:]
     # `bench toy dataset=moons` -> what=toy toy.dataset=moons (positional sub-command for bench)
     if verb == "bench" and overrides and "=" not in overrides[0]:
-        sub = overrides.pop(0)
-        overrides = [f"what={sub}"] + [f"toy.{o}" if sub == "toy" and o.split("=")[0] in ("dataset", "num_steps", "batch_size") else o for o in overrides]
+        overrides = bench_shorthand(overrides.pop(0), overrides)
+    if not sys.stderr.isatty():  # progress bars in a log file: one line per update, not carriage returns
+        sys.stderr = LineStream(sys.stderr)
     try:
         result = run_verb(verb, overrides)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except SystemExit as e:
+        if debug or e.code is None or isinstance(e.code, int):
+            raise
+        print(f"error: {_one_line(str(e.code))}", file=sys.stderr, flush=True)
+        return 1
+    except Exception as e:  # noqa: BLE001 - every error reaches the user as one line (see --debug)
+        if debug:
+            raise
+        print(f"error: {format_error(e)}", file=sys.stderr, flush=True)
+        return 1
     print("RESULT " + json.dumps(result, sort_keys=True), flush=True)
     return 0
 

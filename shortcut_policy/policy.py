@@ -18,7 +18,7 @@ from torch import nn
 
 from .nets import build_net
 from .nets.obs_encoders import ObsEncoder
-from .objectives import Diffusion, build_objective
+from .objectives import build_objective
 from .utils import to_plain
 
 
@@ -103,7 +103,7 @@ class Policy(nn.Module):
         cond = self.obs_encoder(nobs)
         B = cond.shape[0]
         x0 = torch.randn(B, self.horizon, self.action_dim, device=dev, generator=generator).to(dtype)
-        if isinstance(self.objective, Diffusion):
+        if self.objective.takes_generator:  # samplers that re-noise between steps draw from the same generator
             sample_kw.setdefault("generator", generator)
         naction = self.objective.sample(self.net, x0, cond, steps=steps, **sample_kw).clamp(-1.0, 1.0)
         action = self.normalizer.unnormalize({"action": naction})["action"]

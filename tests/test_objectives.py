@@ -190,7 +190,7 @@ def test_bad_input_errors():
         Shortcut().loss(Recorder(lambda x, t, l, c: x * float("inf")), torch.randn(8, 2))
     with pytest.raises(ValueError, match="bootstrap_fraction"):
         Shortcut(bootstrap_fraction=1.5)
-    with pytest.raises(ValueError, match="objective name"):
+    with pytest.raises(ValueError, match="does not exist; valid objectives"):
         build_objective({"name": "nope"})
 
 

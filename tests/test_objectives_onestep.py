@@ -97,8 +97,12 @@ def test_meanflow_refuses_a_level_net_and_bad_options():
                   input_dim=2)
     with pytest.raises(ValueError, match="flow_fraction"):
         MeanFlow(flow_fraction=1.0)
-    with pytest.raises(TypeError, match="bootstrap_fracton"):
+    with pytest.raises(ValueError, match="bootstrap_fracton.*valid keys"):
         build_objective({"name": "meanflow", "bootstrap_fracton": 0.5})
+    with pytest.raises(ValueError, match="bootstrap_fracton"):
+        build_objective({"name": "shortcut", "bootstrap_fracton": 0.5})
+    with pytest.raises(ValueError, match="valid objectives"):
+        build_objective({"name": "nope"})
 
 
 def test_continuous_step_input_keeps_the_parameter_count():

@@ -99,8 +99,8 @@ def test_resume_applies_changed_lr_and_steps_and_refuses_a_different_net(zarr_pa
     changes = [json.loads(r["resume_changes"]) for r in rows if "resume_changes" in r]
     assert changes and changes[-1]["train.lr"] == [1e-3, 1e-4]
     assert "lr: 0.0001" in (run / "config.yaml").read_text()
-    before = {p.name: p.stat().st_mtime_ns for p in run.iterdir() if p.is_file()}
+    before = {p.name: p.stat().st_mtime_ns for p in run.iterdir() if p.is_file() and p.name != ".lock"}
     with pytest.raises(ValueError, match=r"net\.down_dims"):
         _train(zarr_path, run, "train.num_steps=10", "net.down_dims=[16,64]")
-    after = {p.name: p.stat().st_mtime_ns for p in run.iterdir() if p.is_file()}
+    after = {p.name: p.stat().st_mtime_ns for p in run.iterdir() if p.is_file() and p.name != ".lock"}
     assert before == after, "a refused resume wrote into the run directory"

@@ -13,6 +13,7 @@ class Objective(nn.Module):
     name = "objective"
     uses_step_size = False
     step_input = "level"  # what the net's third argument means: "level" log2(1/d) or "continuous" d (MeanFlow)
+    takes_generator = False  # sample(..., generator=) draws fresh noise between steps (DDPM, consistency)
 
     def __init__(self, m: int = M):
         super().__init__()

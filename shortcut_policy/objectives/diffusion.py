@@ -15,11 +15,12 @@ from .guidance import drop_cond, guided
 
 class Diffusion(Objective):
     name = "diffusion"
+    takes_generator = True
 
     def __init__(self, num_train_timesteps: int = 100, beta_schedule: str = "squaredcos_cap_v2",
                  beta_start: float = 1e-4, beta_end: float = 0.02, clip_sample: bool = True,
                  prediction_type: str = "epsilon", sampler: str = "ddpm", class_dropout_prob: float = 0.0,
-                 cfg_scale: float | None = None, m: int = 128, **_unused):
+                 cfg_scale: float | None = None, m: int = 128):
         super().__init__(m)
         if sampler not in ("ddpm", "ddim"):
             raise ValueError(f"sampler={sampler!r}: expected 'ddpm' or 'ddim'")

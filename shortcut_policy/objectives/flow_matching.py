@@ -18,7 +18,7 @@ class FlowMatching(Objective):
     name = "flow_matching"
 
     def __init__(self, m: int = 128, t_sampling: str = "discrete", class_dropout_prob: float = 0.0,
-                 cfg_scale: float | None = None, **_unused):
+                 cfg_scale: float | None = None):
         super().__init__(m)
         if t_sampling not in ("discrete", "uniform"):
             raise ValueError(f"t_sampling={t_sampling!r}: expected 'discrete' or 'uniform'")

@@ -26,7 +26,7 @@ class Shortcut(Objective):
 
     def __init__(self, m: int = 128, bootstrap_fraction: float = 0.25, level_allocation: str = "reference",
                  clip: float | None = CLIP_TARGET, class_dropout_prob: float = 0.0, bootstrap_cfg: bool = False,
-                 cfg_scale: float | None = None, teacher: str = "online", **_unused):
+                 cfg_scale: float | None = None, teacher: str = "online"):
         super().__init__(m)
         if not 0.0 < bootstrap_fraction < 1.0:
             raise ValueError(f"bootstrap_fraction={bootstrap_fraction}: expected a value in (0, 1), e.g. 0.25 or 0.125")

@@ -174,6 +174,9 @@ def check_resume(cfg, ckpt_cfg, ckpt_path) -> dict:
 def train_command_preflight(cfg, run_dir) -> dict:
     """Called by the CLI before it writes anything into run_dir: refuses a resume whose fixed settings differ from
     the checkpoint's (ValueError naming the keys); returns {'resume_changes': {key: [old, new]}} otherwise."""
+    from ..objectives import build_objective
+
+    build_objective(cfg.objective)  # an unknown or misspelt objective key fails here, before anything is written
     last = Path(run_dir) / "checkpoints" / "last.ckpt"
     if not (cfg.train.get("resume", True) and last.exists()):
         return {}
