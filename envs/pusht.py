@@ -50,6 +50,8 @@ import pymunk.pygame_util  # noqa: E402
 import shapely  # noqa: E402
 from gymnasium import spaces  # noqa: E402
 
+from shortcut_policy.envs.wrappers import wrap_env  # noqa: E402
+
 # ---------------------------------------------------------------------------------------------------------
 # Constants of the environment (Diffusion Policy's PushTEnv).
 WINDOW_SIZE = 512
@@ -470,15 +472,12 @@ def _check_int_seed(seed) -> int:
     return int(seed)
 
 
-def make_env(task_cfg, wrap: bool = True, **kwargs):
-    """Build the Push-T env described by a task config (configs/task/pusht_*.yaml).
+def build_env(task_cfg, **kwargs) -> PushTEnv:
+    """The bare Push-T env described by a task config (configs/task/pusht_*.yaml): the registry's ``make``.
 
-    Returns ``MultiStepWrapper(PushTEnv(obs_type), n_obs_steps, n_action_steps, max_steps)`` (or the bare env
-    when ``wrap=False``). Optional task field ``local_keypoints`` ((9, 2) body-local block keypoints, e.g. from
+    Optional task field ``local_keypoints`` ((9, 2) body-local block keypoints, e.g. from
     :func:`local_keypoints_from_data` on DP's official data). Extra keyword arguments go to :class:`PushTEnv`.
     """
-    from shortcut_policy.envs.wrappers import MultiStepWrapper
-
     get = task_cfg.get if hasattr(task_cfg, "get") else (lambda k, d=None: getattr(task_cfg, k, d))
     env_name = get("env", "pusht")
     if env_name != "pusht":
@@ -491,12 +490,11 @@ def make_env(task_cfg, wrap: bool = True, **kwargs):
     local_kps = get("local_keypoints", None)  # optional (9, 2) list, e.g. recovered from DP's official zarr
     if local_kps is not None and "local_keypoints" not in kwargs:
         kwargs["local_keypoints"] = np.asarray(list(local_kps), dtype=np.float64)
-    env = PushTEnv(obs_type=obs_type, max_steps=max_steps, **kwargs)
-    if not wrap:
-        return env
-    return MultiStepWrapper(
-        env,
-        n_obs_steps=int(get("n_obs_steps", 2)),
-        n_action_steps=int(get("n_action_steps", 8)),
-        max_episode_steps=max_steps,
-    )
+    return PushTEnv(obs_type=obs_type, max_steps=max_steps, **kwargs)
+
+
+def make_env(task_cfg, wrap: bool = True, **kwargs):
+    """:func:`build_env`, wrapped for chunked policies when ``wrap`` (:func:`shortcut_policy.envs.wrappers.wrap_env`:
+    ``MultiStepWrapper(VideoRecorder(env), n_obs_steps, n_action_steps, max_steps)``)."""
+    env = build_env(task_cfg, **kwargs)
+    return wrap_env(env, task_cfg, max_steps=MAX_STEPS) if wrap else env

@@ -38,9 +38,16 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
+from shortcut_policy.datasets.robomimic import read_env_meta, rot6d_to_axis_angle
+from shortcut_policy.envs.wrappers import wrap_env
+from shortcut_policy.utils import to_plain as _as_plain
+
 ENV_NAME = "TwoArmTransport"
 ROBOSUITE_ENV_TYPE = 1  # robomimic EnvType.ROBOSUITE_TYPE
 MAX_STEPS = 700
+# the task stages TransportEnv.task_stages() reports (info["stages"] with track_stages), roughly in task order
+TASK_STAGES = ("lid_grasped", "lid_off", "trash_grasped", "trash_in_trash_bin", "hammer_grasped_robot0",
+               "hammer_grasped_robot1", "hammer_in_target_bin", "success")
 CONTROL_HZ = 20
 LOWDIM_CONCAT_KEYS: tuple[str, ...] = (
     "object",
@@ -115,9 +122,6 @@ def default_env_meta(abs_action: bool = False) -> dict:
     return meta
 
 
-from shortcut_policy.utils import to_plain as _as_plain  # noqa: E402
-
-
 def _is_old_part_config(cfg: Mapping) -> bool:
     """A robosuite <= 1.4 controller config: a single part controller (has "type" like OSC_POSE, no body_parts)."""
     return isinstance(cfg, Mapping) and "body_parts" not in cfg and str(cfg.get("type", "")).upper() not in (
@@ -155,6 +159,7 @@ def convert_env_meta(env_meta: Mapping, source: str = "env_meta") -> tuple[dict,
     robots = kw.get("robots", ["Panda", "Panda"])
     robot_type = robots[0] if isinstance(robots, (list, tuple)) else robots
     if _is_old_part_config(ctrl):
+        # lazy: robosuite (optional, the `sim` extra) loads only when a Transport env is built
         from robosuite.controllers.composite.composite_controller_factory import (
             refactor_composite_controller_config,
         )
@@ -192,8 +197,6 @@ def _arm_config(ctrl: Mapping) -> dict:
 
 
 def _rot6d_to_axis_angle(x):
-    from shortcut_policy.datasets.robomimic import rot6d_to_axis_angle
-
     return rot6d_to_axis_angle(x)
 
 
@@ -221,7 +224,7 @@ class TransportEnv(gym.Env):
         os.environ.setdefault("MUJOCO_GL", "egl")
         if os.environ["MUJOCO_GL"] in ("egl", "osmesa"):
             os.environ.setdefault("PYOPENGL_PLATFORM", os.environ["MUJOCO_GL"])
-        import robosuite
+        import robosuite  # lazy: robosuite + mujoco (optional, the `sim` extra), after MUJOCO_GL is chosen
 
         env_meta = default_env_meta(bool(abs_action)) if env_meta is None else _as_plain(env_meta)
         if isinstance(env_meta, str):
@@ -383,7 +386,8 @@ class TransportEnv(gym.Env):
 
     def task_stages(self) -> dict[str, bool]:
         """The task's sub-goals in the current state, from privileged simulator state (for diagnosing policies;
-        never an observation). ``hammer_grasped_robot1`` is the hand-over (the hammer starts on robot0's side)."""
+        never an observation). ``hammer_grasped_robot1`` is the hand-over (the hammer starts on robot0's side).
+        Keys: :data:`TASK_STAGES` (the registry entry's ``stages``)."""
         rs, tr = self.env, self.env.transport
 
         def grasped(i, geoms):
@@ -431,18 +435,16 @@ def env_meta_from_task_cfg(task_cfg) -> dict | None:
     if not path and hasattr(task_cfg, "get"):  # trained from a robomimic hdf5: its env_args define the env (as DP)
         path = (task_cfg.get("dataset", None) or {}).get("hdf5_path", None)
     if path:
-        from shortcut_policy.datasets.robomimic import read_env_meta
-
         return read_env_meta(path)
     meta = task_cfg.get("env_meta", None) if hasattr(task_cfg, "get") else None
     return _as_plain(meta) if meta is not None else None
 
 
-def make_env(task_cfg, wrap: bool = True, render: bool = True, **overrides):
-    """Env for a task config (configs/task/transport_*.yaml), used by the rollout runner as
-    ``make_env(task_cfg, wrap=False)``. With ``wrap`` it is ``MultiStepWrapper(env, n_obs_steps, n_action_steps,
-    max_steps)``. Observation keys are the config's ``obs_keys``; ``abs_action`` picks absolute (20) or delta (14)
-    actions; ``env_meta`` (inline) or ``env_meta_path`` (a robomimic hdf5) describe the env."""
+def build_env(task_cfg, render: bool = True, **overrides) -> "TransportEnv":
+    """The bare env for a task config (configs/task/transport_*.yaml): the registry's ``make``. Observation keys
+    are the config's ``obs_keys``; ``abs_action`` picks absolute (20) or delta (14) actions; ``env_meta`` (inline)
+    or ``env_meta_path`` (a robomimic hdf5) describe the env; ``track_stages`` (default on) reports
+    ``info["stages"]``."""
     get = task_cfg.get if hasattr(task_cfg, "get") else (lambda k, d=None: getattr(task_cfg, k, d))
     if get("env", "transport") != "transport":
         raise ValueError(f"task env {get('env')!r} is not transport: use the env's own make_env")
@@ -469,14 +471,11 @@ def make_env(task_cfg, wrap: bool = True, render: bool = True, **overrides):
     # evaluation reports stages by default, also for checkpoints whose saved task config predates the key
     kwargs["track_stages"] = bool(get("track_stages", True))
     kwargs.update(overrides)
-    env = TransportEnv(**kwargs)
-    if not wrap:
-        return env
-    from shortcut_policy.envs.wrappers import MultiStepWrapper
+    return TransportEnv(**kwargs)
 
-    return MultiStepWrapper(
-        env,
-        n_obs_steps=int(get("n_obs_steps", 2)),
-        n_action_steps=int(get("n_action_steps", 8)),
-        max_episode_steps=max_steps,
-    )
+
+def make_env(task_cfg, wrap: bool = True, render: bool = True, **overrides):
+    """:func:`build_env`, wrapped for chunked policies when ``wrap`` (:func:`shortcut_policy.envs.wrappers.wrap_env`:
+    ``MultiStepWrapper(VideoRecorder(env), n_obs_steps, n_action_steps, max_steps)``)."""
+    env = build_env(task_cfg, render=render, **overrides)
+    return wrap_env(env, task_cfg, max_steps=MAX_STEPS) if wrap else env

@@ -14,15 +14,20 @@
   of inner env steps executed in the episode), ``executed`` (actions executed by this call) and
   ``max_reward``.
 
-Environment-agnostic: used for Push-T and reused for Transport.
+Environment-agnostic: every registered env (Push-T, Transport, ...) is wrapped by :func:`wrap_env`, the one place
+that builds ``MultiStepWrapper(VideoRecorder(env), To, Ta, max_steps)`` from a task config.
 """
 from __future__ import annotations
 
 from collections import deque
+from pathlib import Path
 
 import gymnasium as gym
+import imageio.v2 as imageio
 import numpy as np
 from gymnasium import spaces
+
+from shortcut_policy.utils import cfg_get, check_int
 
 
 def _stack_space(space: spaces.Space, n: int) -> spaces.Space:
@@ -170,9 +175,6 @@ class VideoRecorder(gym.Wrapper):
 def write_video(frames, path, fps: int = 10) -> str:
     """Write uint8 frames to an MP4 (imageio-ffmpeg) or, if that fails or ``path`` ends in .gif, a GIF.
     Returns the path written."""
-    import imageio.v2 as imageio
-    from pathlib import Path
-
     path = Path(path)
     frames = [np.asarray(f, dtype=np.uint8) for f in frames]
     if not frames:
@@ -186,3 +188,17 @@ def write_video(frames, path, fps: int = 10) -> str:
             path = path.with_suffix(".gif")
     imageio.mimwrite(str(path), frames, duration=1.0 / fps, loop=0)
     return str(path)
+
+
+def wrap_env(env: gym.Env, task_cfg, video: bool = False, max_steps: int = 300) -> MultiStepWrapper:
+    """``MultiStepWrapper(VideoRecorder(env, enabled=video), n_obs_steps, n_action_steps, max_steps)`` with the
+    task config's ``n_obs_steps`` (default 2), ``n_action_steps`` (8) and ``max_steps`` (default ``max_steps``):
+    how the rollout runner, the trainer's rollout evaluation and the env modules' ``make_env(wrap=True)`` wrap a
+    bare env."""
+    env = VideoRecorder(env, enabled=video)
+    return MultiStepWrapper(
+        env,
+        n_obs_steps=check_int("task.n_obs_steps", cfg_get(task_cfg, "n_obs_steps", 2), 1),
+        n_action_steps=check_int("task.n_action_steps", cfg_get(task_cfg, "n_action_steps", 8), 1),
+        max_episode_steps=check_int("task.max_steps", cfg_get(task_cfg, "max_steps", max_steps), 1),
+    )

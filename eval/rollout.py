@@ -4,10 +4,11 @@ Runner design
 * Envs live in W worker processes (``spawn``; default one per core, at most one per episode); each hosts
   several envs, one per seed, with fixed seeds ``seed_start .. seed_start + n_episodes - 1`` (Push-T test set:
   100000..100049). Each env is ``MultiStepWrapper(VideoRecorder(env), To, Ta, max_steps)`` built from the task
-  config through :func:`make_env` (dispatch on ``task_cfg.env``; each env module provides
-  ``make_env(task_cfg, wrap=False)`` returning the bare gymnasium env with dict observations).
-* ``policy=expert``: a privileged scripted expert (:data:`EXPERTS`, or ``expert=module:Class``) runs inside the
-  workers, one inner env step at a time (its plans come from the true state). Reported under N = 1.
+  config by the env registry (:func:`shortcut_policy.envs.registry.make_env`: the entry of ``task_cfg.env``
+  builds the bare gymnasium env with dict observations). The workers receive the caller's registry entry, so an
+  env registered at run time works in them too.
+* ``policy=expert``: the env's privileged scripted expert (registry ``EnvSpec.expert``, or ``expert=module:Class``)
+  runs inside the workers, one inner env step at a time (its plans come from the true state). Reported under N = 1.
 * ``policy=checkpoint checkpoint=PATH steps=[1,4,128]``: the learned policy runs batched in the main process:
   ``policy.reset()``, then repeatedly ``policy.predict_action(obs, steps=N) -> (B, Ta, Da)`` where ``obs`` is
   ``{key: (B, To, ...)}`` over the envs still running (finished envs leave the batch). A chunk of Ta actions is
@@ -28,27 +29,25 @@ dict (RESULT) has ``mean_score@N``, ``success_rate@N``, ``success_ci95@N`` ([lo,
 """
 from __future__ import annotations
 
-import importlib
+import multiprocessing as mp
 import os
 import sys
 import time
 import traceback
+from multiprocessing.connection import wait
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
+from shortcut_policy.conventions import check_steps
+from shortcut_policy.envs.registry import (EnvSpec, env_name, expert_class, get_env_spec, make_env, register_env,
+                                           registered_envs, resolve)
+from shortcut_policy.envs.wrappers import VideoRecorder, write_video
 from shortcut_policy.eval import report
-
-# env name -> module providing make_env(task_cfg, wrap=False)
-ENV_MODULES: dict[str, str] = {
-    "pusht": "shortcut_policy.envs.pusht",
-    "transport": "shortcut_policy.envs.transport",
-}
-# env name -> "module:Class" of its privileged expert: Class(seed); .reset(env); .act(env) -> action
-EXPERTS: dict[str, str] = {
-    "pusht": "shortcut_policy.envs.experts.pusht:PushTExpert",
-    "transport": "shortcut_policy.envs.experts.transport:TransportExpert",
-}
+from shortcut_policy.utils import cfg_get as _cfg_get
+from shortcut_policy.utils import check_int
+from shortcut_policy.utils import to_plain as _to_plain
 
 
 class EvalCrashError(RuntimeError):
@@ -60,73 +59,7 @@ class EvalCrashError(RuntimeError):
 
 # ---------------------------------------------------------------------------------------------------------
 # helpers
-def _cfg_get(cfg, key, default=None):
-    if cfg is None:
-        return default
-    if hasattr(cfg, "get"):
-        v = cfg.get(key, default)
-    else:
-        v = getattr(cfg, key, default)
-    return default if v is None else v
-
-
-from shortcut_policy.utils import to_plain as _to_plain  # noqa: E402
-
-
-def check_int(name: str, value, minimum: int | None = None) -> int:
-    """An integer config value, or a clear error naming it (floats like 1e5 are accepted when integral)."""
-    if isinstance(value, bool) or value is None:
-        raise ValueError(f"{name}={value!r}: expected an integer")
-    if isinstance(value, str):
-        try:
-            value = int(value)
-        except ValueError:
-            raise ValueError(f"{name}={value!r}: expected an integer") from None
-    if isinstance(value, float):
-        if not value.is_integer():
-            raise ValueError(f"{name}={value!r}: expected an integer")
-        value = int(value)
-    if not isinstance(value, (int, np.integer)):
-        raise ValueError(f"{name}={value!r}: expected an integer")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name}={value}: expected an integer >= {minimum}")
-    return int(value)
-
-
-def _import_attr(spec: str):
-    module, _, attr = spec.partition(":")
-    if not attr:
-        raise ValueError(f"{spec!r}: expected 'module:attribute'")
-    return getattr(importlib.import_module(module), attr)
-
-
-def make_env(task_cfg, wrap: bool = True, video: bool = False):
-    """Env for a task config: dispatch on ``task_cfg.env``; wrapped as the runner uses it when ``wrap``."""
-    name = _cfg_get(task_cfg, "env")
-    if name not in ENV_MODULES:
-        raise ValueError(f"task env={name!r}: unknown environment; expected one of {sorted(ENV_MODULES)}")
-    try:
-        mod = importlib.import_module(ENV_MODULES[name])
-    except ModuleNotFoundError as e:
-        raise ValueError(f"task env={name!r} needs {ENV_MODULES[name]}, which is not available ({e})") from e
-    env = mod.make_env(task_cfg, wrap=False)
-    if not wrap:
-        return env
-    from shortcut_policy.envs.wrappers import MultiStepWrapper, VideoRecorder
-
-    env = VideoRecorder(env, enabled=video)
-    max_steps = check_int("task.max_steps", _cfg_get(task_cfg, "max_steps", 300), 1)
-    return MultiStepWrapper(
-        env,
-        n_obs_steps=check_int("task.n_obs_steps", _cfg_get(task_cfg, "n_obs_steps", 2), 1),
-        n_action_steps=check_int("task.n_action_steps", _cfg_get(task_cfg, "n_action_steps", 8), 1),
-        max_episode_steps=max_steps,
-    )
-
-
 def _recorder(env):
-    from shortcut_policy.envs.wrappers import VideoRecorder
-
     e = env
     while e is not None:
         if isinstance(e, VideoRecorder):
@@ -152,15 +85,20 @@ def _info_success(info: dict) -> bool | None:
 
 # ---------------------------------------------------------------------------------------------------------
 # worker process
-def _worker_main(conn, task_cfg: dict, seeds: list[int], video_seeds: list[int], expert_spec: str | None):
+def _worker_main(conn, task_cfg: dict, seeds: list[int], video_seeds: list[int], expert_spec,
+                 env_entry: tuple[str, EnvSpec] | None = None):
+    """One env worker. ``env_entry``: the caller's registry entry of the task's env (name, spec), registered here
+    first, so an env registered at run time in the caller also exists in this spawned process."""
     try:
-        import cv2
+        import cv2  # lazy: OpenCV's thread pool is capped only in env workers (the main process keeps its own)
 
         cv2.setNumThreads(1)
     except Exception:
         pass
     envs: dict[int, object] = {}
     try:
+        if env_entry is not None:
+            register_env(*env_entry, replace=True)
         for s in seeds:
             envs[s] = make_env(task_cfg, wrap=True, video=s in video_seeds)
         conn.send(("ready", None))
@@ -217,7 +155,7 @@ def _worker_expert(conn, envs: dict, expert_spec: str | None, expert_kwargs: dic
     for s, env in envs.items():
         t0 = time.perf_counter()
         try:
-            cls = _import_attr(expert_spec)
+            cls = resolve(expert_spec, "the scripted expert")
             expert = cls(s, **(expert_kwargs or {}))  # e.g. action_noise=0.1 (eval expert_kwargs.action_noise=...)
             env.reset(seed=s)
             expert.reset(env)
@@ -243,10 +181,11 @@ def _worker_expert(conn, envs: dict, expert_spec: str | None, expert_kwargs: dic
 # ---------------------------------------------------------------------------------------------------------
 # main-process side
 class _Worker:
-    def __init__(self, ctx, task_cfg, seeds, video_seeds, expert_spec):
+    def __init__(self, ctx, task_cfg, seeds, video_seeds, expert_spec, env_entry=None):
         self.seeds = list(seeds)
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_worker_main, args=(child, task_cfg, self.seeds, list(video_seeds), expert_spec),
+        self.proc = ctx.Process(target=_worker_main,
+                                args=(child, task_cfg, self.seeds, list(video_seeds), expert_spec, env_entry),
                                 daemon=True)
         self.proc.start()
         child.close()
@@ -319,11 +258,16 @@ def _split(seeds: list[int], n_workers: int) -> list[list[int]]:
     return [seeds[i::n_workers] for i in range(n_workers) if seeds[i::n_workers]]
 
 
-def _start_workers(task_cfg, seeds, n_workers, video_seeds, expert_spec, startup_timeout):
-    import multiprocessing as mp
+def _env_entry(task_cfg) -> tuple[str, EnvSpec] | None:
+    """(name, spec) of the task's env for the workers; None when it is not registered (the workers report it)."""
+    name = env_name(task_cfg)
+    return (name, get_env_spec(name)) if name in registered_envs() else None
 
+
+def _start_workers(task_cfg, seeds, n_workers, video_seeds, expert_spec, startup_timeout):
     ctx = mp.get_context("spawn")
-    workers = [_Worker(ctx, task_cfg, part, video_seeds, expert_spec) for part in _split(seeds, n_workers)]
+    entry = _env_entry(task_cfg)
+    workers = [_Worker(ctx, task_cfg, part, video_seeds, expert_spec, entry) for part in _split(seeds, n_workers)]
     lost = {}
     for w in workers:
         try:
@@ -338,16 +282,11 @@ def _start_workers(task_cfg, seeds, n_workers, video_seeds, expert_spec, startup
 
 def run_expert(task_cfg, seeds: list[int], n_workers: int, video_seeds=(), expert_spec: str | None = None,
                episode_timeout: float = 600.0, startup_timeout: float = 120.0, progress: bool = True) -> list[dict]:
-    env_name = _cfg_get(task_cfg, "env")
-    expert_spec = expert_spec or EXPERTS.get(env_name)
-    if expert_spec is None:
-        raise ValueError(f"no scripted expert for env={env_name!r}; expected one of {sorted(EXPERTS)} or expert=module:Class")
+    expert_spec = expert_class(task_cfg, override=expert_spec)
     workers, lost = _start_workers(task_cfg, seeds, n_workers, video_seeds, expert_spec, startup_timeout)
     rows = [_lost_row(s, 1, *lost[s]) for s in lost]
     bar = _bar(len(seeds), "eval expert", progress)
     bar.update(len(rows))
-    from multiprocessing.connection import wait
-
     try:
         remaining: dict[int, list[int]] = {}  # worker index -> seeds not reported yet
         deadline: dict[int, float] = {}
@@ -486,8 +425,6 @@ def run_policy(policy, task_cfg, seeds: list[int], n_workers: int, steps: int, v
 
 
 def _bar(total, desc, enabled):
-    from tqdm import tqdm
-
     return tqdm(total=total, desc=desc, unit="ep", dynamic_ncols=True, disable=not enabled)
 
 
@@ -501,8 +438,6 @@ def default_workers(n_episodes: int) -> int:
 
 
 def _save_videos(rows: list[dict], run_dir: Path, fps: int) -> list[str]:
-    from shortcut_policy.envs.wrappers import write_video
-
     out = []
     for r in rows:
         frames = r.pop("frames", None)
@@ -601,8 +536,6 @@ def evaluate(task_cfg, policy=None, steps_list=(1,), n_episodes: int = 50, seed_
                                    progress=progress)
         check(1)
     else:
-        from shortcut_policy.conventions import check_steps
-
         # the policy's objective validates its own step counts (powers of two for shortcut/flow, 1..100 for DDPM/DDIM)
         check = getattr(policy, "check_steps", check_steps)
         steps_list = [check(s) for s in steps_list]
@@ -737,4 +670,5 @@ def eval_command(cfg, run_dir) -> dict:
     return res
 
 
-__all__ = ["evaluate", "eval_command", "EvalCrashError", "check_crash_fraction", "make_env", "run_expert", "run_policy", "check_int", "ENV_MODULES", "EXPERTS"]
+__all__ = ["evaluate", "eval_command", "EvalCrashError", "check_crash_fraction", "make_env", "run_expert", "run_policy",
+           "check_int"]

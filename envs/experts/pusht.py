@@ -22,16 +22,29 @@ How it works (see /work/shared/reference/pusht-expert-notes.md for the facts it 
 API: ``expert = PushTExpert(seed); expert.reset(env); action = expert.act(env)`` (one (2,) target per env step)
 or ``expert.plan(env)`` -> (K, 2) targets of the next primitive. ``env`` may be wrapped (``env.unwrapped``
 must be a :class:`~shortcut_policy.envs.pusht.PushTEnv`).
+
+Demonstrations: :func:`demos` (the ``demos`` verb for ``task.env=pusht``) runs :func:`pusht_episode` per seed, in
+worker processes, and writes the successful episodes in Diffusion Policy's zarr layout.
 """
 from __future__ import annotations
 
 import math
+import multiprocessing as mp
+import os
+import shutil
+import time
 from collections import deque
 from dataclasses import dataclass
+from pathlib import Path
 
+import cv2
 import numpy as np
+import zarr
+from tqdm import tqdm
 
+from shortcut_policy.datasets.replay_buffer import ReplayBuffer
 from shortcut_policy.envs import pusht as P
+from shortcut_policy.utils import check_int
 
 R = P.AGENT_RADIUS
 
@@ -460,3 +473,173 @@ class PushTExpert:
         else:
             score = err + self.step_cost * K
         return Rollout(prim, U, success_step, (pos, ang), err, score)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# demonstrations (the `demos` verb)
+def default_workers() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def pusht_episode(env_seed: int, expert_seed: int = 0, max_steps: int = 300, render: bool = True,
+                  expert_kwargs: dict | None = None) -> dict:
+    """Run the scripted expert on one Push-T start; returns the recorded episode (DP's fields, images as
+    uint8 to keep transfers small) plus ``success``, ``seed``, ``seconds``."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    env = P.PushTEnv(obs_type="state", max_steps=max_steps)
+    _, info = env.reset(seed=int(env_seed))
+    ss = np.random.SeedSequence([int(expert_seed), int(env_seed)])
+    expert = PushTExpert(seed=int(ss.generate_state(1)[0]), **(expert_kwargs or {}))
+    expert.reset(env)
+    rec = {"img": [], "state": [], "keypoint": [], "action": [], "n_contacts": []}
+    success = False
+    for _ in range(max_steps):
+        act = expert.act(env)
+        if render:
+            rec["img"].append(env.render_image())
+        rec["state"].append(env.dp_state())
+        rec["keypoint"].append(env.block_keypoints())
+        rec["action"].append(act)
+        rec["n_contacts"].append([info["n_contacts"]])
+        _, _, terminated, truncated, info = env.step(act)
+        if terminated:
+            success = True
+            break
+        if truncated:
+            break
+    out = {
+        "state": np.asarray(rec["state"], np.float32),
+        "keypoint": np.asarray(rec["keypoint"], np.float32),
+        "action": np.asarray(rec["action"], np.float32),
+        "n_contacts": np.asarray(rec["n_contacts"], np.float32),
+    }
+    if render:
+        out["img"] = np.asarray(rec["img"], np.uint8)
+    return {"data": out, "success": success, "seed": int(env_seed), "seconds": time.perf_counter() - t0,
+            "cpu_seconds": time.process_time() - c0,
+            "n_steps": len(rec["action"]), "coverage": float(info["coverage"])}
+
+
+def _worker_init():
+    try:
+        cv2.setNumThreads(1)
+    except Exception:
+        pass
+
+
+def _pusht_job(args):
+    return pusht_episode(*args)
+
+
+def demos(cfg, run_dir: Path) -> dict:
+    """The Push-T ``demos`` writer (registry entry ``pusht``): ``shortcut-policy demos task=pusht n_episodes=200
+    out=data/pusht_expert.zarr [workers=N seed=S expert_seed=E max_steps=300 images=true overwrite=false]``
+    (configs/demos.yaml). Only successful episodes are written, in seed order, in Diffusion Policy's zarr layout
+    (fields img, state, keypoint, action, n_contacts). RESULT: ``n_episodes`` (kept), ``n_dropped`` (failed
+    attempts, not written), ``seconds``, ``out``, episode-length and timing statistics."""
+    n_episodes = check_int("n_episodes", cfg.get("n_episodes", 200), 1)
+    seed = check_int("seed", cfg.get("seed", 0), 0)
+    expert_seed = check_int("expert_seed", cfg.get("expert_seed", 0), 0)
+    max_steps = check_int("max_steps", cfg.get("max_steps", 300), 1)
+    workers = cfg.get("workers", None)
+    workers = default_workers() if workers in (None, "auto") else check_int("workers", workers, 1)
+    max_attempts = check_int("max_attempts", cfg.get("max_attempts", None) or 2 * n_episodes, n_episodes)
+    render = bool(cfg.get("images", True))
+    out = Path(str(cfg.get("out", "data/pusht_expert.zarr")))
+    overwrite = bool(cfg.get("overwrite", False))
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"demos: {out} already exists; pass overwrite=true to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+
+    t0 = time.perf_counter()
+    rb = ReplayBuffer.create_empty_zarr(tmp, zarr_format=2)
+    kept_seeds, dropped_seeds, lengths, ep_secs, ep_cpu = [], [], [], [], []
+    pending: dict[int, dict] = {}
+    next_seed = seed  # next start to submit
+    next_write = seed  # next seed to write (episodes are written in seed order, whatever the worker order)
+
+    def consume(res):
+        pending[res["seed"]] = res
+        nonlocal next_write
+        while next_write in pending:
+            r = pending.pop(next_write)
+            next_write += 1
+            if r["success"]:
+                if len(kept_seeds) < n_episodes:
+                    rb.add_episode(
+                        {k: (v.astype(np.float32) if k == "img" else v) for k, v in r["data"].items()},
+                        compressors="disk",
+                    )
+                    kept_seeds.append(r["seed"])
+                    lengths.append(r["n_steps"])
+            else:
+                dropped_seeds.append(r["seed"])
+            ep_secs.append(r["seconds"])
+            ep_cpu.append(r["cpu_seconds"])
+
+    bar = tqdm(total=n_episodes, desc="demos pusht", unit="ep", dynamic_ncols=True)
+    try:
+        if workers == 1:
+            while len(kept_seeds) < n_episodes and next_seed - seed < max_attempts:
+                before = len(kept_seeds)
+                consume(pusht_episode(next_seed, expert_seed, max_steps, render))
+                next_seed += 1
+                bar.update(len(kept_seeds) - before)
+                bar.set_postfix(dropped=len(dropped_seeds))
+        else:
+            ctx = mp.get_context("spawn")
+            with ctx.Pool(workers, initializer=_worker_init) as pool:
+                while len(kept_seeds) < n_episodes and next_seed - seed < max_attempts:
+                    need = min(n_episodes - len(kept_seeds), max_attempts - (next_seed - seed))
+                    jobs = [(s, expert_seed, max_steps, render) for s in range(next_seed, next_seed + need)]
+                    next_seed += need
+                    for res in pool.imap_unordered(_pusht_job, jobs):
+                        before = len(kept_seeds)
+                        consume(res)
+                        bar.update(len(kept_seeds) - before)
+                        bar.set_postfix(dropped=len(dropped_seeds))
+    finally:
+        bar.close()
+    if rb.n_episodes == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise RuntimeError(f"demos: no successful episode in {next_seed - seed} attempts")
+    root = zarr.open_group(str(tmp), mode="r+", zarr_format=2)
+    root.attrs.update(
+        {
+            "generator": "shortcut_policy.envs.experts.pusht.PushTExpert",
+            "env": "pusht",
+            "episode_seeds": [int(s) for s in kept_seeds],
+            "dropped_seeds": [int(s) for s in dropped_seeds],
+            "expert_seed": expert_seed,
+            "max_steps": max_steps,
+        }
+    )
+    if out.exists():  # overwrite=true
+        shutil.rmtree(out) if out.is_dir() else out.unlink()
+    os.replace(tmp, out)
+    seconds = time.perf_counter() - t0
+    result = {
+        "n_episodes": len(kept_seeds),
+        "n_dropped": len(dropped_seeds),
+        "seconds": round(seconds, 2),
+        "out": str(out),
+        "n_steps": int(sum(lengths)),
+        "mean_episode_length": float(np.mean(lengths)),
+        "max_episode_length": int(max(lengths)),
+        "workers": workers,
+        "worker_seconds_per_episode": round(float(np.mean(ep_secs)), 3),
+        "cpu_seconds_per_episode": round(float(np.mean(ep_cpu)), 3),
+        "cpu_seconds_total": round(float(np.sum(ep_cpu)), 1),
+    }
+    if len(kept_seeds) < n_episodes:
+        result["warning"] = f"only {len(kept_seeds)} of {n_episodes} episodes succeeded in {max_attempts} attempts"
+    return result
+
+
+pusht_demos = demos  # the name before the env registry

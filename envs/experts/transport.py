@@ -871,7 +871,7 @@ def generate_transport_demos(cfg, run_dir) -> dict:
     return res
 
 
-demos = generate_transport_demos  # the name registered in envs/experts/__init__.py GENERATORS
+demos = generate_transport_demos  # the name in the env registry (envs/registry.py)
 
 
 def _parse_seeds(spec: str) -> list[int]:

@@ -15,7 +15,8 @@ bound to episode e: queued or held ones are forgotten at the reset (the robot st
 new episode arrives) and one arriving later is dropped (counted in ``n_reset_dropped_commands``). A command sent
 without ``episode`` is a plain standing target: it is held across a reset, as before episodes were tracked.
 
-Any gymnasium env with dict observations of Box spaces works (Push-T, Transport); physics catch-up happens in the
+Any gymnasium env with dict observations of Box spaces works (every registered env: Push-T, Transport, ...;
+:func:`make_sim_robot` builds one from a robot config through the env registry); physics catch-up happens in the
 caller's thread inside get_observation()/send_action()/poll(), so no extra thread competes with inference.
 """
 from __future__ import annotations
@@ -24,6 +25,8 @@ import time
 from collections import deque
 
 import numpy as np
+
+from shortcut_policy.envs.registry import get_env_spec, make_env, registered_envs, resolve
 
 from .robot import EPISODE_KEY, TIMESTAMP_KEY
 
@@ -210,16 +213,18 @@ class SimRobot:
 
 def make_sim_robot(robot_cfg, n_obs_steps: int, hz: float | None = None, latch_s: float | None = None,
                    auto_reset: bool = False) -> SimRobot:
-    """SimRobot from a robot config (configs/robot/sim_*.yaml): ``env`` pusht | transport plus the env's task fields."""
+    """The simulated robot of a robot config (configs/robot/sim_*.yaml): ``env`` names a registered env (default
+    pusht) and the other fields are its task fields. The env registry builds the bare env and names the robot
+    class (``EnvSpec.sim_robot``, default :class:`SimRobot`)."""
     cfg = dict(robot_cfg)
-    env_name = cfg.get("env", "pusht")
-    if env_name == "pusht":
-        from shortcut_policy.envs.pusht import make_env
-    elif env_name == "transport":
-        from shortcut_policy.envs.transport import make_env
-    else:
-        raise ValueError(f"robot env {env_name!r}: expected pusht | transport")
+    cfg.setdefault("env", "pusht")
+    env_name = cfg["env"]
+    try:
+        spec = get_env_spec(env_name)
+    except ValueError:
+        raise ValueError(f"robot env {env_name!r}: expected one of {' | '.join(registered_envs())}") from None
+    robot_cls = resolve(spec.sim_robot, f"robot env {env_name!r}", spec)
     env = make_env(cfg, wrap=False)
     rate = float(hz or cfg.get("control_hz", 10))
-    return SimRobot(env, rate, n_obs_steps=n_obs_steps, latch_s=latch_s, name=cfg.get("name", f"sim_{env_name}"),
-                    auto_reset=auto_reset)
+    return robot_cls(env, rate, n_obs_steps=n_obs_steps, latch_s=latch_s, name=cfg.get("name", f"sim_{env_name}"),
+                     auto_reset=auto_reset)
