@@ -12,3 +12,16 @@ os.environ.setdefault("WANDB_MODE", "offline")
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def pusht_lowdim_zarr(tmp_path_factory):
+    """A small synthetic Push-T zarr (4 episodes of 25-41 steps, no images) in Diffusion Policy's layout."""
+    from shortcut_policy.datasets.pusht import write_synthetic_pusht_zarr
+
+    p = tmp_path_factory.mktemp("data") / "pusht.zarr"
+    write_synthetic_pusht_zarr(p, episode_lengths=(30, 25, 41, 33))
+    return p

@@ -5,14 +5,11 @@ import pytest
 
 from shortcut_policy import cli
 from shortcut_policy.bench_policies import parse_nfe
-from shortcut_policy.datasets.pusht import write_synthetic_pusht_zarr
 
 
 @pytest.fixture(scope="module")
-def zarr_path(tmp_path_factory):
-    p = tmp_path_factory.mktemp("data") / "pusht.zarr"
-    write_synthetic_pusht_zarr(p, episode_lengths=(30, 25, 41, 33))
-    return p
+def zarr_path(pusht_lowdim_zarr):
+    return pusht_lowdim_zarr
 
 
 def _args(zarr_path, out, *extra):

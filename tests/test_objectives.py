@@ -21,7 +21,7 @@ class Recorder(nn.Module):
 
     def forward(self, x, t, level, cond=None):
         self.calls.append({"x": x.detach().clone(), "t": t.detach().clone(), "level": level.detach().clone(),
-                           "cond": None if cond is None else cond.detach().clone()})
+                           "cond": None if cond is None else cond.detach().clone(), "grad": torch.is_grad_enabled()})
         return self.fn(x, t, level, cond) * self.w
 
 

@@ -3,33 +3,12 @@ import copy
 
 import pytest
 import torch
-from torch import nn
 
 from shortcut_policy.conventions import INTERP_EPS, LOG2_M, M, interpolate
 from shortcut_policy.nets.mlp import MLPNet
 from shortcut_policy.objectives import OBJECTIVES, ConsistencyTraining, LiveReflow, build_objective
 
-
-class Recorder(nn.Module):
-    """A net computing a fixed function of its inputs (times one scalar parameter) that records every call."""
-
-    def __init__(self, fn):
-        super().__init__()
-        self.fn, self.calls = fn, []
-        self.w = nn.Parameter(torch.ones(()))
-
-    def forward(self, x, t, level, cond=None):
-        self.calls.append({"x": x.detach().clone(), "t": t.detach().clone(), "level": level.detach().clone(),
-                           "cond": None if cond is None else cond.detach().clone(), "grad": torch.is_grad_enabled()})
-        return self.fn(x, t, level, cond) * self.w
-
-
-def oracle_point(c):
-    """Exact flow-matching field of a point mass at c under the reference interpolant: straight lines."""
-    def f(x, t, level, cond):
-        tb = t.reshape(-1, *([1] * (x.dim() - 1)))
-        return c - (1 - INTERP_EPS) * (x - tb * c) / (1 - (1 - INTERP_EPS) * tb)
-    return f
+from test_objectives import Recorder, oracle_point  # noqa: E402  (shared test nets)
 
 
 def oracle_x1(c):

@@ -18,7 +18,6 @@ import pytest
 import torch
 
 from shortcut_policy import cli
-from shortcut_policy.datasets.pusht import write_synthetic_pusht_zarr
 
 TINY = ["task=pusht_lowdim", "net=unet1d_small", "net.down_dims=[16,32]", "net.step_embed_dim=16", "logger=none",
         "train.batch_size=8", "train.eval_every=0", "train.log_every=1", "train.warmup_steps=2", "train.threads=1",
@@ -26,10 +25,8 @@ TINY = ["task=pusht_lowdim", "net=unet1d_small", "net.down_dims=[16,32]", "net.s
 
 
 @pytest.fixture(scope="module")
-def zarr_path(tmp_path_factory):
-    p = tmp_path_factory.mktemp("data") / "pusht.zarr"
-    write_synthetic_pusht_zarr(p, episode_lengths=(30, 25, 41, 33))
-    return p
+def zarr_path(pusht_lowdim_zarr):
+    return pusht_lowdim_zarr
 
 
 def _train(zarr_path, run_dir, *extra):

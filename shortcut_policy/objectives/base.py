@@ -47,6 +47,23 @@ class Objective(nn.Module):
     def check_steps(self, steps) -> int:
         return check_steps(steps, self.m)
 
+    @staticmethod
+    def euler(net, x0, cond, n: int, step_value: float, null_cond=None, scale=None):
+        """The Euler loop every flow-type objective samples with: x += f(x, i/n, step_value, cond) / n, i = 0..n-1.
+
+        x0 (B, ...) noise at t = 0; `step_value` is what the net's third argument gets for every call (the level
+        log2(N) for shortcut, log2(M) for flow matching, the step size 1/N for MeanFlow); classifier-free guidance
+        with `scale` (None = one conditional pass). Returns x at t = 1, shaped like x0.
+        """
+        from .guidance import guided
+
+        x, B = x0, x0.shape[0]
+        sv = torch.full((B,), float(step_value), device=x.device, dtype=x.dtype)
+        for i in range(n):
+            t = torch.full((B,), i / n, device=x.device, dtype=x.dtype)
+            x = x + guided(net, x, t, sv, cond, null_cond, scale) / n
+        return x
+
     def loss(self, net, x1, cond=None, *, teacher=None, null_cond=None, x0=None, teacher_cond=None):
         raise NotImplementedError
 

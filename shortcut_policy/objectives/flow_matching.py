@@ -5,7 +5,7 @@ import torch
 
 from ..conventions import interpolate, velocity_target
 from .base import Objective
-from .guidance import drop_cond, guided
+from .guidance import drop_cond
 from .timesteps import discrete_t
 
 
@@ -43,11 +43,5 @@ class FlowMatching(Objective):
     @torch.no_grad()
     def sample(self, net, x0, cond=None, *, steps: int, null_cond=None, cfg_scale=None):
         n = self.check_steps(steps)
-        x = x0
-        B = x.shape[0]
-        level = torch.full((B,), float(self.log2_m), device=x.device)
         scale = self.cfg_scale if cfg_scale is None else cfg_scale
-        for i in range(n):
-            t = torch.full((B,), i / n, device=x.device)
-            x = x + guided(net, x, t, level, cond, null_cond, scale) / n
-        return x
+        return self.euler(net, x0, cond, n, float(self.log2_m), null_cond, scale)

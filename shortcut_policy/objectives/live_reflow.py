@@ -130,10 +130,5 @@ class LiveReflow(Objective):
             level = float(self.log2_m) if n == self.m else 0.0
         else:
             level = float(n.bit_length() - 1)
-        x, B = x0, x0.shape[0]
-        lv = torch.full((B,), level, device=x.device, dtype=x.dtype)
         scale = (self.cfg_scale if cfg_scale is None else cfg_scale) if n == self.m else None
-        for i in range(n):
-            t = torch.full((B,), i / n, device=x.device, dtype=x.dtype)
-            x = x + guided(net, x, t, lv, cond, null_cond, scale) / n
-        return x
+        return self.euler(net, x0, cond, n, level, null_cond, scale)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from .base import Objective
-from .guidance import drop_cond, guided
+from .guidance import drop_cond
 
 
 class MeanFlow(Objective):
@@ -117,10 +117,5 @@ class MeanFlow(Objective):
         """N Euler steps of the average velocity from x0 (B, ...) noise: x += u(x, i/N, 1/N) / N."""
         n = self.check_steps(steps)
         self.check_net(net)
-        x, B = x0, x0.shape[0]
-        dd = torch.full((B,), 1.0 / n, device=x.device, dtype=x.dtype)
         scale = self.cfg_scale if cfg_scale is None else cfg_scale
-        for i in range(n):
-            t = torch.full((B,), i / n, device=x.device, dtype=x.dtype)
-            x = x + guided(net, x, t, dd, cond, null_cond, scale) / n
-        return x
+        return self.euler(net, x0, cond, n, 1.0 / n, null_cond, scale)  # step size d = 1/N

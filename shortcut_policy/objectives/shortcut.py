@@ -94,11 +94,5 @@ class Shortcut(Objective):
         """Euler with d = 1/N at t = i/N and level log2(N). Guidance only at N = M (the unguided FM level);
         fewer steps use one conditional pass (the guidance was distilled in training)."""
         n = self.check_steps(steps)
-        level = float(n.bit_length() - 1)  # log2(N)
-        x, B = x0, x0.shape[0]
-        lv = torch.full((B,), level, device=x.device)
         scale = (self.cfg_scale if cfg_scale is None else cfg_scale) if n == self.m else None
-        for i in range(n):
-            t = torch.full((B,), i / n, device=x.device)
-            x = x + guided(net, x, t, lv, cond, null_cond, scale) / n
-        return x
+        return self.euler(net, x0, cond, n, float(n.bit_length() - 1), null_cond, scale)  # level log2(N)
