@@ -27,7 +27,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import zarr
 from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from .images import DigitsDataset, ImageFolderDataset
 
 FORMAT = "shortcut_policy.latents/1"
 SD_VAE_SCALE = 0.18215
@@ -54,7 +58,7 @@ def load_vae(path, device="cpu"):
         raise ValueError(f"{cfg_file} is not valid JSON: {e}") from e
     if cls_name != "AutoencoderKL":
         raise ValueError(f"{path} holds a {cls_name!r}, not an AutoencoderKL (config.json _class_name)")
-    from diffusers import AutoencoderKL
+    from diffusers import AutoencoderKL  # lazy: diffusers' model classes are slow to load, only latent tasks need one
 
     try:
         vae = AutoencoderKL.from_pretrained(str(path), low_cpu_mem_usage=False)  # no `accelerate` needed
@@ -80,9 +84,7 @@ def decode(vae, z: torch.Tensor, scale: float = SD_VAE_SCALE) -> torch.Tensor:
     return vae.decode(z / scale).sample.clamp(-1, 1)
 
 
-def _items_source(cfg_task, max_items=None):
-    from .images import DigitsDataset, ImageFolderDataset
-
+def items_source(cfg_task, max_items=None):
     source = cfg_task.get("source", "folder")
     if source == "digits":
         return DigitsDataset(int(cfg_task.image_size), split=cfg_task.get("split", "train"))
@@ -103,9 +105,6 @@ def encode_dataset(ds, out, *, space: str = "latent", vae=None, vae_path=None, s
                    flip: bool = True, batch_size: int = 32, shard_size: int = 1024, device="cpu",
                    overwrite: bool = False, progress: bool = True, meta: dict | None = None) -> dict:
     """Encode every item of ``ds`` (a dataset with ``items``/``load`` or ``x``/``labels``) into ``out``."""
-    import zarr
-    from tqdm import tqdm
-
     out = Path(str(out)).expanduser()
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass overwrite=true to replace it")
@@ -185,8 +184,6 @@ class LatentDataset(Dataset):
     """
 
     def __init__(self, path, sample: bool = True, random_flip: bool = True, in_memory: bool | None = None):
-        import zarr
-
         path = Path(str(path)).expanduser()
         if not path.exists():
             raise FileNotFoundError(f"latent store {path} does not exist; create it with `shortcut-policy latents`")
@@ -233,31 +230,3 @@ class LatentDataset(Dataset):
             if flip:
                 x = x.flip(-1)
         return {"x": x, "label": self.labels[i]}
-
-
-def latents_command(cfg, run_dir) -> dict:
-    """Encode ``task``'s images (latent or pixel space) into ``out`` (default ``task.latents_path``)."""
-    import time
-
-    task = cfg.task
-    space = cfg.get("space") or task.get("space", "latent")
-    out = cfg.get("out") or task.get("latents_path")
-    if not out:
-        raise ValueError("no output path: set out=... or task.latents_path")
-    device = resolve_device(cfg.get("device", "auto"))
-    vae, vae_path = None, None
-    if space == "latent":
-        vae_path = cfg.get("vae_path") or task.get("vae_path")
-        if not vae_path:
-            raise ValueError("latent mode needs vae_path=... (a local diffusers AutoencoderKL directory)")
-        vae = load_vae(vae_path, device)
-    ds = _items_source(task, cfg.get("max_items"))
-    t0 = time.time()
-    attrs = encode_dataset(ds, out, space=space, vae=vae, vae_path=vae_path,
-                           scale=float(task.get("latent_scale", SD_VAE_SCALE)), flip=bool(cfg.get("flip", True)),
-                           batch_size=int(cfg.get("batch_size", 32)), shard_size=int(cfg.get("shard_size", 1024)),
-                           device=device, overwrite=bool(cfg.get("overwrite", False)),
-                           meta={"task": str(task.get("name", ""))})
-    dt = time.time() - t0
-    return {"out": str(out), "count": attrs["count"], "space": space, "shape": attrs["shape"],
-            "seconds": round(dt, 2), "images_per_s": round(attrs["count"] / max(dt, 1e-9), 2)}

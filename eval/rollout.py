@@ -1,4 +1,4 @@
-"""Parallel rollout evaluation: ``shortcut-policy eval policy=expert|checkpoint task=<task> ...``.
+"""Parallel rollout evaluation (the ``eval`` verb, :mod:`shortcut_policy.commands.eval`, and train's rollouts).
 
 Runner design
 * Envs live in W worker processes (``spawn``; default one per core, at most one per episode); each hosts
@@ -569,106 +569,11 @@ def evaluate(task_cfg, policy=None, steps_list=(1,), n_episodes: int = 50, seed_
     return result
 
 
-def _load_checkpoint_policy(path: str, device: str):
-    try:
-        from shortcut_policy.policy import load_policy
-    except ImportError as e:
-        raise ValueError(f"checkpoint={path!r}: shortcut_policy.policy.load_policy is not available ({e})") from e
-    if not Path(path).exists():
-        raise FileNotFoundError(f"checkpoint={path!r}: no such file")
-    return load_policy(path, device)
-
-
 def _seed_policy_rng(seed: int) -> None:
-    import sys
-
     np.random.seed(seed % 2**32)
     if "torch" in sys.modules:
         sys.modules["torch"].manual_seed(seed)
 
 
-def _set_torch_threads(threads, device: str, workers) -> None:
-    """CPU inference threads of the main process. Default: the cores the env workers leave free (at least 1):
-    on a 2-core machine, 2 torch threads competing with 2 env workers made a small U-Net 30x slower."""
-    if not str(device).startswith("cpu"):
-        return
-    import torch
-
-    if threads is None:
-        try:
-            cores = len(os.sched_getaffinity(0))
-        except AttributeError:  # pragma: no cover
-            cores = os.cpu_count() or 1
-        n_workers = cores if workers in (None, "auto") else check_int("workers", workers, 1)
-        threads = max(1, cores - n_workers)
-    torch.set_num_threads(check_int("torch_threads", threads, 1))
-
-
-def _policy_task_cfg(policy):
-    for attr in ("task_cfg",):
-        v = getattr(policy, attr, None)
-        if v is not None:
-            return v
-    cfg = getattr(policy, "cfg", None)
-    return _cfg_get(cfg, "task") if cfg is not None else None
-
-
-def eval_command(cfg, run_dir) -> dict:
-    """`shortcut-policy eval ...` (configs/eval.yaml): the expert or a checkpoint on the task's seeds. Fails
-    (:class:`EvalCrashError`) when all episodes crash or more than ``max_crash_fraction`` (default 0.1) do."""
-    max_crash = check_crash_fraction(cfg.get("max_crash_fraction", 0.1) if hasattr(cfg, "get") else 0.1)
-    ckpt = _cfg_get(cfg, "checkpoint")
-    mode = str(_cfg_get(cfg, "policy", "checkpoint" if ckpt is not None else "expert"))
-    if mode not in ("expert", "checkpoint"):
-        raise ValueError(f"policy={mode!r}: expected 'expert' or 'checkpoint'")
-    if mode == "expert" and ckpt is not None:
-        raise ValueError(f"policy=expert with checkpoint={ckpt!r}: drop one of them")
-    task_cfg = _to_plain(_cfg_get(cfg, "task"))
-    if _cfg_get(cfg, "expert_kwargs"):
-        task_cfg = {**task_cfg, "expert_kwargs": _to_plain(_cfg_get(cfg, "expert_kwargs"))}
-    policy = None
-    if mode == "checkpoint":
-        if ckpt is None:
-            raise ValueError("policy=checkpoint needs checkpoint=PATH")
-        device = str(_cfg_get(cfg, "device", "cpu"))
-        if device == "auto":
-            try:
-                import torch
-
-                device = "cuda" if torch.cuda.is_available() else "cpu"
-            except ImportError:  # pragma: no cover
-                device = "cpu"
-        _set_torch_threads(_cfg_get(cfg, "torch_threads"), device, _cfg_get(cfg, "workers"))
-        policy = _load_checkpoint_policy(str(ckpt), device)
-        if bool(_cfg_get(cfg, "use_checkpoint_task", True)):
-            task_cfg = _policy_task_cfg(policy) or task_cfg
-        n_act = _cfg_get(cfg, "n_action_steps", None)
-        if n_act is not None:  # execute a different number of each chunk's actions than the policy was trained with
-            n_act = check_int("n_action_steps", n_act, 1)
-            room = policy.horizon - policy.n_obs_steps + 1
-            if n_act > room:
-                raise ValueError(f"n_action_steps={n_act}: the policy predicts horizon {policy.horizon} with "
-                                 f"n_obs_steps {policy.n_obs_steps}, so at most {room} actions can be executed")
-            policy.n_action_steps = n_act
-            task_cfg = {**_to_plain(task_cfg), "n_action_steps": n_act}
-    if task_cfg is None:
-        raise ValueError("eval: no task config (task=pusht_lowdim|pusht_image|...)")
-    tev = _cfg_get(task_cfg, "eval", {}) or {}
-    n_episodes = _cfg_get(cfg, "n_episodes", _cfg_get(tev, "n_episodes", 50))
-    seed_start = _cfg_get(cfg, "seed_start", _cfg_get(tev, "seed_start", 100000))
-    workers = _cfg_get(cfg, "workers", _cfg_get(tev, "n_workers", None))
-    n_videos = _cfg_get(cfg, "n_videos", _cfg_get(tev, "n_videos", 2))
-    steps = _cfg_get(cfg, "steps", [1])
-    steps = list(steps) if isinstance(_to_plain(steps), (list, tuple)) else [steps]
-    res = evaluate(task_cfg, policy=policy, steps_list=steps, n_episodes=n_episodes, seed_start=seed_start,
-                   n_workers=workers, n_videos=n_videos, run_dir=run_dir, expert_spec=_cfg_get(cfg, "expert"),
-                   timeout=float(_cfg_get(cfg, "timeout_s", 600.0)), progress=bool(_cfg_get(cfg, "progress", True)),
-                   envs_per_worker=_cfg_get(cfg, "envs_per_worker", _cfg_get(tev, "envs_per_worker", None)),
-                   max_crash_fraction=max_crash)
-    if policy is not None:
-        res["n_action_steps"] = policy.n_action_steps
-    return res
-
-
-__all__ = ["evaluate", "eval_command", "EvalCrashError", "check_crash_fraction", "make_env", "run_expert", "run_policy",
-           "check_int"]
+__all__ = ["evaluate", "EvalCrashError", "check_crash_fraction", "default_workers", "make_env", "run_expert",
+           "run_policy", "check_int"]

@@ -1,13 +1,23 @@
-"""`shortcut-policy bench toy|policy|images`: benchmarks that measure quality and speed side by side."""
+"""The 2-D toy benchmark (``shortcut-policy bench toy``: objectives side by side, sliced W2 vs sampling steps); the
+``bench`` verb (:mod:`shortcut_policy.commands.bench`) dispatches to it and to policy_bench / bench_images /
+bench_policies."""
 from __future__ import annotations
 
+import inspect
 import json
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 from torch import nn
+
+from .nets import build_net
+from .objectives import build_objective
+from .train.checkpoint import load_checkpoint
+from .train.trainer import Trainer
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -57,9 +67,6 @@ class VectorModel(nn.Module):
     def sample(self, n: int, steps: int, seed: int = 0) -> np.ndarray:
         """n samples with `steps` sampling steps; the initial noise (and a re-noising sampler's fresh noise, e.g.
         objective=consistency) come from one generator seeded with `seed`. Regression ignores steps (no warning)."""
-        import inspect
-        import warnings
-
         g = torch.Generator().manual_seed(seed)
         x0 = torch.randn(n, self.net.input_dim, generator=g)
         kw = {"generator": g} if "generator" in inspect.signature(self.objective.sample).parameters else {}
@@ -94,12 +101,6 @@ def toy_selection(tc) -> list[str]:
 
 
 def run_toy(cfg, run_dir: Path) -> dict:
-    from omegaconf import OmegaConf
-
-    from .nets import build_net
-    from .objectives import build_objective
-    from .train.trainer import Trainer
-
     tc = cfg.toy
     torch.set_num_threads(max(1, torch.get_num_threads()))
     held_out = sample_toy(tc.dataset, int(tc.n_eval), np.random.default_rng(10_000 + int(cfg.seed)))
@@ -119,8 +120,6 @@ def run_toy(cfg, run_dir: Path) -> dict:
         result[f"train_seconds@{name}"] = time.time() - t0
         ema_model = model  # evaluate the weights the config asks for
         if cfg.train.eval_model == "ema":
-            from .train.checkpoint import load_checkpoint
-
             ck = load_checkpoint(sub / "checkpoints" / "last.ckpt")
             ema_obj = build_objective(ocfg)
             ema_model = VectorModel(build_net(tc.net, step_input=ema_obj.step_input), ema_obj)
@@ -138,7 +137,7 @@ def run_toy(cfg, run_dir: Path) -> dict:
 
 
 def _plot_toy(samples: dict, held_out: np.ndarray, path: Path, title: str) -> None:
-    import matplotlib
+    import matplotlib  # lazy: matplotlib is slow to import, and the Agg backend is set only when a figure is drawn
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -163,23 +162,3 @@ def _plot_toy(samples: dict, held_out: np.ndarray, path: Path, title: str) -> No
     fig.savefig(tmp, dpi=80)
     plt.close(fig)
     tmp.replace(path)
-
-
-# ---------------------------------------------------------------------------------------------------------
-def bench_command(cfg, run_dir):
-    what = cfg.get("what", "toy")
-    if what == "toy":
-        return run_toy(cfg, Path(run_dir))
-    if what == "policy":
-        from .policy_bench import run_bench_policy
-
-        return run_bench_policy(cfg, Path(run_dir))
-    if what == "images":
-        from .bench_images import run_bench_images
-
-        return run_bench_images(cfg, Path(run_dir))
-    if what == "policies":
-        from .bench_policies import run_bench_policies
-
-        return run_bench_policies(cfg, Path(run_dir))
-    raise ValueError(f"bench {what!r}: expected one of toy, policy, images, policies")

@@ -22,8 +22,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
+import torch.multiprocessing as mp
 import torch.nn.functional as F
+from omegaconf import OmegaConf
+from torch import nn
+
+from .builders import build_generator, build_image_dataset
+from .datasets.images import DigitsDataset, make_grid, write_image
+from .eval.fid import feature_statistics, frechet_distance
+from .generator import sample_images
+from .train.trainer import Trainer
 
 DEFAULTS = {
     "image_size": 16,
@@ -134,16 +142,12 @@ def _merge(base: dict, over) -> dict:
 
 
 def bench_settings(cfg) -> dict:
-    from omegaconf import OmegaConf
-
     over = cfg.get("images") if cfg is not None else None
     over = OmegaConf.to_container(over, resolve=True) if over is not None and not isinstance(over, dict) else over
     return _merge(DEFAULTS, over)
 
 
 def make_model_cfg(s: dict, objective: dict, run_seed: int):
-    from omegaconf import OmegaConf
-
     return OmegaConf.create({
         "task": {"name": "digits", "kind": "image", "source": "digits", "split": "train", "class_conditional": True,
                  "num_classes": 10, "image_size": s["image_size"], "image_channels": 1, "random_flip": False,
@@ -160,11 +164,6 @@ def make_model_cfg(s: dict, objective: dict, run_seed: int):
 
 def _train_and_eval(name: str, obj: dict, s: dict, run_dir: str, threads) -> dict:
     """Train one objective and evaluate it at every N (runs in its own process when ``parallel``)."""
-    from .datasets.images import DigitsDataset
-    from .eval.fid import feature_statistics, frechet_distance
-    from .generator import build_generator, build_image_dataset, sample_images
-    from .train.trainer import Trainer
-
     if threads:
         torch.set_num_threads(int(threads))
     seed, size = int(s["seed"]), int(s["image_size"])
@@ -204,9 +203,6 @@ def _train_and_eval(name: str, obj: dict, s: dict, run_dir: str, threads) -> dic
 
 
 def run_bench_images(cfg, run_dir) -> dict:
-    from .datasets.images import DigitsDataset, make_grid, write_image
-    from .eval.fid import feature_statistics, frechet_distance
-
     s = bench_settings(cfg)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -225,8 +221,6 @@ def run_bench_images(cfg, run_dir) -> dict:
         raise ValueError("bench images: every objective in images.objectives is null; expected at least one")
     if s.get("parallel", True) and len(objs) > 1:
         # one process per objective, one thread each: small matrices use 2 cores better this way than 2 threads
-        import torch.multiprocessing as mp
-
         ctx = mp.get_context("spawn")
         with ctx.Pool(len(objs)) as pool:
             outs = pool.starmap(_train_and_eval, [(n, o, s, str(run_dir), s.get("threads") or 1) for n, o in objs])

@@ -31,16 +31,17 @@ import re
 import sys
 from pathlib import Path
 
+# verb -> (module, command function): one module per verb in shortcut_policy/commands/
 VERBS: dict[str, tuple[str, str]] = {
-    "train": ("shortcut_policy.train.trainer", "train_command"),
-    "eval": ("shortcut_policy.eval.rollout", "eval_command"),
-    "demos": ("shortcut_policy.envs.experts", "demos_command"),
-    "bench": ("shortcut_policy.bench", "bench_command"),
-    "sample": ("shortcut_policy.generator", "sample_command"),
-    "fid": ("shortcut_policy.eval.fid", "fid_command"),
-    "latents": ("shortcut_policy.datasets.latents", "latents_command"),
-    "deploy": ("shortcut_policy.deploy.loop", "deploy_command"),
-    "export": ("shortcut_policy.deploy.export", "export_command"),
+    "train": ("shortcut_policy.commands.train", "train_command"),
+    "eval": ("shortcut_policy.commands.eval", "eval_command"),
+    "demos": ("shortcut_policy.commands.demos", "demos_command"),
+    "bench": ("shortcut_policy.commands.bench", "bench_command"),
+    "sample": ("shortcut_policy.commands.sample", "sample_command"),
+    "fid": ("shortcut_policy.commands.fid", "fid_command"),
+    "latents": ("shortcut_policy.commands.latents", "latents_command"),
+    "deploy": ("shortcut_policy.commands.deploy", "deploy_command"),
+    "export": ("shortcut_policy.commands.export", "export_command"),
 }
 
 USAGE = ("usage: shortcut-policy [--debug] {" + "|".join(VERBS) + "} [hydra overrides ...]\n"
@@ -63,7 +64,7 @@ class RunDirError(RuntimeError):
 
 
 def compose(verb: str, overrides: list[str] | None = None):
-    """Compose configs/<verb>.yaml with overrides (also used by tests and the trainer)."""
+    """Compose configs/<verb>.yaml with overrides (also used by tests and the bench sub-commands)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
     from hydra.core.global_hydra import GlobalHydra

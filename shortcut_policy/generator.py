@@ -1,4 +1,4 @@
-"""Image generator: a net (DiT) + an objective (+ a VAE for latent space); ``shortcut-policy sample``.
+"""Image generator: a net (DiT) + an objective (+ a VAE for latent space); sampled by ``shortcut-policy sample``.
 
 ``ImageGenerator.forward(batch, teacher=None) = compute_loss``: the trainer's model contract. Batches are
 ``{"x": (B, C, H, W) latents or pixels in [-1, 1], "label": (B,) long}``. Class-conditional tasks use labels
@@ -10,12 +10,15 @@ The VAE is held outside the module tree: it is frozen, not saved in checkpoints 
 """
 from __future__ import annotations
 
-import math
-import time
-from pathlib import Path
-
 import torch
+from omegaconf import OmegaConf
 from torch import nn
+
+from .datasets.latents import decode as vae_decode
+from .datasets.latents import encode, load_vae
+from .nets import build_net
+from .objectives import build_objective
+from .train.checkpoint import load_checkpoint
 
 
 class _Shared:
@@ -52,8 +55,6 @@ class ImageGenerator(nn.Module):
         if self._vae.obj is None:
             if not self.vae_path:
                 raise ValueError("latent-space generator without a VAE: set task.vae_path")
-            from .datasets.latents import load_vae
-
             self._vae.obj = load_vae(self.vae_path, self.device)
         vae = self._vae.obj
         C, h, w = self.x_shape
@@ -87,8 +88,6 @@ class ImageGenerator(nn.Module):
     def prepare(self, batch: dict) -> torch.Tensor:
         x = batch["x"]
         if self.encode_online:
-            from .datasets.latents import encode
-
             with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
                 mean, std = encode(self.vae, x.float(), self.latent_scale)
                 x = mean + std * torch.randn_like(std) if self.latent_sample else mean
@@ -128,15 +127,13 @@ class ImageGenerator(nn.Module):
             x = self.objective.sample(self.net, noise, cond, steps=steps, null_cond=null, cfg_scale=cfg_scale)
         x = x.float()
         if self.space == "latent" and decode:
-            from .datasets.latents import decode as vae_decode
-
             x = vae_decode(self.vae, x, self.latent_scale)
         self.train(was_training)
         return x.clamp(-1, 1)
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Builders (used by the trainer's task-kind dispatch)
+# Construction from a config (the model's own; datasets and the training bundle: shortcut_policy.builders)
 
 def generator_dims(task) -> tuple[int, int]:
     """(in_channels, input_size) of the net for a task config."""
@@ -150,9 +147,6 @@ def generator_dims(task) -> tuple[int, int]:
 
 
 def build_generator(cfg, vae=None) -> ImageGenerator:
-    from .nets import build_net
-    from .objectives import build_objective
-
     task = cfg.task
     channels, size = generator_dims(task)
     objective = build_objective(cfg.objective)
@@ -168,51 +162,11 @@ def build_generator(cfg, vae=None) -> ImageGenerator:
     )
 
 
-def build_image_dataset(cfg, split: str | None = None):
-    """The training dataset of an image task: a latent/pixel zarr store, an image folder, or digits."""
-    from .datasets.images import DigitsDataset, ImageFolderDataset
-    from .datasets.latents import LatentDataset
-
-    task = cfg.task
-    source, space = task.get("source", "folder"), task.get("space", "pixel")
-    channels, size = generator_dims(task)
-    if source == "digits":
-        if space != "pixel":
-            raise ValueError("the digits task is pixel-space only")
-        return DigitsDataset(int(task.image_size), split or task.get("split", "train"), bool(task.get("random_flip", False)))
-    if source != "folder":
-        raise ValueError(f"task.source={source!r}: expected folder or digits")
-    store = task.get("latents_path")
-    if store:
-        if not Path(str(store)).exists():
-            raise FileNotFoundError(
-                f"{store} (task.latents_path) not found: encode the dataset first with "
-                f"`shortcut-policy latents task={task.get('name', '<task>')}`, or set task.latents_path=null to "
-                "encode online every step")
-        ds = LatentDataset(store, sample=bool(task.get("latent_sample", True)),
-                           random_flip=bool(task.get("random_flip", True)))
-        if ds.space != space or tuple(ds.shape) != (channels, size, size):
-            raise ValueError(f"{store} holds {ds.space} items of shape {tuple(ds.shape)}, the task expects {space} "
-                             f"{(channels, size, size)}")
-        if task.class_conditional and ds.num_classes != int(task.num_classes):
-            raise ValueError(f"{store} has {ds.num_classes} classes, task.num_classes={task.num_classes}")
-        return ds
-    ds = ImageFolderDataset(task.data_dir, int(task.image_size), bool(task.class_conditional),
-                            random_flip=bool(task.get("random_flip", True)), channels=int(task.get("image_channels", 3)))
-    if task.class_conditional and ds.num_classes != int(task.num_classes):
-        raise ValueError(f"{task.data_dir} has {ds.num_classes} class folders, task.num_classes={task.num_classes}")
-    return ds
-
-
 # ------------------------------------------------------------------------------------------------------------
-# Checkpoints -> generator, sampling helpers, `shortcut-policy sample`
+# Checkpoints -> generator, sampling helpers (the `sample` verb: shortcut_policy.commands.sample)
 
 def load_generator(path, device="cpu", weights: str = "auto"):
     """(ImageGenerator with the checkpoint's weights, its config). weights: auto (train.eval_model) | ema | online."""
-    from omegaconf import OmegaConf
-
-    from .train.checkpoint import load_checkpoint
-
     ck = load_checkpoint(path, map_location="cpu")
     cfg = OmegaConf.create(ck["cfg"])
     if cfg.get("task", {}).get("kind") != "image":
@@ -244,45 +198,3 @@ def sample_images(gen: ImageGenerator, n: int, steps: int, seed: int = 0, labels
         noise = torch.randn((b1 - b0, *gen.x_shape), generator=g)
         out.append(gen.sample(labels[b0:b1], steps, noise=noise, cfg_scale=cfg_scale).cpu())
     return torch.cat(out)
-
-
-def sample_command(cfg, run_dir) -> dict:
-    """PNG grids at each of ``steps`` (default 1, 4, 128) from the same noise and labels, from a checkpoint."""
-    from .conventions import check_steps
-    from .datasets.images import make_grid, write_image
-    from .datasets.latents import resolve_device
-
-    run_dir = Path(run_dir)
-    device = resolve_device(cfg.get("device", "auto"))
-    gen, ck_cfg = load_generator(cfg.checkpoint, device=device, weights=cfg.get("weights", "auto"))
-    n, nrow = int(cfg.get("num_images", 64)), int(cfg.get("nrow", 8))
-    steps_list = [check_steps(int(s), gen.max_steps) for s in cfg.get("steps", [1, 4, 128])]
-    if cfg.get("labels") is not None:
-        base = [int(v) for v in cfg.labels]
-        labels = torch.tensor([base[i % len(base)] for i in range(n)])
-    elif gen.class_conditional:  # classes 0, 1, 2, ... cycled
-        labels = torch.arange(n) % gen.num_classes
-    else:
-        labels = torch.zeros(n, dtype=torch.long)
-    result: dict = {"checkpoint": str(cfg.checkpoint), "num_images": n, "grids": {}}
-    runs = [(s, None) for s in steps_list]
-    if cfg.get("cfg_scale") is not None:
-        runs.append((gen.max_steps, float(cfg.cfg_scale)))
-    for steps, scale in runs:
-        t0 = time.time()
-        x = sample_images(gen, n, steps, seed=int(cfg.get("seed", 0)), labels=labels, cfg_scale=scale,
-                          batch_size=int(cfg.get("batch_size", 64)))
-        dt = time.time() - t0
-        tag = f"{steps}steps" + (f"_cfg{scale:g}" if scale is not None else "")
-        path = run_dir / f"grid_{tag}.png"
-        write_image(path, make_grid(x, nrow=nrow))
-        if cfg.get("save_images", False):
-            d = run_dir / f"samples_{tag}"
-            d.mkdir(exist_ok=True)
-            for i in range(n):
-                write_image(d / f"{i:06d}.png", x[i])
-        result["grids"][tag] = str(path)
-        result[f"seconds@{tag}"] = round(dt, 3)
-        result[f"nfe@{tag}"] = steps * (2 if scale not in (None, 1.0) else 1)
-        print(f"{tag}: {path} ({dt:.2f}s)", flush=True)
-    return result

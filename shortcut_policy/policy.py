@@ -6,19 +6,24 @@ Policy(net, objective, obs_encoder, normalizer, horizon, n_obs_steps, n_action_s
 - predict_action(obs, steps=N): obs is a dict of (B, To, ...) arrays; samples a horizon of actions in
   N steps, clamps to [-1, 1] (the DDPM clip_sample equivalent), unnormalises, and returns the Ta actions to
   execute, action_pred[:, To-1 : To-1+Ta], as Diffusion Policy.
+
+build_policy(cfg, normalizer) / load_policy(checkpoint) construct one from a config or a checkpoint; datasets,
+the training bundle and the rollout evaluator are built in :mod:`shortcut_policy.builders`.
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Mapping
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
+from .datasets.normalizer import LinearNormalizer
 from .nets import build_net
 from .nets.obs_encoders import ObsEncoder
 from .objectives import build_objective
+from .train.checkpoint import load_checkpoint
 from .utils import to_plain
 
 
@@ -130,88 +135,8 @@ def build_policy(cfg, normalizer) -> Policy:
     return policy
 
 
-def build_dataset(cfg, split: str = "train"):
-    from .datasets.zarr_dataset import SequenceDataset
-
-    task = to_plain(cfg["task"])
-    dcfg = dict(task["dataset"])
-    hdf5 = dcfg.pop("hdf5_path", None)
-    filter_key = dcfg.pop("hdf5_filter_key", None)
-    zarr_path = dcfg.pop("zarr_path", None)
-    path = Path(hdf5 or zarr_path or "")
-    if not (hdf5 or zarr_path) or not path.exists():
-        key = "hdf5_path" if hdf5 else "zarr_path"
-        raise FileNotFoundError(f"task.dataset.{key}={str(path)!r}: no such dataset. Generate demonstrations with "
-                                f"`shortcut-policy demos task={task.get('env', '?')} out=...` or point {key} at a file")
-    source = {"zarr_path": path}
-    if hdf5:  # a robomimic hdf5 (official layout) read directly, no conversion by hand
-        from .datasets.robomimic import replay_buffer_from_hdf5
-
-        source = {"replay_buffer": replay_buffer_from_hdf5(path, dcfg["obs_keys"], bool(task.get("abs_action", False)),
-                                                           dcfg.get("image_keys", ()), filter_key)}
-    ds = SequenceDataset(**source, horizon=task["horizon"], n_obs_steps=task["n_obs_steps"],
-                         n_action_steps=task["n_action_steps"], split=split, **dcfg)
-    shapes = {k: tuple(v) for k, v in ds.obs_shapes.items()}
-    want = {k: tuple(v) for k, v in task["obs_shapes"].items()}
-    if shapes != want:
-        raise ValueError(f"{path}: dataset observation shapes {shapes} do not match task.obs_shapes {want}")
-    if ds.action_dim != task["action_dim"]:
-        raise ValueError(f"{path}: dataset action dim {ds.action_dim} does not match task.action_dim={task['action_dim']}")
-    return ds
-
-
-class RolloutEvaluator:
-    """Periodic rollout evaluation during training (EMA weights, `steps` sampling steps)."""
-
-    def __init__(self, task_cfg, n_episodes: int, seed_start: int, steps: int = 1, run_dir=None, n_workers=None,
-                 envs_per_worker=None):
-        self.task_cfg, self.n_episodes, self.seed_start, self.steps = task_cfg, n_episodes, seed_start, steps
-        self.run_dir, self.n_workers, self.envs_per_worker = run_dir, n_workers, envs_per_worker
-
-    def __call__(self, policy, step: int) -> dict:
-        from .eval.rollout import evaluate
-
-        res = evaluate(self.task_cfg, policy=policy, steps_list=[self.steps], n_episodes=self.n_episodes,
-                       seed_start=self.seed_start, n_workers=self.n_workers, progress=False,
-                       envs_per_worker=self.envs_per_worker)
-        n = self.steps
-        stages = {f"stage/{k}": v for k, v in (res.get(f"stage_rate@{n}") or {}).items()}  # Transport: how far episodes get
-        return {"test_mean_score": res[f"mean_score@{n}"], "test_success_rate": res[f"success_rate@{n}"],
-                "seed_start": self.seed_start, "n_episodes": self.n_episodes, **stages}
-
-
-def build_policy_training(cfg, run_dir):
-    """(policy, train dataset, validation dataset, rollout evaluator or None) for `train` on a policy task. Prints
-    the data sanity summary (ranges per key, constant dims, image range, episode lengths) and saves it as
-    <run_dir>/data_sanity.json; implausible data raises before any training (datasets/sanity.py)."""
-    train_ds = build_dataset(cfg, "train")
-    report = getattr(train_ds, "sanity_report", None)
-    if report is not None:
-        print(report.summary(), flush=True)
-        if run_dir is not None:
-            report.save_json(Path(run_dir) / "data_sanity.json")
-    val_ds = train_ds.get_validation_dataset()
-    policy = build_policy(cfg, train_ds.get_normalizer())
-    tcfg = cfg["train"]
-    evaluator = None
-    if int(tcfg.get("eval_every") or 0) > 0:
-        ev = to_plain(cfg["task"]).get("eval", {})
-        n_eval = tcfg.get("eval_episodes") or ev.get("n_episodes", 50)
-        seed_start = tcfg.get("eval_seed_start")
-        seed_start = ev.get("seed_start", 100000) if seed_start is None else seed_start
-        evaluator = RolloutEvaluator(to_plain(cfg["task"]), int(n_eval), int(seed_start), steps=int(tcfg.get("eval_steps", 1)),
-                                     run_dir=run_dir, n_workers=ev.get("n_workers"),
-                                     envs_per_worker=ev.get("envs_per_worker"))
-    return policy, train_ds, val_ds, evaluator
-
-
 def load_policy(path, device="cpu", weights: str | None = None, expect_task: str | None = None) -> Policy:
     """Rebuild a policy from a checkpoint path alone (config, normaliser, EMA or online weights)."""
-    from omegaconf import OmegaConf
-
-    from .datasets.normalizer import LinearNormalizer
-    from .train.checkpoint import load_checkpoint
-
     ck = load_checkpoint(path)
     cfg = OmegaConf.create(ck["cfg"])
     if cfg.task.get("kind", "policy") != "policy":

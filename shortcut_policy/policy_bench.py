@@ -27,11 +27,11 @@ def _median_ms(fn, rounds: int) -> list[float]:
     return out
 
 
-def run_bench_policy(cfg, run_dir: Path) -> dict:
-    from .cli import compose
-
+def run_bench_policy(cfg, run_dir: Path, train_cfg) -> dict:
+    """``cfg.policy_bench`` settings; ``train_cfg``: the composed train config of ``policy_bench.task`` /
+    ``policy_bench.net`` (the bench command composes it: ``train task=<task> net=<net> logger=none``)."""
     bc = cfg.policy_bench
-    tcfg = compose("train", [f"task={bc.task}", f"net={bc.net}", "logger=none"])
+    tcfg = train_cfg
     task = tcfg.task
     torch.manual_seed(0)
     torch.set_num_threads(int(bc.threads) if bc.threads else torch.get_num_threads())

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
+from shortcut_policy.commands.demos import demos_command
 from shortcut_policy.envs import pusht as P
-from shortcut_policy.envs.experts import demos_command
 from shortcut_policy.envs.experts.pusht import PushTExpert, dist_to_tee_local, pusht_episode, track_waypoints
 from shortcut_policy.envs.pusht import PushTEnv
 

@@ -139,7 +139,7 @@ def test_bad_arguments():
     assert check_int("x", 1e5) == 100000
     from omegaconf import OmegaConf
 
-    from shortcut_policy.eval.rollout import eval_command
+    from shortcut_policy.commands.eval import eval_command
 
     with pytest.raises(ValueError, match="needs checkpoint=PATH"):
         eval_command(OmegaConf.create({"policy": "checkpoint", "task": TASK}), "/tmp")

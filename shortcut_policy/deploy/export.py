@@ -1,4 +1,5 @@
-"""`shortcut-policy export checkpoint=PATH format=onnx|torchscript [steps=1 out=PATH overwrite=false]`.
+"""Export a policy for deployment without PyTorch: the ``export`` verb (:mod:`shortcut_policy.commands.export`,
+``shortcut-policy export checkpoint=PATH format=onnx|torchscript [steps=1 out=PATH overwrite=false]``).
 
 Exports the N-step (default 1-step) policy, normalisation included, as ONE graph:
   inputs  = the observation tensors (B, To, ...) in the encoder's key order, then ``noise`` (B, horizon, Da)
@@ -17,7 +18,6 @@ policy in float64 (``policy.double()``), so the parity figure measures the expor
 from __future__ import annotations
 
 import copy
-import json
 import os
 import time
 from pathlib import Path
@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+
+from shortcut_policy.objectives import Diffusion
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".ts.pt"}
 
@@ -34,8 +36,6 @@ class ExportablePolicy(nn.Module):
 
     def __init__(self, policy, steps: int = 1):
         super().__init__()
-        from shortcut_policy.objectives import Diffusion
-
         if isinstance(policy.objective, Diffusion):
             raise ValueError("export: the checkpoint uses the diffusion objective (scheduler loop with stochastic steps); "
                              "export supports shortcut and flow-matching checkpoints")
@@ -91,7 +91,7 @@ def export_onnx(module: ExportablePolicy, example: tuple, out: Path, overwrite: 
         with torch.no_grad():
             torch.onnx.export(module, example, str(tmp), input_names=names, output_names=["action"], dynamic_axes=dyn,
                               opset_version=opset, dynamo=False, do_constant_folding=True)
-        import onnx
+        import onnx  # lazy: onnx (optional, the `deploy` extra)
 
         onnx.checker.check_model(onnx.load(str(tmp)))
         os.replace(tmp, out)
@@ -120,7 +120,7 @@ class Runner:
     def __init__(self, path: Path, fmt: str, keys: list[str], threads: int = 1, dtype=np.float32):
         self.fmt, self.keys, self.dtype = fmt, keys, np.dtype(dtype)
         if fmt == "onnx":
-            import onnxruntime as ort
+            import onnxruntime as ort  # lazy: onnxruntime (optional, the `deploy` extra)
 
             so = ort.SessionOptions()
             so.intra_op_num_threads = int(threads)
@@ -175,7 +175,8 @@ def float32_reference(module: ExportablePolicy, policy, got: np.ndarray, n: int,
             "exported_vs_fp64": float((torch.as_tensor(got, dtype=torch.float64) - exact).abs().max())}
 
 
-def _median_ms(fn, n: int, warmup: int = 5) -> float:
+def median_ms(fn, n: int, warmup: int = 5) -> float:
+    """Median wall time (ms) of ``fn()`` over ``n`` calls after ``warmup`` calls."""
     for _ in range(warmup):
         fn()
     ts = []
@@ -184,74 +185,3 @@ def _median_ms(fn, n: int, warmup: int = 5) -> float:
         fn()
         ts.append(time.perf_counter() - t)
     return 1e3 * float(np.median(ts))
-
-
-def export_command(cfg, run_dir) -> dict:
-    from shortcut_policy.policy import load_policy
-
-    fmt = str(cfg.format)
-    if fmt not in FORMATS:
-        raise ValueError(f"format={fmt!r}: expected one of {sorted(FORMATS)}")
-    if not cfg.get("checkpoint"):
-        raise ValueError("export: checkpoint=PATH is required")
-    precision = str(cfg.get("precision") or "float32")
-    if precision not in ("float32", "float64"):
-        raise ValueError(f"precision={precision!r}: expected float32 or float64")
-    threads = int(cfg.get("threads") or 1)
-    torch.set_num_threads(threads)
-    policy = load_policy(cfg.checkpoint, device="cpu", weights=cfg.get("weights"))
-    steps = policy.check_steps(int(cfg.steps))
-    module = ExportablePolicy(policy, steps).eval()
-    ref_policy, graph, dtype = policy, module, np.float32
-    if precision == "float64":
-        from shortcut_policy.deploy.lowering import lower_module
-
-        ref_policy = copy.deepcopy(policy).double()
-        graph, dtype = lower_module(module).double().eval(), np.float64
-    ckpt = Path(str(cfg.checkpoint))
-    suffix = "_fp64" if precision == "float64" else ""
-    out = Path(str(cfg.out)) if cfg.get("out") else ckpt.with_name(f"{ckpt.stem}_{steps}step{suffix}{FORMATS[fmt]}")
-    seed = int(cfg.seed)
-    ex_obs = random_observations(policy, 2, seed)
-    tdt = torch.float64 if precision == "float64" else torch.float32
-    example = tuple(torch.as_tensor(ex_obs[k], dtype=tdt) for k in module.keys) + (fixed_noise(policy, 2, seed).to(tdt),)
-    if fmt == "onnx":
-        export_onnx(graph, example, out, overwrite=bool(cfg.overwrite), opset=int(cfg.opset))
-    else:
-        export_torchscript(graph, example, out, overwrite=bool(cfg.overwrite))
-    runner = Runner(out, fmt, module.keys, threads=threads, dtype=dtype)
-    diff, ndiff, got = parity(ref_policy, runner, steps, int(cfg.n_parity), seed)
-    rounding = float32_reference(module, policy, got, int(cfg.n_parity), seed)
-    # batch-1 latency: the exported graph vs the PyTorch policy (predict_action, as deploy calls it)
-    obs1 = random_observations(policy, 1, seed + 1)
-    noise1 = fixed_noise(policy, 1, seed + 1).numpy()
-    gen = torch.Generator().manual_seed(seed)
-    n = int(cfg.n_timing)
-    exp_ms = _median_ms(lambda: runner(obs1, noise1), n)
-    torch_ms = _median_ms(lambda: ref_policy.predict_action(obs1, steps=steps, generator=gen), n)
-    extra = {}
-    if precision == "float64":  # what the float32 PyTorch policy costs, for comparison
-        extra["torch_float32_latency_ms"] = _median_ms(lambda: policy.predict_action(obs1, steps=steps, generator=gen), n)
-    meta = {"format": fmt, "file": str(out), "checkpoint": str(ckpt), "task": policy.task_name, "steps": steps,
-            "precision": precision,
-            "inputs": {k: ["B", policy.n_obs_steps, *policy.obs_encoder.obs_shapes[k]] for k in module.keys}
-            | {"noise": ["B", policy.horizon, policy.action_dim]},
-            "output": {"action": ["B", policy.n_action_steps, policy.action_dim]}, "parity_noise_seed": seed,
-            "noise": "standard normal; pass a fixed tensor (e.g. torch.randn with a fixed seed, or zeros) for determinism"}
-    side = out.with_name(out.name + ".json")
-    tmp = side.with_name(f".{side.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp, side)
-    res = {"format": fmt, "file": str(out), "steps": steps, "precision": precision,
-           "max_abs_diff": diff, "max_abs_diff_normalized": ndiff,
-           "torch_batch1_vs_batched_diff": rounding["torch_batch1_vs_batched_diff"],
-           "torch_fp32_vs_fp64": rounding["torch_fp32_vs_fp64"], f"{fmt}_vs_fp64": rounding["exported_vs_fp64"],
-           "n_parity": int(cfg.n_parity),
-           "torch_latency_ms": torch_ms, **extra, "threads": threads}
-    res["onnx_latency_ms" if fmt == "onnx" else "torchscript_latency_ms"] = exp_ms
-    if fmt == "onnx":
-        import onnx
-        import onnxruntime
-
-        res.update(onnx_version=onnx.__version__, onnxruntime_version=onnxruntime.__version__)
-    return res

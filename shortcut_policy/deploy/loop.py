@@ -1,4 +1,5 @@
-"""Fixed-rate control loop executing timestamped action chunks (sync or async inference), and `deploy`.
+"""Fixed-rate control loop executing timestamped action chunks (sync or async inference); run by `deploy`
+(:mod:`shortcut_policy.commands.deploy`).
 
 Cycle j is scheduled at T_j = t0 + j dt (t0 = the robot's tick 0). Each cycle: wait (sleep, then spin the last
 ``spin_s``) until T_j; read the observation (validated); merge any finished chunk into the ActionQueue (stale
@@ -23,19 +24,17 @@ were planned in, so the robot can drop one that a reset overtook. Each reset is 
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
 from .action_queue import ActionQueue, ceil_ticks
-from .robot import EPISODE_KEY, TIMESTAMP_KEY, ObservationError, check_spec, validate_observation
+from .robot import EPISODE_KEY, TIMESTAMP_KEY, ObservationError, validate_observation
 
 
 def wait_until(t: float, spin_s: float = 0.002, clock=time.perf_counter) -> float:
@@ -134,7 +133,7 @@ class _Worker(threading.Thread):
 
     def run(self):
         if self.torch_threads:
-            import torch
+            import torch  # lazy: the loop runs any policy_fn (an exported ONNX policy needs no torch)
 
             torch.set_num_threads(int(self.torch_threads))
         while True:
@@ -250,7 +249,7 @@ class ControlLoop:
                 worker.start()  # before the RT switch: threads inherit the scheduling policy of their creator
                 rt_restore = self._set_realtime()
             elif self.torch_threads:
-                import torch
+                import torch  # lazy: the loop runs any policy_fn (an exported ONNX policy needs no torch)
 
                 torch.set_num_threads(int(self.torch_threads))
             self._run(stats, n_steps, seed, worker)
@@ -375,7 +374,9 @@ class ControlLoop:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-def _status_printer(stream=None):
+def status_printer(stream=None):
+    """A live one-line status callback for ControlLoop(status=...) (carriage-return redraws on ``stream``)."""
+
     def status(line, final=False):
         out = stream or sys.stderr
         out.write("\r" + line + ("\n" if final else ""))
@@ -409,7 +410,7 @@ def sustainable(latency_s: float, mode: str, n_action_steps: int, hz: float) -> 
 
 
 def make_policy_fn(policy, steps: int, seed: int | None = None):
-    import torch
+    import torch  # lazy: this module runs without torch for non-torch policies (see ControlLoop)
 
     steps = policy.check_steps(steps)
     gen = torch.Generator(device=policy.device)
@@ -421,80 +422,3 @@ def make_policy_fn(policy, steps: int, seed: int | None = None):
         return policy.predict_action(batch, steps=steps, generator=gen)[0]
 
     return fn
-
-
-def deploy_command(cfg, run_dir) -> dict:
-    from omegaconf import OmegaConf
-
-    from shortcut_policy.policy import load_policy
-
-    from .sim_robot import make_sim_robot
-
-    if not cfg.get("checkpoint"):
-        raise ValueError("deploy: checkpoint=PATH is required")
-    robot_cfg = OmegaConf.to_container(cfg.robot, resolve=True)
-    if robot_cfg.get("kind", "sim") != "sim":
-        raise ValueError(f"robot kind {robot_cfg.get('kind')!r}: only simulated robots ship here (kind: sim); "
-                         f"a real robot implements shortcut_policy.deploy.robot.Robot")
-    if cfg.get("torch_threads"):
-        import torch
-
-        torch.set_num_threads(int(cfg.torch_threads))
-    policy = load_policy(cfg.checkpoint, device=cfg.get("device", "cpu"), weights=cfg.get("weights"))
-    task = policy.task_cfg
-    hz = float(cfg.hz or robot_cfg.get("control_hz", task.get("control_hz", 10)))
-    mode, steps, n_steps = str(cfg.mode), int(cfg.steps), int(cfg.n_steps)
-    if task.get("control_hz") and abs(float(task["control_hz"]) - hz) > 1e-9:
-        print(f"warning: the policy was trained at {task['control_hz']} Hz, deploying at {hz:g} Hz", file=sys.stderr)
-    robot = make_sim_robot(robot_cfg, n_obs_steps=policy.n_obs_steps, hz=hz, auto_reset=bool(cfg.get("auto_reset", False)))
-    try:
-        # 1. spec check before anything moves
-        check_spec(task["obs_shapes"], task["action_dim"], robot.obs_shapes, robot.action_dim,
-                   policy_name=f"checkpoint ({task.get('name')})", robot_name=robot.name)
-        policy_fn = make_policy_fn(policy, steps, seed=cfg.get("seed"))
-        # 2. warm-up inferences on a real observation of the robot at rest
-        robot.start(int(cfg.seed))
-        obs0 = robot.get_observation()
-        validate_observation(obs0, task["obs_shapes"], policy.n_obs_steps)
-        pobs = {k: obs0[k][-policy.n_obs_steps:] for k in task["obs_shapes"]}
-        warm = measure_latency(policy_fn, pobs, int(cfg.warmup))
-        lat = float(np.median(warm[1:] if len(warm) > 2 else warm))
-        ok, rate = sustainable(lat, mode, policy.n_action_steps, hz)
-        print(f"warm-up: {len(warm)} inferences ({steps} step{'s' if steps > 1 else ''}), median latency "
-              f"{1e3 * lat:.1f} ms; {mode} budget {1e3 * (1 if mode == 'sync' else policy.n_action_steps) / hz:.0f} ms",
-              file=sys.stderr)
-        if not ok:
-            print(f"WARNING: the policy cannot sustain {hz:g} Hz in {mode} mode (latency {1e3 * lat:.1f} ms); "
-                  f"it can sustain about {rate:.2f} Hz. Expect deadline misses (the robot holds its last action).",
-                  file=sys.stderr)
-    except BaseException:
-        robot.close()
-        raise
-    loop = ControlLoop(robot, policy_fn, task["obs_shapes"], policy.n_obs_steps, hz=hz, mode=mode,
-                       ensemble_k=cfg.get("ensemble_k"), expected_latency_s=max(warm), spin_s=float(cfg.spin_ms) / 1e3,
-                       torch_threads=cfg.get("torch_threads"),
-                       switch_interval_s=(float(cfg.switch_interval_ms) / 1e3) if cfg.get("switch_interval_ms") else None,
-                       rt_priority=int(cfg.get("rt_priority") or 0),
-                       status=_status_printer() if cfg.get("status", True) else None)
-    stats = loop.run(n_steps, seed=int(cfg.seed))
-    # per-cycle timeline (ms) for diagnosing stalls: jitter and work time per cycle, latency per inference
-    # and one entry per episode reset (auto_reset): cycle, new episode id, chunks/actions discarded because of it
-    timeline = {"jitter_ms": [1e3 * v for v in stats.jitter_s], "cycle_ms": [1e3 * v for v in stats.busy_s],
-                "inference_ms": [1e3 * v for v in stats.inference_s], "resets": stats.resets}
-    (Path(run_dir) / "timeline.json").write_text(json.dumps(timeline))
-    info = robot.info()
-    episodes = info.get("episodes") or []
-    if episodes:  # auto_reset: score over the finished episodes (the unfinished last one is left out)
-        score = float(np.mean([e["max_reward"] for e in episodes]))
-        success = float(np.mean([e["success"] for e in episodes]))
-    else:
-        score, success = float(info.get("max_reward", 0.0)), bool(info.get("success", False))
-    res = stats.summary()
-    res.update({"steps": steps, "checkpoint": str(cfg.checkpoint), "objective": type(policy.objective).__name__,
-                "warmup_latency_ms": 1e3 * lat, "sustainable_hz": rate, "can_sustain": ok,
-                "mean_score": score, "success": success, "episodes": max(len(episodes), 1),
-                "env_steps": int(info.get("n_env_steps", 0)), "late_commands": int(info.get("late_commands", 0)),
-                "reset_dropped_commands": int(info.get("reset_dropped_commands", 0)),
-                "seed": int(cfg.seed), "rt_priority": int(cfg.get("rt_priority") or 0) if loop.rt_applied else 0,
-                "load_avg_1min": os.getloadavg()[0]})
-    return res

@@ -17,7 +17,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
 from .checkpoint import TopK, load_checkpoint, save_checkpoint
@@ -39,8 +43,6 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 def setup_distributed(device_name="auto"):
     """Initialise torch.distributed when launched by torchrun (WORLD_SIZE > 1). Returns (rank, world, device)."""
-    import torch.distributed as dist
-
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() and device_name != "cpu" else "gloo"
@@ -88,8 +90,6 @@ def infinite_loader(dataset, batch_size: int, rank: int, world: int, seed: int, 
 
     Raises ValueError when the batch does not divide over the processes or the dataset is smaller than a batch.
     """
-    from torch.utils.data import DataLoader, DistributedSampler
-
     if batch_size % world:
         raise ValueError(f"train.batch_size={batch_size} must be divisible by the number of processes ({world})")
     per_rank = batch_size // world
@@ -141,8 +141,6 @@ def resume_diff(new_cfg, old_cfg) -> tuple[dict, dict]:
     Returns (fixed, changed): dicts mapping dotted keys to (checkpoint value, new value); `fixed` holds keys that
     may not change on resume (net, objective, task, data, seed, batch, EMA), `changed` the allowed changes.
     """
-    from omegaconf import DictConfig, OmegaConf
-
     def plain(c):
         return OmegaConf.to_container(c, resolve=True) if isinstance(c, DictConfig) else c
 
@@ -169,20 +167,6 @@ def check_resume(cfg, ckpt_cfg, ckpt_path) -> dict:
                          "Use a new run_dir (or train.init_weights=... to start a new run from these weights), or "
                          "restore these settings")
     return changed
-
-
-def train_command_preflight(cfg, run_dir) -> dict:
-    """Called by the CLI before it writes anything into run_dir: refuses a resume whose fixed settings differ from
-    the checkpoint's (ValueError naming the keys); returns {'resume_changes': {key: [old, new]}} otherwise."""
-    from ..objectives import build_objective
-
-    build_objective(cfg.objective)  # an unknown or misspelt objective key fails here, before anything is written
-    last = Path(run_dir) / "checkpoints" / "last.ckpt"
-    if not (cfg.train.get("resume", True) and last.exists()):
-        return {}
-    ck = load_checkpoint(last)
-    changed = check_resume(cfg, ck["cfg"], last)
-    return {"resume_changes": {k: [a, b] for k, (a, b) in changed.items()}} if changed else {}
 
 
 class Trainer:
@@ -217,8 +201,6 @@ class Trainer:
         elif self.tcfg.get("init_weights"):
             self.init_weights(self.tcfg.init_weights)
         if self.world > 1:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
             self.net = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         else:
             self.net = self.model
@@ -241,8 +223,6 @@ class Trainer:
 
     # --- state ------------------------------------------------------------------------------------------
     def payload(self, metrics=None) -> dict:
-        from omegaconf import OmegaConf
-
         return {
             "cfg": OmegaConf.to_container(self.cfg, resolve=True),
             "model": self.model.state_dict(), "ema": self.ema.state_dict(),
@@ -398,23 +378,3 @@ class Trainer:
                   "stopped_early": stopped_early, "checkpoint": str(self.ckpt_dir / "last.ckpt")}
         result.update({f"best_{k}": v for k, v in self.best_metrics.items() if isinstance(v, (int, float))})
         return result
-
-
-def train_command(cfg, run_dir):
-    """`shortcut-policy train task=... net=... objective=...`: dispatch on the task kind (policy | image)."""
-    kind = cfg.task.get("kind", "policy")
-    # every random draw (weight init, data order, dropout, bootstrap levels) follows from train.seed: seed BEFORE
-    # the network is built (the Trainer seeds again per rank for the loop)
-    seed_everything(int(cfg.train.seed) + int(os.environ.get("RANK", "0")))
-    if kind == "image":
-        from ..generator import build_generator, build_image_dataset
-
-        model, train_ds, val_ds, evaluator = build_generator(cfg), build_image_dataset(cfg), None, None
-    elif kind == "policy":
-        from ..policy import build_policy_training
-
-        model, train_ds, val_ds, evaluator = build_policy_training(cfg, run_dir)
-    else:
-        raise ValueError(f"task.kind={kind!r}: expected 'policy' or 'image'")
-    trainer = Trainer(model, cfg, run_dir, train_dataset=train_ds, evaluator=evaluator, val_dataset=val_ds)
-    return trainer.fit()

@@ -1,0 +1,28 @@
+"""``shortcut-policy bench toy|policy|images|policies ...`` (configs/bench.yaml, ``what=``): benchmarks that measure
+quality and speed side by side. The implementations stay in the library: bench.py (toy), policy_bench.py
+(policy), bench_images.py (images), bench_policies.py (policies: trains and evaluates through the CLI)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..bench import run_toy
+from ..bench_images import run_bench_images
+from ..bench_policies import run_bench_policies
+from ..cli import compose
+from ..policy_bench import run_bench_policy
+
+__all__ = ["bench_command"]
+
+
+def bench_command(cfg, run_dir):
+    what = cfg.get("what", "toy")
+    if what == "toy":
+        return run_toy(cfg, Path(run_dir))
+    if what == "policy":
+        bc = cfg.policy_bench
+        return run_bench_policy(cfg, Path(run_dir), compose("train", [f"task={bc.task}", f"net={bc.net}", "logger=none"]))
+    if what == "images":
+        return run_bench_images(cfg, Path(run_dir))
+    if what == "policies":
+        return run_bench_policies(cfg, Path(run_dir))
+    raise ValueError(f"bench {what!r}: expected one of toy, policy, images, policies")

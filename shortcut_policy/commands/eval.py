@@ -1,0 +1,96 @@
+"""``shortcut-policy eval policy=expert|checkpoint task=<task> ...`` (configs/eval.yaml): the env's scripted expert or
+a trained checkpoint on the task's seeds, through the parallel rollout runner (:mod:`shortcut_policy.eval.rollout`)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from ..eval.rollout import EvalCrashError, check_crash_fraction, evaluate
+from ..policy import load_policy
+from ..utils import cfg_get, check_int, to_plain
+
+__all__ = ["eval_command", "EvalCrashError"]
+
+
+def _load_checkpoint_policy(path: str, device: str):
+    if not Path(path).exists():
+        raise FileNotFoundError(f"checkpoint={path!r}: no such file")
+    return load_policy(path, device)
+
+
+def _set_torch_threads(threads, device: str, workers) -> None:
+    """CPU inference threads of the main process. Default: the cores the env workers leave free (at least 1):
+    on a 2-core machine, 2 torch threads competing with 2 env workers made a small U-Net 30x slower."""
+    if not str(device).startswith("cpu"):
+        return
+    if threads is None:
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except AttributeError:  # pragma: no cover
+            cores = os.cpu_count() or 1
+        n_workers = cores if workers in (None, "auto") else check_int("workers", workers, 1)
+        threads = max(1, cores - n_workers)
+    torch.set_num_threads(check_int("torch_threads", threads, 1))
+
+
+def _policy_task_cfg(policy):
+    for attr in ("task_cfg",):
+        v = getattr(policy, attr, None)
+        if v is not None:
+            return v
+    cfg = getattr(policy, "cfg", None)
+    return cfg_get(cfg, "task") if cfg is not None else None
+
+
+def eval_command(cfg, run_dir) -> dict:
+    """`shortcut-policy eval ...` (configs/eval.yaml): the expert or a checkpoint on the task's seeds. Fails
+    (:class:`EvalCrashError`) when all episodes crash or more than ``max_crash_fraction`` (default 0.1) do."""
+    max_crash = check_crash_fraction(cfg.get("max_crash_fraction", 0.1) if hasattr(cfg, "get") else 0.1)
+    ckpt = cfg_get(cfg, "checkpoint")
+    mode = str(cfg_get(cfg, "policy", "checkpoint" if ckpt is not None else "expert"))
+    if mode not in ("expert", "checkpoint"):
+        raise ValueError(f"policy={mode!r}: expected 'expert' or 'checkpoint'")
+    if mode == "expert" and ckpt is not None:
+        raise ValueError(f"policy=expert with checkpoint={ckpt!r}: drop one of them")
+    task_cfg = to_plain(cfg_get(cfg, "task"))
+    if cfg_get(cfg, "expert_kwargs"):
+        task_cfg = {**task_cfg, "expert_kwargs": to_plain(cfg_get(cfg, "expert_kwargs"))}
+    policy = None
+    if mode == "checkpoint":
+        if ckpt is None:
+            raise ValueError("policy=checkpoint needs checkpoint=PATH")
+        device = str(cfg_get(cfg, "device", "cpu"))
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        _set_torch_threads(cfg_get(cfg, "torch_threads"), device, cfg_get(cfg, "workers"))
+        policy = _load_checkpoint_policy(str(ckpt), device)
+        if bool(cfg_get(cfg, "use_checkpoint_task", True)):
+            task_cfg = _policy_task_cfg(policy) or task_cfg
+        n_act = cfg_get(cfg, "n_action_steps", None)
+        if n_act is not None:  # execute a different number of each chunk's actions than the policy was trained with
+            n_act = check_int("n_action_steps", n_act, 1)
+            room = policy.horizon - policy.n_obs_steps + 1
+            if n_act > room:
+                raise ValueError(f"n_action_steps={n_act}: the policy predicts horizon {policy.horizon} with "
+                                 f"n_obs_steps {policy.n_obs_steps}, so at most {room} actions can be executed")
+            policy.n_action_steps = n_act
+            task_cfg = {**to_plain(task_cfg), "n_action_steps": n_act}
+    if task_cfg is None:
+        raise ValueError("eval: no task config (task=pusht_lowdim|pusht_image|...)")
+    tev = cfg_get(task_cfg, "eval", {}) or {}
+    n_episodes = cfg_get(cfg, "n_episodes", cfg_get(tev, "n_episodes", 50))
+    seed_start = cfg_get(cfg, "seed_start", cfg_get(tev, "seed_start", 100000))
+    workers = cfg_get(cfg, "workers", cfg_get(tev, "n_workers", None))
+    n_videos = cfg_get(cfg, "n_videos", cfg_get(tev, "n_videos", 2))
+    steps = cfg_get(cfg, "steps", [1])
+    steps = list(steps) if isinstance(to_plain(steps), (list, tuple)) else [steps]
+    res = evaluate(task_cfg, policy=policy, steps_list=steps, n_episodes=n_episodes, seed_start=seed_start,
+                   n_workers=workers, n_videos=n_videos, run_dir=run_dir, expert_spec=cfg_get(cfg, "expert"),
+                   timeout=float(cfg_get(cfg, "timeout_s", 600.0)), progress=bool(cfg_get(cfg, "progress", True)),
+                   envs_per_worker=cfg_get(cfg, "envs_per_worker", cfg_get(tev, "envs_per_worker", None)),
+                   max_crash_fraction=max_crash)
+    if policy is not None:
+        res["n_action_steps"] = policy.n_action_steps
+    return res

@@ -1,0 +1,40 @@
+"""``shortcut-policy train task=<task> net=<net> objective=<objective> [logger=...] [train.*=...]`` (configs/train.yaml).
+
+``train_command_preflight`` runs before the CLI writes anything into the run directory (the CLI looks up
+``<fn>_preflight`` in the verb's module): an unknown objective key or a resume whose fixed settings differ from
+the checkpoint's is refused there.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..builders import build_training
+from ..objectives import build_objective
+from ..train.checkpoint import load_checkpoint
+from ..train.trainer import Trainer, check_resume, seed_everything
+
+__all__ = ["train_command", "train_command_preflight"]
+
+
+def train_command_preflight(cfg, run_dir) -> dict:
+    """Called by the CLI before it writes anything into run_dir: refuses a resume whose fixed settings differ from
+    the checkpoint's (ValueError naming the keys); returns {'resume_changes': {key: [old, new]}} otherwise."""
+    build_objective(cfg.objective)  # an unknown or misspelt objective key fails here, before anything is written
+    last = Path(run_dir) / "checkpoints" / "last.ckpt"
+    if not (cfg.train.get("resume", True) and last.exists()):
+        return {}
+    ck = load_checkpoint(last)
+    changed = check_resume(cfg, ck["cfg"], last)
+    return {"resume_changes": {k: [a, b] for k, (a, b) in changed.items()}} if changed else {}
+
+
+def train_command(cfg, run_dir):
+    """`shortcut-policy train task=... net=... objective=...`: the task kind's model, data and evaluator
+    (:func:`shortcut_policy.builders.build_training`: policy | image), trained by :class:`Trainer`."""
+    # every random draw (weight init, data order, dropout, bootstrap levels) follows from train.seed: seed BEFORE
+    # the network is built (the Trainer seeds again per rank for the loop)
+    seed_everything(int(cfg.train.seed) + int(os.environ.get("RANK", "0")))
+    model, train_ds, val_ds, evaluator = build_training(cfg, run_dir)
+    trainer = Trainer(model, cfg, run_dir, train_dataset=train_ds, evaluator=evaluator, val_dataset=val_ds)
+    return trainer.fit()
