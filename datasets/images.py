@@ -159,7 +159,7 @@ class ImageFolderDataset(Dataset):
 
 def digits_arrays(image_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
     """scikit-learn's 8x8 digits upscaled (bilinear) to image_size: uint8 (N, 1, S, S), labels (N,)."""
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # lazy: scikit-learn is slow to import, only the digits task uses it
 
     d = load_digits()
     imgs = (d.images / 16.0 * 255.0).clip(0, 255).astype(np.uint8)

@@ -12,6 +12,11 @@ obs_type -> obs fields (per step):
 from __future__ import annotations
 
 import os
+from pathlib import Path
+
+import numcodecs
+import numpy as np
+import zarr
 
 from .zarr_dataset import SequenceDataset
 
@@ -70,12 +75,6 @@ def write_synthetic_pusht_zarr(
     Blosc zstd bit-shuffle, float32 data, ``img`` 0..255 HWC, int64 ``meta/episode_ends``), directly with
     zarr (not through ReplayBuffer), with deliberately odd chunking. For tests and smoke runs only:
     the values are random, not demonstrations. Refuses an existing path."""
-    from pathlib import Path
-
-    import numcodecs
-    import numpy as np
-    import zarr
-
     p = Path(path)
     if p.exists():
         raise FileExistsError(f"{p} already exists")

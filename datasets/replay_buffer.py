@@ -36,7 +36,12 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+import numcodecs
 import numpy as np
+import zarr
+from zarr.codecs import BloscCodec
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
 
 __all__ = ["ReplayBuffer", "ReplayBufferError", "get_optimal_chunks", "open_array_checked", "resolve_compressor"]
 
@@ -66,12 +71,8 @@ def resolve_compressor(spec: Any, zarr_format: int):
             raise ValueError(f"compressors={spec!r}: expected 'disk', 'default', None or a codec object")
         cname, shuffle = presets[spec]
         if zarr_format == 2:
-            import numcodecs
-
             shuf = {"bitshuffle": numcodecs.Blosc.BITSHUFFLE, "noshuffle": numcodecs.Blosc.NOSHUFFLE}[shuffle]
             return numcodecs.Blosc(cname=cname, clevel=5, shuffle=shuf)
-        from zarr.codecs import BloscCodec
-
         return BloscCodec(cname=cname, clevel=5, shuffle=shuffle)
     return spec
 
@@ -130,8 +131,6 @@ def _validate_layout(source: str, lengths: Mapping[str, int], episode_ends: np.n
 
 
 def _open_zarr_group(path: str | os.PathLike, mode: str):
-    import zarr
-
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"replay buffer {str(p)!r} does not exist")
@@ -155,9 +154,6 @@ async def _list_children(store, prefix: str) -> list[str]:
 
 def _raw_v2_metadata(store, prefix: str) -> dict | None:
     """The ``.zarray`` JSON of a format-2 array exactly as stored (zarr fills in defaults when it parses it)."""
-    from zarr.core.buffer import default_buffer_prototype
-    from zarr.core.sync import sync
-
     key = f"{prefix}/.zarray" if prefix else ".zarray"
     buf = sync(store.get(key, prototype=default_buffer_prototype()))
     if buf is None:
@@ -182,9 +178,6 @@ def open_array_checked(arr, source: str, name: str):
     Raises ReplayBufferError when the array holds both nested and flat chunk keys (e.g. a nested store that
     was later appended to by a zarr that assumed '.': the two halves cannot be read as one array).
     """
-    import zarr
-    from zarr.core.sync import sync
-
     md = arr.metadata
     if getattr(md, "zarr_format", None) != 2 or len(arr.shape) < 2 or md.dimension_separator != ".":
         return arr
@@ -210,8 +203,6 @@ def open_array_checked(arr, source: str, name: str):
 
 def _read_group_layout(root, source: str):
     """Return (data_group, episode_ends_array) after checking that both exist."""
-    import zarr
-
     if "data" not in root or not isinstance(root["data"], zarr.Group):
         raise ReplayBufferError(
             f"{source}: missing group 'data/' (expected Diffusion Policy layout data/<key> + meta/episode_ends; "
@@ -271,8 +262,6 @@ class ReplayBuffer:
     @classmethod
     def create_empty_zarr(cls, path: str | os.PathLike, zarr_format: int = 2, overwrite: bool = False) -> "ReplayBuffer":
         """Create an empty on-disk buffer at ``path`` (refuses an existing path unless ``overwrite=True``)."""
-        import zarr
-
         if zarr_format not in (2, 3):
             raise ValueError(f"zarr_format={zarr_format!r}: expected 2 or 3")
         p = Path(path)
@@ -470,8 +459,6 @@ class ReplayBuffer:
     ) -> Path:
         """Write the whole buffer as a zarr directory store. Written to a temporary sibling directory and
         renamed into place; an existing ``path`` is replaced only with ``overwrite=True``."""
-        import zarr
-
         if zarr_format not in (2, 3):
             raise ValueError(f"zarr_format={zarr_format!r}: expected 2 or 3")
         p = Path(path)

@@ -23,7 +23,12 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+import h5py
 import numpy as np
+from scipy.spatial.transform import Rotation
+
+from shortcut_policy.datasets.replay_buffer import ReplayBuffer
+from shortcut_policy.datasets.sanity import DataSanityWarning
 
 __all__ = [
     "axis_angle_to_matrix", "matrix_to_axis_angle", "matrix_to_rot6d", "rot6d_to_matrix",
@@ -61,8 +66,6 @@ def axis_angle_to_matrix(aa: np.ndarray) -> np.ndarray:
 
 def matrix_to_axis_angle(R: np.ndarray) -> np.ndarray:
     """(..., 3, 3) -> (..., 3) rotation vectors with angle in [0, pi] (via scipy, robust near pi)."""
-    from scipy.spatial.transform import Rotation
-
     R = np.asarray(R, dtype=np.float64)
     flat = R.reshape(-1, 3, 3)
     out = Rotation.from_matrix(flat).as_rotvec()
@@ -121,8 +124,6 @@ _DEMO_RE = re.compile(r"^demo_(\d+)$")
 
 
 def _open(path):
-    import h5py
-
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"robomimic hdf5 {p} does not exist")
@@ -179,8 +180,6 @@ def read_demo(f, name: str, obs_keys: Sequence[str], path="<hdf5>", action_key: 
     Raises RobomimicFormatError naming the file and ``data/<name>/...`` when the demo, its ``obs`` group, an
     observation key or the action key is missing.
     """
-    import h5py
-
     if name not in f["data"]:
         raise RobomimicFormatError(f"{path}: no demo data/{name}")
     g = f["data"][name]
@@ -236,9 +235,6 @@ def robomimic_to_replay_buffer(
             demo left (each skipped demo named with the reason).
         ValueError: a demo's action dim differs from ``action_dim`` (file, demo and shapes named).
     """
-    from shortcut_policy.datasets.replay_buffer import ReplayBuffer
-    from shortcut_policy.datasets.sanity import DataSanityWarning
-
     concat_obs = {k: list(v) for k, v in (concat_obs or {}).items()}
     needed = list(dict.fromkeys(list(obs_keys) + [c for v in concat_obs.values() for c in v]))
     rb = ReplayBuffer.create_empty_numpy()
@@ -317,6 +313,7 @@ def replay_buffer_from_hdf5(path, obs_keys: Mapping[str, Sequence[str] | str], a
     ``"robot0_eef_pos[:2]"``) is copied under its own name, actions go to ``action`` (axis-angle -> rot6d with
     ``abs_action``). The file's ``env_args`` must be readable (the evaluation env is created from it), and its
     controller must match ``abs_action``."""
+    # lazy: zarr_dataset loads torch + numba; this module is also imported by Transport env workers (envs/transport.py)
     from shortcut_policy.datasets.zarr_dataset import _as_list, parse_source
 
     meta = read_env_meta(path)  # clear error when env_args is missing
@@ -344,8 +341,6 @@ class RobomimicHdf5Writer:
     """
 
     def __init__(self, path, env_meta: Mapping, overwrite: bool = False, compress_images: bool = True):
-        import h5py
-
         self.path = Path(path)
         if self.path.exists() and not overwrite:
             raise FileExistsError(f"{self.path} already exists; pass overwrite=True to replace it")

@@ -171,7 +171,7 @@ def plot_stages(metrics: dict, path, title: str = "") -> Path | None:
 
 
 def _pyplot():
-    import matplotlib
+    import matplotlib  # lazy: slow to import; env worker processes load this module (via rollout) and never plot
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -23,14 +23,23 @@ way to widen the demonstration distribution.
 """
 from __future__ import annotations
 
+import argparse
 import json
+import multiprocessing as mp
 import os
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
+from scipy.spatial.transform import Rotation
+from tqdm import tqdm
+
+from shortcut_policy.datasets.robomimic import (RobomimicHdf5Writer, axis_angle_to_matrix, matrix_to_axis_angle,
+                                                matrix_to_rot6d, robomimic_to_replay_buffer)
+from shortcut_policy.envs.transport import (IMAGE_KEYS, LOWDIM_CONCAT_KEYS, LOWDIM_SHAPES, TransportEnv,
+                                            default_env_meta)
 
 POS_SCALE = 0.05  # m per unit of normalised action (OSC output_max)
 ROT_SCALE = 0.5  # rad per unit
@@ -53,8 +62,6 @@ def _rotx(a: float) -> np.ndarray:
 
 def _rotvec(R: np.ndarray) -> np.ndarray:
     """Rotation vector of a rotation matrix (log map)."""
-    from scipy.spatial.transform import Rotation
-
     return Rotation.from_matrix(R).as_rotvec()
 
 
@@ -66,8 +73,6 @@ def _yaw_aligned(R_neutral: np.ndarray, yaw: float, period: float) -> np.ndarray
 
 def find_transport_env(env):
     """The TransportEnv inside (possibly) wrapped envs."""
-    from shortcut_policy.envs.transport import TransportEnv
-
     e, seen = env, 0
     while not isinstance(e, TransportEnv):
         seen += 1
@@ -552,8 +557,6 @@ class TransportExpert:
 
 def delta_to_abs_action(expert: TransportExpert, act: np.ndarray) -> np.ndarray:
     """The absolute goal (pos, rot6d, gripper) x 2 that the world-frame delta controller would set for ``act``."""
-    from shortcut_policy.datasets.robomimic import axis_angle_to_matrix, matrix_to_rot6d
-
     out = []
     for i in range(2):
         a = act[7 * i : 7 * i + 7]
@@ -567,8 +570,6 @@ def delta_to_abs_action(expert: TransportExpert, act: np.ndarray) -> np.ndarray:
 # ============================================================================ episodes and demos
 def controller_goal_abs(tenv) -> np.ndarray:
     """Current OSC goals of both arms as an absolute action (pos, axis-angle, gripper) x 2 = 14 (as DP records)."""
-    from shortcut_policy.datasets.robomimic import matrix_to_axis_angle
-
     out = []
     for r in tenv.env.robots:
         c = r.part_controllers["right"]
@@ -580,8 +581,6 @@ def clean_goal_abs(goal: np.ndarray, sent: np.ndarray, clean: np.ndarray) -> np.
     """The controller goal (pos, axis-angle, gripper) x 2 that ``clean`` would have set, from the goal ``goal``
     (2 x 6, ``controller_goal_abs``) that the sent delta ``sent`` did set: the same reference pose, so clean and
     executed labels agree exactly when no noise was added."""
-    from shortcut_policy.datasets.robomimic import axis_angle_to_matrix, matrix_to_axis_angle
-
     out = []
     for i in range(2):
         s, c = sent[7 * i : 7 * i + 7], clean[7 * i : 7 * i + 7]
@@ -612,8 +611,6 @@ def run_expert_episode(
     label points back at the expert's path, so the data holds corrections the clean demonstrations never show."""
     if label not in ("executed", "clean"):
         raise ValueError(f"run_expert_episode: label={label!r}, expected 'executed' or 'clean'")
-    from shortcut_policy.envs.transport import LOWDIM_SHAPES, TransportEnv
-
     own = env is None
     if own:
         keys = tuple(LOWDIM_SHAPES) + tuple(image_keys)
@@ -675,8 +672,6 @@ def _episode_worker(args):
         return run_expert_episode(seed, noise, max_steps, record=record, image_keys=image_keys,
                                   stop_after_success=stop_after, lite_physics=lite, label=label)
     except Exception as e:  # report, don't kill the pool
-        import traceback
-
         return {"seed": seed, "success": False, "error": f"{type(e).__name__}: {e}", "tb": traceback.format_exc()}
 
 
@@ -694,10 +689,6 @@ def _pool_init():
 def evaluate_expert(seeds, action_noise: float = 0.0, n_workers: int = 2, max_steps: int = 700,
                     progress: bool = True, lite_physics: bool | None = None) -> dict:
     """Success rate of the expert on ``seeds`` (parallel processes)."""
-    import multiprocessing as mp
-
-    from tqdm import tqdm
-
     args = [(int(s), action_noise, max_steps, False, (), 0, lite_physics) for s in seeds]  # stop at success (= max reward)
     results = []
     ctx = mp.get_context("spawn")
@@ -723,8 +714,6 @@ def evaluate_expert(seeds, action_noise: float = 0.0, n_workers: int = 2, max_st
 
 # ============================================================================ demos command
 def _recorded_to_demo(rec: dict, image_keys) -> dict:
-    from shortcut_policy.envs.transport import LOWDIM_SHAPES
-
     obs = {}
     for k in list(LOWDIM_SHAPES) + list(image_keys):
         rk = "object-state" if k == "object" else k
@@ -751,13 +740,6 @@ def generate_transport_demos(cfg, run_dir) -> dict:
     ``seed`` (default 0, disjoint from the test seeds 100000+); episodes run up to 700 steps (demos.yaml's
     ``max_steps`` is Push-T's). RESULT keys: n_episodes, n_dropped, seconds, out, the four file paths.
     """
-    import multiprocessing as mp
-
-    from tqdm import tqdm
-
-    from shortcut_policy.datasets.robomimic import RobomimicHdf5Writer, robomimic_to_replay_buffer
-    from shortcut_policy.envs.transport import IMAGE_KEYS, LOWDIM_CONCAT_KEYS, LOWDIM_SHAPES, default_env_meta
-
     def get(key, default=None):
         cur = cfg
         for part in key.split("."):
@@ -887,8 +869,6 @@ def _parse_seeds(spec: str) -> list[int]:
 
 def main(argv=None) -> int:
     """``python -m shortcut_policy.envs.experts.transport --seeds 100000-100049 --noise 0.1 --workers 2``"""
-    import argparse
-
     ap = argparse.ArgumentParser(description=main.__doc__)
     ap.add_argument("--seeds", default="100000-100049")
     ap.add_argument("--noise", type=float, default=0.0)

@@ -1,6 +1,12 @@
 """Networks. Contract for every net: net(x_t, t, d_level, cond) -> tensor shaped like x_t."""
 from __future__ import annotations
 
+from omegaconf import OmegaConf
+
+from .dit import DiT
+from .mlp import MLPNet
+from .unet1d import UNet1D
+
 
 def build_net(net_cfg, *, step_input: str = "level", **dims):
     """Instantiate a net from a configs/net/*.yaml group entry; `dims` fill task-dependent sizes.
@@ -8,8 +14,6 @@ def build_net(net_cfg, *, step_input: str = "level", **dims):
     `step_input` is what the objective feeds as the third argument: "level" (dyadic log2(1/d)) or "continuous"
     (the step size d, MeanFlow). A net config that sets `step_input` to something else raises ValueError.
     """
-    from omegaconf import OmegaConf
-
     cfg = OmegaConf.to_container(net_cfg, resolve=True) if not isinstance(net_cfg, dict) else dict(net_cfg)
     kind = cfg.pop("kind")
     cfg.pop("name", None)
@@ -20,15 +24,9 @@ def build_net(net_cfg, *, step_input: str = "level", **dims):
     cfg["step_input"] = step_input
     cfg.update({k: v for k, v in dims.items() if v is not None})
     if kind == "unet1d":
-        from .unet1d import UNet1D
-
         return UNet1D(**cfg)
     if kind == "dit":
-        from .dit import DiT
-
         return DiT(**cfg)
     if kind == "mlp":
-        from .mlp import MLPNet
-
         return MLPNet(**cfg)
     raise ValueError(f"unknown net kind {kind!r}: expected one of unet1d, dit, mlp")

@@ -10,6 +10,8 @@ from einops import rearrange
 from torch import nn
 from torch.nn import functional as F
 
+from shortcut_policy.datasets.augment import CropRandomizer
+
 
 class BasicBlock(nn.Module):
     def __init__(self, cin: int, cout: int, stride: int = 1):
@@ -70,8 +72,6 @@ class ImageEncoder(nn.Module):
     def __init__(self, image_shape: Sequence[int], crop_shape: Sequence[int] | None = None, feature_dim: int = 64,
                  num_kp: int = 32, width: int = 64):
         super().__init__()
-        from shortcut_policy.datasets.augment import CropRandomizer
-
         self.image_shape = tuple(image_shape)
         self.crop = CropRandomizer(crop_shape) if crop_shape else nn.Identity()
         self.backbone = ResNet18Conv(self.image_shape[0], width)

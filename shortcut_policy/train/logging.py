@@ -5,6 +5,8 @@ import json
 import os
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 
 class Logger:
     def __init__(self, run_dir, cfg=None, logger_cfg=None, enabled: bool = True):
@@ -14,8 +16,7 @@ class Logger:
         kind = (logger_cfg or {}).get("kind", "none") if logger_cfg is not None else "none"
         if enabled and kind == "wandb":
             mode = os.environ.get("WANDB_MODE") or logger_cfg.get("mode", "offline")
-            import wandb
-            from omegaconf import OmegaConf
+            import wandb  # lazy: wandb (slow to import, only for logger=wandb)
 
             os.environ.setdefault("WANDB_SILENT", "true")
             self.wandb = wandb.init(
