@@ -7,14 +7,16 @@ scripted expert), ``train``'s rollout evaluation, ``demos`` and ``deploy``'s sim
 * ``make``       builds the bare env from a task config: ``make(task_cfg) -> gymnasium.Env`` with dict
                  observations of Box spaces (the task's ``obs_shapes`` keys), Box actions, ``info["success"]``;
 * ``expert``     the privileged scripted expert class (optional): ``Expert(seed, **expert_kwargs)``,
-                 ``.reset(env)``, ``.act(env) -> action``; ``eval policy=expert`` and the default demos writer;
+                 ``.reset(env)``, ``.act(env) -> action`` (one action; ``env`` is the wrapped env in ``eval
+                 policy=expert``, the bare one in the default demos writer: use ``env.unwrapped`` for state);
 * ``demos``      the ``demos`` verb's writer ``fn(cfg, run_dir) -> dict`` (RESULT keys n_episodes, n_dropped,
                  seconds, out); default :func:`shortcut_policy.envs.demos.expert_demos` (the expert's successful
                  episodes, every observation key and ``action``, in a zarr replay buffer);
 * ``sim_robot``  the simulated robot class ``deploy`` runs the bare env in: ``cls(env, control_hz, n_obs_steps=,
                  latch_s=, name=, auto_reset=)`` (default :class:`shortcut_policy.deploy.sim_robot.SimRobot`);
 * ``stages``     names of the task stages the env reports in ``info["stages"]`` (name -> first step, with the
-                 task config's ``track_stages``; Transport), () when it reports none.
+                 task config's ``track_stages``; Transport), () when it reports none;
+* ``requires``   optional distributions the env needs (named in the error when an import fails).
 
 Each reference is an import path ``"module:attr"`` (resolved on first use) or the object itself. Import paths
 keep an env's dependencies out of processes that never build it (robosuite + mujoco for Transport are optional)
