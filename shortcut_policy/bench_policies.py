@@ -24,9 +24,17 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
+import torch
+
+from .eval.report import wilson_interval
+from .eval.rollout import evaluate
+from .objectives import OBJECTIVES
+from .policy import load_policy
 
 NFE_SPECS = ("ddpm", "ddim")
 
@@ -51,8 +59,6 @@ def _atomic_json(path: Path, obj) -> None:
 
 def _entries(pc) -> dict[str, list[str]]:
     """entry label -> train overrides; raises ValueError for an unknown label or an empty list."""
-    from .objectives import OBJECTIVES
-
     labels = list(pc.objectives or [])
     if not labels:
         raise ValueError("bench policies: objectives=[] is empty; give at least one, e.g. objectives=[shortcut,diffusion]")
@@ -107,8 +113,6 @@ def _pick_checkpoint(train_dir: Path) -> tuple[Path, str]:
 
 
 def _latency_ms(policy, task_cfg, nfe: int, sampler: str | None, rounds: int) -> float:
-    import torch
-
     rng = np.random.default_rng(0)
     obs = {k: rng.uniform(0, 1, (1, int(task_cfg["n_obs_steps"]), *v)).astype(np.float32)
            for k, v in task_cfg["obs_shapes"].items()}
@@ -124,13 +128,6 @@ def _latency_ms(policy, task_cfg, nfe: int, sampler: str | None, rounds: int) ->
 
 
 def _evaluate_one(pc, ckpt: Path, nfe_key: str, eval_dir: Path) -> dict:
-    import warnings
-
-    import torch
-
-    from .eval.rollout import evaluate
-    from .policy import load_policy
-
     sampler, n = parse_nfe(nfe_key)
     policy = load_policy(ckpt)
     if sampler is not None:
@@ -156,11 +153,9 @@ def _evaluate_one(pc, ckpt: Path, nfe_key: str, eval_dir: Path) -> dict:
     return out
 
 
-def check_inputs(pc) -> tuple[dict, list[int], str]:
-    """Validate everything before any training: entries, seeds, the task's data file. Raises ValueError /
-    FileNotFoundError naming the bad value."""
-    from .cli import compose  # noqa: F401  (config composition is the CLI's job; only used for validation here)
-
+def check_inputs(pc, compose: Callable) -> tuple[dict, list[int], str]:
+    """Validate everything before any training: entries, seeds, the task's data file (`compose(verb, overrides)`
+    builds the train config of each entry). Raises ValueError / FileNotFoundError naming the bad value."""
     entries = _entries(pc)
     seeds = list(pc.seeds or [])
     if not seeds:
@@ -181,12 +176,14 @@ def check_inputs(pc) -> tuple[dict, list[int], str]:
     return entries, seeds, task
 
 
-def run_bench_policies(cfg, run_dir: Path) -> dict:
-    """Train (or resume) every (entry, seed), evaluate each chosen checkpoint at its NFEs, write the table."""
-    from .cli import compose, run_verb
+def run_bench_policies(cfg, run_dir: Path, compose: Callable, run_train: Callable) -> dict:
+    """Train (or resume) every (entry, seed), evaluate each chosen checkpoint at its NFEs, write the table.
 
+    `compose(verb, overrides) -> DictConfig` and `run_train(overrides)` (the train verb, with its run directory,
+    lock and resume rules) come from the command layer: this module never composes configs itself.
+    """
     pc = cfg.policies
-    entries, seeds, task = check_inputs(pc)
+    entries, seeds, task = check_inputs(pc, compose)
     out = Path(str(pc.out)) if pc.get("out") else Path("runs/bench") / task
     out.mkdir(parents=True, exist_ok=True)
     num_steps = None
@@ -203,7 +200,7 @@ def run_bench_policies(cfg, run_dir: Path) -> dict:
             done = metrics.exists() and json.loads(metrics.read_text()).get("steps") == num_steps
             if not done:
                 print(f"[bench policies] training {label} seed {seed} -> {train_dir}", flush=True)
-                run_verb("train", overrides)
+                run_train(overrides)
             tres = json.loads(metrics.read_text())
             ckpt, how = _pick_checkpoint(train_dir)
             m = int(tcfg.objective.get("m", 0) or 0) or None
@@ -231,8 +228,6 @@ def run_bench_policies(cfg, run_dir: Path) -> dict:
 def aggregate(per_run: list[dict]) -> dict:
     """Pool the runs of each (entry, NFE) over training seeds: success k/n with Wilson interval, mean score over
     episodes, median latency, per-seed success rates."""
-    from .eval.report import wilson_interval
-
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in per_run:
         key = f"{r['sampler']}{r['nfe']}" if r.get("sampler") else str(r["nfe"])

@@ -17,13 +17,12 @@ NOT_LIBRARY_DIRS = ("shortcut_policy/commands/",)
 
 # the bench implementation that trains and evaluates through the CLI (run_verb); its verb function is in
 # commands/bench.py, the implementation itself still calls the CLI
-CLI_ALLOWED = {"shortcut_policy/bench_policies.py"}
+CLI_ALLOWED: set[str] = set()
 # function-local internal imports that stay, and why
 LOCAL_INTERNAL_ALLOWED = {
     "datasets/robomimic.py",  # zarr_dataset (torch + numba) only when reading an hdf5 for training; env workers import robomimic
-    "shortcut_policy/bench_policies.py",  # bench implementation kept as it is for now (see CLI_ALLOWED)
 }
-LOCAL_INTERNAL_ALLOWED_DIRS = ("shortcut_policy/objectives/",)  # objectives/ keeps its own import layout
+LOCAL_INTERNAL_ALLOWED_DIRS: tuple[str, ...] = ()
 
 
 def _library_files():

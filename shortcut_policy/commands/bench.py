@@ -1,6 +1,6 @@
 """``shortcut-policy bench toy|policy|images|policies ...`` (configs/bench.yaml, ``what=``): benchmarks that measure
 quality and speed side by side. The implementations stay in the library: bench.py (toy), policy_bench.py
-(policy), bench_images.py (images), bench_policies.py (policies: trains and evaluates through the CLI)."""
+(policy), bench_images.py (images), bench_policies.py (policies: trains through the train verb handed to it here)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,7 +8,7 @@ from pathlib import Path
 from ..bench import run_toy
 from ..bench_images import run_bench_images
 from ..bench_policies import run_bench_policies
-from ..cli import compose
+from ..cli import compose, run_verb
 from ..policy_bench import run_bench_policy
 
 __all__ = ["bench_command"]
@@ -24,5 +24,5 @@ def bench_command(cfg, run_dir):
     if what == "images":
         return run_bench_images(cfg, Path(run_dir))
     if what == "policies":
-        return run_bench_policies(cfg, Path(run_dir))
+        return run_bench_policies(cfg, Path(run_dir), compose, lambda overrides: run_verb("train", overrides))
     raise ValueError(f"bench {what!r}: expected one of toy, policy, images, policies")

@@ -6,6 +6,8 @@ Every objective has `loss(net, x1, cond=None, *, teacher=None, null_cond=None, x
 """
 from __future__ import annotations
 
+from omegaconf import DictConfig, OmegaConf
+
 from .base import Objective
 from .consistency import ConsistencyTraining
 from .diffusion import Diffusion
@@ -37,8 +39,6 @@ def build_objective(cfg) -> Objective:
     Raises ValueError for an unknown name (listing the valid ones) or a key the objective does not take (naming the
     key, the group and the valid keys); task-level guidance keys (TASK_LEVEL_KEYS) are dropped where unused.
     """
-    from omegaconf import DictConfig, OmegaConf
-
     d = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
     name = d.pop("name", None)
     if name not in OBJECTIVES:

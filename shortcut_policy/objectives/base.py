@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from ..conventions import M, check_steps
+from .guidance import guided
 
 
 class Objective(nn.Module):
@@ -55,8 +56,6 @@ class Objective(nn.Module):
         log2(N) for shortcut, log2(M) for flow matching, the step size 1/N for MeanFlow); classifier-free guidance
         with `scale` (None = one conditional pass). Returns x at t = 1, shaped like x0.
         """
-        from .guidance import guided
-
         x, B = x0, x0.shape[0]
         sv = torch.full((B,), float(step_value), device=x.device, dtype=x.dtype)
         for i in range(n):

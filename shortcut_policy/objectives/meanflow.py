@@ -19,7 +19,9 @@ Sampling: N Euler steps of the average velocity, x += (1/N) u(x, i/N, 1/N); any 
 from __future__ import annotations
 
 import torch
+from torch.func import jvp
 
+from ..conventions import interpolate, velocity_target
 from .base import Objective
 from .guidance import drop_cond
 
@@ -83,16 +85,12 @@ class MeanFlow(Objective):
             up = net(x_t + hb * v, t + h, d - h, cond)
             dn = net(x_t - hb * v, t - h, d + h, cond)
             return (up - dn) / (2.0 * h)
-        from torch.func import jvp
-
         ones = torch.ones_like(t)
         _, dudt = jvp(lambda x, tt, dd: net(x, tt, dd, cond), (x_t, t, d), (v, ones, -ones))
         return dudt
 
     def loss(self, net, x1, cond=None, *, teacher=None, null_cond=None, x0=None, teacher_cond=None):
         """(loss, info) of the MeanFlow identity on a batch x1 (B, ...); `teacher` is unused (self-targets)."""
-        from ..conventions import interpolate, velocity_target
-
         self.check_data(x1)
         self.check_net(net)
         B = x1.shape[0]
