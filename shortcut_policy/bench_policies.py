@@ -198,6 +198,10 @@ def run_bench_policies(cfg, run_dir: Path, compose: Callable, run_train: Callabl
             num_steps = int(tcfg.train.num_steps)
             metrics = train_dir / "metrics.json"
             done = metrics.exists() and json.loads(metrics.read_text()).get("steps") == num_steps
+            if not done and pc.get("only_finished", False):
+                print(f"[bench policies] skipping {label} seed {seed}: its training is not finished "
+                      f"(policies.only_finished=true)", flush=True)
+                continue
             if not done:
                 print(f"[bench policies] training {label} seed {seed} -> {train_dir}", flush=True)
                 run_train(overrides)

@@ -476,7 +476,7 @@ BENCH_SHORTHAND = {
     "toy": {"dataset": "toy.dataset", "num_steps": "toy.num_steps", "batch_size": "toy.batch_size",
             "objectives": "toy.select"},
     "policies": {k: f"policies.{k}" for k in ("task", "objectives", "seeds", "out", "nfe", "eval", "variants",
-                                              "train_overrides", "latency_rounds")},
+                                              "train_overrides", "latency_rounds", "only_finished")},
 }
 
 

@@ -42,6 +42,7 @@ class Policy(nn.Module):
             raise ValueError(f"n_obs_steps - 1 + n_action_steps = {self.n_obs_steps - 1 + self.n_action_steps} exceeds "
                              f"horizon {self.horizon}")
         self.task_cfg = None  # set by load_policy / build: the runner evaluates on it
+        self.noise_scale = 1.0  # initial-noise temperature of predict_action (eval `noise_scale=`); 1.0 = as trained
 
     @property
     def device(self):
@@ -107,7 +108,8 @@ class Policy(nn.Module):
         nobs = self.normalizer.normalize(obs_t)
         cond = self.obs_encoder(nobs)
         B = cond.shape[0]
-        x0 = torch.randn(B, self.horizon, self.action_dim, device=dev, generator=generator).to(dtype)
+        # noise_scale < 1 samples closer to the flow's mode (a temperature; 1.0 = the trained distribution)
+        x0 = (torch.randn(B, self.horizon, self.action_dim, device=dev, generator=generator) * self.noise_scale).to(dtype)
         if self.objective.takes_generator:  # samplers that re-noise between steps draw from the same generator
             sample_kw.setdefault("generator", generator)
         naction = self.objective.sample(self.net, x0, cond, steps=steps, **sample_kw).clamp(-1.0, 1.0)

@@ -131,3 +131,28 @@ def test_regression_learns_the_conditional_mean_and_ignores_steps():
     assert torch.equal(out1, out2)  # deterministic: the noise is ignored
     with pytest.warns(UserWarning, match="ignores steps=8"):
         assert obj.check_steps(8) == 1
+
+
+def test_shortcut_target_depth_integrates_the_teacher_over_the_whole_step():
+    """target_depth=n: n Euler steps of the teacher at level k + log2 n (capped at the FM level), mean velocity."""
+    from shortcut_policy.objectives import Shortcut
+
+    calls = []
+
+    def teacher(x, t, level, cond):
+        calls.append(level.clone())
+        return torch.sin(3 * x) + t.reshape(-1, 1) - 0.1 * level.reshape(-1, 1)
+
+    obj = Shortcut(m=16, target_depth=8, clip=None)
+    x_t, levels = torch.randn(3, 2), torch.tensor([0, 1, 3])
+    t = torch.tensor([0.0, 0.5, 0.25])
+    got = obj.bootstrap_targets(teacher, x_t, t, levels, None, None)
+    for i, (k, n) in enumerate([(0, 8), (1, 8), (3, 2)]):  # level 3 (d = 1/8) has only 2 steps of 1/16 left
+        d, x, tt, acc = 2.0 ** -k, x_t[i : i + 1], t[i : i + 1], 0
+        for _ in range(n):
+            v = teacher(x, tt, torch.tensor([float(k + n.bit_length() - 1)]), None)
+            acc, x, tt = acc + v, x + d / n * v, tt + d / n
+        torch.testing.assert_close(got[i : i + 1], acc / n)
+    assert Shortcut(target_depth=2).substeps(torch.tensor([0, 3, 6])).tolist() == [2, 2, 2]  # the reference
+    with pytest.raises(ValueError, match="target_depth"):
+        Shortcut(target_depth=3)

@@ -77,6 +77,15 @@ def eval_command(cfg, run_dir) -> dict:
                                  f"n_obs_steps {policy.n_obs_steps}, so at most {room} actions can be executed")
             policy.n_action_steps = n_act
             task_cfg = {**to_plain(task_cfg), "n_action_steps": n_act}
+        sampler = cfg_get(cfg, "sampler", None)
+        if sampler is not None:  # diffusion checkpoints: ddpm | ddim (steps= is then the number of denoising steps)
+            if not hasattr(policy.objective, "sampler"):
+                raise ValueError(f"sampler={sampler!r}: only diffusion checkpoints have a sampler choice; {ckpt} was "
+                                 f"trained with objective={policy.objective.name}")
+            if sampler not in ("ddpm", "ddim"):
+                raise ValueError(f"sampler={sampler!r}: expected 'ddpm' or 'ddim'")
+            policy.objective.sampler = sampler
+        policy.noise_scale = float(cfg_get(cfg, "noise_scale", 1.0))
     if task_cfg is None:
         raise ValueError("eval: no task config (task=pusht_lowdim|pusht_image|...)")
     tev = cfg_get(task_cfg, "eval", {}) or {}
@@ -93,4 +102,7 @@ def eval_command(cfg, run_dir) -> dict:
                    max_crash_fraction=max_crash)
     if policy is not None:
         res["n_action_steps"] = policy.n_action_steps
+        res["noise_scale"] = policy.noise_scale
+        if hasattr(policy.objective, "sampler"):
+            res["sampler"] = policy.objective.sampler
     return res

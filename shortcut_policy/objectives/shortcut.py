@@ -26,8 +26,13 @@ class Shortcut(Objective):
 
     def __init__(self, m: int = 128, bootstrap_fraction: float = 0.25, level_allocation: str = "reference",
                  clip: float | None = CLIP_TARGET, class_dropout_prob: float = 0.0, bootstrap_cfg: bool = False,
-                 cfg_scale: float | None = None, teacher: str = "online"):
+                 cfg_scale: float | None = None, teacher: str = "online", target_depth: int = 2):
         super().__init__(m)
+        if isinstance(target_depth, bool) or int(target_depth) != target_depth or target_depth < 2 or (
+                int(target_depth) & (int(target_depth) - 1)):
+            raise ValueError(f"target_depth={target_depth!r}: expected a power of two >= 2 (2 = the reference's two "
+                             "half steps)")
+        self.target_depth = int(target_depth)
         if not 0.0 < bootstrap_fraction < 1.0:
             raise ValueError(f"bootstrap_fraction={bootstrap_fraction}: expected a value in (0, 1), e.g. 0.25 or 0.125")
         if teacher not in ("ema", "online"):
@@ -42,25 +47,37 @@ class Shortcut(Objective):
     def _clip(self, x):
         return x if self.clip is None else x.clamp(-self.clip, self.clip)
 
+    def substeps(self, levels: torch.Tensor) -> torch.Tensor:
+        """Teacher steps per bootstrap row: min(target_depth, d * M) for d = 2^-level (the reference: always 2)."""
+        return torch.minimum(torch.full_like(levels, self.target_depth), 2 ** (self.log2_m - levels))
+
     @torch.no_grad()
     def bootstrap_targets(self, teacher, x_t, t, levels, cond, null_cond):
-        d = (2.0 ** -levels.float()).reshape(-1, *([1] * (x_t.dim() - 1)))
-        lv_half = (levels + 1).float()
+        """Self-consistency targets (B_b, ...) for bootstrap rows at `levels` (B_b,): the clipped mean velocity of n
+        no-grad Euler steps of the teacher over [t, t + d] at level log2(n/d), n = `substeps` (the reference's
+        targets_shortcut.py: n = 2, two half steps at level k + 1, the second at t + d/2; states and target clipped).
+        Classifier-free guidance only for rows whose teacher sits at the flow-matching level."""
+        target = torch.empty_like(x_t)
+        n_sub = self.substeps(levels.long())
         scale = self.cfg_scale if (self.bootstrap_cfg and null_cond is not None) else None
-        guided_rows = levels == self.log2_m - 1  # teacher at the FM level: the only guided rows
-
-        def f(x, tt):
-            v = teacher(x, tt, lv_half, cond)
-            if scale is not None and bool(guided_rows.any()):
-                idx = guided_rows.nonzero().squeeze(1)
-                v = v.clone()
-                v[idx] = guided(teacher, x[idx], tt[idx], lv_half[idx], cond[idx], null_cond, scale)
-            return v
-
-        v1 = f(x_t, t)
-        x2 = self._clip(x_t + 0.5 * d * v1)
-        v2 = f(x2, t + 0.5 * d.reshape(-1))
-        return self._clip(0.5 * (v1 + v2))
+        for n in sorted(set(n_sub.tolist())):
+            rows = (n_sub == n).nonzero().squeeze(1)
+            lv = levels[rows].float() + float(n.bit_length() - 1)  # level of the teacher's sub-steps
+            d = 2.0 ** -levels[rows].float()
+            sub_d = (d / n).reshape(-1, *([1] * (x_t.dim() - 1)))
+            c = None if cond is None else cond[rows]
+            gidx = (lv == self.log2_m).nonzero().squeeze(1) if scale is not None else None
+            x, tt, acc = x_t[rows], t[rows], torch.zeros_like(x_t[rows])
+            for _ in range(n):
+                v = teacher(x, tt, lv, c)
+                if gidx is not None and gidx.numel():  # guided only where the teacher sits at the FM level
+                    v = v.clone()
+                    v[gidx] = guided(teacher, x[gidx], tt[gidx], lv[gidx], c[gidx], null_cond, scale)
+                acc = acc + v
+                x = self._clip(x + sub_d * v)
+                tt = tt + sub_d.reshape(-1)
+            target[rows] = self._clip(acc / n)
+        return target
 
     def loss(self, net, x1, cond=None, *, teacher=None, null_cond=None, x0=None, teacher_cond=None):
         self.check_data(x1)
