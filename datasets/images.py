@@ -11,7 +11,6 @@ the image generator maps every label to the null label when the task is uncondit
 """
 from __future__ import annotations
 
-import os
 import stat
 import warnings
 from pathlib import Path
@@ -20,6 +19,8 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
+
+from shortcut_policy.utils import atomic_path
 
 from .sanity import DataSanityWarning
 
@@ -215,10 +216,8 @@ def write_image(path, x: torch.Tensor) -> None:
     """Save a (C, H, W) tensor in [-1, 1] as PNG (atomic)."""
     a = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().cpu().numpy().transpose(1, 2, 0)
     img = Image.fromarray(a[:, :, 0] if a.shape[2] == 1 else a)
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
-    img.save(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path, keep_suffix=True) as tmp:  # PIL picks the format from the suffix
+        img.save(tmp)
 
 
 def make_grid(x: torch.Tensor, nrow: int = 8, pad: int = 2, pad_value: float = 1.0) -> torch.Tensor:

@@ -21,8 +21,6 @@ Layout (zarr v3, arrays sharded along the item axis, one inner chunk per item fo
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -31,16 +29,12 @@ import zarr
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from shortcut_policy.conventions import VAE_LATENT_SCALE
+from shortcut_policy.utils import atomic_path
+
 from .images import DigitsDataset, ImageFolderDataset
 
 FORMAT = "shortcut_policy.latents/1"
-SD_VAE_SCALE = 0.18215
-
-
-def resolve_device(device: str | None = "auto") -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def load_vae(path, device="cpu"):
@@ -72,14 +66,14 @@ def vae_downsample(vae) -> int:
 
 
 @torch.no_grad()
-def encode(vae, x: torch.Tensor, scale: float = SD_VAE_SCALE) -> tuple[torch.Tensor, torch.Tensor]:
+def encode(vae, x: torch.Tensor, scale: float = VAE_LATENT_SCALE) -> tuple[torch.Tensor, torch.Tensor]:
     """Images in [-1, 1] -> (scaled posterior mean, scaled posterior std)."""
     dist = vae.encode(x).latent_dist
     return dist.mean * scale, dist.std * scale
 
 
 @torch.no_grad()
-def decode(vae, z: torch.Tensor, scale: float = SD_VAE_SCALE) -> torch.Tensor:
+def decode(vae, z: torch.Tensor, scale: float = VAE_LATENT_SCALE) -> torch.Tensor:
     """Scaled latents -> images in [-1, 1] (clipped)."""
     return vae.decode(z / scale).sample.clamp(-1, 1)
 
@@ -101,7 +95,7 @@ def _load_plain(ds, i, flip):
     return x.flip(-1) if flip else x
 
 
-def encode_dataset(ds, out, *, space: str = "latent", vae=None, vae_path=None, scale: float = SD_VAE_SCALE,
+def encode_dataset(ds, out, *, space: str = "latent", vae=None, vae_path=None, scale: float = VAE_LATENT_SCALE,
                    flip: bool = True, batch_size: int = 32, shard_size: int = 1024, device="cpu",
                    overwrite: bool = False, progress: bool = True, meta: dict | None = None) -> dict:
     """Encode every item of ``ds`` (a dataset with ``items``/``load`` or ``x``/``labels``) into ``out``."""
@@ -121,56 +115,50 @@ def encode_dataset(ds, out, *, space: str = "latent", vae=None, vae_path=None, s
         labels = np.array([int(ds[i]["label"]) for i in range(n)], dtype=np.int64)
     probe = _load_plain(ds, 0, False)
     C, H, W = probe.shape
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    g = zarr.open_group(str(tmp), mode="w", zarr_format=3)
-    shard = max(1, min(int(shard_size), n))
-    g.create_array("label", shape=(n,), dtype="int64", chunks=(shard,))[:] = labels
-    if space == "latent":
-        with torch.no_grad():
-            m0, _ = encode(vae, probe[None].to(device), scale)
-        shape = tuple(m0.shape[1:])
-        names = ["mean", "std"] + (["mean_flip", "std_flip"] if flip else [])
-        arrs = {k: g.create_array(k, shape=(n, *shape), dtype="float32", chunks=(1, *shape), shards=(shard, *shape))
-                for k in names}
-    else:
-        shape = (C, H, W)
-        arrs = {"pixels": g.create_array("pixels", shape=(n, *shape), dtype="uint8", chunks=(1, *shape),
-                                         shards=(shard, *shape))}
-    bar = tqdm(total=n, desc=f"encoding {space} -> {out.name}", unit="img", disable=not progress)
-    for s0 in range(0, n, shard):  # fill one shard at a time (whole-shard writes)
-        s1 = min(n, s0 + shard)
-        buf = {k: [] for k in arrs}
-        for b0 in range(s0, s1, batch_size):
-            b1 = min(s1, b0 + batch_size)
-            x = torch.stack([_load_plain(ds, i, False) for i in range(b0, b1)])
-            if space == "latent":
-                m, sd = encode(vae, x.to(device), scale)
-                buf["mean"].append(m.float().cpu().numpy())
-                buf["std"].append(sd.float().cpu().numpy())
-                if flip:
-                    mf, sf = encode(vae, x.flip(-1).to(device), scale)
-                    buf["mean_flip"].append(mf.float().cpu().numpy())
-                    buf["std_flip"].append(sf.float().cpu().numpy())
-            else:
-                buf["pixels"].append(((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy())
-            bar.update(b1 - b0)
-        for k, a in arrs.items():
-            a[s0:s1] = np.concatenate(buf[k])
-    bar.close()
-    attrs = {
-        "format": FORMAT, "space": space, "scale": float(scale) if space == "latent" else None,
-        "vae_path": str(vae_path) if vae_path else None, "image_size": [int(H), int(W)],
-        "shape": [int(s) for s in shape], "count": int(n), "flip": bool(flip and space == "latent"),
-        "num_classes": int(getattr(ds, "num_classes", 1)), "classes": list(getattr(ds, "classes", [])),
-        **(meta or {}),
-    }
-    g.attrs.update(attrs)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:  # a zarr directory store, renamed onto `out` when complete
+        g = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+        shard = max(1, min(int(shard_size), n))
+        g.create_array("label", shape=(n,), dtype="int64", chunks=(shard,))[:] = labels
+        if space == "latent":
+            with torch.no_grad():
+                m0, _ = encode(vae, probe[None].to(device), scale)
+            shape = tuple(m0.shape[1:])
+            names = ["mean", "std"] + (["mean_flip", "std_flip"] if flip else [])
+            arrs = {k: g.create_array(k, shape=(n, *shape), dtype="float32", chunks=(1, *shape), shards=(shard, *shape))
+                    for k in names}
+        else:
+            shape = (C, H, W)
+            arrs = {"pixels": g.create_array("pixels", shape=(n, *shape), dtype="uint8", chunks=(1, *shape),
+                                             shards=(shard, *shape))}
+        bar = tqdm(total=n, desc=f"encoding {space} -> {out.name}", unit="img", disable=not progress)
+        for s0 in range(0, n, shard):  # fill one shard at a time (whole-shard writes)
+            s1 = min(n, s0 + shard)
+            buf = {k: [] for k in arrs}
+            for b0 in range(s0, s1, batch_size):
+                b1 = min(s1, b0 + batch_size)
+                x = torch.stack([_load_plain(ds, i, False) for i in range(b0, b1)])
+                if space == "latent":
+                    m, sd = encode(vae, x.to(device), scale)
+                    buf["mean"].append(m.float().cpu().numpy())
+                    buf["std"].append(sd.float().cpu().numpy())
+                    if flip:
+                        mf, sf = encode(vae, x.flip(-1).to(device), scale)
+                        buf["mean_flip"].append(mf.float().cpu().numpy())
+                        buf["std_flip"].append(sf.float().cpu().numpy())
+                else:
+                    buf["pixels"].append(((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy())
+                bar.update(b1 - b0)
+            for k, a in arrs.items():
+                a[s0:s1] = np.concatenate(buf[k])
+        bar.close()
+        attrs = {
+            "format": FORMAT, "space": space, "scale": float(scale) if space == "latent" else None,
+            "vae_path": str(vae_path) if vae_path else None, "image_size": [int(H), int(W)],
+            "shape": [int(s) for s in shape], "count": int(n), "flip": bool(flip and space == "latent"),
+            "num_classes": int(getattr(ds, "num_classes", 1)), "classes": list(getattr(ds, "classes", [])),
+            **(meta or {}),
+        }
+        g.attrs.update(attrs)
     return attrs
 
 

@@ -32,7 +32,6 @@ import math
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -42,6 +41,8 @@ import zarr
 from zarr.codecs import BloscCodec
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
+
+from shortcut_policy.utils import atomic_path
 
 __all__ = ["ReplayBuffer", "ReplayBufferError", "get_optimal_chunks", "open_array_checked", "resolve_compressor"]
 
@@ -466,9 +467,7 @@ class ReplayBuffer:
             raise FileExistsError(f"{p} already exists; pass overwrite=True to replace it")
         if self._root is not None and Path(self._source).resolve() == p.resolve():
             raise ReplayBufferError(f"{p}: cannot save an on-disk buffer onto its own path")
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{p.name}.tmp-", dir=p.parent))
-        try:
+        with atomic_path(p) as tmp:  # an existing store at `p` is replaced only once the new one is complete
             root = zarr.open_group(str(tmp), mode="w", zarr_format=zarr_format)
             data_group = root.require_group("data")
             n = self.n_steps
@@ -488,15 +487,4 @@ class ReplayBuffer:
             )
             if self.n_episodes:
                 meta["episode_ends"][:] = self._episode_ends
-            if p.exists():
-                old = Path(tempfile.mkdtemp(prefix=f".{p.name}.old-", dir=p.parent))
-                os.rmdir(old)
-                os.rename(p, old)
-                os.rename(tmp, p)
-                shutil.rmtree(old) if old.is_dir() else old.unlink()
-            else:
-                os.rename(tmp, p)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return p

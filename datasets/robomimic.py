@@ -16,9 +16,7 @@ two *rows* of the rotation matrix, flattened; the inverse uses Gram-Schmidt.
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -29,6 +27,7 @@ from scipy.spatial.transform import Rotation
 
 from shortcut_policy.datasets.replay_buffer import ReplayBuffer
 from shortcut_policy.datasets.sanity import DataSanityWarning
+from shortcut_policy.utils import AtomicPath
 
 __all__ = [
     "axis_angle_to_matrix", "matrix_to_axis_angle", "matrix_to_rot6d", "rot6d_to_matrix",
@@ -344,10 +343,8 @@ class RobomimicHdf5Writer:
         self.path = Path(path)
         if self.path.exists() and not overwrite:
             raise FileExistsError(f"{self.path} already exists; pass overwrite=True to replace it")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.tmp-", dir=str(self.path.parent))
-        os.close(fd)
-        self._tmp = Path(tmp)
+        self._target = AtomicPath(self.path)  # committed by close(), discarded by abort()
+        self._tmp = self._target.tmp
         self._f = h5py.File(str(self._tmp), "w")
         self._data = self._f.create_group("data")
         self._env_meta = json.loads(json.dumps(env_meta))
@@ -449,10 +446,7 @@ class RobomimicHdf5Writer:
             for k, names in masks.items():
                 mg.create_dataset(k, data=np.array([str(n).encode() for n in names], dtype="S"))
         self._f.close()
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(self._tmp, 0o666 & ~umask)  # mkstemp creates 0600: give the file the usual permissions
-        os.replace(self._tmp, self.path)
+        self._target.commit()
         self._closed = True
         return self.path
 
@@ -461,7 +455,7 @@ class RobomimicHdf5Writer:
             try:
                 self._f.close()
             finally:
-                self._tmp.unlink(missing_ok=True)
+                self._target.discard()
                 self._closed = True
 
     @property

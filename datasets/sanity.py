@@ -33,6 +33,8 @@ from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 
+from shortcut_policy.utils import atomic_write_text
+
 __all__ = ["DataSanityError", "DataSanityWarning", "KeyStats", "SanityReport", "check_dataset"]
 
 _BATCH_ELEMENTS = 1 << 22  # ~4M values per streamed batch (32 MB as float64)
@@ -142,11 +144,7 @@ class SanityReport:
 
     def save_json(self, path: str | os.PathLike) -> Path:
         """Write ``to_dict()`` as indented JSON to ``path`` (e.g. ``<run_dir>/data_sanity.json``)."""
-        p = Path(path)
-        tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")  # temp + rename: a killed write leaves no half file
-        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        os.replace(tmp, p)
-        return p
+        return atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")  # no half file
 
     def summary(self) -> str:
         """A one-screen table: one row per key (role, dtype, shape, min/max/mean/std, notes), then the problems."""

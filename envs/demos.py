@@ -11,8 +11,6 @@ success is ``info["success"]`` (else termination). In-process (``workers`` is ig
 """
 from __future__ import annotations
 
-import os
-import shutil
 import time
 from pathlib import Path
 
@@ -21,7 +19,7 @@ import zarr
 
 from shortcut_policy.datasets.replay_buffer import ReplayBuffer
 from shortcut_policy.envs.registry import env_name, expert_class, get_env_spec, resolve
-from shortcut_policy.utils import cfg_get, check_int, to_plain
+from shortcut_policy.utils import atomic_path, cfg_get, check_int, to_plain
 
 
 def record_episode(env, expert, seed: int, max_steps: int) -> tuple[dict, bool]:
@@ -60,40 +58,33 @@ def expert_demos(cfg, run_dir) -> dict:
     out = Path(str(cfg_get(cfg, "out", f"data/{name}_expert.zarr")))
     if out.exists() and not bool(cfg_get(cfg, "overwrite", False)):
         raise FileExistsError(f"demos: {out} already exists; pass overwrite=true to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-
     t0 = time.perf_counter()
-    env = resolve(spec.make, f"task env={name!r}", spec)(task)
-    rb = ReplayBuffer.create_empty_zarr(tmp, zarr_format=2)
-    kept, dropped, lengths = [], [], []
-    try:
-        for s in range(seed, seed + max_attempts):
-            if len(kept) == n_episodes:
-                break
-            ss = np.random.SeedSequence([expert_seed, s])
-            expert = expert_cls(int(ss.generate_state(1)[0]), **expert_kwargs)
-            data, success = record_episode(env, expert, s, max_steps)
-            if success:
-                rb.add_episode(data, compressors="disk")
-                kept.append(s)
-                lengths.append(len(data["action"]))
-            else:
-                dropped.append(s)
-    finally:
-        env.close()
-    if not kept:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise RuntimeError(f"demos: no successful episode of env={name!r} in {len(dropped)} attempts")
-    root = zarr.open_group(str(tmp), mode="r+", zarr_format=2)
-    root.attrs.update({"generator": str(spec.expert if isinstance(spec.expert, str) else expert_cls.__qualname__),
-                       "env": name, "episode_seeds": kept, "dropped_seeds": dropped, "expert_seed": expert_seed,
-                       "max_steps": max_steps})
-    if out.exists():  # overwrite=true
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
-    os.replace(tmp, out)
+    # the zarr store is written aside and renamed onto `out` once complete (deleted on an error)
+    with atomic_path(out) as tmp:
+        env = resolve(spec.make, f"task env={name!r}", spec)(task)
+        rb = ReplayBuffer.create_empty_zarr(tmp, zarr_format=2)
+        kept, dropped, lengths = [], [], []
+        try:
+            for s in range(seed, seed + max_attempts):
+                if len(kept) == n_episodes:
+                    break
+                ss = np.random.SeedSequence([expert_seed, s])
+                expert = expert_cls(int(ss.generate_state(1)[0]), **expert_kwargs)
+                data, success = record_episode(env, expert, s, max_steps)
+                if success:
+                    rb.add_episode(data, compressors="disk")
+                    kept.append(s)
+                    lengths.append(len(data["action"]))
+                else:
+                    dropped.append(s)
+        finally:
+            env.close()
+        if not kept:
+            raise RuntimeError(f"demos: no successful episode of env={name!r} in {len(dropped)} attempts")
+        root = zarr.open_group(str(tmp), mode="r+", zarr_format=2)
+        root.attrs.update({"generator": str(spec.expert if isinstance(spec.expert, str) else expert_cls.__qualname__),
+                           "env": name, "episode_seeds": kept, "dropped_seeds": dropped, "expert_seed": expert_seed,
+                           "max_steps": max_steps})
     result = {"n_episodes": len(kept), "n_dropped": len(dropped), "seconds": round(time.perf_counter() - t0, 2),
               "out": str(out), "n_steps": int(sum(lengths)), "mean_episode_length": float(np.mean(lengths))}
     if len(kept) < n_episodes:

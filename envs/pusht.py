@@ -50,7 +50,9 @@ import pymunk.pygame_util  # noqa: E402
 import shapely  # noqa: E402
 from gymnasium import spaces  # noqa: E402
 
+from shortcut_policy.conventions import PUSHT_SUCCESS_COVERAGE  # noqa: E402
 from shortcut_policy.envs.wrappers import wrap_env  # noqa: E402
+from shortcut_policy.utils import check_int  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------------------
 # Constants of the environment (Diffusion Policy's PushTEnv).
@@ -66,7 +68,7 @@ BLOCK_START = (256.0, 300.0)
 TEE_SCALE = 30.0
 TEE_LENGTH = 4.0
 GOAL_POSE = np.array([256.0, 256.0, np.pi / 4])
-SUCCESS_THRESHOLD = 0.95
+SUCCESS_THRESHOLD = PUSHT_SUCCESS_COVERAGE  # coverage above which an episode succeeds (terminates)
 MAX_STEPS = 300
 OBS_TYPES = ("keypoints", "state", "image")
 N_KEYPOINTS = 9
@@ -319,7 +321,7 @@ class PushTEnv(gym.Env):
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         if seed is not None:
-            seed = _check_int_seed(seed)
+            seed = check_int("seed", seed, 0, 2**32 - 1, strings=False)
         super().reset(seed=seed)
         options = dict(options or {})
         self._setup()
@@ -460,16 +462,6 @@ class PushTEnv(gym.Env):
 
     def close(self):
         self.space = None
-
-
-def _check_int_seed(seed) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        if isinstance(seed, float) and float(seed).is_integer():
-            return int(seed)
-        raise ValueError(f"seed={seed!r}: expected an integer")
-    if seed < 0 or seed >= 2**32:
-        raise ValueError(f"seed={seed}: expected an integer in [0, 2**32)")
-    return int(seed)
 
 
 def build_env(task_cfg, **kwargs) -> PushTEnv:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -33,6 +32,7 @@ from torch import nn
 from tqdm import tqdm
 
 from shortcut_policy.datasets.images import ImageFolderDataset
+from shortcut_policy.utils import atomic_path
 
 FID_INPUT_SIZE = 299
 STATS_FORMAT = "shortcut_policy.fidstats/1"
@@ -76,10 +76,8 @@ def save_stats(path, mu, sigma, meta: dict, overwrite: bool = False) -> Path:
     path = Path(str(path)).expanduser()
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=true to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.npz")
-    np.savez(tmp, mu=np.asarray(mu), sigma=np.asarray(sigma), meta=json.dumps({"format": STATS_FORMAT, **meta}))
-    os.replace(tmp, path)
+    with atomic_path(path, keep_suffix=True) as tmp:  # np.savez appends .npz to a name without it
+        np.savez(tmp, mu=np.asarray(mu), sigma=np.asarray(sigma), meta=json.dumps({"format": STATS_FORMAT, **meta}))
     return path
 
 

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from shortcut_policy.utils import atomic_path, atomic_write_text
+
 FIELDS = ["steps", "seed", "max_reward", "success", "env_steps", "status", "error", "stages"]
 
 
@@ -102,9 +104,9 @@ def write_per_seed(rows: list[dict], run_dir) -> tuple[Path, Path]:
     run_dir.mkdir(parents=True, exist_ok=True)
     rows = sorted(rows, key=lambda r: (int(r["steps"]), int(r["seed"])))
     jpath = run_dir / "per_seed.json"
-    jpath.write_text(json.dumps(rows, indent=1, default=_default))
+    atomic_write_text(jpath, json.dumps(rows, indent=1, default=_default))
     cpath = run_dir / "per_seed.csv"
-    with open(cpath, "w", newline="") as f:
+    with atomic_path(cpath) as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
         w.writeheader()
         for r in rows:
@@ -185,6 +187,7 @@ def _save(fig, ax, path, title: str) -> Path:
         ax.set_title(title, fontsize=9)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path)
+    with atomic_path(path, keep_suffix=True) as tmp:  # savefig picks the format from the suffix
+        fig.savefig(tmp)
     _pyplot().close(fig)
     return path

@@ -30,7 +30,6 @@ dict (RESULT) has ``mean_score@N``, ``success_rate@N``, ``success_ci95@N`` ([lo,
 from __future__ import annotations
 
 import multiprocessing as mp
-import os
 import sys
 import time
 import traceback
@@ -40,13 +39,13 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from shortcut_policy.conventions import check_steps
+from shortcut_policy.conventions import TEST_SEED_START, check_steps
 from shortcut_policy.envs.registry import (EnvSpec, env_name, expert_class, get_env_spec, make_env, register_env,
                                            registered_envs, resolve)
 from shortcut_policy.envs.wrappers import VideoRecorder, write_video
 from shortcut_policy.eval import report
 from shortcut_policy.utils import cfg_get as _cfg_get
-from shortcut_policy.utils import check_int
+from shortcut_policy.utils import check_int, default_workers, limit_opencv_threads
 from shortcut_policy.utils import to_plain as _to_plain
 
 
@@ -89,12 +88,7 @@ def _worker_main(conn, task_cfg: dict, seeds: list[int], video_seeds: list[int],
                  env_entry: tuple[str, EnvSpec] | None = None):
     """One env worker. ``env_entry``: the caller's registry entry of the task's env (name, spec), registered here
     first, so an env registered at run time in the caller also exists in this spawned process."""
-    try:
-        import cv2  # lazy: OpenCV's thread pool is capped only in env workers (the main process keeps its own)
-
-        cv2.setNumThreads(1)
-    except Exception:
-        pass
+    limit_opencv_threads()  # only in env workers: the main process keeps OpenCV's own thread pool
     envs: dict[int, object] = {}
     try:
         if env_entry is not None:
@@ -429,14 +423,6 @@ def _bar(total, desc, enabled):
 
 
 # ---------------------------------------------------------------------------------------------------------
-def default_workers(n_episodes: int) -> int:
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover
-        cores = os.cpu_count() or 1
-    return max(1, min(cores, n_episodes))
-
-
 def _save_videos(rows: list[dict], run_dir: Path, fps: int) -> list[str]:
     out = []
     for r in rows:
@@ -483,7 +469,7 @@ def _check_crashes(rows: list[dict], steps: int, max_crash_fraction: float | Non
             f"success_rate@{steps} are over the {n - k} that ran; first: {cause}")
 
 
-def evaluate(task_cfg, policy=None, steps_list=(1,), n_episodes: int = 50, seed_start: int = 100000,
+def evaluate(task_cfg, policy=None, steps_list=(1,), n_episodes: int = 50, seed_start: int = TEST_SEED_START,
              n_workers: int | None = None, n_videos: int = 0, run_dir=None, expert_spec: str | None = None,
              timeout: float = 600.0, progress: bool = True, envs_per_worker: int | None = None,
              max_crash_fraction: float | None = None) -> dict:

@@ -21,6 +21,8 @@ os.environ.setdefault("PYOPENGL_PLATFORM", os.environ["MUJOCO_GL"])
 
 import numpy as np  # noqa: E402
 
+from shortcut_policy.utils import atomic_write_text  # noqa: E402
+
 
 def bench(obs_keys, n_steps, enable_render=False, seed=0):
     from shortcut_policy.envs.transport import TransportEnv
@@ -73,10 +75,7 @@ def main():
     text = json.dumps(res, indent=1)
     print(text)
     if args.out:
-        tmp = args.out + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, args.out)
+        atomic_write_text(args.out, text)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from .nets import build_net
 from .objectives import build_objective
 from .train.checkpoint import load_checkpoint
 from .train.trainer import Trainer
+from .utils import atomic_path, atomic_write_text
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -132,7 +133,7 @@ def run_toy(cfg, run_dir: Path) -> dict:
             result[f"{name}@{int(n)}"] = sliced_w2(s, held_out, int(tc.n_projections))
     _plot_toy(samples, held_out, run_dir / "toy_samples.png", tc.dataset)
     result["figure"] = str(run_dir / "toy_samples.png")
-    (run_dir / "config_resolved.json").write_text(json.dumps(OmegaConf.to_container(tc, resolve=True)))
+    atomic_write_text(run_dir / "config_resolved.json", json.dumps(OmegaConf.to_container(tc, resolve=True)))
     return result
 
 
@@ -158,7 +159,6 @@ def _plot_toy(samples: dict, held_out: np.ndarray, path: Path, title: str) -> No
         ax.set_xlim(-lim, lim), ax.set_ylim(-lim, lim), ax.set_xticks([]), ax.set_yticks([])
     fig.suptitle(f"{title}: samples vs number of sampling steps (same weights per row)", fontsize=10)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=80)
+    with atomic_path(path, keep_suffix=True) as tmp:
+        fig.savefig(tmp, dpi=80)
     plt.close(fig)
-    tmp.replace(path)

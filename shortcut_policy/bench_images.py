@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import time
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from .datasets.images import DigitsDataset, make_grid, write_image
 from .eval.fid import feature_statistics, frechet_distance
 from .generator import sample_images
 from .train.trainer import Trainer
+from .utils import atomic_path, atomic_write_text
 
 DEFAULTS = {
     "image_size": 16,
@@ -125,10 +125,8 @@ def load_or_train_classifier(path, train, test, image_size: int, epochs: int, se
             clf.load_state_dict(blob["state_dict"])
             return clf.eval(), float(blob["test_acc"]), path, True
     clf, acc = train_classifier(train, test, image_size, epochs, seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save({"state_dict": clf.state_dict(), "test_acc": acc, "image_size": image_size}, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save({"state_dict": clf.state_dict(), "test_acc": acc, "image_size": image_size}, tmp)
     return clf, acc, path, False
 
 
@@ -247,7 +245,5 @@ def run_bench_images(cfg, run_dir) -> dict:
         }
     result["minutes"] = round((time.time() - t_start) / 60, 2)
     result["settings"] = s
-    tmp = run_dir / ".bench_images.json.tmp"
-    tmp.write_text(json.dumps(result, indent=1, default=str))
-    os.replace(tmp, run_dir / "bench_images.json")
+    atomic_write_text(run_dir / "bench_images.json", json.dumps(result, indent=1, default=str))
     return result

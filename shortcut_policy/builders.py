@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .conventions import TEST_SEED_START
 from .datasets.images import DigitsDataset, ImageFolderDataset
 from .datasets.latents import LatentDataset
 from .datasets.robomimic import replay_buffer_from_hdf5
@@ -130,7 +131,7 @@ def build_policy_training(cfg, run_dir):
         ev = to_plain(cfg["task"]).get("eval", {})
         n_eval = tcfg.get("eval_episodes") or ev.get("n_episodes", 50)
         seed_start = tcfg.get("eval_seed_start")
-        seed_start = ev.get("seed_start", 100000) if seed_start is None else seed_start
+        seed_start = ev.get("seed_start", TEST_SEED_START) if seed_start is None else seed_start
         evaluator = RolloutEvaluator(to_plain(cfg["task"]), int(n_eval), int(seed_start), steps=int(tcfg.get("eval_steps", 1)),
                                      run_dir=run_dir, n_workers=ev.get("n_workers"),
                                      envs_per_worker=ev.get("envs_per_worker"))

@@ -14,7 +14,8 @@ Run-directory rules (see :func:`run_verb`):
   instead of overwriting its ``config.yaml`` / ``metrics.json``. The same verb may reuse it (resume).
 * an optional ``<fn>_preflight(cfg, run_dir)`` in the verb's module runs after the lock is taken and before
   anything is written; it may raise to refuse the command or return a dict of notes (RESULT ``preflight``).
-* temporary files ``.<name>.tmp<pid>`` left by a killed atomic write are removed at the next start.
+* temporary files ``.<name>.tmp<pid>`` left by a killed atomic write (:func:`shortcut_policy.utils.atomic_path`)
+  are removed at the next start.
 
 Errors reach the user as one line ``error: <problem and fix>`` on stderr with exit code 1 (130 on Ctrl-C);
 ``--debug`` as the first argument or ``SHORTCUT_POLICY_DEBUG=1`` shows the full traceback instead.
@@ -30,6 +31,8 @@ import os
 import re
 import sys
 from pathlib import Path
+
+from .utils import TEMP_NAME_RE, atomic_write_text
 
 # verb -> (module, command function): one module per verb in shortcut_policy/commands/
 VERBS: dict[str, tuple[str, str]] = {
@@ -51,7 +54,6 @@ LOCK_NAME = ".lock"          # flock target; holds the pid of the command runnin
 MARKER_NAME = "run.json"     # {"verb": ..., "created": ..., "pid": ...}: the verb that owns the directory
 # files that mark a directory made before run.json existed as another verb's
 LEGACY_SIGNATURES: dict[str, tuple[str, ...]] = {"train": ("checkpoints",), "eval": ("per_seed.json", "per_seed.csv")}
-_TMP_RE = re.compile(r"^\.(?P<name>.+)\.tmp(?P<pid>\d+)$")   # atomic_write_text / save_checkpoint temp files
 _DEBUG_ENV = "SHORTCUT_POLICY_DEBUG"
 
 
@@ -100,15 +102,6 @@ def make_run_dir(cfg, verb: str) -> Path:
         raise RunDirError(f"run_dir={run_dir}: exists and is not a directory; choose another run_dir")
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through ``.<name>.tmp<pid>`` + rename (readers never see a partial file; the
-    temp file of a killed writer is removed by :func:`clean_stale_temp_files` at the next start)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -199,7 +192,8 @@ def _pid_alive(pid: int) -> bool:
 
 
 def clean_stale_temp_files(run_dir) -> list[Path]:
-    """Delete ``.<name>.tmp<pid>`` files (left by a killed :func:`atomic_write_text` or checkpoint write) in
+    """Delete ``.<name>.tmp<pid>[.suffix]`` files (:data:`~shortcut_policy.utils.TEMP_NAME_RE`, left by a killed
+    :func:`~shortcut_policy.utils.atomic_path` writer: config, metrics, checkpoints) in
     ``run_dir`` and ``run_dir/checkpoints`` whose writer pid is not a live process. Returns the removed paths."""
     run_dir = Path(run_dir)
     removed = []
@@ -207,7 +201,7 @@ def clean_stale_temp_files(run_dir) -> list[Path]:
         if not d.is_dir():
             continue
         for p in sorted(d.iterdir()):
-            m = _TMP_RE.match(p.name)
+            m = TEMP_NAME_RE.match(p.name)
             if m and p.is_file() and not p.is_symlink() and not _pid_alive(int(m["pid"])):
                 try:
                     p.unlink()

@@ -14,6 +14,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
+from .conventions import VAE_LATENT_SCALE
 from .datasets.latents import decode as vae_decode
 from .datasets.latents import encode, load_vae
 from .nets import build_net
@@ -34,7 +35,7 @@ class _Shared:
 class ImageGenerator(nn.Module):
     def __init__(self, net: nn.Module, objective, vae=None, num_classes: int = 1, class_conditional: bool = True,
                  image_size: int = 256, image_channels: int = 3, space: str = "pixel", vae_path=None,
-                 latent_scale: float = 0.18215, encode_online: bool = False, latent_sample: bool = True):
+                 latent_scale: float = VAE_LATENT_SCALE, encode_online: bool = False, latent_sample: bool = True):
         super().__init__()
         if space not in ("pixel", "latent"):
             raise ValueError(f"space={space!r}: expected pixel or latent")
@@ -156,7 +157,7 @@ def build_generator(cfg, vae=None) -> ImageGenerator:
     return ImageGenerator(
         net, objective, vae=vae, num_classes=int(task.num_classes), class_conditional=bool(task.class_conditional),
         image_size=int(task.image_size), image_channels=int(task.get("image_channels", 3)), space=space,
-        vae_path=task.get("vae_path"), latent_scale=float(task.get("latent_scale", 0.18215)),
+        vae_path=task.get("vae_path"), latent_scale=float(task.get("latent_scale", VAE_LATENT_SCALE)),
         encode_online=space == "latent" and not task.get("latents_path"),
         latent_sample=bool(task.get("latent_sample", True)),
     )

@@ -6,6 +6,7 @@ flow matching on the same net and batch. Rounds interleave the methods; medians 
 """
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from omegaconf import OmegaConf
 from .datasets.normalizer import LinearNormalizer
 from .objectives import Diffusion, FlowMatching, Shortcut
 from .policy import build_policy
+from .utils import atomic_write_text
 
 
 def _median_ms(fn, rounds: int) -> list[float]:
@@ -102,6 +104,6 @@ def run_bench_policy(cfg, run_dir: Path, train_cfg) -> dict:
     res["train_step_ratio_shortcut_over_fm"] = res["train_step_ms@shortcut"] / res["train_step_ms@flow_matching"]
     res.update({"net": str(bc.net), "params": sum(p.numel() for p in net.parameters()), "train_batch": B,
                 "threads": torch.get_num_threads(), "task": str(bc.task)})
-    (Path(run_dir) / "bench_policy_raw.json").write_text(
-        __import__("json").dumps({"latency_ms": times, "train_step_ms": ttimes}, indent=1))
+    atomic_write_text(Path(run_dir) / "bench_policy_raw.json",
+                      json.dumps({"latency_ms": times, "train_step_ms": ttimes}, indent=1))
     return res

@@ -30,21 +30,18 @@ from __future__ import annotations
 
 import math
 import multiprocessing as mp
-import os
-import shutil
 import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 import zarr
 from tqdm import tqdm
 
 from shortcut_policy.datasets.replay_buffer import ReplayBuffer
 from shortcut_policy.envs import pusht as P
-from shortcut_policy.utils import check_int
+from shortcut_policy.utils import atomic_path, check_int, default_workers, limit_opencv_threads
 
 R = P.AGENT_RADIUS
 
@@ -477,13 +474,6 @@ class PushTExpert:
 
 # ---------------------------------------------------------------------------------------------------------
 # demonstrations (the `demos` verb)
-def default_workers() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
-
-
 def pusht_episode(env_seed: int, expert_seed: int = 0, max_steps: int = 300, render: bool = True,
                   expert_kwargs: dict | None = None) -> dict:
     """Run the scripted expert on one Push-T start; returns the recorded episode (DP's fields, images as
@@ -523,13 +513,6 @@ def pusht_episode(env_seed: int, expert_seed: int = 0, max_steps: int = 300, ren
             "n_steps": len(rec["action"]), "coverage": float(info["coverage"])}
 
 
-def _worker_init():
-    try:
-        cv2.setNumThreads(1)
-    except Exception:
-        pass
-
-
 def _pusht_job(args):
     return pusht_episode(*args)
 
@@ -552,77 +535,70 @@ def demos(cfg, run_dir: Path) -> dict:
     overwrite = bool(cfg.get("overwrite", False))
     if out.exists() and not overwrite:
         raise FileExistsError(f"demos: {out} already exists; pass overwrite=true to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-
     t0 = time.perf_counter()
-    rb = ReplayBuffer.create_empty_zarr(tmp, zarr_format=2)
-    kept_seeds, dropped_seeds, lengths, ep_secs, ep_cpu = [], [], [], [], []
-    pending: dict[int, dict] = {}
-    next_seed = seed  # next start to submit
-    next_write = seed  # next seed to write (episodes are written in seed order, whatever the worker order)
+    # the zarr store is written aside and renamed onto `out` once complete (deleted on an error)
+    with atomic_path(out) as tmp:
+        rb = ReplayBuffer.create_empty_zarr(tmp, zarr_format=2)
+        kept_seeds, dropped_seeds, lengths, ep_secs, ep_cpu = [], [], [], [], []
+        pending: dict[int, dict] = {}
+        next_seed = seed  # next start to submit
+        next_write = seed  # next seed to write (episodes are written in seed order, whatever the worker order)
 
-    def consume(res):
-        pending[res["seed"]] = res
-        nonlocal next_write
-        while next_write in pending:
-            r = pending.pop(next_write)
-            next_write += 1
-            if r["success"]:
-                if len(kept_seeds) < n_episodes:
-                    rb.add_episode(
-                        {k: (v.astype(np.float32) if k == "img" else v) for k, v in r["data"].items()},
-                        compressors="disk",
-                    )
-                    kept_seeds.append(r["seed"])
-                    lengths.append(r["n_steps"])
-            else:
-                dropped_seeds.append(r["seed"])
-            ep_secs.append(r["seconds"])
-            ep_cpu.append(r["cpu_seconds"])
+        def consume(res):
+            pending[res["seed"]] = res
+            nonlocal next_write
+            while next_write in pending:
+                r = pending.pop(next_write)
+                next_write += 1
+                if r["success"]:
+                    if len(kept_seeds) < n_episodes:
+                        rb.add_episode(
+                            {k: (v.astype(np.float32) if k == "img" else v) for k, v in r["data"].items()},
+                            compressors="disk",
+                        )
+                        kept_seeds.append(r["seed"])
+                        lengths.append(r["n_steps"])
+                else:
+                    dropped_seeds.append(r["seed"])
+                ep_secs.append(r["seconds"])
+                ep_cpu.append(r["cpu_seconds"])
 
-    bar = tqdm(total=n_episodes, desc="demos pusht", unit="ep", dynamic_ncols=True)
-    try:
-        if workers == 1:
-            while len(kept_seeds) < n_episodes and next_seed - seed < max_attempts:
-                before = len(kept_seeds)
-                consume(pusht_episode(next_seed, expert_seed, max_steps, render))
-                next_seed += 1
-                bar.update(len(kept_seeds) - before)
-                bar.set_postfix(dropped=len(dropped_seeds))
-        else:
-            ctx = mp.get_context("spawn")
-            with ctx.Pool(workers, initializer=_worker_init) as pool:
+        bar = tqdm(total=n_episodes, desc="demos pusht", unit="ep", dynamic_ncols=True)
+        try:
+            if workers == 1:
                 while len(kept_seeds) < n_episodes and next_seed - seed < max_attempts:
-                    need = min(n_episodes - len(kept_seeds), max_attempts - (next_seed - seed))
-                    jobs = [(s, expert_seed, max_steps, render) for s in range(next_seed, next_seed + need)]
-                    next_seed += need
-                    for res in pool.imap_unordered(_pusht_job, jobs):
-                        before = len(kept_seeds)
-                        consume(res)
-                        bar.update(len(kept_seeds) - before)
-                        bar.set_postfix(dropped=len(dropped_seeds))
-    finally:
-        bar.close()
-    if rb.n_episodes == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise RuntimeError(f"demos: no successful episode in {next_seed - seed} attempts")
-    root = zarr.open_group(str(tmp), mode="r+", zarr_format=2)
-    root.attrs.update(
-        {
-            "generator": "shortcut_policy.envs.experts.pusht.PushTExpert",
-            "env": "pusht",
-            "episode_seeds": [int(s) for s in kept_seeds],
-            "dropped_seeds": [int(s) for s in dropped_seeds],
-            "expert_seed": expert_seed,
-            "max_steps": max_steps,
-        }
-    )
-    if out.exists():  # overwrite=true
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
-    os.replace(tmp, out)
+                    before = len(kept_seeds)
+                    consume(pusht_episode(next_seed, expert_seed, max_steps, render))
+                    next_seed += 1
+                    bar.update(len(kept_seeds) - before)
+                    bar.set_postfix(dropped=len(dropped_seeds))
+            else:
+                ctx = mp.get_context("spawn")
+                with ctx.Pool(workers, initializer=limit_opencv_threads) as pool:
+                    while len(kept_seeds) < n_episodes and next_seed - seed < max_attempts:
+                        need = min(n_episodes - len(kept_seeds), max_attempts - (next_seed - seed))
+                        jobs = [(s, expert_seed, max_steps, render) for s in range(next_seed, next_seed + need)]
+                        next_seed += need
+                        for res in pool.imap_unordered(_pusht_job, jobs):
+                            before = len(kept_seeds)
+                            consume(res)
+                            bar.update(len(kept_seeds) - before)
+                            bar.set_postfix(dropped=len(dropped_seeds))
+        finally:
+            bar.close()
+        if rb.n_episodes == 0:
+            raise RuntimeError(f"demos: no successful episode in {next_seed - seed} attempts")
+        root = zarr.open_group(str(tmp), mode="r+", zarr_format=2)
+        root.attrs.update(
+            {
+                "generator": "shortcut_policy.envs.experts.pusht.PushTExpert",
+                "env": "pusht",
+                "episode_seeds": [int(s) for s in kept_seeds],
+                "dropped_seeds": [int(s) for s in dropped_seeds],
+                "expert_seed": expert_seed,
+                "max_steps": max_steps,
+            }
+        )
     seconds = time.perf_counter() - t0
     result = {
         "n_episodes": len(kept_seeds),

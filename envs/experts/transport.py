@@ -36,10 +36,12 @@ import numpy as np
 from scipy.spatial.transform import Rotation
 from tqdm import tqdm
 
+from shortcut_policy.conventions import TEST_SEED_START
 from shortcut_policy.datasets.robomimic import (RobomimicHdf5Writer, axis_angle_to_matrix, matrix_to_axis_angle,
                                                 matrix_to_rot6d, robomimic_to_replay_buffer)
 from shortcut_policy.envs.transport import (IMAGE_KEYS, LOWDIM_CONCAT_KEYS, LOWDIM_SHAPES, TransportEnv,
                                             default_env_meta)
+from shortcut_policy.utils import atomic_write_text
 
 POS_SCALE = 0.05  # m per unit of normalised action (OSC output_max)
 ROT_SCALE = 0.5  # rad per unit
@@ -849,7 +851,7 @@ def generate_transport_demos(cfg, run_dir) -> dict:
         "out": str(out),
         **{k: str(v) for k, v in files.items()},
     }
-    (Path(run_dir) / "demos.json").write_text(json.dumps(res, indent=2))
+    atomic_write_text(Path(run_dir) / "demos.json", json.dumps(res, indent=2))
     return res
 
 
@@ -870,7 +872,7 @@ def _parse_seeds(spec: str) -> list[int]:
 def main(argv=None) -> int:
     """``python -m shortcut_policy.envs.experts.transport --seeds 100000-100049 --noise 0.1 --workers 2``"""
     ap = argparse.ArgumentParser(description=main.__doc__)
-    ap.add_argument("--seeds", default="100000-100049")
+    ap.add_argument("--seeds", default=f"{TEST_SEED_START}-{TEST_SEED_START + 49}", help="a-b (inclusive) or a,b,c; default: the 50 test seeds")
     ap.add_argument("--noise", type=float, default=0.0)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--out", default=None, help="write the full result JSON here")
@@ -882,9 +884,7 @@ def main(argv=None) -> int:
     summary = {k: v for k, v in res.items() if k != "results"}
     summary["mean_wall_s"] = float(np.mean([r.get("wall_s", np.nan) for r in res["results"]]))
     if args.out:
-        tmp = Path(args.out).with_suffix(".tmp")
-        tmp.write_text(json.dumps({**summary, "results": res["results"]}, indent=1, default=str))
-        os.replace(tmp, args.out)
+        atomic_write_text(args.out, json.dumps({**summary, "results": res["results"]}, indent=1, default=str))
     print("RESULT " + json.dumps(summary, default=str))
     return 0
 

@@ -16,6 +16,7 @@ from ..deploy.loop import ControlLoop, make_policy_fn, measure_latency, status_p
 from ..deploy.robot import check_spec, validate_observation
 from ..deploy.sim_robot import make_sim_robot
 from ..policy import load_policy
+from ..utils import atomic_write_text
 
 __all__ = ["deploy_command"]
 
@@ -72,7 +73,7 @@ def deploy_command(cfg, run_dir) -> dict:
     # and one entry per episode reset (auto_reset): cycle, new episode id, chunks/actions discarded because of it
     timeline = {"jitter_ms": [1e3 * v for v in stats.jitter_s], "cycle_ms": [1e3 * v for v in stats.busy_s],
                 "inference_ms": [1e3 * v for v in stats.inference_s], "resets": stats.resets}
-    (Path(run_dir) / "timeline.json").write_text(json.dumps(timeline))
+    atomic_write_text(Path(run_dir) / "timeline.json", json.dumps(timeline))
     info = robot.info()
     episodes = info.get("episodes") or []
     if episodes:  # auto_reset: score over the finished episodes (the unfinished last one is left out)

@@ -2,14 +2,14 @@
 a trained checkpoint on the task's seeds, through the parallel rollout runner (:mod:`shortcut_policy.eval.rollout`)."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 
+from ..conventions import TEST_SEED_START
 from ..eval.rollout import EvalCrashError, check_crash_fraction, evaluate
 from ..policy import load_policy
-from ..utils import cfg_get, check_int, to_plain
+from ..utils import available_cores, cfg_get, check_int, resolve_device, to_plain
 
 __all__ = ["eval_command", "EvalCrashError"]
 
@@ -26,10 +26,7 @@ def _set_torch_threads(threads, device: str, workers) -> None:
     if not str(device).startswith("cpu"):
         return
     if threads is None:
-        try:
-            cores = len(os.sched_getaffinity(0))
-        except AttributeError:  # pragma: no cover
-            cores = os.cpu_count() or 1
+        cores = available_cores()
         n_workers = cores if workers in (None, "auto") else check_int("workers", workers, 1)
         threads = max(1, cores - n_workers)
     torch.set_num_threads(check_int("torch_threads", threads, 1))
@@ -63,7 +60,7 @@ def eval_command(cfg, run_dir) -> dict:
             raise ValueError("policy=checkpoint needs checkpoint=PATH")
         device = str(cfg_get(cfg, "device", "cpu"))
         if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+            device = str(resolve_device(device))
         _set_torch_threads(cfg_get(cfg, "torch_threads"), device, cfg_get(cfg, "workers"))
         policy = _load_checkpoint_policy(str(ckpt), device)
         if bool(cfg_get(cfg, "use_checkpoint_task", True)):
@@ -90,7 +87,7 @@ def eval_command(cfg, run_dir) -> dict:
         raise ValueError("eval: no task config (task=pusht_lowdim|pusht_image|...)")
     tev = cfg_get(task_cfg, "eval", {}) or {}
     n_episodes = cfg_get(cfg, "n_episodes", cfg_get(tev, "n_episodes", 50))
-    seed_start = cfg_get(cfg, "seed_start", cfg_get(tev, "seed_start", 100000))
+    seed_start = cfg_get(cfg, "seed_start", cfg_get(tev, "seed_start", TEST_SEED_START))
     workers = cfg_get(cfg, "workers", cfg_get(tev, "n_workers", None))
     n_videos = cfg_get(cfg, "n_videos", cfg_get(tev, "n_videos", 2))
     steps = cfg_get(cfg, "steps", [1])

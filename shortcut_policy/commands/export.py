@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +14,7 @@ from ..deploy.export import (FORMATS, ExportablePolicy, Runner, export_onnx, exp
                              float32_reference, median_ms, parity, random_observations)
 from ..deploy.lowering import lower_module
 from ..policy import load_policy
+from ..utils import atomic_write_text
 
 __all__ = ["export_command"]
 
@@ -69,9 +69,7 @@ def export_command(cfg, run_dir) -> dict:
             "output": {"action": ["B", policy.n_action_steps, policy.action_dim]}, "parity_noise_seed": seed,
             "noise": "standard normal; pass a fixed tensor (e.g. torch.randn with a fixed seed, or zeros) for determinism"}
     side = out.with_name(out.name + ".json")
-    tmp = side.with_name(f".{side.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp, side)
+    atomic_write_text(side, json.dumps(meta, indent=2))
     res = {"format": fmt, "file": str(out), "steps": steps, "precision": precision,
            "max_abs_diff": diff, "max_abs_diff_normalized": ndiff,
            "torch_batch1_vs_batched_diff": rounding["torch_batch1_vs_batched_diff"],

@@ -3,7 +3,7 @@
 reference statistics (:mod:`shortcut_policy.eval.fid`)."""
 from __future__ import annotations
 
-from ..datasets.latents import resolve_device
+from ..utils import resolve_device
 from ..eval.fid import feature_statistics, folder_features, frechet_distance, get_extractor, reference_stats
 from ..generator import load_generator, sample_images
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import time
 
-from ..datasets.latents import SD_VAE_SCALE, encode_dataset, items_source, load_vae, resolve_device
+from ..conventions import VAE_LATENT_SCALE
+from ..datasets.latents import encode_dataset, items_source, load_vae
+from ..utils import resolve_device
 
 __all__ = ["latents_command"]
 
@@ -27,7 +29,7 @@ def latents_command(cfg, run_dir) -> dict:
     ds = items_source(task, cfg.get("max_items"))
     t0 = time.time()
     attrs = encode_dataset(ds, out, space=space, vae=vae, vae_path=vae_path,
-                           scale=float(task.get("latent_scale", SD_VAE_SCALE)), flip=bool(cfg.get("flip", True)),
+                           scale=float(task.get("latent_scale", VAE_LATENT_SCALE)), flip=bool(cfg.get("flip", True)),
                            batch_size=int(cfg.get("batch_size", 32)), shard_size=int(cfg.get("shard_size", 1024)),
                            device=device, overwrite=bool(cfg.get("overwrite", False)),
                            meta={"task": str(task.get("name", ""))})

@@ -9,7 +9,7 @@ import torch
 
 from ..conventions import check_steps
 from ..datasets.images import make_grid, write_image
-from ..datasets.latents import resolve_device
+from ..utils import resolve_device
 from ..generator import load_generator, sample_images
 
 __all__ = ["sample_command"]

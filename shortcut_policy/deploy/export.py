@@ -18,7 +18,6 @@ policy in float64 (``policy.double()``), so the parity figure measures the expor
 from __future__ import annotations
 
 import copy
-import os
 import time
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import torch
 from torch import nn
 
 from shortcut_policy.objectives import Diffusion
+from shortcut_policy.utils import atomic_path
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".ts.pt"}
 
@@ -76,41 +76,31 @@ def fixed_noise(policy, batch: int, seed: int) -> torch.Tensor:
     return torch.randn(batch, policy.horizon, policy.action_dim, generator=g)
 
 
-def _atomic_target(out: Path, overwrite: bool) -> Path:
+def _check_target(out: Path, overwrite: bool) -> None:
+    """Raise ``FileExistsError`` when ``out`` exists and ``overwrite`` is false."""
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists: pass overwrite=true to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return out.with_name(f".{out.name}.tmp{os.getpid()}")
 
 
 def export_onnx(module: ExportablePolicy, example: tuple, out: Path, overwrite: bool = False, opset: int = 17) -> Path:
-    tmp = _atomic_target(out, overwrite)
+    _check_target(out, overwrite)
     names = module.keys + ["noise"]
     dyn = {n: {0: "batch"} for n in names + ["action"]}
-    try:
-        with torch.no_grad():
-            torch.onnx.export(module, example, str(tmp), input_names=names, output_names=["action"], dynamic_axes=dyn,
-                              opset_version=opset, dynamo=False, do_constant_folding=True)
+    with atomic_path(out) as tmp, torch.no_grad():
+        torch.onnx.export(module, example, str(tmp), input_names=names, output_names=["action"], dynamic_axes=dyn,
+                          opset_version=opset, dynamo=False, do_constant_folding=True)
         import onnx  # lazy: onnx (optional, the `deploy` extra)
 
         onnx.checker.check_model(onnx.load(str(tmp)))
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return out
 
 
 def export_torchscript(module: ExportablePolicy, example: tuple, out: Path, overwrite: bool = False) -> Path:
-    tmp = _atomic_target(out, overwrite)
-    try:
+    _check_target(out, overwrite)
+    with atomic_path(out) as tmp:
         with torch.no_grad():
             traced = torch.jit.trace(module, example, check_trace=False)
         traced.save(str(tmp))
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return out
 
 

@@ -50,7 +50,7 @@ import math
 
 import torch
 
-from ..conventions import interpolate
+from ..conventions import M, interpolate
 from .base import Objective
 from .guidance import guided, null_like
 
@@ -66,7 +66,7 @@ class ConsistencyTraining(Objective):
     takes_generator = True
     uses_step_size = False
 
-    def __init__(self, m: int = 128, total_steps: int | None = None, teacher: str = "ema",
+    def __init__(self, m: int = M, total_steps: int | None = None, teacher: str = "ema",
                  class_dropout_prob: float = 0.0, cfg_scale: float | None = None):
         super().__init__(m)
         if self.log2_m < 1:

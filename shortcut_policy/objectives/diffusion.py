@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
+from ..conventions import M
 from .base import Objective
 from .guidance import drop_cond, guided
 
@@ -20,7 +21,7 @@ class Diffusion(Objective):
     def __init__(self, num_train_timesteps: int = 100, beta_schedule: str = "squaredcos_cap_v2",
                  beta_start: float = 1e-4, beta_end: float = 0.02, clip_sample: bool = True,
                  prediction_type: str = "epsilon", sampler: str = "ddpm", class_dropout_prob: float = 0.0,
-                 cfg_scale: float | None = None, m: int = 128):
+                 cfg_scale: float | None = None, m: int = M):
         super().__init__(m)
         if sampler not in ("ddpm", "ddim"):
             raise ValueError(f"sampler={sampler!r}: expected 'ddpm' or 'ddim'")

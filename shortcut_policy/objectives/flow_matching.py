@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..conventions import interpolate, velocity_target
+from ..conventions import M, interpolate, velocity_target
 from .base import Objective
 from .guidance import drop_cond
 from .timesteps import discrete_t
@@ -17,7 +17,7 @@ class FlowMatching(Objective):
 
     name = "flow_matching"
 
-    def __init__(self, m: int = 128, t_sampling: str = "discrete", class_dropout_prob: float = 0.0,
+    def __init__(self, m: int = M, t_sampling: str = "discrete", class_dropout_prob: float = 0.0,
                  cfg_scale: float | None = None):
         super().__init__(m)
         if t_sampling not in ("discrete", "uniform"):

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import torch
 
-from ..conventions import interpolate, velocity_target
+from ..conventions import M, interpolate, velocity_target
 from .base import Objective
 from .guidance import drop_cond, guided
 from .timesteps import discrete_t
@@ -50,7 +50,7 @@ class LiveReflow(Objective):
     name = "live_reflow"
     uses_step_size = True
 
-    def __init__(self, m: int = 128, bootstrap_fraction: float = 0.125, euler_steps: int = 8,
+    def __init__(self, m: int = M, bootstrap_fraction: float = 0.125, euler_steps: int = 8,
                  teacher: str = "online", sample_level: str = "log2_steps", class_dropout_prob: float = 0.0,
                  cfg_scale: float | None = None):
         super().__init__(m)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch.func import jvp
 
-from ..conventions import interpolate, velocity_target
+from ..conventions import M, interpolate, velocity_target
 from .base import Objective
 from .guidance import drop_cond
 
@@ -33,7 +33,7 @@ class MeanFlow(Objective):
     uses_step_size = True
     step_input = "continuous"
 
-    def __init__(self, m: int = 128, flow_fraction: float = 0.75, time_dist: str = "logit_normal",
+    def __init__(self, m: int = M, flow_fraction: float = 0.75, time_dist: str = "logit_normal",
                  logit_mean: float = 0.4, logit_std: float = 1.0, adaptive_p: float = 1.0, adaptive_c: float = 1e-3,
                  jvp: str = "autograd", fd_eps: float = 1e-3, class_dropout_prob: float = 0.0,
                  cfg_scale: float | None = None):

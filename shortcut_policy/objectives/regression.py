@@ -10,6 +10,7 @@ import warnings
 
 import torch
 
+from ..conventions import M
 from .base import Objective
 
 
@@ -21,7 +22,7 @@ class Regression(Objective):
 
     name = "regression"
 
-    def __init__(self, m: int = 128):
+    def __init__(self, m: int = M):
         super().__init__(m)
 
     def _inputs(self, like: torch.Tensor):

@@ -3,20 +3,19 @@ the model's state_dict), optimiser/scheduler state, step and metrics; written at
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
+
+from ..utils import atomic_path, atomic_write_text
 
 FORMAT_VERSION = 1
 
 
 def save_checkpoint(path, payload: dict) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save({"format_version": FORMAT_VERSION, **payload}, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save({"format_version": FORMAT_VERSION, **payload}, tmp)
     return path
 
 
@@ -55,9 +54,7 @@ class TopK:
         for e in self.entries[self.k :]:
             (self.dir / e["path"]).unlink(missing_ok=True)
         self.entries = self.entries[: self.k]
-        tmp = self.index_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.entries, indent=1))
-        os.replace(tmp, self.index_path)
+        atomic_write_text(self.index_path, json.dumps(self.entries, indent=1))
         return path
 
     def drop_after(self, step: int) -> None:
@@ -68,9 +65,7 @@ class TopK:
         for e in late:
             (self.dir / e["path"]).unlink(missing_ok=True)
         self.entries = [e for e in self.entries if e["step"] <= step]
-        tmp = self.index_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.entries, indent=1))
-        os.replace(tmp, self.index_path)
+        atomic_write_text(self.index_path, json.dumps(self.entries, indent=1))
 
     def best(self) -> Path | None:
         return self.dir / self.entries[0]["path"] if self.entries else None

@@ -7,6 +7,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from ..utils import atomic_write_text
+
 
 class Logger:
     def __init__(self, run_dir, cfg=None, logger_cfg=None, enabled: bool = True):
@@ -41,9 +43,7 @@ class Logger:
         if not (self.enabled and self.path.exists()):
             return
         keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
-        tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
-        tmp.write_text("".join(ln + "\n" for ln in keep))
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, "".join(ln + "\n" for ln in keep))
 
     def finish(self):
         if self.wandb is not None:

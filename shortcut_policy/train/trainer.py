@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import TopK, load_checkpoint, save_checkpoint
 from .ema import EMA
+from ..utils import resolve_device
 from .logging import Logger
 
 
@@ -33,12 +34,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def setup_distributed(device_name="auto"):
