@@ -158,33 +158,15 @@ class ImageFolderDataset(Dataset):
         return {"x": self.load(i, flip), "label": torch.tensor(self.items[i][1], dtype=torch.long)}
 
 
-def digits_arrays(image_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
-    """scikit-learn's 8x8 digits upscaled (bilinear) to image_size: uint8 (N, 1, S, S), labels (N,)."""
-    from sklearn.datasets import load_digits  # lazy: scikit-learn is slow to import, only the digits task uses it
+class TensorImageDataset(Dataset):
+    """In-memory images ``x`` (N, C, H, W) float in [-1, 1] and integer ``labels`` (N,).
 
-    d = load_digits()
-    imgs = (d.images / 16.0 * 255.0).clip(0, 255).astype(np.uint8)
-    if image_size != 8:
-        imgs = np.stack([np.asarray(Image.fromarray(im).resize((image_size, image_size), Image.BILINEAR)) for im in imgs])
-    return imgs[:, None], d.target.astype(np.int64)
+    Items are ``{"x": (C, H, W), "label": long scalar}``; with ``random_flip`` each read mirrors the image
+    horizontally with probability 1/2 (torch's global RNG).
+    """
 
-
-class DigitsDataset(Dataset):
-    """sklearn digits, split deterministically: ``split`` in {"train", "test", "all"} (test = every 5th image)."""
-
-    def __init__(self, image_size: int = 16, split: str = "train", random_flip: bool = False):
-        imgs, labels = digits_arrays(image_size)
-        idx = np.arange(len(labels))
-        if split == "train":
-            idx = idx[idx % 5 != 0]
-        elif split == "test":
-            idx = idx[idx % 5 == 0]
-        elif split != "all":
-            raise ValueError(f"split={split!r}: expected train, test or all")
-        self.x = torch.from_numpy(imgs[idx]).float().div_(127.5).sub_(1.0)
-        self.labels = torch.from_numpy(labels[idx])
-        self.random_flip = random_flip  # digits are not flip-invariant: off by default
-        self.num_classes, self.classes = 10, [str(i) for i in range(10)]
+    def __init__(self, x: torch.Tensor, labels: torch.Tensor, random_flip: bool = False):
+        self.x, self.labels, self.random_flip = x, labels.long(), random_flip
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -196,20 +178,35 @@ class DigitsDataset(Dataset):
         return {"x": x, "label": self.labels[i]}
 
 
-class TensorImageDataset(Dataset):
-    """In-memory images (N, C, H, W) in [-1, 1] and labels (N,)."""
+def digits_arrays(image_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's 8x8 digits upscaled (bilinear) to image_size: uint8 (N, 1, S, S), labels (N,)."""
+    from sklearn.datasets import load_digits  # lazy: scikit-learn is slow to import, only the digits task uses it
 
-    def __init__(self, x: torch.Tensor, labels: torch.Tensor, random_flip: bool = False):
-        self.x, self.labels, self.random_flip = x, labels.long(), random_flip
+    d = load_digits()
+    imgs = (d.images / 16.0 * 255.0).clip(0, 255).astype(np.uint8)
+    if image_size != 8:
+        imgs = np.stack([np.asarray(Image.fromarray(im).resize((image_size, image_size), Image.BILINEAR)) for im in imgs])
+    return imgs[:, None], d.target.astype(np.int64)
 
-    def __len__(self) -> int:
-        return len(self.labels)
 
-    def __getitem__(self, i):
-        x = self.x[i]
-        if self.random_flip and bool(torch.randint(0, 2, ()).item()):
-            x = x.flip(-1)
-        return {"x": x, "label": self.labels[i]}
+class DigitsDataset(TensorImageDataset):
+    """scikit-learn's 1797 8x8 digits upscaled to ``image_size`` (1, S, S) in [-1, 1], labels 0..9, split
+    deterministically: ``split`` in {"train", "test", "all"} (test = every 5th image). Raises ``ValueError`` for
+    another split."""
+
+    def __init__(self, image_size: int = 16, split: str = "train", random_flip: bool = False):
+        imgs, labels = digits_arrays(image_size)
+        idx = np.arange(len(labels))
+        if split == "train":
+            idx = idx[idx % 5 != 0]
+        elif split == "test":
+            idx = idx[idx % 5 == 0]
+        elif split != "all":
+            raise ValueError(f"split={split!r}: expected train, test or all")
+        # digits are not flip-invariant: random_flip is off by default
+        super().__init__(torch.from_numpy(imgs[idx]).float().div_(127.5).sub_(1.0), torch.from_numpy(labels[idx]),
+                         random_flip)
+        self.num_classes, self.classes = 10, [str(i) for i in range(10)]
 
 
 def write_image(path, x: torch.Tensor) -> None:

@@ -18,6 +18,8 @@ import numcodecs
 import numpy as np
 import zarr
 
+from shortcut_policy.conventions import HORIZON, N_ACTION_STEPS, N_OBS_STEPS
+
 from .zarr_dataset import SequenceDataset
 
 __all__ = ["PushTDataset", "PUSHT_OBS_TYPES", "write_synthetic_pusht_zarr"]
@@ -34,9 +36,9 @@ class PushTDataset(SequenceDataset):
         self,
         zarr_path: str | os.PathLike,
         obs_type: str = "keypoints",
-        horizon: int = 16,
-        n_obs_steps: int = 2,
-        n_action_steps: int = 8,
+        horizon: int = HORIZON,
+        n_obs_steps: int = N_OBS_STEPS,
+        n_action_steps: int = N_ACTION_STEPS,
         val_ratio: float = 0.02,
         max_train_episodes: int | None = None,
         seed: int = 42,

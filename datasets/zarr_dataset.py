@@ -33,6 +33,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from shortcut_policy.conventions import HORIZON, N_ACTION_STEPS, N_OBS_STEPS
+
 from .normalizer import LinearNormalizer, SingleFieldLinearNormalizer
 from .replay_buffer import ReplayBuffer
 from .sanity import DataSanityWarning, check_dataset
@@ -92,9 +94,9 @@ class SequenceDataset(Dataset):
         obs_keys: Mapping[str, Sequence[str] | str],
         action_keys: Sequence[str] | str = ("action",),
         image_keys: Sequence[str] = (),
-        horizon: int = 16,
-        n_obs_steps: int = 2,
-        n_action_steps: int = 8,
+        horizon: int = HORIZON,
+        n_obs_steps: int = N_OBS_STEPS,
+        n_action_steps: int = N_ACTION_STEPS,
         n_latency_steps: int = 0,
         val_ratio: float = 0.02,
         max_train_episodes: int | None = None,

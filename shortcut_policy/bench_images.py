@@ -27,6 +27,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from .builders import build_generator, build_image_dataset
+from .conventions import CLIP_TARGET, VALID_STEPS, M
 from .datasets.images import DigitsDataset, make_grid, write_image
 from .eval.fid import feature_statistics, frechet_distance
 from .generator import sample_images
@@ -47,11 +48,11 @@ DEFAULTS = {
     "objectives": {
         # half the batch as bootstrap rows, allocated as the reference's bootstrap_dt_bias=1 (more rows at d = 1, 1/2):
         # at this budget one-step quality is limited by how far self-consistency has propagated (docs/results/images.md)
-        "shortcut": {"name": "shortcut", "m": 128, "bootstrap_fraction": 0.5, "level_allocation": "dt_bias",
-                     "clip": 4.0, "teacher": "online", "class_dropout_prob": 0.0},
-        "flow_matching": {"name": "flow_matching", "m": 128, "t_sampling": "discrete", "class_dropout_prob": 0.0},
+        "shortcut": {"name": "shortcut", "m": M, "bootstrap_fraction": 0.5, "level_allocation": "dt_bias",
+                     "clip": CLIP_TARGET, "teacher": "online", "class_dropout_prob": 0.0},
+        "flow_matching": {"name": "flow_matching", "m": M, "t_sampling": "discrete", "class_dropout_prob": 0.0},
     },
-    "steps": [1, 2, 4, 8, 16, 32, 64, 128],
+    "steps": list(VALID_STEPS),  # 1, 2, 4, ..., M
     "n_eval": 400,
     "classifier_cache": "data/bench_images/digits_classifier_{size}px.pt",
     "classifier_epochs": 40,
@@ -194,7 +195,7 @@ def _train_and_eval(name: str, obj: dict, s: dict, run_dir: str, threads) -> dic
         out[f"fid@{name}{n}"] = frechet_distance(*feature_statistics(feats(x)), mu_ref, sig_ref)
         out[f"sample_seconds@{name}{n}"] = time.time() - t0
         print(f"{name:>14s} N={n:<3d} fid={out[f'fid@{name}{n}']:.3f} acc={out[f'acc@{name}{n}']:.3f}", flush=True)
-        if n in (1, 4, 128):
+        if n in (1, 4, M):
             rows.append(sample_images(gen, 10, int(n), seed=seed + 7, labels=torch.arange(10)))
     out["_grid"] = torch.cat(rows) if rows else None
     return out
@@ -235,7 +236,7 @@ def run_bench_images(cfg, run_dir) -> dict:
         grid = F.interpolate(grid[None], scale_factor=2, mode="nearest")[0]
         write_image(run_dir / "samples_grid.png", grid)
         result["grid"] = str(run_dir / "samples_grid.png")
-        result["grid_rows"] = [f"{name}{n}" for name, _ in objs for n in (1, 4, 128) if n in s["steps"]]
+        result["grid_rows"] = [f"{name}{n}" for name, _ in objs for n in (1, 4, M) if n in s["steps"]]
     sc1, sc128, fm1 = result.get("fid@shortcut1"), result.get("fid@shortcut128"), result.get("fid@flow_matching1")
     if None not in (sc1, sc128, fm1):
         result["targets"] = {

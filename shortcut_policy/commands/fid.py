@@ -3,6 +3,7 @@
 reference statistics (:mod:`shortcut_policy.eval.fid`)."""
 from __future__ import annotations
 
+from ..conventions import M
 from ..utils import resolve_device
 from ..eval.fid import feature_statistics, folder_features, frechet_distance, get_extractor, reference_stats
 from ..generator import load_generator, sample_images
@@ -34,7 +35,7 @@ def fid_command(cfg, run_dir) -> dict:
     if resolution != gen.image_size:
         raise ValueError(f"generator makes {gen.image_size}px images, FID resolution is {resolution}")
     result.update({"ref_stats": str(path), "n_ref": meta.get("count"), "n_samples": int(cfg.num_samples)})
-    runs = [(int(s), None) for s in cfg.get("steps", [1, 4, 128])]
+    runs = [(int(s), None) for s in cfg.get("steps", [1, 4, M])]
     if cfg.get("cfg_scale") is not None:  # explicit guidance only at the flow-matching level (pitfall 6)
         runs.append((int(gen.max_steps), float(cfg.cfg_scale)))
     for steps, scale in runs:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ..conventions import check_steps
+from ..conventions import M, check_steps
 from ..datasets.images import make_grid, write_image
 from ..utils import resolve_device
 from ..generator import load_generator, sample_images
@@ -21,7 +21,7 @@ def sample_command(cfg, run_dir) -> dict:
     device = resolve_device(cfg.get("device", "auto"))
     gen, ck_cfg = load_generator(cfg.checkpoint, device=device, weights=cfg.get("weights", "auto"))
     n, nrow = int(cfg.get("num_images", 64)), int(cfg.get("nrow", 8))
-    steps_list = [check_steps(int(s), gen.max_steps) for s in cfg.get("steps", [1, 4, 128])]
+    steps_list = [check_steps(int(s), gen.max_steps) for s in cfg.get("steps", [1, 4, M])]
     if cfg.get("labels") is not None:
         base = [int(v) for v in cfg.labels]
         labels = torch.tensor([base[i % len(base)] for i in range(n)])

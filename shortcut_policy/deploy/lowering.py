@@ -23,6 +23,18 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def conv1d_as_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride: int = 1,
+                     dilation: int = 1) -> torch.Tensor:
+    """A valid (unpadded) 1-d convolution as im2col + one matmul: the K strided slices of ``x`` (B, C, L) stacked
+    on the channel axis (B, K*C, L_out), times ``weight`` (O, C, K) reshaped to (O, K*C); plus ``bias`` (O,).
+    Returns (B, O, L_out), L_out = (L - dilation (K - 1) - 1) // stride + 1, as ``F.conv1d``."""
+    K = weight.shape[-1]
+    n_out = (x.shape[-1] - dilation * (K - 1) - 1) // stride + 1
+    cols = torch.cat([x[:, :, k * dilation : k * dilation + stride * (n_out - 1) + 1 : stride] for k in range(K)], dim=1)
+    y = torch.matmul(weight.permute(0, 2, 1).reshape(weight.shape[0], -1), cols)
+    return y if bias is None else y + bias[:, None]
+
+
 class MatmulConv1d(nn.Module):
     """nn.Conv1d (groups=1, zero padding) as one matmul on the K strided slices of the padded input (im2col)."""
 
@@ -37,15 +49,7 @@ class MatmulConv1d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, L) -> (B, O, L_out)
         if self.pad:
             x = F.pad(x, (self.pad, self.pad))
-        K, s, dil = self.weight.shape[-1], self.stride, self.dil
-        L = x.shape[-1]
-        n_out = (L - dil * (K - 1) - 1) // s + 1
-        # im2col: the K strided slices stacked on the channel axis, then ONE matmul with the (O, K*C) weight
-        cols = torch.cat([x[:, :, k * dil : k * dil + s * (n_out - 1) + 1 : s] for k in range(K)], dim=1)
-        y = torch.matmul(self.weight.permute(0, 2, 1).reshape(self.weight.shape[0], -1), cols)
-        if self.bias is not None:
-            y = y + self.bias[:, None]
-        return y
+        return conv1d_as_matmul(x, self.weight, self.bias, self.stride, self.dil)
 
 
 class MatmulConvTranspose1d(nn.Module):
@@ -67,12 +71,7 @@ class MatmulConvTranspose1d(nn.Module):
             x = torch.cat([x[..., None], x.new_zeros(B, C, L, s - 1)], dim=-1).reshape(B, C, L * s)[..., : (L - 1) * s + 1]
         lo = K - 1 - self.pad
         x = F.pad(x, (lo, lo + self.out_pad))
-        n_out = x.shape[-1] - K + 1
-        cols = torch.cat([x[:, :, k : k + n_out] for k in range(K)], dim=1)  # im2col, as in MatmulConv1d
-        y = torch.matmul(self.weight.permute(0, 2, 1).reshape(self.weight.shape[0], -1), cols)
-        if self.bias is not None:
-            y = y + self.bias[:, None]
-        return y
+        return conv1d_as_matmul(x, self.weight, self.bias)  # stride 1 with the flipped kernel
 
 
 class ElementaryGroupNorm(nn.Module):

@@ -26,13 +26,14 @@ from collections import deque
 
 import numpy as np
 
+from shortcut_policy.conventions import N_OBS_STEPS
 from shortcut_policy.envs.registry import get_env_spec, make_env, registered_envs, resolve
 
 from .robot import EPISODE_KEY, TIMESTAMP_KEY
 
 
 class SimRobot:
-    def __init__(self, env, control_hz: float, n_obs_steps: int = 2, latch_s: float | None = None,
+    def __init__(self, env, control_hz: float, n_obs_steps: int = N_OBS_STEPS, latch_s: float | None = None,
                  clock=time.perf_counter, name: str = "sim", auto_reset: bool = False):
         """``env``: a gymnasium env with dict observations of Box spaces; ``control_hz`` (Hz, > 0): tick rate;
         ``n_obs_steps`` (>= 1): frames per observation window; ``latch_s`` (seconds, default a quarter period): how

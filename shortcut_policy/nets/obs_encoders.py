@@ -10,6 +10,7 @@ from einops import rearrange
 from torch import nn
 from torch.nn import functional as F
 
+from shortcut_policy.conventions import N_OBS_STEPS
 from shortcut_policy.datasets.augment import CropRandomizer
 
 
@@ -91,7 +92,7 @@ class ObsEncoder(nn.Module):
     """
 
     def __init__(self, obs_shapes: Mapping[str, Sequence[int]], lowdim_keys: Sequence[str] = (),
-                 image_keys: Sequence[str] = (), n_obs_steps: int = 2, crop_shape=None, feature_dim: int = 64,
+                 image_keys: Sequence[str] = (), n_obs_steps: int = N_OBS_STEPS, crop_shape=None, feature_dim: int = 64,
                  resnet_width: int = 64):
         super().__init__()
         self.obs_shapes = {k: tuple(v) for k, v in obs_shapes.items()}
