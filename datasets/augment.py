@@ -14,6 +14,8 @@ __all__ = ["random_crop", "center_crop", "CropRandomizer"]
 
 
 def _crop_hw(images: torch.Tensor, crop_shape: Sequence[int]) -> tuple[int, int, int, int]:
+    """(crop height, crop width, H, W) for images (..., C, H, W); ``ValueError`` when the images have fewer than 3
+    dims or the crop does not fit."""
     if images.ndim < 3:
         raise ValueError(f"images must be shaped (..., C, H, W), got {tuple(images.shape)}")
     ch, cw = (int(v) for v in crop_shape)
@@ -24,6 +26,8 @@ def _crop_hw(images: torch.Tensor, crop_shape: Sequence[int]) -> tuple[int, int,
 
 
 def center_crop(images: torch.Tensor, crop_shape: Sequence[int]) -> torch.Tensor:
+    """The centre ``crop_shape`` = (ch, cw) window of images (..., C, H, W) -> (..., C, ch, cw) (a view; top-left
+    offset ((H - ch) // 2, (W - cw) // 2)). Raises ``ValueError`` when the crop does not fit."""
     ch, cw, H, W = _crop_hw(images, crop_shape)
     top, left = (H - ch) // 2, (W - cw) // 2
     return images[..., top : top + ch, left : left + cw]
@@ -55,9 +59,12 @@ class CropRandomizer(nn.Module):
             raise ValueError(f"crop_shape must be (height, width), got {crop_shape!r}")
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (..., C, H, W) -> (..., C, ch, cw): a random crop per image in training mode, the centre crop in
+        evaluation mode."""
         if self.training:
             return random_crop(images, self.crop_shape)
         return center_crop(images, self.crop_shape)
 
     def extra_repr(self) -> str:
+        """``crop_shape=(ch, cw)`` in the module's repr."""
         return f"crop_shape={self.crop_shape}"

@@ -5,7 +5,8 @@
 Latent mode (``task.space=latent``): a diffusers ``AutoencoderKL`` loaded from a local directory (sd-vae-ft-mse
 layout: config.json + weights) encodes every image; the posterior mean and std, both multiplied by the latent scale
 (0.18215), are stored. ``LatentDataset`` then returns a fresh posterior sample ``mean + std * eps`` each time an item
-is read (the reference encodes online with ``latent_dist.sample()``; pitfall 11) or the mean (``sample=False``).
+is read (the reference encodes online with ``latent_dist.sample()``, so the mean alone would be a different
+training distribution) or the mean (``sample=False``).
 With ``flip=true`` the horizontally flipped image is encoded too and an item picks one of the two at random, which
 reproduces the reference's random-flip augmentation.
 

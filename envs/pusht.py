@@ -1,7 +1,8 @@
 """Push-T on pymunk 6, matching Diffusion Policy's ``PushTEnv`` (Chi et al. 2023).
 
-Written from the published description of that environment (see docs/results/pusht_env.md and
-/work/shared/reference/diffusion-policy.md §2); the numbers below are the ones that define it:
+Written from the published description of that environment (Diffusion Policy's paper and its released
+``diffusion_policy/env/pusht/pusht_env.py``; checks against it in docs/results/pusht_env.md); the numbers below are
+the ones that define it:
 
 * 512 x 512 px world, gravity 0, ``space.damping = 0`` (the block is quasi-static: it moves only while pushed),
   four static wall segments of radius 2 along x, y in {5, 506}.

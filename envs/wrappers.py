@@ -1,6 +1,7 @@
 """Generic gymnasium wrappers for chunked (receding-horizon) policies, as in Diffusion Policy.
 
-``MultiStepWrapper`` follows DP's ``gym_util/multistep_wrapper.py`` semantics on the gymnasium 5-tuple API:
+``MultiStepWrapper`` follows Diffusion Policy's ``diffusion_policy/gym_util/multistep_wrapper.py`` semantics on the
+gymnasium 5-tuple API:
 
 * observations are dicts; each key is stacked over the last ``n_obs_steps`` steps -> (To, ...); after
   ``reset`` (and whenever fewer than To observations exist) the oldest available one is repeated in front;

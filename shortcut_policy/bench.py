@@ -24,6 +24,9 @@ from .utils import atomic_path, atomic_write_text
 # ---------------------------------------------------------------------------------------------------------
 # 2-D toy distributions
 def sample_toy(name: str, n: int, rng: np.random.Generator) -> np.ndarray:
+    """n points (n, 2) float32 of a 2-D toy distribution: "8gaussians" (radius 4, std 0.5), "checkerboard" (4 x 4
+    board on [-4, 4]^2) or "moons" (two half circles scaled x3, plus N(0, 0.1^2) noise), drawn from ``rng``. Raises
+    ``ValueError`` for another name."""
     if name == "8gaussians":
         ang = rng.integers(0, 8, n) * (np.pi / 4)
         centers = 4.0 * np.stack([np.cos(ang), np.sin(ang)], 1)
@@ -62,6 +65,8 @@ class VectorModel(nn.Module):
         self.net, self.objective = net, objective
 
     def forward(self, batch, teacher=None):
+        """The trainer's contract: ``(loss, info)`` of the objective on ``batch["x"]`` (B, D), the teacher's net when
+        given."""
         return self.objective.loss(self.net, batch["x"], teacher=None if teacher is None else teacher.net)
 
     @torch.no_grad()
@@ -77,6 +82,7 @@ class VectorModel(nn.Module):
 
 
 def _toy_batches(dataset, batch, seed):
+    """Endless training batches {"x": (batch, 2)} of the toy ``dataset`` from a generator seeded ``seed + 1``."""
     rng = np.random.default_rng(seed + 1)
     while True:
         yield {"x": torch.from_numpy(sample_toy(dataset, batch, rng))}
@@ -102,6 +108,10 @@ def toy_selection(tc) -> list[str]:
 
 
 def run_toy(cfg, run_dir: Path) -> dict:
+    """``bench toy``: train every selected objective on the 2-D toy data with the same net, seed and budget, then
+    measure the sliced W2 distance to held-out data at each step count of ``toy.steps``. Writes a figure
+    (``toy_samples.png``) and ``config_resolved.json`` in ``run_dir``. Returns ``{"<objective>@<N>": sliced W2, ...}``
+    plus the noise floor (two independent samples of the data) and training times."""
     tc = cfg.toy
     torch.set_num_threads(max(1, torch.get_num_threads()))
     held_out = sample_toy(tc.dataset, int(tc.n_eval), np.random.default_rng(10_000 + int(cfg.seed)))
@@ -138,6 +148,7 @@ def run_toy(cfg, run_dir: Path) -> dict:
 
 
 def _plot_toy(samples: dict, held_out: np.ndarray, path: Path, title: str) -> None:
+    """Scatter plots (rows: objectives, columns: the data and each step count) written atomically to ``path``."""
     import matplotlib  # lazy: matplotlib is slow to import, and the Agg backend is set only when a figure is drawn
 
     matplotlib.use("Agg")

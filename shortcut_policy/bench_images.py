@@ -66,6 +66,8 @@ DEFAULTS = {
 # The feature network: a small CNN classifier of the digits (trained once, cached)
 
 class DigitsClassifier(nn.Module):
+    """Small CNN digits classifier for (B, 1, S, S) images in [-1, 1]: two conv stages (32, 64 channels), a
+    ``feat_dim`` ReLU feature layer (the space FID-like distances are measured in) and a 10-way head."""
     def __init__(self, image_size: int = 16, feat_dim: int = 128):
         super().__init__()
         self.image_size = image_size
@@ -77,9 +79,11 @@ class DigitsClassifier(nn.Module):
         self.head = nn.Linear(feat_dim, 10)
 
     def features(self, x):
+        """Images (B, 1, S, S) -> penultimate features (B, feat_dim)."""
         return self.fc(self.conv(x))
 
     def forward(self, x):
+        """Images (B, 1, S, S) -> class logits (B, 10)."""
         return self.head(self.features(x))
 
 
@@ -98,6 +102,9 @@ def _shift(x: torch.Tensor, g: torch.Generator, max_shift: int = 1) -> torch.Ten
 
 
 def train_classifier(train, test, image_size: int, epochs: int = 40, seed: int = 0) -> tuple[DigitsClassifier, float]:
+    """Train a :class:`DigitsClassifier` with Adam (lr 1e-3, batch 64, +-1 pixel random shifts) for ``epochs`` on
+    ``train`` (a :class:`~shortcut_policy.datasets.images.DigitsDataset`); returns (classifier in eval mode, test
+    accuracy on ``test``)."""
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     clf = DigitsClassifier(image_size)
@@ -118,6 +125,8 @@ def train_classifier(train, test, image_size: int, epochs: int = 40, seed: int =
 
 
 def load_or_train_classifier(path, train, test, image_size: int, epochs: int, seed: int = 0):
+    """The cached classifier at ``path`` (``{size}`` replaced by ``image_size``) when it was trained at this size, else
+    a freshly trained one saved there. Returns (classifier, test accuracy, path, whether it came from the cache)."""
     path = Path(str(path).format(size=image_size))
     if path.is_file():
         blob = torch.load(path, map_location="cpu", weights_only=False)
@@ -134,6 +143,7 @@ def load_or_train_classifier(path, train, test, image_size: int, epochs: int, se
 # ------------------------------------------------------------------------------------------------------------
 
 def _merge(base: dict, over) -> dict:
+    """Deep merge: ``base`` with the keys of ``over`` replaced (nested dicts merged key by key); a copy."""
     out = copy.deepcopy(base)
     for k, v in (over or {}).items():
         out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
@@ -141,12 +151,15 @@ def _merge(base: dict, over) -> dict:
 
 
 def bench_settings(cfg) -> dict:
+    """The images-bench settings: :data:`DEFAULTS` overridden by the config's ``images`` section."""
     over = cfg.get("images") if cfg is not None else None
     over = OmegaConf.to_container(over, resolve=True) if over is not None and not isinstance(over, dict) else over
     return _merge(DEFAULTS, over)
 
 
 def make_model_cfg(s: dict, objective: dict, run_seed: int):
+    """A full train config (digits task, ``s["net"]``, ``objective``, CPU trainer settings from ``s``) for one
+    objective of the images bench, seeded ``run_seed``."""
     return OmegaConf.create({
         "task": {"name": "digits", "kind": "image", "source": "digits", "split": "train", "class_conditional": True,
                  "num_classes": 10, "image_size": s["image_size"], "image_channels": 1, "random_flip": False,
@@ -202,6 +215,10 @@ def _train_and_eval(name: str, obj: dict, s: dict, run_dir: str, threads) -> dic
 
 
 def run_bench_images(cfg, run_dir) -> dict:
+    """``bench images``: train each objective on the digits and report, per step count N, the Fréchet distance in
+    the classifier's feature space (``fid@<objective><N>``) and the classifier accuracy on the samples
+    (``acc@<objective><N>``); writes ``samples_grid.png`` and ``bench_images.json`` into ``run_dir``. Raises
+    ``ValueError`` when every objective is disabled."""
     s = bench_settings(cfg)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

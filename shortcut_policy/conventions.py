@@ -1,7 +1,7 @@
 """Every shared convention of shortcut_policy, defined once.
 
 Time: t in [0, 1]; t = 0 is noise x0 ~ N(0, I), t = 1 is data x1. Sampling integrates from t = 0 to t = 1.
-Interpolant (reference implementation, targets_shortcut.py): x_t = (1 - (1 - EPS) t) x0 + t x1,
+Interpolant (reference implementation kvfrans/shortcut-models, targets_shortcut.py): x_t = (1 - (1 - EPS) t) x0 + t x1,
 velocity target v = x1 - (1 - EPS) x0.
 
 Step sizes are dyadic: d in {1/M, ..., 1/2, 1}, M = 128. The network sees the *level* k = log2(1/d)
@@ -36,7 +36,8 @@ VAE_LATENT_SCALE: float = 0.18215
 
 
 def interpolate(x0, x1, t):
-    """The interpolant x_t = (1 - (1 - eps) t) x0 + t x1 (eps = INTERP_EPS; the reference's targets_shortcut.py).
+    """The interpolant x_t = (1 - (1 - eps) t) x0 + t x1, eps = INTERP_EPS (kvfrans/shortcut-models
+    targets_shortcut.py).
 
     x0 (noise) and x1 (data) are (B, ...) tensors of the same shape; t is (B,) in [0, 1] and is broadcast over the
     trailing dims. Returns a tensor shaped like x1.

@@ -3,7 +3,8 @@
 ``ImageGenerator.forward(batch, teacher=None) = compute_loss``: the trainer's model contract. Batches are
 ``{"x": (B, C, H, W) latents or pixels in [-1, 1], "label": (B,) long}``. Class-conditional tasks use labels
 0..num_classes-1 and the null label ``num_classes`` (class dropout and guidance live in the objective);
-unconditional tasks (CelebA-HQ) map every label to the null label, as the reference does (train.py:214).
+unconditional tasks (CelebA-HQ) map every label to the null label, as the reference does
+(kvfrans/shortcut-models train.py:214).
 
 The VAE is held outside the module tree: it is frozen, not saved in checkpoints (it is reloaded from
 ``task.vae_path``), not averaged by the EMA, and not wrapped by DDP. It is loaded on first use.
@@ -33,6 +34,12 @@ class _Shared:
 
 
 class ImageGenerator(nn.Module):
+    """Class-conditional or unconditional image model: a DiT ``net`` and an ``objective`` over pixels in [-1, 1] or
+    VAE latents (``space="latent"``: scaled by ``latent_scale``, the VAE loaded lazily from ``vae_path``).
+
+    ``num_classes`` real classes, label ``num_classes`` is the null label (every label becomes it when
+    ``class_conditional`` is false). ``encode_online`` encodes pixel batches with the VAE at each step (no latents
+    store), sampling the posterior when ``latent_sample``. Raises ``ValueError`` for an unknown ``space``."""
     def __init__(self, net: nn.Module, objective, vae=None, num_classes: int = 1, class_conditional: bool = True,
                  image_size: int = 256, image_channels: int = 3, space: str = "pixel", vae_path=None,
                  latent_scale: float = VAE_LATENT_SCALE, encode_online: bool = False, latent_sample: bool = True):
@@ -78,6 +85,8 @@ class ImageGenerator(nn.Module):
 
     # --- training ---------------------------------------------------------------------------------------
     def labels_for(self, labels: torch.Tensor) -> torch.Tensor:
+        """Labels (B,) for the net: the null label everywhere for an unconditional model, else the labels themselves
+        (raises ``ValueError`` outside 0..num_classes)."""
         labels = labels.long().reshape(-1)
         if not self.class_conditional:
             return torch.full_like(labels, self.null_label)
@@ -87,6 +96,8 @@ class ImageGenerator(nn.Module):
         return labels
 
     def prepare(self, batch: dict) -> torch.Tensor:
+        """The net's input x (B, C, h, w) from a batch: the batch's ``x`` (pixels or stored latents), or its VAE
+        encoding when ``encode_online``. Raises ``ValueError`` when the shape differs from the net's."""
         x = batch["x"]
         if self.encode_online:
             with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
@@ -97,6 +108,9 @@ class ImageGenerator(nn.Module):
         return x
 
     def compute_loss(self, batch: dict, teacher=None):
+        """Training loss on ``batch`` = {"x": (B, C, H, W), "label": (B,)}: the objective's loss with the null
+        label for classifier-free guidance (conditional models). ``teacher``: the EMA generator or net. Returns
+        ``(loss, info)``."""
         x = self.prepare(batch)
         labels = self.labels_for(batch["label"].to(x.device))
         if isinstance(teacher, ImageGenerator):
@@ -105,6 +119,7 @@ class ImageGenerator(nn.Module):
         return self.objective.loss(self.net, x, labels, teacher=teacher, null_cond=null)
 
     def forward(self, batch: dict, teacher=None):
+        """The trainer's (and DDP's) entry point: :meth:`compute_loss`."""
         return self.compute_loss(batch, teacher)
 
     # --- sampling ----------------------------------------------------------------------------------------
@@ -148,6 +163,8 @@ def generator_dims(task) -> tuple[int, int]:
 
 
 def build_generator(cfg, vae=None) -> ImageGenerator:
+    """An :class:`ImageGenerator` from a resolved config (task, net, objective); the net's input size and channels
+    follow the task (:func:`generator_dims`). ``vae``: an already loaded VAE to share."""
     task = cfg.task
     channels, size = generator_dims(task)
     objective = build_objective(cfg.objective)
@@ -183,6 +200,8 @@ def load_generator(path, device="cpu", weights: str = "auto"):
 
 
 def default_labels(gen: ImageGenerator, n: int, seed: int = 0) -> torch.Tensor:
+    """n labels for sampling: zeros for an unconditional model, else uniform over the classes from a generator seeded
+    with ``seed``."""
     if not gen.class_conditional:
         return torch.zeros(n, dtype=torch.long)
     return torch.randint(0, gen.num_classes, (n,), generator=torch.Generator().manual_seed(seed))

@@ -28,10 +28,18 @@ from .utils import to_plain
 
 
 def _shape_str(s):
+    """A shape as "(2, 16, 10)" for error messages."""
     return "(" + ", ".join(str(int(v)) for v in s) + ")"
 
 
 class Policy(nn.Module):
+    """A visuomotor policy in Diffusion Policy's receding-horizon form, trained with any objective.
+
+    ``net(x (B, H, Da), t, level, cond (B, Dc))`` predicts the action window; ``obs_encoder`` maps the first To
+    normalised observation steps to ``cond``; ``normalizer`` maps observations and actions to [-1, 1] (normalised
+    units) and back. A window holds ``horizon`` (H) actions starting at the first observation step; the policy
+    executes ``n_action_steps`` (Ta) of them starting at step To - 1. Raises ``ValueError`` when
+    To - 1 + Ta > H."""
     def __init__(self, net: nn.Module, objective, obs_encoder: ObsEncoder, normalizer, *, horizon: int,
                  n_obs_steps: int, n_action_steps: int, action_dim: int, default_steps: int = 1, task_name: str = ""):
         super().__init__()
@@ -50,6 +58,8 @@ class Policy(nn.Module):
 
     # --- checks -----------------------------------------------------------------------------------------
     def _check_obs(self, obs: Mapping, min_steps: int, where: str) -> None:
+        """Validate an observation dict: every key the encoder needs present, shaped (B, T >= ``min_steps``, *obs_shape),
+        finite. Raises ``TypeError`` / ``KeyError`` / ``ValueError`` naming ``where`` and the key."""
         if not isinstance(obs, Mapping):
             raise TypeError(f"{where}: observations must be a dict of arrays, got {type(obs).__name__}")
         need = self.obs_encoder.lowdim_keys + self.obs_encoder.image_keys
@@ -67,6 +77,10 @@ class Policy(nn.Module):
 
     # --- training ---------------------------------------------------------------------------------------
     def compute_loss(self, batch, teacher: "Policy | None" = None):
+        """Training loss on ``batch`` = {"obs": {key: (B, T, ...)}, "action": (B, H, Da)} in environment units:
+        normalise, encode the first To observation steps, and call the objective on the normalised actions. A separate
+        ``teacher`` policy (the EMA copy) encodes the observations for its own net. Raises ``ValueError`` for a wrong
+        action shape or non-finite values. Returns ``(loss, info)``."""
         obs, action = batch["obs"], batch["action"]
         self._check_obs(obs, self.n_obs_steps, "batch")
         if action.shape[1:] != (self.horizon, self.action_dim):
@@ -86,10 +100,13 @@ class Policy(nn.Module):
         return self.objective.loss(self.net, naction, cond, teacher=t_net, teacher_cond=t_cond)
 
     def forward(self, batch, teacher=None):  # the trainer's (and DDP's) entry point
+        """The trainer's (and DDP's) entry point: :meth:`compute_loss`."""
         return self.compute_loss(batch, teacher)
 
     # --- inference --------------------------------------------------------------------------------------
     def check_steps(self, steps):
+        """Validate a sampling step count with the objective's rule (a power of two <= M for the flow objectives,
+        1..K for diffusion); returns it as an int."""
         return self.objective.check_steps(steps)
 
     def reset(self) -> None:
@@ -98,6 +115,13 @@ class Policy(nn.Module):
     @torch.no_grad()
     def predict_action(self, obs: Mapping, steps: int | None = None, generator: torch.Generator | None = None,
                        return_numpy: bool = True, **sample_kw):
+        """Actions to execute from observations ``obs`` = {key: (B, T >= To, ...)} (NumPy or torch, environment
+        units; the last To steps are used).
+
+        Samples a normalised window (B, H, Da) from noise (scaled by ``noise_scale``) in ``steps`` network evaluations
+        (default ``default_steps``), clamps it to [-1, 1], unnormalises it and returns the Ta actions from step To - 1:
+        (B, Ta, Da) as a NumPy array (``return_numpy``) or a tensor. ``generator`` seeds the noise (and the re-noising of
+        DDPM / consistency samplers); ``sample_kw`` go to the objective's ``sample`` (e.g. ``sampler="ddim"``)."""
         steps = self.check_steps(self.default_steps if steps is None else steps)
         self._check_obs(obs, self.n_obs_steps, "predict_action")
         dev = self.device

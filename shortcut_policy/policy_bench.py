@@ -21,6 +21,7 @@ from .utils import atomic_write_text
 
 
 def _median_ms(fn, rounds: int) -> list[float]:
+    """Wall-clock times in milliseconds of ``rounds`` calls of ``fn`` (a list; the caller takes the median)."""
     out = []
     for _ in range(rounds):
         t0 = time.perf_counter()

@@ -1,6 +1,6 @@
 """Scripted Push-T expert with privileged state: greedy search over push primitives on a physics model.
 
-How it works (see /work/shared/reference/pusht-expert-notes.md for the facts it relies on):
+How it works (the env facts it relies on are those of :mod:`shortcut_policy.envs.pusht`):
 
 * **Model.** A separate pymunk space built by :func:`shortcut_policy.envs.pusht.build_space` (same walls, agent, T,
   inertia and CoG) replicates the env. The agent is kinematic, so its path depends only on the action targets:

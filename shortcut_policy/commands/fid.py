@@ -36,7 +36,7 @@ def fid_command(cfg, run_dir) -> dict:
         raise ValueError(f"generator makes {gen.image_size}px images, FID resolution is {resolution}")
     result.update({"ref_stats": str(path), "n_ref": meta.get("count"), "n_samples": int(cfg.num_samples)})
     runs = [(int(s), None) for s in cfg.get("steps", [1, 4, M])]
-    if cfg.get("cfg_scale") is not None:  # explicit guidance only at the flow-matching level (pitfall 6)
+    if cfg.get("cfg_scale") is not None:  # guidance only at N = M: fewer steps distilled it
         runs.append((int(gen.max_steps), float(cfg.cfg_scale)))
     for steps, scale in runs:
         x = sample_images(gen, int(cfg.num_samples), steps, seed=int(cfg.get("seed", 42)), cfg_scale=scale,

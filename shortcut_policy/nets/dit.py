@@ -4,7 +4,7 @@ Contract: ``net(x_t, t, d_level, cond) -> tensor shaped like x_t`` with x_t (B, 
 d_level float (B,) = log2(1/d) in 0..7 and cond = class labels (B,) long, ``num_classes`` being the null label.
 
 Deviations from stock facebookresearch/DiT that the reference makes and this port keeps
-(see shared/reference/shortcut-models.md section 2 and pitfall 9):
+(each changes the numbers a checkpoint produces, so a faithful port keeps them all):
 
 - attention logits scaled by 1/head_dim (not 1/sqrt(head_dim)); separate q, k, v Linear layers with bias;
   softmax in fp32;
@@ -42,6 +42,8 @@ PRESETS: dict[str, dict[str, int]] = {
 
 
 def _xavier_uniform_(w: torch.Tensor, fan_in: int, fan_out: int) -> None:
+    """In place: w ~ U(-b, b), b = sqrt(6 / (fan_in + fan_out)) (Glorot & Bengio 2010), with the fans given
+    explicitly (a Conv2d patch embedding counts fan_in = p * p * C as a flattened Linear, as JAX/flax does)."""
     bound = math.sqrt(6.0 / (fan_in + fan_out))
     with torch.no_grad():
         w.uniform_(-bound, bound)
@@ -69,10 +71,14 @@ def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int) -> np.ndarray:
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN modulation x * (1 + scale) + shift: x (B, N, H), shift and scale (B, H) broadcast over the N tokens."""
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
 class Attention(nn.Module):
+    """Multi-head self-attention as the reference DiT: separate q, k, v Linear layers (with bias), logits scaled by
+    1/head_dim (not 1/sqrt(head_dim)), softmax in fp32 (``impl="math"``) or torch's fused kernel with the same scale
+    (``"sdpa"``). Raises ``ValueError`` when ``hidden`` is not divisible by ``num_heads`` or ``impl`` is unknown."""
     def __init__(self, hidden: int, num_heads: int, impl: str = "math"):
         super().__init__()
         if hidden % num_heads != 0:
@@ -86,6 +92,7 @@ class Attention(nn.Module):
         self.proj = nn.Linear(hidden, hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Tokens x (B, N, H) -> (B, N, H)."""
         B, N, H = x.shape
         shape = (B, N, self.num_heads, self.head_dim)
         q = self.q(x).reshape(shape).transpose(1, 2)
@@ -103,16 +110,20 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
+    """Transformer MLP: Linear(hidden, mlp_hidden) -> GELU (tanh approximation) -> Linear(mlp_hidden, hidden)."""
     def __init__(self, hidden: int, mlp_hidden: int):
         super().__init__()
         self.fc1 = nn.Linear(hidden, mlp_hidden)
         self.fc2 = nn.Linear(mlp_hidden, hidden)
 
     def forward(self, x):
+        """x (B, N, H) -> (B, N, H)."""
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
 class DiTBlock(nn.Module):
+    """A DiT block with adaLN: LayerNorm (no affine, eps 1e-6) -> modulate -> attention / MLP, each residual branch
+    gated; shift, scale and gate for both branches come from Linear(SiLU(c)) (6 H values per row)."""
     def __init__(self, hidden: int, num_heads: int, mlp_ratio: float, attn_impl: str):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
@@ -122,6 +133,7 @@ class DiTBlock(nn.Module):
         self.adaLN = nn.Linear(hidden, 6 * hidden)
 
     def forward(self, x, c):
+        """Tokens x (B, N, H) and conditioning c (B, H) -> (B, N, H)."""
         sh1, sc1, g1, sh2, sc2, g2 = self.adaLN(F.silu(c)).chunk(6, dim=-1)
         x = x + g1.unsqueeze(1) * self.attn(modulate(self.norm1(x), sh1, sc1))
         x = x + g2.unsqueeze(1) * self.mlp(modulate(self.norm2(x), sh2, sc2))
@@ -129,6 +141,8 @@ class DiTBlock(nn.Module):
 
 
 class FinalLayer(nn.Module):
+    """Final adaLN LayerNorm + Linear mapping each token to a p x p x C_out patch (both zero-initialised by
+    :meth:`DiT.reset_parameters`, so a fresh DiT outputs zeros)."""
     def __init__(self, hidden: int, patch: int, out_channels: int):
         super().__init__()
         self.norm = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
@@ -136,6 +150,7 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(hidden, patch * patch * out_channels)
 
     def forward(self, x, c):
+        """Tokens x (B, N, H), conditioning c (B, H) -> patches (B, N, p * p * C_out)."""
         shift, scale = self.adaLN(F.silu(c)).chunk(2, dim=-1)
         return self.linear(modulate(self.norm(x), shift, scale))
 
@@ -198,6 +213,9 @@ class DiT(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        """The reference initialisation: every Linear xavier-uniform with zero bias (the blocks' adaLN included), the
+        patch embedding xavier-uniform as a flattened Linear, the t / level embedders' Linear layers normal(0.02), the
+        label table normal(0.02), and the final layer's adaLN and output Linear zero."""
         H, p, C = self.hidden_size, self.patch_size, self.in_channels
         # every Linear: xavier uniform over (fan_in, fan_out), zero bias (blocks' adaLN included)
         for m in self.modules():
@@ -217,6 +235,7 @@ class DiT(nn.Module):
             nn.init.zeros_(m.bias)
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        """Patch tokens (B, gh * gw, p * p * C) -> image (B, C, gh * p, gw * p) (row-major token order)."""
         B = x.shape[0]
         gh, gw = self.grid
         p, C = self.patch_size, self.out_channels
@@ -224,6 +243,10 @@ class DiT(nn.Module):
         return x.permute(0, 5, 1, 3, 2, 4).reshape(B, C, gh * p, gw * p)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, d_level: torch.Tensor, cond=None) -> torch.Tensor:
+        """Predict the velocity for x_t (B, C, H, W) at time t (B,) in [0, 1], step input ``d_level`` (B,) (the level
+        log2(1/d) in 0..7, or the step size d in [0, 1] with ``step_input="continuous"``) and class labels ``cond`` (B,)
+        long (None: the null label ``num_classes``). Scalars broadcast over the batch. Returns (B, C, H, W) in x's dtype.
+        Raises ``ValueError`` when x's shape is not (B, in_channels, *input_size)."""
         if x.dim() != 4 or tuple(x.shape[1:]) != (self.in_channels, *self.input_size):
             raise ValueError(
                 f"DiT expects x of shape (B, {self.in_channels}, {self.input_size[0]}, {self.input_size[1]}), "
@@ -252,4 +275,5 @@ def dit_preset(name: str, **kw) -> DiT:
 
 
 def count_params(module: nn.Module) -> int:
+    """Number of parameters (trainable or not) of ``module``."""
     return sum(p.numel() for p in module.parameters())

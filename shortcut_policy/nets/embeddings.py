@@ -39,6 +39,7 @@ class TimestepEmbedder(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Scalars x (B,) -> embeddings (B, hidden): MLP of the [cos, sin] features of x * scale."""
         return self.mlp(sinusoidal(x * self.scale, self.freq_dim, order="cos_sin"))
 
 
@@ -51,4 +52,5 @@ class SinusoidalMLPEmbedder(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(dim, dim * 4), nn.Mish(), nn.Linear(dim * 4, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Scalars x (B,) -> embeddings (B, dim): MLP of the [sin, cos] features of x * scale."""
         return self.mlp(sinusoidal(x * self.scale, self.dim, order="sin_cos"))

@@ -8,6 +8,11 @@ from .embeddings import TimestepEmbedder
 
 
 class MLPNet(nn.Module):
+    """Residual MLP velocity net for vector data (the 2-D toy benchmark): ``net(x (B, D), t (B,), d_level (B,), cond)``
+    -> (B, D). t (scaled by ``time_scale``) and the step input (the level log2(1/d), or with
+    ``step_input="continuous"`` the step size d, scaled like t) get DiT-style sinusoidal embedders that are summed and
+    added before every block; ``cond`` (B, cond_dim) is concatenated to x. ``use_step_size=False`` drops the level
+    branch (flow matching). Raises ``ValueError`` for an unknown ``step_input``."""
     def __init__(self, input_dim: int = 2, hidden: int = 256, depth: int = 4, cond_dim: int = 0,
                  use_step_size: bool = True, time_scale: float = 1000.0,
                  step_input: str = "level"):
@@ -25,6 +30,8 @@ class MLPNet(nn.Module):
         self.out = nn.Sequential(nn.SiLU(), nn.Linear(hidden, input_dim))
 
     def forward(self, x, t, d_level=None, cond=None):
+        """x (B, input_dim), t (B,) or scalar, d_level (B,) or scalar, cond (B, cond_dim) or None -> (B, input_dim).
+        Raises ``ValueError`` when x is not (B, input_dim)."""
         if x.dim() != 2 or x.shape[-1] != self.input_dim:
             raise ValueError(f"MLPNet: x must be (B, {self.input_dim}), got {tuple(x.shape)}")
         B = x.shape[0]

@@ -15,6 +15,8 @@ from shortcut_policy.datasets.augment import CropRandomizer
 
 
 class BasicBlock(nn.Module):
+    """ResNet basic block (two 3x3 convs, identity or 1x1 projection shortcut) with GroupNorm(C/16) in place of
+    BatchNorm, as Diffusion Policy's ``replace_bn_with_gn``."""
     def __init__(self, cin: int, cout: int, stride: int = 1):
         super().__init__()
         gn = lambda c: nn.GroupNorm(max(1, c // 16), c)  # noqa: E731  (DP: BatchNorm -> GroupNorm(C/16))
@@ -25,6 +27,7 @@ class BasicBlock(nn.Module):
             self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), gn(cout))
 
     def forward(self, x):
+        """Feature map (B, cin, H, W) -> (B, cout, H / stride, W / stride)."""
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         return F.relu(out + (x if self.down is None else self.down(x)))
@@ -47,6 +50,7 @@ class ResNet18Conv(nn.Module):
         self.out_channels = cin
 
     def forward(self, x):
+        """Images (B, C, H, W) -> feature map (B, 8 * width, H/32, W/32)."""
         return self.layers(self.stem(x))
 
 
@@ -59,6 +63,8 @@ class SpatialSoftmax(nn.Module):
         self.temperature = temperature
 
     def forward(self, feat):
+        """Feature map (B, C, H, W) -> keypoints (B, 2K): per keypoint map the softmax-weighted mean (x, y) in
+        [-1, 1] image coordinates (Levine et al. 2016; robomimic's SpatialSoftmax)."""
         B, _, H, W = feat.shape
         h = self.kp(feat).flatten(2) / self.temperature
         attn = torch.softmax(h, dim=-1)
@@ -70,6 +76,9 @@ class SpatialSoftmax(nn.Module):
 
 
 class ImageEncoder(nn.Module):
+    """One camera's encoder (Diffusion Policy's robomimic ResNet18 variant): random crop in training / centre crop in
+    eval (``crop_shape``), ResNet18 trunk with GroupNorm, spatial softmax over ``num_kp`` keypoints, Linear to
+    ``feature_dim``, ReLU."""
     def __init__(self, image_shape: Sequence[int], crop_shape: Sequence[int] | None = None, feature_dim: int = 64,
                  num_kp: int = 32, width: int = 64):
         super().__init__()
@@ -81,6 +90,7 @@ class ImageEncoder(nn.Module):
         self.feature_dim = feature_dim
 
     def forward(self, img):  # (B, C, H, W) in the normaliser's [-1, 1]
+        """Images (B, C, H, W) in the normaliser's [-1, 1] -> features (B, feature_dim)."""
         return F.relu(self.proj(self.pool(self.backbone(self.crop(img)))))
 
 
@@ -107,6 +117,8 @@ class ObsEncoder(nn.Module):
         self.out_dim = per_step * self.n_obs_steps
 
     def forward(self, nobs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Normalised observations {key: (B, T >= To, ...)} -> global condition (B, out_dim); only the first
+        ``n_obs_steps`` (To) steps are used."""
         feats = []
         B = None
         for k in self.image_keys:

@@ -22,11 +22,15 @@ from .embeddings import SinusoidalMLPEmbedder
 
 
 class Conv1dBlock(nn.Sequential):
+    """Conv1d (same padding) -> GroupNorm(n_groups) -> Mish: (B, cin, T) -> (B, cout, T)."""
     def __init__(self, cin: int, cout: int, k: int, n_groups: int = 8):
         super().__init__(nn.Conv1d(cin, cout, k, padding=k // 2), nn.GroupNorm(n_groups, cout), nn.Mish())
 
 
 class ConditionalResidualBlock1D(nn.Module):
+    """Diffusion Policy's FiLM residual block: two :class:`Conv1dBlock` with the condition applied between them
+    as ``scale * x + bias`` (``cond_predict_scale``) or ``x + bias``, plus a 1x1 conv residual when the widths differ.
+    """
     def __init__(self, cin: int, cout: int, cond_dim: int, k: int = 5, n_groups: int = 8, cond_predict_scale: bool = True):
         super().__init__()
         self.blocks = nn.ModuleList([Conv1dBlock(cin, cout, k, n_groups), Conv1dBlock(cout, cout, k, n_groups)])
@@ -35,6 +39,7 @@ class ConditionalResidualBlock1D(nn.Module):
         self.residual_conv = nn.Conv1d(cin, cout, 1) if cin != cout else nn.Identity()
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """x (B, cin, T), cond (B, cond_dim) -> (B, cout, T)."""
         out = self.blocks[0](x)
         emb = self.cond_encoder(cond).unsqueeze(-1)
         if self.cond_predict_scale:
@@ -99,6 +104,10 @@ class UNet1D(nn.Module):
         self.horizon_multiple = 2 ** (len(self.down_dims) - 1)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, d_level: torch.Tensor | None = None, cond: torch.Tensor | None = None):
+        """x (B, T, Da) at time t (B,) in [0, 1], step input ``d_level`` (B,) (required when ``use_step_size``) and the
+        global condition ``cond`` (B, global_cond_dim) -> (B, T, Da). T must be a multiple of 2^(levels - 1); scalars t /
+        d_level broadcast. Raises ``ValueError`` for a wrong x or cond shape, a T that does not divide, or a missing
+        d_level."""
         if x.dim() != 3 or x.shape[-1] != self.input_dim:
             raise ValueError(f"UNet1D: x must be (B, T, {self.input_dim}), got {tuple(x.shape)}")
         B, T, _ = x.shape

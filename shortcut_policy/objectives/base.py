@@ -26,6 +26,10 @@ class Objective(nn.Module):
     # --- checks -----------------------------------------------------------------------------------
     @staticmethod
     def check_data(x1: torch.Tensor, what: str = "x1") -> None:
+        """Validate a data batch: a floating-point torch tensor (B, ...) with B >= 1 rows, all finite.
+
+        Raises ``TypeError`` (not a tensor / not floating point) or ``ValueError`` (fewer than 2 dims, NaN or inf),
+        naming ``what``."""
         if not isinstance(x1, torch.Tensor):
             raise TypeError(f"{what}: expected a torch.Tensor, got {type(x1).__name__}")
         if not x1.is_floating_point():
@@ -37,15 +41,20 @@ class Objective(nn.Module):
 
     @staticmethod
     def check_loss(loss: torch.Tensor) -> torch.Tensor:
+        """Return ``loss`` (a scalar) unchanged, or raise ``FloatingPointError`` when it is NaN or inf (a
+        diverged step: usually the learning rate or un-normalised data)."""
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss {loss.item()}: check the learning rate and the data normalisation")
         return loss
 
     @staticmethod
     def row_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Per-row mean squared error in float32: pred, target (B, ...) -> (B,) (mean over all non-batch dims)."""
         return ((pred.float() - target.float()) ** 2).flatten(1).mean(1)
 
     def check_steps(self, steps) -> int:
+        """Validate a sampling step count for this objective: a power of two in 1..M (see
+        :func:`shortcut_policy.conventions.check_steps`); returns it as an int, raises ``ValueError`` otherwise."""
         return check_steps(steps, self.m)
 
     @staticmethod
@@ -64,7 +73,17 @@ class Objective(nn.Module):
         return x
 
     def loss(self, net, x1, cond=None, *, teacher=None, null_cond=None, x0=None, teacher_cond=None):
+        """Training loss on a data batch ``x1`` (B, ...): returns ``(loss, info)`` with ``loss`` a scalar tensor to
+        back-propagate and ``info`` a dict of floats to log.
+
+        ``cond`` (B, ...) conditions the net (observation features, class labels); ``teacher`` is the network that builds
+        self-consistency targets (EMA or online); ``null_cond`` is the unconditional label for classifier-free guidance;
+        ``x0`` (B, ...) fixes the noise (tests); ``teacher_cond`` is the teacher's condition when it differs from ``cond``.
+        Subclasses implement it."""
         raise NotImplementedError
 
     def sample(self, net, x0, cond=None, *, steps: int, null_cond=None, cfg_scale=None):
+        """Integrate from noise ``x0`` (B, ...) at t = 0 to a sample at t = 1 (shaped like x0) in ``steps`` network
+        evaluations, conditioned on ``cond``; ``cfg_scale`` overrides the objective's guidance scale (None keeps it).
+        Subclasses implement it."""
         raise NotImplementedError

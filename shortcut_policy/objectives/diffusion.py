@@ -15,6 +15,11 @@ from .guidance import drop_cond, guided
 
 
 class Diffusion(Objective):
+    """DDPM with epsilon prediction (Ho et al. 2020) as configured by Diffusion Policy (Chi et al. 2023):
+    K = ``num_train_timesteps`` training steps, ``squaredcos_cap_v2`` betas, clipped samples, fixed-small variance.
+
+    Sampling runs diffusers' ``DDPMScheduler`` or ``DDIMScheduler`` (``sampler``) over ``steps`` <= K steps. The
+    net is called as net(x_k (B, ...), t = 1 - k/K (B,), level = log2(M) (B,), cond)."""
     name = "diffusion"
     takes_generator = True
 
@@ -33,14 +38,21 @@ class Diffusion(Objective):
         self.prediction_type, self.class_dropout_prob, self.cfg_scale = prediction_type, class_dropout_prob, cfg_scale
 
     def net_t(self, k: torch.Tensor) -> torch.Tensor:
+        """The net's time input for DDPM steps k (B,) long: t = 1 - k/K (float), so that t = 0 is pure noise and t = 1
+        data, as for the flow objectives."""
         return 1.0 - k.float() / self.K
 
     def check_steps(self, steps) -> int:
+        """Validate a sampling step count: an integer in 1..K (any count, not only powers of two); raises
+        ``ValueError`` otherwise."""
         if isinstance(steps, bool) or int(steps) != steps or not 1 <= int(steps) <= self.K:
             raise ValueError(f"steps={steps!r}: diffusion sampling expects an integer in 1..{self.K}")
         return int(steps)
 
     def loss(self, net, x1, cond=None, *, teacher=None, null_cond=None, x0=None, teacher_cond=None):
+        """DDPM loss on x1 (B, ...): k ~ U{0..K-1}, x_k = sqrt(abar_k) x1 + sqrt(1 - abar_k) eps, and the MSE of
+        net(x_k, 1 - k/K, log2 M, cond) against eps (``prediction_type="epsilon"``) or x1 (``"sample"``). Class dropout
+        with ``class_dropout_prob``. Returns ``(loss, {"loss": float})``."""
         self.check_data(x1)
         B = x1.shape[0]
         noise = torch.randn_like(x1) if x0 is None else x0
@@ -55,6 +67,9 @@ class Diffusion(Objective):
     @torch.no_grad()
     def sample(self, net, x0, cond=None, *, steps: int, null_cond=None, cfg_scale=None, sampler: str | None = None,
                generator=None):
+        """Denoise x0 ~ N(0, I) (B, ...) in ``steps`` scheduler steps (``sampler`` "ddpm" or "ddim"; default the
+        objective's). DDPM draws fresh noise at every step from ``generator`` (a ``torch.Generator`` or None).
+        Classifier-free guidance with ``cfg_scale`` (None: the objective's). Returns the sample, shaped like x0."""
         n = self.check_steps(steps)
         sampler = sampler or self.sampler
         sched = self.ddpm if sampler == "ddpm" else self.ddim

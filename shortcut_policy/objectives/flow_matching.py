@@ -25,11 +25,16 @@ class FlowMatching(Objective):
         self.t_sampling, self.class_dropout_prob, self.cfg_scale = t_sampling, class_dropout_prob, cfg_scale
 
     def sample_t(self, n, device, generator=None):
+        """n training times (n,) in [0, 1): on the grid {k/M} (``t_sampling="discrete"``, the reference) or
+        uniform; drawn from ``generator`` when given."""
         if self.t_sampling == "discrete":
             return discrete_t(n, self.m, device, generator)
         return torch.rand(n, device=device, generator=generator)
 
     def loss(self, net, x1, cond=None, *, teacher=None, null_cond=None, x0=None, teacher_cond=None):
+        """Flow-matching loss on x1 (B, ...): MSE between net(x_t, t, log2 M, cond) and the velocity
+        x1 - (1 - eps) x0, x_t from :func:`~shortcut_policy.conventions.interpolate`. Class dropout with
+        ``class_dropout_prob``. Returns ``(loss, {"loss", "loss_flow"})``."""
         self.check_data(x1)
         B = x1.shape[0]
         x0 = torch.randn_like(x1) if x0 is None else x0
@@ -42,6 +47,8 @@ class FlowMatching(Objective):
 
     @torch.no_grad()
     def sample(self, net, x0, cond=None, *, steps: int, null_cond=None, cfg_scale=None):
+        """Euler integration from x0 (B, ...) in ``steps`` steps of size 1/N, the level input held at log2 M;
+        classifier-free guidance with ``cfg_scale`` (None: the objective's). Returns x at t = 1."""
         n = self.check_steps(steps)
         scale = self.cfg_scale if cfg_scale is None else cfg_scale
         return self.euler(net, x0, cond, n, float(self.log2_m), null_cond, scale)

@@ -5,6 +5,8 @@ import torch
 
 
 def null_like(cond: torch.Tensor, null_cond) -> torch.Tensor:
+    """The null (unconditional) condition ``null_cond`` broadcast to the shape, dtype and device of ``cond``
+    (B, ...); a fresh tensor, safe to modify."""
     return torch.as_tensor(null_cond, device=cond.device, dtype=cond.dtype).expand_as(cond).clone()
 
 

@@ -71,6 +71,8 @@ class LiveReflow(Objective):
         self.class_dropout_prob, self.cfg_scale = float(class_dropout_prob), cfg_scale
 
     def n_reflow(self, batch: int) -> int:
+        """Number of reflow (one-step distillation) rows in a batch of ``batch`` rows:
+        round(batch * bootstrap_fraction)."""
         return int(round(batch * self.bootstrap_fraction))
 
     @torch.no_grad()

@@ -26,6 +26,8 @@ class Regression(Objective):
         super().__init__(m)
 
     def _inputs(self, like: torch.Tensor):
+        """The fixed network inputs for a batch shaped like ``like`` (B, ...): x = zeros (B, ...), t = 0 (B,),
+        level = log2 M (B,)."""
         B = like.shape[0]
         zeros_t = torch.zeros(B, device=like.device, dtype=like.dtype)
         level = torch.full((B,), float(self.log2_m), device=like.device, dtype=like.dtype)

@@ -1,4 +1,5 @@
-"""Shortcut models (Frans et al. 2024), following the reference implementation's get_targets.
+"""Shortcut models (Frans et al. 2024), following the reference implementation's get_targets
+(kvfrans/shortcut-models targets_shortcut.py).
 
 A batch is split into bootstrap (self-consistency) rows first and flow-matching rows after.
 - FM rows: level log2(M) (d = 1/M), t on {k/M}, target x1 - (1-eps) x0, class dropout here only.
@@ -21,6 +22,15 @@ from .timesteps import discrete_t, global_levels_for_rank, t_on_level_grid
 
 
 class Shortcut(Objective):
+    """The shortcut-model objective (Frans et al. 2024, "One Step Diffusion via Shortcut Models"): a velocity net
+    conditioned on the step size d = 2^-level, trained with flow matching at d = 1/M plus self-consistency
+    (bootstrap) targets for larger d, so that it samples in 1, 2, 4, ..., M steps.
+
+    ``bootstrap_fraction`` of each batch are bootstrap rows (their levels allocated by ``level_allocation``:
+    "reference", "cycle" or "dt_bias"); ``clip`` bounds targets and teacher states (the reference's +-4);
+    ``target_depth`` teacher steps build a target (2 = the reference's two half steps); ``teacher`` "online" or
+    "ema" picks the network that builds targets (read by the trainer). Raises ``ValueError`` for an invalid
+    ``target_depth``, ``bootstrap_fraction`` or ``teacher``. Module docstring: the batch layout."""
     name = "shortcut"
     uses_step_size = True
 
@@ -42,9 +52,12 @@ class Shortcut(Objective):
         self.teacher = teacher  # read by the trainer / model to pick the teacher network
 
     def n_bootstrap(self, batch: int) -> int:
+        """Number of bootstrap (self-consistency) rows in a batch of ``batch`` rows:
+        round(batch * bootstrap_fraction)."""
         return int(round(batch * self.bootstrap_fraction))
 
     def _clip(self, x):
+        """x clamped to [-clip, clip] (unchanged when ``clip`` is None)."""
         return x if self.clip is None else x.clamp(-self.clip, self.clip)
 
     def substeps(self, levels: torch.Tensor) -> torch.Tensor:
@@ -80,6 +93,10 @@ class Shortcut(Objective):
         return target
 
     def loss(self, net, x1, cond=None, *, teacher=None, null_cond=None, x0=None, teacher_cond=None):
+        """Shortcut loss on x1 (B, ...): bootstrap rows first (levels 0..log2 M - 1, targets from ``teacher``),
+        flow-matching rows after (level log2 M); one unweighted MSE over all rows. Raises ``ValueError`` when the batch
+        leaves no bootstrap or no flow-matching row. Returns ``(loss, info)`` with ``loss_bootstrap``, ``loss_flow`` and
+        ``bootstrap_ratio``."""
         self.check_data(x1)
         B, dev = x1.shape[0], x1.device
         nb = self.n_bootstrap(B)

@@ -1,4 +1,4 @@
-"""Time and step-level sampling shared by the objectives (reference: targets_shortcut.py)."""
+"""Time and step-level sampling shared by the objectives (reference: kvfrans/shortcut-models targets_shortcut.py)."""
 from __future__ import annotations
 
 import warnings
@@ -55,6 +55,7 @@ def allocate_levels(n: int, log2_m: int = LOG2_M, mode: str = "reference") -> to
 
 
 def dist_rank_world() -> tuple[int, int]:
+    """(rank, world size) of the torch.distributed process group, (0, 1) when none is initialised."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():

@@ -13,6 +13,8 @@ FORMAT_VERSION = 1
 
 
 def save_checkpoint(path, payload: dict) -> Path:
+    """Write ``{"format_version": FORMAT_VERSION, **payload}`` with ``torch.save`` to ``path`` atomically (temp file
+    + rename; a killed write leaves the previous checkpoint intact). Returns ``path``."""
     path = Path(path)
     with atomic_path(path) as tmp:
         torch.save({"format_version": FORMAT_VERSION, **payload}, tmp)
@@ -20,6 +22,10 @@ def save_checkpoint(path, payload: dict) -> Path:
 
 
 def load_checkpoint(path, map_location="cpu") -> dict:
+    """Load a checkpoint written by :func:`save_checkpoint` onto ``map_location`` (default CPU).
+
+    Raises ``FileNotFoundError`` when ``path`` is not a file and ``ValueError`` when it is not a readable torch file
+    or lacks the ``cfg`` / ``model`` entries of a shortcut_policy checkpoint."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path}: no such file")
@@ -42,6 +48,9 @@ class TopK:
         self.entries: list[dict] = json.loads(self.index_path.read_text()) if self.index_path.exists() else []
 
     def consider(self, step: int, score: float, payload: dict) -> Path | None:
+        """Save ``payload`` as ``step<step>-<key>_<score>.ckpt`` when ``score`` (higher is better) is among the k best so
+        far, delete the checkpoint it displaces and rewrite ``topk.json``. Returns the new file's path, or None when
+        the score does not make the top k (or k = 0, or score is None)."""
         if self.k <= 0 or score is None:
             return None
         if len(self.entries) >= self.k and score <= min(e["score"] for e in self.entries):
@@ -68,4 +77,5 @@ class TopK:
         atomic_write_text(self.index_path, json.dumps(self.entries, indent=1))
 
     def best(self) -> Path | None:
+        """Path of the best checkpoint kept so far, or None."""
         return self.dir / self.entries[0]["path"] if self.entries else None

@@ -11,6 +11,10 @@ from ..utils import atomic_write_text
 
 
 class Logger:
+    """Metrics of a run: one JSON object per line in ``<run_dir>/logs.jsonl`` and, with ``logger.kind=wandb``, wandb
+    (offline unless ``WANDB_MODE`` / ``logger.mode`` say otherwise; the run id is the run directory's name, so a
+    resumed run appends). ``enabled=False`` (non-zero DDP ranks) makes every method a no-op. Raises ``ValueError``
+    for an unknown ``logger.kind``."""
     def __init__(self, run_dir, cfg=None, logger_cfg=None, enabled: bool = True):
         self.enabled = enabled
         self.path = Path(run_dir) / "logs.jsonl"
@@ -30,6 +34,7 @@ class Logger:
             raise ValueError(f"logger.kind={kind!r}: expected 'wandb' or 'none'")
 
     def log(self, metrics: dict, step: int) -> None:
+        """Append ``{"step": step, **metrics}`` to logs.jsonl (only int, float and str values; wandb gets all)."""
         if not self.enabled:
             return
         row = {"step": int(step), **{k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}}
@@ -46,6 +51,7 @@ class Logger:
         atomic_write_text(self.path, "".join(ln + "\n" for ln in keep))
 
     def finish(self):
+        """Close the wandb run, if any (the JSON-lines file needs no closing)."""
         if self.wandb is not None:
             self.wandb.finish()
             self.wandb = None

@@ -31,6 +31,7 @@ from .logging import Logger
 
 
 def seed_everything(seed: int) -> None:
+    """Seed Python's ``random``, NumPy's global RNG (seed mod 2^32) and torch (CPU and CUDA) with ``seed``."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -54,6 +55,8 @@ def setup_distributed(device_name="auto"):
 
 
 def to_device(batch, device):
+    """Move every tensor in a (nested) dict / list / tuple batch to ``device`` (non-blocking); other values pass through.
+    """
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=True)
     if isinstance(batch, dict):
@@ -64,6 +67,9 @@ def to_device(batch, device):
 
 
 def make_lr_lambda(schedule: str, warmup: int, total: int):
+    """The LR multiplier as a function of the optimiser step s (for ``LambdaLR``): linear warm-up (s + 1) / warmup
+    for s < warmup, then 1 (``"constant"``) or a half cosine from 1 to 0 over the remaining ``total - warmup`` steps
+    (``"cosine"``). Raises ``ValueError`` for another schedule."""
     if schedule == "constant":
         return lambda s: min(1.0, (s + 1) / warmup) if warmup > 0 else 1.0
     if schedule == "cosine":
@@ -122,6 +128,7 @@ RESUME_COMPARED = ("net", "objective", "task", "train")
 
 
 def _flatten(d, prefix="") -> dict:
+    """Nested dict -> {"a.b.c": leaf} (``prefix`` ends with a dot); a non-dict is one leaf."""
     out = {}
     if isinstance(d, dict):
         for k, v in d.items():
@@ -165,6 +172,11 @@ def check_resume(cfg, ckpt_cfg, ckpt_path) -> dict:
 
 
 class Trainer:
+    """Trains ``model`` (forward(batch, teacher=None) -> (loss, info)) with the ``train`` section of ``cfg``: AdamW, the LR
+    schedule, EMA, bf16 autocast on CUDA, gradient clipping, periodic evaluation (``evaluator(model, step) -> dict``),
+    last + top-k checkpoints in ``<run_dir>/checkpoints`` and logging. Batches come from ``batches`` (an iterator)
+    or ``train_dataset`` (:func:`infinite_loader`). An existing ``checkpoints/last.ckpt`` is resumed (see
+    :meth:`load`); ``train.init_weights`` starts from another run's weights. Raises ``ValueError`` without data."""
     def __init__(self, model: nn.Module, cfg, run_dir, train_dataset=None, batches=None, evaluator=None,
                  val_dataset=None, progress: bool = True):
         self.cfg, self.tcfg = cfg, cfg.train
@@ -218,6 +230,8 @@ class Trainer:
 
     # --- state ------------------------------------------------------------------------------------------
     def payload(self, metrics=None) -> dict:
+        """The checkpoint contents: resolved config, online and EMA weights, optimiser and scheduler state, step,
+        ``metrics``, the best evaluation so far and the RNG states (torch, NumPy, Python)."""
         return {
             "cfg": OmegaConf.to_container(self.cfg, resolve=True),
             "model": self.model.state_dict(), "ema": self.ema.state_dict(),
@@ -290,15 +304,21 @@ class Trainer:
                   "optimiser and schedule start fresh", flush=True)
 
     def save_last(self, metrics=None) -> None:
+        """Write ``checkpoints/last.ckpt`` (rank 0 only) with ``metrics``."""
         if self.is_main:
             save_checkpoint(self.ckpt_dir / "last.ckpt", self.payload(metrics))
 
     # --- training -----------------------------------------------------------------------------------------
     def teacher(self):
+        """The network that builds self-consistency targets: the EMA copy when the objective's ``teacher`` is "ema"
+        (the default for objectives without one), else the online model."""
         mode = getattr(getattr(self.model, "objective", None), "teacher", "ema")
         return self.ema.model if mode == "ema" else self.model
 
     def train_step(self, batch) -> dict:
+        """One optimiser step on ``batch``: loss (bf16 autocast on CUDA), backward, optional gradient clipping
+        (``train.grad_clip``), AdamW and scheduler steps, EMA update. Returns the objective's info plus ``lr``,
+        ``ema_decay`` and ``grad_norm`` (when clipping)."""
         self.model.train()
         batch = to_device(batch, self.device)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
@@ -316,6 +336,9 @@ class Trainer:
         return info
 
     def evaluate(self) -> dict:
+        """Run the evaluator on the EMA (``train.eval_model=ema``) or online weights without disturbing the training RNG
+        streams; updates the best metrics and offers a top-k checkpoint when ``train.topk_key`` is among the results.
+        Returns the metrics ({} on non-zero ranks or without an evaluator)."""
         if self.evaluator is None or not self.is_main:
             return {}
         which = self.tcfg.get("eval_model", "ema")
@@ -334,6 +357,10 @@ class Trainer:
         return metrics
 
     def fit(self) -> dict:
+        """Train until ``train.num_steps`` (or ``train.max_minutes``), logging every ``log_every`` steps, evaluating every
+        ``eval_every`` steps (and once at the end), checkpointing every ``checkpoint_every`` steps and at the end.
+        Returns ``steps``, the last ``train_loss``, ``minutes``, ``stopped_early``, the ``checkpoint`` path and
+        ``best_<metric>`` values."""
         t0 = time.time()
         max_min = self.tcfg.get("max_minutes")
         log_every, eval_every = int(self.tcfg.log_every), int(self.tcfg.get("eval_every") or 0)
