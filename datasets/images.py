@@ -28,6 +28,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", "
 
 
 def _is_image(p: Path) -> bool:
+    """Whether ``p`` is a visible regular file with an image extension (``IMAGE_EXTENSIONS``, case-insensitive)."""
     return p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
 
 
@@ -73,6 +74,8 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
 
 
 def load_image(path: Path, size: int, mode: str = "RGB") -> Image.Image:
+    """Read ``path`` with PIL, convert to ``mode`` ("RGB" or "L"), centre-crop to the short side and resize to ``size``
+    x ``size`` pixels (antialiased bilinear). Raises ``OSError`` naming the file when PIL cannot read it."""
     try:
         with Image.open(path) as im:
             im = im.convert(mode)
@@ -147,6 +150,7 @@ class ImageFolderDataset(Dataset):
         return len(self.items)
 
     def load(self, i: int, flip: bool = False) -> torch.Tensor:
+        """Image ``i`` as a float tensor (C, S, S) in [-1, 1], mirrored horizontally when ``flip``."""
         path, _ = self.items[i]
         img = load_image(path, self.image_size, self.mode)
         if flip:

@@ -63,6 +63,7 @@ def load_vae(path, device="cpu"):
 
 
 def vae_downsample(vae) -> int:
+    """The VAE's spatial downsampling factor, 2^(number of encoder blocks - 1) (8 for the SD VAE)."""
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
@@ -80,6 +81,9 @@ def decode(vae, z: torch.Tensor, scale: float = VAE_LATENT_SCALE) -> torch.Tenso
 
 
 def items_source(cfg_task, max_items=None):
+    """The image dataset a task encodes: scikit-learn digits (``task.source=digits``) or an image folder
+    (``task.data_dir``, default source), without random flips; ``max_items`` caps a folder's size. Raises
+    ``ValueError`` for another source."""
     source = cfg_task.get("source", "folder")
     if source == "digits":
         return DigitsDataset(int(cfg_task.image_size), split=cfg_task.get("split", "train"))
@@ -90,6 +94,8 @@ def items_source(cfg_task, max_items=None):
 
 
 def _load_plain(ds, i, flip):
+    """Image ``i`` of ``ds`` (C, H, W) in [-1, 1], mirrored when ``flip``: through ``ds.load`` when the dataset has
+    one (no random flip), else ``ds[i]["x"]``."""
     if hasattr(ds, "load"):
         return ds.load(i, flip)
     x = ds[i]["x"]
@@ -204,6 +210,7 @@ class LatentDataset(Dataset):
         return len(self.labels)
 
     def _get(self, k, i):
+        """Row ``i`` of array ``k`` as a tensor (from memory, or read from the zarr store)."""
         a = self.arrays[k][i]
         return a if self.in_memory else torch.from_numpy(np.asarray(a))
 

@@ -37,10 +37,13 @@ _STAT_NAMES = ("min", "max", "mean", "std")
 
 
 class NormalizerError(ValueError):
+    """A normaliser cannot be fit, loaded or applied (unknown mode, non-finite or empty data, a field that was not
+    fit, a feature count that does not match). A ``ValueError``."""
     pass
 
 
 def _as_tensor(x) -> torch.Tensor:
+    """A torch tensor for ``x`` (returned as is) or for an array-like (contiguous NumPy copy, then shared memory)."""
     if isinstance(x, torch.Tensor):
         return x
     return torch.from_numpy(np.ascontiguousarray(np.asarray(x)))
@@ -52,6 +55,8 @@ class _ResizingBuffers(nn.Module):
     _names: tuple[str, ...] = ()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        """Re-create each buffer listed in ``_names`` with the shape and dtype of the incoming state_dict entry before
+        the usual load, so an empty (unfit) normaliser can load fitted parameters."""
         for name in self._names:
             key = prefix + name
             if key in state_dict:
@@ -64,6 +69,8 @@ class _ResizingBuffers(nn.Module):
 
 
 class _InputStats(_ResizingBuffers):
+    """Per-feature statistics of the data a field was fit on (``min``, ``max``, ``mean``, ``std``, each (D,)), kept as
+    buffers so that they travel with checkpoints."""
     _names = _STAT_NAMES
 
     def __init__(self):
@@ -93,10 +100,12 @@ class SingleFieldLinearNormalizer(_ResizingBuffers):
     # ------------------------------------------------------------------ construction
     @classmethod
     def create_manual(cls, scale, offset, input_stats: Mapping[str, object] | None = None, mode: str = "manual"):
+        """A field with the given ``scale`` and ``offset`` (array-likes of the same length D, or 1 to broadcast)."""
         return cls(scale, offset, input_stats, mode=mode)
 
     @classmethod
     def create_identity(cls, dim: int = 1, input_stats=None):
+        """A field that leaves ``dim`` features unchanged (scale 1, offset 0)."""
         return cls(torch.ones(dim), torch.zeros(dim), input_stats, mode="identity")
 
     @classmethod
@@ -115,6 +124,14 @@ class SingleFieldLinearNormalizer(_ResizingBuffers):
         range_eps: float = 1e-4,
         name: str = DEFAULT_KEY,
     ) -> "SingleFieldLinearNormalizer":
+        """Fit a field on ``data`` (..., D) (NumPy or torch; flattened to rows of D features).
+
+        Modes (Diffusion Policy's ``LinearNormalizer`` conventions): "limits" maps each feature's [min, max] to
+        [output_min, output_max] (a feature whose range is below ``range_eps`` is only centred); "identity";
+        "image" (fixed [0, 1] -> [-1, 1]); "max_abs" divides every feature by the largest absolute value; "gaussian"
+        standardises each feature (std below ``range_eps`` counts as 1). A list of [mode, width] pairs fits
+        consecutive feature groups with their own modes. Raises :class:`NormalizerError` for an unknown mode, empty,
+        scalar, non-numeric or non-finite data."""
         if not isinstance(mode, str):
             return cls._create_fit_segments(data, mode, output_min, output_max, range_eps, name)
         if mode not in MODES:
@@ -190,6 +207,8 @@ class SingleFieldLinearNormalizer(_ResizingBuffers):
         return self.scale.numel() > 0
 
     def _params_for(self, x: torch.Tensor, name: str):
+        """(scale, offset) on x's device and dtype, checked against x's last dim (``name`` labels errors); raises
+        :class:`NormalizerError` when the field is unfit or the feature count differs."""
         if not self.is_fitted:
             raise NormalizerError(f"normalizer field {name!r} has no parameters (not fit and not loaded)")
         n = self.scale.shape[0]
@@ -201,26 +220,32 @@ class SingleFieldLinearNormalizer(_ResizingBuffers):
 
     @staticmethod
     def _prep(x) -> torch.Tensor:
+        """x as a tensor, converted to float32 unless it is already floating point."""
         x = _as_tensor(x)
         return x if x.is_floating_point() else x.to(torch.float32)
 
     def normalize(self, x, name: str = DEFAULT_KEY) -> torch.Tensor:
+        """x (..., D) in data units -> x * scale + offset (normalised units, [-1, 1] for "limits")."""
         x = self._prep(x)
         scale, offset = self._params_for(x, name)
         return x * scale + offset
 
     def unnormalize(self, x, name: str = DEFAULT_KEY) -> torch.Tensor:
+        """x (..., D) in normalised units -> (x - offset) / scale (data units)."""
         x = self._prep(x)
         scale, offset = self._params_for(x, name)
         return (x - offset) / scale
 
     def forward(self, x):
+        """Same as :meth:`normalize`."""
         return self.normalize(x)
 
     def get_input_stats(self) -> dict[str, torch.Tensor]:
+        """{"min", "max", "mean", "std"} of the data the field was fit on, each (D,)."""
         return {n: getattr(self.input_stats, n) for n in _STAT_NAMES}
 
     def extra_repr(self) -> str:
+        """``mode=..., dim=D`` in the module's repr."""
         return f"mode={self.mode}, dim={self.scale.numel()}"
 
 
@@ -272,34 +297,44 @@ class LinearNormalizer(nn.Module):
         return key in self.params_dict
 
     def keys(self) -> list[str]:
+        """Names of the fitted (or loaded) fields."""
         return list(self.params_dict.keys())
 
     # ------------------------------------------------------------------ use
     def _map(self, x, forward: bool):
+        """Apply every field of a dict (nested dicts key by key) or the default field of a bare array."""
         if isinstance(x, Mapping):
             return {k: self._apply_field(k, v, forward) for k, v in x.items()}
         return self._apply_field(DEFAULT_KEY, x, forward)
 
     def _apply_field(self, key, x, forward: bool):
+        """Normalise (``forward``) or unnormalise ``x`` with the field ``key``; nested dicts recurse key by key."""
         if isinstance(x, Mapping):  # nested dicts (e.g. {"obs": {...}}) are normalized key by key
             return {k: self._apply_field(k, v, forward) for k, v in x.items()}
         field = self[key]
         return field.normalize(x, key) if forward else field.unnormalize(x, key)
 
     def normalize(self, x):
+        """{key: (..., D_key)} (or one array for the default field) in data units -> the same structure in
+        normalised units. Raises :class:`NormalizerError` for a field that was not fit."""
         return self._map(x, True)
 
     def unnormalize(self, x):
+        """Inverse of :meth:`normalize`: normalised units -> data units, same structure."""
         return self._map(x, False)
 
     def forward(self, x):
+        """Same as :meth:`normalize`."""
         return self.normalize(x)
 
     def get_input_stats(self) -> dict[str, dict[str, torch.Tensor]]:
+        """{field: {"min", "max", "mean", "std"}} of the data each field was fit on."""
         return {k: f.get_input_stats() for k, f in self.params_dict.items()}
 
     # ------------------------------------------------------------------ loading
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        """Create an empty field for every field name in the incoming state_dict, then load (so a fresh
+        ``LinearNormalizer`` loads any checkpoint's normaliser)."""
         head = prefix + "params_dict."
         for key in state_dict:
             if key.startswith(head):

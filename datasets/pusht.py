@@ -32,6 +32,13 @@ PUSHT_OBS_TYPES: dict[str, dict] = {
 
 
 class PushTDataset(SequenceDataset):
+    """Diffusion Policy's Push-T demonstrations (zarr: img, state, keypoint, action) as training windows.
+
+    ``obs_type`` picks the observation: "keypoints" (obs = the 9 block keypoints (18) + agent position (2), in
+    pixels), "state" (agent x, y, block x, y, angle) or "image" (the RGB frames ``img`` + agent position). Windows are
+    ``horizon`` steps with ``n_obs_steps`` observations and ``n_action_steps`` executed actions (see
+    :class:`~shortcut_policy.datasets.zarr_dataset.SequenceDataset` for the splits and the other arguments).
+    Raises ``ValueError`` for an unknown ``obs_type``."""
     def __init__(
         self,
         zarr_path: str | os.PathLike,

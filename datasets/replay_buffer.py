@@ -90,6 +90,8 @@ def get_optimal_chunks(shape: tuple[int, ...], dtype, target_bytes: int = _CHUNK
 
 
 def _check_key(key: str, where: str) -> None:
+    """Raise :class:`ReplayBufferError` (naming ``where``) unless ``key`` is a non-empty name without "/" or a
+    leading "."."""
     if not isinstance(key, str) or not key or "/" in key or key.startswith("."):
         raise ReplayBufferError(f"{where}: invalid data key {key!r} (a non-empty name without '/' or leading '.')")
 
@@ -132,6 +134,8 @@ def _validate_layout(source: str, lengths: Mapping[str, int], episode_ends: np.n
 
 
 def _open_zarr_group(path: str | os.PathLike, mode: str):
+    """Open a zarr group directory (or a read-only ``.zip`` store) at ``path``. Raises ``FileNotFoundError`` when
+    it is missing and :class:`ReplayBufferError` when it is not a readable group (or a zip is opened for writing)."""
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"replay buffer {str(p)!r} does not exist")
@@ -150,6 +154,7 @@ _FLAT_CHUNK_KEY = re.compile(r"^\d+(\.\d+)+$")  # '0.0.0' (ndim >= 2, '.' separa
 
 
 async def _list_children(store, prefix: str) -> list[str]:
+    """Names directly under ``prefix`` in a zarr store (async: run through ``zarr``'s ``sync``)."""
     return [k async for k in store.list_dir(prefix)]
 
 
@@ -218,6 +223,8 @@ def _read_group_layout(root, source: str):
 
 
 def _select_keys(available: Iterable[str], keys, source: str) -> list[str]:
+    """The data keys to read: all of ``available`` (sorted) when ``keys`` is None, else ``keys`` (a name or a list)
+    in the given order. Raises ``KeyError`` naming ``source`` for a missing key."""
     available = list(available)
     if keys is None:
         return sorted(available)
@@ -245,6 +252,7 @@ class ReplayBuffer:
     # ---------------------------------------------------------------- construction
     @classmethod
     def create_empty_numpy(cls) -> "ReplayBuffer":
+        """An empty in-memory buffer (episodes are appended with :meth:`add_episode`)."""
         return cls(_backend="numpy", _data={}, _episode_ends=np.zeros((0,), np.int64))
 
     @classmethod
@@ -335,6 +343,7 @@ class ReplayBuffer:
         return None if self._root is None else int(self._root.metadata.zarr_format)
 
     def keys(self) -> list[str]:
+        """Names of the data arrays (``data/<key>``)."""
         return list(self._data.keys())
 
     def __contains__(self, key: str) -> bool:
@@ -361,6 +370,8 @@ class ReplayBuffer:
 
     # ---------------------------------------------------------------- episodes
     def _episode_index(self, i: int) -> int:
+        """Episode index ``i`` (negative counts from the end) as a non-negative int; ``IndexError`` when out of range.
+        """
         n = self.n_episodes
         j = int(i) + n if int(i) < 0 else int(i)
         if not 0 <= j < n:
@@ -368,11 +379,15 @@ class ReplayBuffer:
         return j
 
     def get_episode_slice(self, i: int) -> slice:
+        """The step range ``slice(start, end)`` of episode ``i`` in the flat data arrays (negative ``i`` from the end).
+        """
         j = self._episode_index(i)
         start = 0 if j == 0 else int(self._episode_ends[j - 1])
         return slice(start, int(self._episode_ends[j]))
 
     def get_episode(self, i: int, keys: Iterable[str] | None = None, copy: bool = False) -> dict[str, np.ndarray]:
+        """Episode ``i`` as {key: (T_i, ...) array} for ``keys`` (default all); ``copy=True`` returns independent
+        arrays instead of views of the in-memory buffer. Raises ``IndexError`` / ``KeyError``."""
         sl = self.get_episode_slice(i)
         out = {}
         for k in _select_keys(self._data.keys(), keys, self._source) if keys is not None else self.keys():

@@ -91,10 +91,13 @@ def rot6d_to_matrix(d6: np.ndarray) -> np.ndarray:
 
 
 def axis_angle_to_rot6d(aa: np.ndarray) -> np.ndarray:
+    """Axis-angle rotations (..., 3) in radians -> the 6-D rotation representation (..., 6) (Zhou et al. 2019:
+    the first two rows of the rotation matrix)."""
     return matrix_to_rot6d(axis_angle_to_matrix(aa))
 
 
 def rot6d_to_axis_angle(d6: np.ndarray) -> np.ndarray:
+    """6-D rotations (..., 6) -> axis-angle (..., 3) in radians (Gram-Schmidt back to a rotation matrix first)."""
     return matrix_to_axis_angle(rot6d_to_matrix(d6))
 
 
@@ -123,6 +126,7 @@ _DEMO_RE = re.compile(r"^demo_(\d+)$")
 
 
 def _open(path):
+    """Open a robomimic hdf5 read-only; ``FileNotFoundError`` when it does not exist."""
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"robomimic hdf5 {p} does not exist")
@@ -364,6 +368,8 @@ class RobomimicHdf5Writer:
         return False
 
     def _write(self, g, key, arr):
+        """Create dataset ``key`` in group ``g``: uint8 image stacks (N, H, W, C) gzip-compressed (level 4, one chunk per
+        frame) when ``compress_images``, everything else uncompressed."""
         arr = np.asarray(arr)
         if arr.dtype == np.uint8 and arr.ndim == 4 and self._compress:
             g.create_dataset(key, data=arr, compression="gzip", compression_opts=4, chunks=(1,) + arr.shape[1:])
@@ -451,6 +457,7 @@ class RobomimicHdf5Writer:
         return self.path
 
     def abort(self):
+        """Close and delete the temporary file without touching ``path`` (an error while writing); no-op once closed."""
         if not self._closed:
             try:
                 self._f.close()

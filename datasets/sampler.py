@@ -20,6 +20,9 @@ __all__ = ["create_indices", "get_val_mask", "downsample_mask", "SequenceSampler
 
 @numba.njit(cache=True)
 def _create_indices(episode_ends, sequence_length, episode_mask, pad_before, pad_after):
+    """Numba kernel of :func:`create_indices`: (n, 4) int64 rows (buffer_start, buffer_end, sample_start, sample_end)
+    for every window of ``sequence_length`` steps in the masked episodes, windows allowed to hang ``pad_before``
+    steps over an episode's start and ``pad_after`` over its end. Two passes: count, then fill."""
     n_rows = 0
     for i in range(len(episode_ends)):
         if not episode_mask[i]:
@@ -144,6 +147,9 @@ class SequenceSampler:
         return len(self.indices)
 
     def sample_sequence(self, idx: int) -> dict[str, np.ndarray]:
+        """Window ``idx`` as {key: (sequence_length, ...) array}: the episode's frames, the first / last frame
+        repeated where the window hangs over the episode's start / end (Diffusion Policy's padding). Keys in
+        ``key_first_k`` read only their first k frames (the rest NaN, or 0 for integer arrays)."""
         buffer_start, buffer_end, sample_start, sample_end = (int(v) for v in self.indices[idx])
         T = self.sequence_length
         out = {}

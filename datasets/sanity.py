@@ -94,6 +94,7 @@ class KeyStats:
     image_range: str | None = None
 
     def to_dict(self) -> dict:
+        """The statistics as JSON-ready plain Python values (non-finite floats as None)."""
         d = asdict(self)
         d["shape"] = list(self.shape)
         for k in ("min", "max", "mean", "std"):
@@ -192,6 +193,7 @@ class SanityReport:
 
 
 def _short(items: list, n: int = 8) -> str:
+    """At most ``n`` items of a list as "[a, b, ...] (N in all)" for messages."""
     shown = ", ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in items[:n])
     return f"[{shown}{', ...' if len(items) > n else ''}]" + (f" ({len(items)} in all)" if len(items) > n else "")
 
@@ -222,6 +224,9 @@ def _frame_batches(a, n: int, max_frames: int, subsample: bool) -> Iterator[tupl
 
 
 def _stats(key: str, a, role: str, max_frames: int, max_full_bytes: int) -> KeyStats:
+    """:class:`KeyStats` of one array ``a`` (N, ...) with the given role: min / max / mean / std (per dim unless it is an
+    image), non-finite counts, constant dims, all-zero and image-range checks. Images and arrays larger than
+    ``max_full_bytes`` are checked on about ``max_frames`` frames."""
     shape = tuple(int(v) for v in a.shape)
     n = shape[0]
     dtype = np.dtype(a.dtype)

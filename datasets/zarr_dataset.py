@@ -57,6 +57,7 @@ def parse_source(spec: str) -> tuple[str, slice]:
 
 
 def _as_list(v) -> list[str]:
+    """A key spec as a list of strings (one string becomes a one-element list)."""
     if isinstance(v, str):
         return [v]
     return [str(s) for s in v]
@@ -70,6 +71,7 @@ class _Fields:
         self.episode_ends = episode_ends
 
     def keys(self):
+        """Names of the fields (observation fields as "obs/<name>", then "action")."""
         return list(self._arrays)
 
     def __getitem__(self, k):
@@ -193,6 +195,9 @@ class SequenceDataset(Dataset):
     # ------------------------------------------------------------------ construction helpers
     @staticmethod
     def _images_fit(disk, image_src, images_in_memory) -> bool:
+        """Whether to load the image arrays into memory: ``images_in_memory`` when it is a bool, else ("auto") when
+        the buffer already is in memory or the images take at most ``DEFAULT_IMAGE_MEMORY_BYTES``. Raises
+        ``ValueError`` for another value."""
         if isinstance(images_in_memory, bool):
             return images_in_memory
         if images_in_memory != "auto":
@@ -204,6 +209,8 @@ class SequenceDataset(Dataset):
 
     @staticmethod
     def _concat(load, srcs, source, name) -> np.ndarray:
+        """One float32 field (N, D) from source keys with feature slices ``srcs`` [(key, slice)], each flattened after
+        the time dim and concatenated. Raises ``ValueError`` when a slice selects no feature."""
         parts = []
         for key, sl in srcs:
             a = load(key)
@@ -214,6 +221,8 @@ class SequenceDataset(Dataset):
         return np.ascontiguousarray(np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0])
 
     def _make_sampler(self, mask: np.ndarray) -> None:
+        """Index the windows of the episodes in ``mask`` (padding To - 1 + latency steps before an episode, Ta - 1
+        after it, as Diffusion Policy)."""
         self.episode_mask = np.asarray(mask, dtype=bool)
         pad_before = self.n_obs_steps - 1 + self.n_latency_steps
         pad_after = self.n_action_steps - 1
@@ -288,6 +297,7 @@ class SequenceDataset(Dataset):
         return normalizer
 
     def get_all_actions(self) -> torch.Tensor:
+        """Every action of the buffer (N, Da) as a float32 tensor (all episodes, not only this split)."""
         return torch.from_numpy(np.array(self._fields["action"]))
 
     @property
@@ -337,4 +347,5 @@ class SequenceDataset(Dataset):
 
 
 def _fmt(sl: slice) -> str:
+    """A slice as "[a:b]" for messages."""
     return f"[{'' if sl.start is None else sl.start}:{'' if sl.stop is None else sl.stop}]"

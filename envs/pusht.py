@@ -94,6 +94,7 @@ TEE_COG = (0.0, 45.0)
 
 
 def _add_walls(space: pymunk.Space) -> None:
+    """Add the four static wall segments (radius 2 px, along x, y in {5, 506}) to ``space``."""
     walls = [((5, 506), (5, 5)), ((5, 5), (506, 5)), ((506, 5), (506, 506)), ((5, 506), (506, 506))]
     for a, b in walls:
         seg = pymunk.Segment(space.static_body, a, b, 2)
@@ -102,6 +103,7 @@ def _add_walls(space: pymunk.Space) -> None:
 
 
 def _add_agent(space: pymunk.Space, position=AGENT_START) -> pymunk.Body:
+    """Add the kinematic agent disc (radius 15 px) at ``position`` (px) to ``space``; returns its body."""
     body = pymunk.Body(body_type=pymunk.Body.KINEMATIC)
     body.position = position
     body.friction = 1  # on the body, as in the original: has no effect on contacts (quirk kept)
@@ -112,6 +114,8 @@ def _add_agent(space: pymunk.Space, position=AGENT_START) -> pymunk.Body:
 
 
 def _add_tee(space: pymunk.Space, position=BLOCK_START, angle: float = 0.0) -> pymunk.Body:
+    """Add the T block (mass 1, two box parts, the original's inertia) at ``position`` (px, body origin) and ``angle``
+    (rad) to ``space``; returns its body."""
     mass = 1.0
     # Inertia bug of the original kept: the bar's vertices are used for both parts.
     inertia = 2.0 * pymunk.moment_for_poly(mass, vertices=TEE_BAR)
@@ -144,6 +148,8 @@ def build_space(with_walls: bool = True):
 # Coverage (shapely). The T is two convex parts with disjoint interiors, so area(goal ∩ block) is the sum of
 # the four pairwise part intersections; this is what the original's MultiPolygon intersection computes.
 def tee_world_polygons(pos, angle) -> list[np.ndarray]:
+    """The T's two convex parts as world-frame vertex arrays [(4, 2), (4, 2)] (px) for a body at ``pos`` (px) with
+    ``angle`` (rad)."""
     c, s = np.cos(angle), np.sin(angle)
     rot = np.array([[c, -s], [s, c]])
     return [np.asarray(v) @ rot.T + np.asarray(pos, dtype=np.float64) for v in (TEE_BAR, TEE_STEM)]
@@ -151,6 +157,7 @@ def tee_world_polygons(pos, angle) -> list[np.ndarray]:
 
 @functools.lru_cache(maxsize=1)
 def _goal_polygons():
+    """The goal T's two parts as shapely polygons (cached: the goal pose is fixed)."""
     return shapely.polygons(np.stack(tee_world_polygons(GOAL_POSE[:2], GOAL_POSE[2])))
 
 
@@ -165,16 +172,20 @@ def coverage_of_pose(pos, angle) -> float:
 # ---------------------------------------------------------------------------------------------------------
 # Rendering, in the style of Diffusion Policy's pymunk debug-draw override (light fill, 2 px edges).
 def _light(color) -> tuple[int, int, int, int]:
+    """A fill colour 20 % lighter (each channel x1.2, capped at 255) for the shapes' interiors."""
     return tuple(int(min(1.2 * float(c), 255.0)) for c in color)
 
 
 class _DrawOptions(pymunk.pygame_util.DrawOptions):
+    """pymunk's pygame debug drawer restyled like Diffusion Policy's renderer: light fill with 2 px edges."""
     def draw_circle(self, pos, angle, radius, outline_color, fill_color):  # noqa: D401
+        """Draw a circle (the agent) as a filled disc with a lighter inner disc."""
         p = pymunk.pygame_util.to_pygame(pos, self.surface)
         pygame.draw.circle(self.surface, fill_color.as_int(), p, round(radius), 0)
         pygame.draw.circle(self.surface, _light(fill_color), p, round(radius - 4), 0)
 
     def draw_polygon(self, verts, radius, outline_color, fill_color):
+        """Draw a polygon (a T part) lightly filled, with 2 px edges in the shape's colour."""
         pts = [pymunk.pygame_util.to_pygame(v, self.surface) for v in verts]
         pygame.draw.polygon(self.surface, _light(fill_color), pts + [pts[0]])
         for i in range(len(verts)):
@@ -225,6 +236,7 @@ def compute_local_keypoints(n: int = N_KEYPOINTS, seed: int = 0) -> np.ndarray:
 
 
 def keypoints_global(local_kps: np.ndarray, pos, angle) -> np.ndarray:
+    """Body-local keypoints (K, 2) placed at ``pos`` (px) rotated by ``angle`` (rad): R(angle) kp + pos, (K, 2) px."""
     c, s = np.cos(angle), np.sin(angle)
     rot = np.array([[c, -s], [s, c]])
     return local_kps @ rot.T + np.asarray(pos, dtype=np.float64)
@@ -300,12 +312,14 @@ class PushTEnv(gym.Env):
 
     # -- physics ------------------------------------------------------------------------------------------
     def _setup(self) -> None:
+        """Build a fresh physics space (walls, agent, block) and count contact points through a post-solve handler."""
         self.space, self.agent, self.block = build_space()
         handler = self.space.add_collision_handler(0, 0)
         handler.post_solve = self._on_contact
         self.n_contact_points = 0
 
     def _on_contact(self, arbiter, space, data):
+        """Post-solve collision callback: add the contact's point count to ``n_contact_points``."""
         self.n_contact_points += len(arbiter.contact_point_set.points)
 
     def _set_pose(self, state) -> None:
@@ -321,6 +335,10 @@ class PushTEnv(gym.Env):
         self.space.step(DT)
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
+        """Start an episode: a fresh space, then the start state of ``seed`` (Diffusion Policy's: agent and block
+        positions uniform integers in [50, 450) and [100, 400) px, angle ~ 2 pi N(0, 1) - pi) or
+        ``options["reset_to_state"]`` (5 values). Seeds must be integers in [0, 2^32) (``ValueError`` otherwise); no
+        seed draws one from the env's RNG. Returns (observation, info)."""
         if seed is not None:
             seed = check_int("seed", seed, 0, 2**32 - 1, strings=False)
         super().reset(seed=seed)
@@ -343,6 +361,11 @@ class PushTEnv(gym.Env):
         return self._get_obs(), self._get_info()
 
     def step(self, action):
+        """Apply one action, the absolute agent target (x, y) in px: 10 physics substeps at 100 Hz of a PD law
+        (k_p = 100, k_v = 20) pull the agent towards it (a 10 Hz control step). Returns (obs, reward, terminated,
+        truncated, info) with reward = clip(coverage / 0.95, 0, 1), terminated when coverage > 0.95 and truncated at
+        ``max_steps``. Raises ``RuntimeError`` before :meth:`reset` and ``ValueError`` for an action that is not 2
+        finite numbers."""
         if self.space is None:
             raise RuntimeError("PushTEnv.step() called before reset()")
         action = np.asarray(action, dtype=np.float64).reshape(-1)
@@ -407,9 +430,12 @@ class PushTEnv(gym.Env):
         return self.get_state()[:5]
 
     def block_keypoints(self) -> np.ndarray:
+        """The 9 block keypoints in world coordinates (9, 2) float64 px (the zarr ``keypoint`` field)."""
         return keypoints_global(self.local_kps, self.block.position, self.block.angle)
 
     def _get_obs(self) -> dict:
+        """The observation of ``obs_type``: {"obs": keypoints (18) + agent xy (2)} or {"obs": agent xy, block xy,
+        angle mod 2 pi} (float32, px / rad), or {"image": (3, S, S) float32 in [0, 1], "agent_pos": (2,) px}."""
         agent_pos = np.array(self.agent.position, dtype=np.float64)
         if self.obs_type == "keypoints":
             obs = np.concatenate([self.block_keypoints().reshape(-1), agent_pos])
@@ -424,6 +450,8 @@ class PushTEnv(gym.Env):
         }
 
     def _get_info(self) -> dict:
+        """The step info: ``coverage`` (0..1), ``success``, ``n_contacts`` (per substep, rounded up), the DP ``state``,
+        agent position and velocity, block and goal poses, and the episode's ``seed``."""
         return {
             "coverage": self._coverage,
             "success": bool(self._coverage > SUCCESS_THRESHOLD),
@@ -438,6 +466,8 @@ class PushTEnv(gym.Env):
 
     # -- rendering ----------------------------------------------------------------------------------------
     def _render_array(self, size: int, draw_action: bool) -> np.ndarray:
+        """An RGB uint8 frame (size, size, 3) of the scene (goal, block, agent), with the latest action marked by a
+        cross when ``draw_action``."""
         canvas = pygame.Surface((WINDOW_SIZE, WINDOW_SIZE))
         canvas.fill((255, 255, 255))
         for verts in tee_world_polygons(GOAL_POSE[:2], GOAL_POSE[2]):
@@ -462,6 +492,7 @@ class PushTEnv(gym.Env):
         return self._render_array(self.video_size, draw_action=self.render_action)
 
     def close(self):
+        """Drop the physics space (the env must be reset before the next step)."""
         self.space = None
 
 

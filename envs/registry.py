@@ -78,10 +78,12 @@ def register_env(name: str, spec: EnvSpec | str, replace: bool = False) -> EnvSp
 
 
 def unregister_env(name: str) -> None:
+    """Remove ``name`` from the registry (no error when it is not registered)."""
     _REGISTRY.pop(name, None)
 
 
 def registered_envs() -> list[str]:
+    """Names of the registered envs, sorted."""
     return sorted(_REGISTRY)
 
 

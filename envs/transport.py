@@ -116,6 +116,8 @@ DEFAULT_ENV_META: dict[str, Any] = {
 
 
 def default_env_meta(abs_action: bool = False) -> dict:
+    """A copy of the default robomimic env_meta of TwoArmTransport (delta OSC_POSE control, 84 x 84 cameras), with
+    absolute-pose control (``control_delta=False``) when ``abs_action``."""
     meta = copy.deepcopy(DEFAULT_ENV_META)
     if abs_action:
         meta["env_kwargs"]["controller_configs"]["control_delta"] = False
@@ -188,16 +190,13 @@ def convert_env_meta(env_meta: Mapping, source: str = "env_meta") -> tuple[dict,
 
 
 def _arm_config(ctrl: Mapping) -> dict:
+    """The right-arm part config of a robosuite 1.5 composite controller config ({} when absent)."""
     bp = ctrl.get("body_parts", {})
     if "right" in bp:
         return bp["right"]
     if "arms" in bp and "right" in bp["arms"]:
         return bp["arms"]["right"]
     return {}
-
-
-def _rot6d_to_axis_angle(x):
-    return rot6d_to_axis_angle(x)
 
 
 class TransportEnv(gym.Env):
@@ -292,9 +291,12 @@ class TransportEnv(gym.Env):
     # ------------------------------------------------------------------ observations
     @staticmethod
     def _raw_key(k: str) -> str:
+        """The robosuite observation key of an observation name ("object" is "object-state")."""
         return "object-state" if k == "object" else k
 
     def _convert_obs(self, raw: Mapping) -> dict:
+        """The requested observations from a raw robosuite dict: "obs" (59,) float32, low-dim keys in
+        ``LOWDIM_SHAPES``, camera images (3, H, W) float32 in [0, 1] flipped upright."""
         out = {}
         for k in self.obs_keys:
             if k == "obs":
@@ -318,6 +320,9 @@ class TransportEnv(gym.Env):
 
     # ------------------------------------------------------------------ gym API
     def reset(self, seed: int | None = None, options: dict | None = None):
+        """Reset robosuite after ``np.random.seed(seed)`` (Diffusion Policy's seeding; robosuite draws object placement
+        and robot noise from NumPy's global RNG); ``options["state"]`` then restores a flattened MuJoCo state. Returns
+        (observation, info with ``success`` and, with ``track_stages``, ``stages``)."""
         options = options or {}
         if seed is not None:
             np.random.seed(int(seed))  # Diffusion Policy / robomimic seeding
@@ -345,9 +350,13 @@ class TransportEnv(gym.Env):
         return raw
 
     def get_state(self) -> np.ndarray:
+        """The flattened MuJoCo state (float64; the robomimic ``states`` row)."""
         return np.asarray(self.env.sim.get_state().flatten(), dtype=np.float64)
 
     def to_env_action(self, action) -> np.ndarray:
+        """A policy action as robosuite's: delta actions (14,) pass through; absolute actions (20,) = 2 x [pos 3
+        (m, world), rot6d 6, gripper 1] become 2 x [pos, axis-angle (rad), gripper] (14,). Raises ``ValueError`` for a
+        wrong size."""
         a = np.asarray(action, dtype=np.float64).reshape(-1)
         if a.shape[0] != self.action_dim:
             raise ValueError(
@@ -357,10 +366,13 @@ class TransportEnv(gym.Env):
         if not self.abs_action:
             return a
         a = a.reshape(2, 10)
-        rot = _rot6d_to_axis_angle(a[:, 3:9])
+        rot = rot6d_to_axis_angle(a[:, 3:9])
         return np.concatenate([a[:, :3], rot, a[:, 9:10]], axis=1).reshape(-1)
 
     def step(self, action):
+        """Apply one action (20 Hz control); returns (obs, sparse reward, terminated, truncated, info with ``success``,
+        ``step`` and, with ``track_stages``, ``stages``). Terminates at the first success only with
+        ``terminate_on_success``; truncates after ``max_episode_steps``."""
         env_action = self.to_env_action(action)
         raw, reward, _done, _info = self.env.step(env_action)
         self._last_raw = raw
@@ -418,9 +430,11 @@ class TransportEnv(gym.Env):
                 self._stages[k] = self._step
 
     def is_success(self) -> bool:
+        """Whether robosuite's ``_check_success()`` holds now (the hammer is in the target bin and the trash binned)."""
         return bool(self.env._check_success())
 
     def close(self):
+        """Close robosuite's env (errors of an offscreen context at exit are ignored)."""
         try:
             self.env.close()
         except Exception:  # pragma: no cover - robosuite close on an offscreen ctx can fail at exit

@@ -32,6 +32,8 @@ from shortcut_policy.utils import cfg_get, check_int
 
 
 def _stack_space(space: spaces.Space, n: int) -> spaces.Space:
+    """The observation space of To stacked steps: each Box (...) becomes (n, ...) (Dict spaces key by key). Raises
+    ``TypeError`` for other spaces."""
     if isinstance(space, spaces.Dict):
         return spaces.Dict({k: _stack_space(v, n) for k, v in space.spaces.items()})
     if isinstance(space, spaces.Box):
@@ -42,12 +44,17 @@ def _stack_space(space: spaces.Space, n: int) -> spaces.Space:
 
 
 def _repeat_action_space(space: spaces.Space, n: int) -> spaces.Space:
+    """The action space of an n-action chunk: a Box (Da,) becomes (n, Da). Raises ``TypeError`` for other spaces."""
     if isinstance(space, spaces.Box):
         return spaces.Box(low=np.repeat(space.low[None], n, 0), high=np.repeat(space.high[None], n, 0), dtype=space.dtype)
     raise TypeError(f"MultiStepWrapper: unsupported action space {space!r} (expected Box)")
 
 
 class MultiStepWrapper(gym.Wrapper):
+    """Receding-horizon wrapper (see the module docstring): stacks the last ``n_obs_steps`` observations, executes
+    chunks of up to ``n_action_steps`` actions, truncates after ``max_episode_steps`` inner steps and aggregates
+    rewards with ``reward_agg`` ("max", "sum", "mean" or "last"). Raises ``ValueError`` for non-positive step
+    counts or an unknown aggregation."""
     def __init__(self, env: gym.Env, n_obs_steps: int, n_action_steps: int, max_episode_steps: int | None = None,
                  reward_agg: str = "max"):
         super().__init__(env)
@@ -72,6 +79,8 @@ class MultiStepWrapper(gym.Wrapper):
 
     # -- helpers ------------------------------------------------------------------------------------------
     def _stacked_obs(self) -> dict:
+        """The last To observations stacked on a new first axis ({key: (To, ...)}), the oldest repeated in front when
+        fewer exist."""
         obs = list(self._obs)
         first = obs[0]
         while len(obs) < self.n_obs_steps:
@@ -81,12 +90,15 @@ class MultiStepWrapper(gym.Wrapper):
         return np.stack(obs, axis=0)
 
     def _agg_reward(self) -> float:
+        """The episode's inner rewards so far aggregated with ``reward_agg`` (0.0 before the first step)."""
         if not self._rewards:
             return 0.0
         r = np.asarray(self._rewards, dtype=np.float64)
         return float({"max": r.max, "sum": r.sum, "mean": r.mean}.get(self.reward_agg, lambda: r[-1])())
 
     def _info(self, executed: int) -> dict:
+        """Infos of the last To inner steps as {key: [values]} plus ``n_inner_steps``, ``executed`` (this call) and
+        ``max_reward``."""
         out: dict = {}
         for info in self._infos:
             for k, v in info.items():
@@ -110,6 +122,7 @@ class MultiStepWrapper(gym.Wrapper):
 
     # -- gym API ------------------------------------------------------------------------------------------
     def reset(self, *, seed=None, options=None):
+        """Reset the inner env (``seed``, ``options``) and the history; returns (stacked observation, info)."""
         obs, info = self.env.reset(seed=seed, options=options)
         self._obs.clear()
         self._infos.clear()
@@ -121,6 +134,8 @@ class MultiStepWrapper(gym.Wrapper):
         return self._stacked_obs(), self._info(0)
 
     def step(self, action):
+        """Execute an action chunk (Ta, Da) (or one action (Da,)) until it ends or the episode does; returns (stacked
+        observation, aggregated reward, terminated, truncated, info). Raises ``ValueError`` for another shape."""
         action = np.asarray(action)
         if action.ndim == 1:
             action = action[None]
@@ -158,6 +173,7 @@ class VideoRecorder(gym.Wrapper):
         return list(self._frames)
 
     def reset(self, **kwargs):
+        """Reset the inner env and start a new frame list (with the first frame when enabled)."""
         out = self.env.reset(**kwargs)
         self._frames = []
         self._count = 0
@@ -166,6 +182,7 @@ class VideoRecorder(gym.Wrapper):
         return out
 
     def step(self, action):
+        """Step the inner env, keeping a frame every ``every`` steps when enabled."""
         out = self.env.step(action)
         self._count += 1
         if self.enabled and self._count % self.every == 0:
