@@ -42,6 +42,8 @@ STATS_FORMAT = "shortcut_policy.fidstats/1"
 # Fréchet distance and statistics
 
 def feature_statistics(feats) -> tuple[np.ndarray, np.ndarray]:
+    """Mean (D,) and covariance (D, D) (float64, unbiased) of feature rows (N, D); ``ValueError`` for fewer than 2
+    rows or another shape."""
     f = np.asarray(feats, dtype=np.float64)
     if f.ndim != 2 or f.shape[0] < 2:
         raise ValueError(f"need at least 2 feature rows of shape (N, D), got {f.shape}")
@@ -73,6 +75,9 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
 
 
 def save_stats(path, mu, sigma, meta: dict, overwrite: bool = False) -> Path:
+    """Write FID statistics (mu (D,), sigma (D, D)) with their metadata (resolution, extractor, count, ...) as an
+    ``.npz`` at ``path`` atomically; returns the path. Raises ``FileExistsError`` when it exists and ``overwrite`` is
+    false."""
     path = Path(str(path)).expanduser()
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=true to replace it")
@@ -110,20 +115,24 @@ def load_stats(path, expect: dict | None = None) -> tuple[np.ndarray, np.ndarray
 # InceptionV3 with pytorch-fid's FID blocks (no torchvision), parameter names as in pytorch-fid's .pth file
 
 class BasicConv2d(nn.Module):
+    """Conv2d (no bias) -> BatchNorm (eps 1e-3) -> ReLU, the Inception unit (parameter names as pytorch-fid's)."""
     def __init__(self, cin, cout, **kw):
         super().__init__()
         self.conv = nn.Conv2d(cin, cout, bias=False, **kw)
         self.bn = nn.BatchNorm2d(cout, eps=0.001)
 
     def forward(self, x):
+        """(B, cin, H, W) -> (B, cout, H', W')."""
         return F.relu(self.bn(self.conv(x)))
 
 
 def _avg3(x):
+    """3x3 average pooling, stride 1, padding 1, padded cells not counted (TF's FID Inception pooling)."""
     return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
 
 
 class InceptionA(nn.Module):
+    """Inception module 5b-5d (35 x 35): 1x1, 5x5, double 3x3 and pooled 1x1 branches concatenated."""
     def __init__(self, cin, pool_features):
         super().__init__()
         self.branch1x1 = BasicConv2d(cin, 64, kernel_size=1)
@@ -135,6 +144,7 @@ class InceptionA(nn.Module):
         self.branch_pool = BasicConv2d(cin, pool_features, kernel_size=1)
 
     def forward(self, x):
+        """(B, cin, 35, 35) -> (B, 224 + pool_features, 35, 35)."""
         return torch.cat([
             self.branch1x1(x),
             self.branch5x5_2(self.branch5x5_1(x)),
@@ -144,6 +154,7 @@ class InceptionA(nn.Module):
 
 
 class InceptionB(nn.Module):
+    """Grid reduction 6a: 35 x 35 -> 17 x 17 (stride-2 3x3, double 3x3 and max-pool branches)."""
     def __init__(self, cin):
         super().__init__()
         self.branch3x3 = BasicConv2d(cin, 384, kernel_size=3, stride=2)
@@ -152,6 +163,7 @@ class InceptionB(nn.Module):
         self.branch3x3dbl_3 = BasicConv2d(96, 96, kernel_size=3, stride=2)
 
     def forward(self, x):
+        """(B, cin, 35, 35) -> (B, 480 + cin, 17, 17)."""
         return torch.cat([
             self.branch3x3(x),
             self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
@@ -160,6 +172,7 @@ class InceptionB(nn.Module):
 
 
 class InceptionC(nn.Module):
+    """Inception module 6b-6e (17 x 17) with factorised 7x7 convolutions (``c7`` inner channels)."""
     def __init__(self, cin, c7):
         super().__init__()
         self.branch1x1 = BasicConv2d(cin, 192, kernel_size=1)
@@ -174,6 +187,7 @@ class InceptionC(nn.Module):
         self.branch_pool = BasicConv2d(cin, 192, kernel_size=1)
 
     def forward(self, x):
+        """(B, cin, 17, 17) -> (B, 768, 17, 17)."""
         b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
         d = x
         for m in (self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4,
@@ -183,6 +197,7 @@ class InceptionC(nn.Module):
 
 
 class InceptionD(nn.Module):
+    """Grid reduction 7a: 17 x 17 -> 8 x 8."""
     def __init__(self, cin):
         super().__init__()
         self.branch3x3_1 = BasicConv2d(cin, 192, kernel_size=1)
@@ -193,11 +208,14 @@ class InceptionD(nn.Module):
         self.branch7x7x3_4 = BasicConv2d(192, 192, kernel_size=3, stride=2)
 
     def forward(self, x):
+        """(B, cin, 17, 17) -> (B, 512 + cin, 8, 8)."""
         b = self.branch7x7x3_4(self.branch7x7x3_3(self.branch7x7x3_2(self.branch7x7x3_1(x))))
         return torch.cat([self.branch3x3_2(self.branch3x3_1(x)), b, F.max_pool2d(x, 3, stride=2)], 1)
 
 
 class InceptionE(nn.Module):
+    """Inception module 7b / 7c (8 x 8) with split 1x3 / 3x1 branches; the pool branch averages in 7b and takes
+    the max in 7c, as the TF FID graph (pytorch-fid's FIDInceptionE_1 / _2)."""
     def __init__(self, cin, pool: str):
         super().__init__()
         self.pool = pool  # "avg" (Mixed_7b) or "max" (Mixed_7c), as in the TF graph / pytorch-fid
@@ -212,6 +230,7 @@ class InceptionE(nn.Module):
         self.branch_pool = BasicConv2d(cin, 192, kernel_size=1)
 
     def forward(self, x):
+        """(B, cin, 8, 8) -> (B, 2048, 8, 8)."""
         a = self.branch3x3_1(x)
         b = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
         p = _avg3(x) if self.pool == "avg" else F.max_pool2d(x, 3, stride=1, padding=1)
@@ -246,6 +265,7 @@ class InceptionV3FID(nn.Module):
         self.Mixed_7c = InceptionE(2048, "max")
 
     def forward(self, x):
+        """Images (B, 3, 299, 299) in [-1, 1] -> pool3 features (B, 2048)."""
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
         x = F.max_pool2d(x, 3, stride=2)
         x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))
@@ -256,6 +276,8 @@ class InceptionV3FID(nn.Module):
         return F.adaptive_avg_pool2d(x, 1).flatten(1)
 
     def load_pytorch_fid(self, state_dict: dict) -> None:
+        """Load pytorch-fid's ``pt_inception-2015-12-05`` state dict (its fc / AuxLogits entries dropped); raises
+        ``ValueError`` when other entries are missing or unexpected."""
         sd = {k: v for k, v in state_dict.items() if not k.startswith(("fc.", "AuxLogits."))}
         missing, unexpected = self.load_state_dict(sd, strict=False)
         missing = [k for k in missing if not k.endswith("num_batches_tracked")]
@@ -284,6 +306,7 @@ def default_inception_path() -> Path:
 
 
 def _sha1(path: Path) -> str:
+    """SHA-1 hex digest of a file (read in 4 MiB chunks)."""
     h = hashlib.sha1()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
@@ -365,6 +388,8 @@ def get_extractor(path=None, device="cpu", batch_size: int = 50) -> InceptionFea
 # Folder statistics with a cache
 
 def folder_features(folder, extractor, resolution: int, batch_size: int = 50, max_items=None, progress=True):
+    """Extractor features (N, D) of the images under ``folder``, centre-cropped and resized to ``resolution`` px as
+    the training data, in batches of ``batch_size``; ``max_items`` caps N."""
     ds = ImageFolderDataset(folder, resolution, class_conditional=False, random_flip=False, max_items=max_items)
     feats = []
     for i in tqdm(range(0, len(ds), batch_size), desc=f"FID features {Path(str(folder)).name}", disable=not progress):

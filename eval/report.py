@@ -100,6 +100,8 @@ def crash_cause(error) -> str:
 
 
 def write_per_seed(rows: list[dict], run_dir) -> tuple[Path, Path]:
+    """Write one row per (steps, seed) episode to ``run_dir/per_seed.json`` and ``per_seed.csv`` (columns
+    ``FIELDS``; stages as "name:step" in the order reached), atomically; returns both paths."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     rows = sorted(rows, key=lambda r: (int(r["steps"]), int(r["seed"])))
@@ -118,6 +120,7 @@ def write_per_seed(rows: list[dict], run_dir) -> tuple[Path, Path]:
 
 
 def _default(x):
+    """JSON fallback: NumPy / torch scalars via ``.item()``, anything else as ``str``."""
     if hasattr(x, "item"):
         return x.item()
     return str(x)
@@ -173,6 +176,7 @@ def plot_stages(metrics: dict, path, title: str = "") -> Path | None:
 
 
 def _pyplot():
+    """matplotlib.pyplot with the non-interactive Agg backend (imported on first use)."""
     import matplotlib  # lazy: slow to import; env worker processes load this module (via rollout) and never plot
 
     matplotlib.use("Agg")

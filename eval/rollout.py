@@ -59,6 +59,7 @@ class EvalCrashError(RuntimeError):
 # ---------------------------------------------------------------------------------------------------------
 # helpers
 def _recorder(env):
+    """The :class:`VideoRecorder` inside a wrapper chain (following ``.env``), or None."""
     e = env
     while e is not None:
         if isinstance(e, VideoRecorder):
@@ -76,6 +77,7 @@ def _info_stages(info: dict) -> dict | None:
 
 
 def _info_success(info: dict) -> bool | None:
+    """Whether any inner step of a MultiStepWrapper info reported ``success`` (None when the env does not report it)."""
     s = info.get("success")
     if isinstance(s, list):
         return bool(any(s))
@@ -146,6 +148,9 @@ def _worker_main(conn, task_cfg: dict, seeds: list[int], video_seeds: list[int],
 
 
 def _worker_expert(conn, envs: dict, expert_spec: str | None, expert_kwargs: dict | None = None):
+    """Run the scripted expert (``expert_spec``, built per seed with ``expert_kwargs``) on each of this worker's envs
+    and send one ``("episode", row)`` per seed (errors become rows with ``status="error"``), then
+    ``("expert_done", None)``."""
     for s, env in envs.items():
         t0 = time.perf_counter()
         try:
@@ -175,6 +180,8 @@ def _worker_expert(conn, envs: dict, expert_spec: str | None, expert_kwargs: dic
 # ---------------------------------------------------------------------------------------------------------
 # main-process side
 class _Worker:
+    """Main-process handle of one spawned env worker (:func:`_worker_main`) and its pipe; a worker that dies,
+    breaks the pipe or misses a deadline raises :class:`_WorkerLost`."""
     def __init__(self, ctx, task_cfg, seeds, video_seeds, expert_spec, env_entry=None):
         self.seeds = list(seeds)
         self.conn, child = ctx.Pipe()
@@ -215,6 +222,7 @@ class _Worker:
                 raise _WorkerLost("timeout", f"no reply within {timeout:.0f} s")
 
     def send(self, msg):
+        """Send a message to the worker; :class:`_WorkerLost` ("crashed") when the pipe is broken."""
         try:
             self.conn.send(msg)
         except (BrokenPipeError, OSError) as e:
@@ -222,12 +230,14 @@ class _Worker:
             raise _WorkerLost("crashed", f"cannot send to worker ({e!r}), exit code {self.proc.exitcode}") from None
 
     def kill(self):
+        """Kill the worker process (if alive) and reap it (5 s)."""
         self.alive = False
         if self.proc.is_alive():
             self.proc.kill()
         self.proc.join(timeout=5)
 
     def close(self):
+        """Ask a live worker to close its envs and exit (10 s), then make sure it is gone."""
         if self.alive and self.proc.is_alive():
             try:
                 self.conn.send(("close", None))
@@ -238,17 +248,20 @@ class _Worker:
 
 
 class _WorkerLost(Exception):
+    """A worker crashed or timed out: ``status`` is "crashed" or "timeout", ``detail`` says what happened."""
     def __init__(self, status, detail):
         super().__init__(f"{status}: {detail}")
         self.status, self.detail = status, detail
 
 
 def _lost_row(seed, steps, status, detail):
+    """The per-seed result row of an episode lost with its worker (success False, ``status`` and the error)."""
     return {"steps": steps, "seed": int(seed), "max_reward": 0.0, "success": False, "env_steps": 0,
             "status": status, "error": f"worker {status} while running seed {seed}: {detail}"}
 
 
 def _split(seeds: list[int], n_workers: int) -> list[list[int]]:
+    """Seeds dealt round-robin over at most ``n_workers`` non-empty groups."""
     return [seeds[i::n_workers] for i in range(n_workers) if seeds[i::n_workers]]
 
 
@@ -259,6 +272,8 @@ def _env_entry(task_cfg) -> tuple[str, EnvSpec] | None:
 
 
 def _start_workers(task_cfg, seeds, n_workers, video_seeds, expert_spec, startup_timeout):
+    """Spawn one worker per group of seeds and wait for each to build its envs. Returns (workers, {seed: (status,
+    detail)} for the seeds of workers that failed to start)."""
     ctx = mp.get_context("spawn")
     entry = _env_entry(task_cfg)
     workers = [_Worker(ctx, task_cfg, part, video_seeds, expert_spec, entry) for part in _split(seeds, n_workers)]
@@ -276,6 +291,10 @@ def _start_workers(task_cfg, seeds, n_workers, video_seeds, expert_spec, startup
 
 def run_expert(task_cfg, seeds: list[int], n_workers: int, video_seeds=(), expert_spec: str | None = None,
                episode_timeout: float = 600.0, startup_timeout: float = 120.0, progress: bool = True) -> list[dict]:
+    """Run the task's scripted expert (or ``expert_spec``) on ``seeds`` in ``n_workers`` processes, one episode per seed;
+    returns one row per seed (``max_reward``, ``success``, ``env_steps``, ``status``, ``error``, ``stages``,
+    ``frames`` for the video seeds). A worker that crashes or exceeds ``episode_timeout`` seconds loses its
+    remaining seeds as rows with status "crashed" / "timeout"."""
     expert_spec = expert_class(task_cfg, override=expert_spec)
     workers, lost = _start_workers(task_cfg, seeds, n_workers, video_seeds, expert_spec, startup_timeout)
     rows = [_lost_row(s, 1, *lost[s]) for s in lost]
@@ -419,11 +438,14 @@ def run_policy(policy, task_cfg, seeds: list[int], n_workers: int, steps: int, v
 
 
 def _bar(total, desc, enabled):
+    """A one-line tqdm progress bar over episodes (disabled when not ``enabled``)."""
     return tqdm(total=total, desc=desc, unit="ep", dynamic_ncols=True, disable=not enabled)
 
 
 # ---------------------------------------------------------------------------------------------------------
 def _save_videos(rows: list[dict], run_dir: Path, fps: int) -> list[str]:
+    """Write the frames of rows that have them to ``run_dir/videos/seed<seed>_steps<N>.mp4`` (removing them from the
+    rows); returns the paths."""
     out = []
     for r in rows:
         frames = r.pop("frames", None)
@@ -556,6 +578,8 @@ def evaluate(task_cfg, policy=None, steps_list=(1,), n_episodes: int = 50, seed_
 
 
 def _seed_policy_rng(seed: int) -> None:
+    """Seed NumPy's global RNG and, when torch is loaded, torch's, so every step budget samples from the same
+    noise stream."""
     np.random.seed(seed % 2**32)
     if "torch" in sys.modules:
         sys.modules["torch"].manual_seed(seed)

@@ -78,6 +78,8 @@ def compose(verb: str, overrides: list[str] | None = None):
 
 
 def _jsonable(x):
+    """A command's result made JSON-ready: dict keys as strings, tuples as lists, 0-d tensors / arrays as Python
+    scalars, non-finite floats as None, paths as strings (recursively)."""
     if isinstance(x, dict):
         return {str(k): _jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
@@ -128,6 +130,8 @@ class RunDirLock:
         self._f = None
 
     def acquire(self) -> "RunDirLock":
+        """Take the lock (non-blocking) and write this process's pid into the lock file; returns self. Raises
+        :class:`RunDirError` when another process holds it (naming its pid) or the file system has no ``flock``."""
         import fcntl
 
         f = open(self.path, "a+")
@@ -212,6 +216,7 @@ def clean_stale_temp_files(run_dir) -> list[Path]:
 
 
 def _configs_dir() -> Path:
+    """The folder of the packaged configs (``shortcut_policy.configs``)."""
     return Path(importlib.import_module("shortcut_policy.configs").__file__).parent
 
 
@@ -263,6 +268,8 @@ def _legacy_owner(run_dir: Path, verb: str) -> tuple[str | None, str]:
 
 
 def _suggest_run_dir(run_dir: Path, verb: str) -> Path:
+    """A run_dir to propose instead of one owned by another verb: a sibling named after ``verb`` when free, else
+    ``<run_dir>-<verb>``."""
     cand = run_dir.parent / verb
     if run_dir.name != verb and not cand.exists():
         return cand
@@ -296,6 +303,7 @@ def check_run_dir_owner(run_dir, verb: str) -> str | None:
 
 
 def _write_marker(run_dir: Path, verb: str) -> None:
+    """Write ``run.json`` ({"verb", "created", "pid"}) into ``run_dir`` atomically: the verb now owns the directory."""
     atomic_write_text(run_dir / MARKER_NAME, json.dumps(
         {"verb": verb, "created": _dt.datetime.now().isoformat(timespec="seconds"), "pid": os.getpid()}, indent=1))
 
@@ -392,6 +400,8 @@ def run_verb(verb: str, overrides: list[str] | None = None) -> dict:
 
 
 class _open_dict:
+    """``with _open_dict(cfg):`` OmegaConf's ``open_dict`` (new keys may be added to a struct config), imported on use.
+    """
     def __init__(self, cfg):
         from omegaconf import open_dict
 
@@ -493,6 +503,8 @@ class LineStream:
         self.raw, self._at_line_start = raw, True
 
     def write(self, s: str) -> int:
+        """Write ``s`` with every carriage return turned into a newline and blank lines dropped; returns the length written.
+        """
         s = s.replace("\r", "\n")
         if self._at_line_start:
             s = s.lstrip("\n")
@@ -504,9 +516,11 @@ class LineStream:
         return len(s)
 
     def flush(self) -> None:
+        """Flush the wrapped stream."""
         self.raw.flush()
 
     def isatty(self) -> bool:
+        """False: progress bars then redraw rarely, one line per update."""
         return False
 
     def __getattr__(self, name):  # fileno, encoding, ... of the wrapped stream

@@ -15,6 +15,9 @@ __all__ = ["bench_command"]
 
 
 def bench_command(cfg, run_dir):
+    """``shortcut-policy bench what=toy|policy|images|policies``: run that benchmark in ``run_dir`` and return its
+    result dict. The policies bench trains through the ``train`` verb (handed in from the CLI layer). Raises
+    ``ValueError`` for another ``what``."""
     what = cfg.get("what", "toy")
     if what == "toy":
         return run_toy(cfg, Path(run_dir))

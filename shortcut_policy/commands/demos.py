@@ -14,6 +14,9 @@ __all__ = ["demos_command"]
 
 
 def demos_command(cfg, run_dir) -> dict:
+    """``shortcut-policy demos``: write scripted-expert demonstrations with the registry entry's ``demos`` writer for
+    ``task`` (a task config's ``env`` or an env name). Raises ``ValueError`` for an unknown env or one without a
+    demonstration writer. Returns the writer's result (see the module docstring)."""
     task = cfg.get("task", "pusht")
     if hasattr(task, "get"):  # a task config (configs/task/*.yaml): dispatch on its env
         task = task.get("env", None)

@@ -15,6 +15,7 @@ __all__ = ["eval_command", "EvalCrashError"]
 
 
 def _load_checkpoint_policy(path: str, device: str):
+    """The policy in checkpoint ``path`` on ``device``; ``FileNotFoundError`` when the file does not exist."""
     if not Path(path).exists():
         raise FileNotFoundError(f"checkpoint={path!r}: no such file")
     return load_policy(path, device)
@@ -33,6 +34,7 @@ def _set_torch_threads(threads, device: str, workers) -> None:
 
 
 def _policy_task_cfg(policy):
+    """The task config a loaded policy was trained on (``policy.task_cfg``, else ``policy.cfg.task``), or None."""
     for attr in ("task_cfg",):
         v = getattr(policy, attr, None)
         if v is not None:

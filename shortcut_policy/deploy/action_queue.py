@@ -14,6 +14,11 @@ import numpy as np
 
 
 class ActionQueue:
+    """Actions keyed by control tick (see the module docstring): ``t0`` (s) is tick 0, ``dt`` (s) the control period,
+    ``tolerance`` (s, < dt) how late an action may still be executed, ``ensemble_k`` the temporal-ensembling rate
+    (None: a newer chunk replaces overlapping actions). Counters ``n_dropped_stale``, ``n_dropped_unused``,
+    ``n_over_budget``, ``n_dropped_reset`` say what was discarded. Raises ``ValueError`` for dt <= 0 or a tolerance
+    outside [0, dt)."""
     def __init__(self, t0: float, dt: float, tolerance: float, ensemble_k: float | None = None):
         if dt <= 0:
             raise ValueError(f"dt={dt}: expected > 0")
@@ -28,9 +33,11 @@ class ActionQueue:
         self.n_dropped_reset = 0   # queued actions discarded by discard() (an episode reset)
 
     def tick_of(self, t: float) -> int:
+        """The control tick nearest to time ``t`` (seconds)."""
         return int(round((t - self.t0) / self.dt))
 
     def time_of(self, tick: int) -> float:
+        """The time (seconds) of control tick ``tick``: t0 + tick * dt."""
         return self.t0 + tick * self.dt
 
     def add_chunk(self, actions, obs_time: float, now: float) -> int:
@@ -83,12 +90,14 @@ class ActionQueue:
         return n
 
     def has(self, t: float) -> bool:
+        """Whether an action is queued for the tick of time ``t``."""
         return self.tick_of(t) in self._slots
 
     def __len__(self) -> int:
         return len(self._slots)
 
     def clear(self) -> None:
+        """Drop every queued action without counting it."""
         self._slots.clear()
 
     def discard(self) -> tuple[int, int]:
@@ -103,4 +112,5 @@ class ActionQueue:
 
 
 def ceil_ticks(seconds: float, dt: float) -> int:
+    """The number of control periods ``dt`` needed to cover ``seconds`` (>= 0; exact multiples do not round up)."""
     return max(0, int(math.ceil(seconds / dt - 1e-9)))

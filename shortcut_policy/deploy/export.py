@@ -45,6 +45,9 @@ class ExportablePolicy(nn.Module):
         self.start, self.n_act = policy.n_obs_steps - 1, policy.n_action_steps
 
     def forward(self, *inputs):
+        """``forward(*obs, noise)``: one (B, To, ...) tensor per key of ``self.keys`` in environment units, then the
+        initial noise (B, H, Da); returns the executed actions (B, Ta, Da) in environment units (normalise, encode,
+        N-step sampling, clamp to [-1, 1], unnormalise, slice from To - 1)."""
         p = self.policy
         obs = {k: x[:, -p.n_obs_steps:] for k, x in zip(self.keys, inputs[:-1])}
         noise = inputs[-1]
@@ -83,6 +86,9 @@ def _check_target(out: Path, overwrite: bool) -> None:
 
 
 def export_onnx(module: ExportablePolicy, example: tuple, out: Path, overwrite: bool = False, opset: int = 17) -> Path:
+    """Export ``module`` traced on ``example`` to ONNX (opset ``opset``, dynamic batch axis, inputs named after the
+    observation keys + "noise", output "action"), check the model with ``onnx.checker`` and write ``out`` atomically.
+    Raises ``FileExistsError`` when ``out`` exists and ``overwrite`` is false."""
     _check_target(out, overwrite)
     names = module.keys + ["noise"]
     dyn = {n: {0: "batch"} for n in names + ["action"]}
@@ -96,6 +102,8 @@ def export_onnx(module: ExportablePolicy, example: tuple, out: Path, overwrite: 
 
 
 def export_torchscript(module: ExportablePolicy, example: tuple, out: Path, overwrite: bool = False) -> Path:
+    """Trace ``module`` on ``example`` with ``torch.jit.trace`` and save it to ``out`` atomically. Raises
+    ``FileExistsError`` when ``out`` exists and ``overwrite`` is false."""
     _check_target(out, overwrite)
     with atomic_path(out) as tmp:
         with torch.no_grad():

@@ -14,13 +14,14 @@ action of a chunk computed within the period is dropped as stale, as DP, without
 action sent (explicitly re-sent when the loop runs the cycle) and the miss is counted. The loop never tries to catch
 up a burst of skipped ticks. ``close()`` is always called on the robot (normal end, KeyboardInterrupt, errors).
 
-Episode resets (robot.py, "Episode resets"): when the latest frame's "episode" id changes, nothing planned in the old
-episode is executed in the new one: the queued actions are discarded, a chunk still in flight (async) is discarded
-when it lands, the held action is forgotten (no deadline-miss hold until the new episode has a chunk: those ticks are
-``reset_wait_ticks``), and the policy's window is rebuilt from the new episode's frames only (``episode_window``:
-the first frame repeated, as the evaluation env wrapper does after reset). Actions are sent with the episode they
-were planned in, so the robot can drop one that a reset overtook. Each reset is recorded in ``LoopStats.resets``
-(cycle, episode, queued chunks/actions and in-flight chunks discarded), in the result and in timeline.json.
+Episode resets (:mod:`shortcut_policy.deploy.robot`, "Episode resets"): when the latest frame's "episode" id
+changes, nothing planned in the old episode is executed in the new one: the queued actions are discarded, a chunk
+still in flight (async) is discarded when it lands, the held action is forgotten (no deadline-miss hold until the
+new episode has a chunk: those ticks are ``reset_wait_ticks``), and the policy's window is rebuilt from the new
+episode's frames only (``episode_window``: the first frame repeated, as the evaluation env wrapper does after
+reset). Actions are sent with the episode they were planned in, so the robot can drop one that a reset overtook.
+Each reset is recorded in ``LoopStats.resets`` (cycle, episode, queued chunks/actions and in-flight chunks
+discarded), in the result and in timeline.json.
 """
 from __future__ import annotations
 
@@ -64,11 +65,15 @@ def episode_window(obs, obs_shapes, n_obs_steps: int) -> dict:
 
 
 def _pct(x, q):
+    """The q-th percentile of ``x`` as a float (NaN for an empty list)."""
     return float(np.percentile(np.asarray(x, dtype=np.float64), q)) if len(x) else float("nan")
 
 
 @dataclass
 class LoopStats:
+    """What a :class:`ControlLoop` run measured: per-cycle work time, period and start jitter (seconds), inference
+    latencies, and counts of deadline misses, skipped / startup / absorbed / reset-wait ticks, stale actions, chunks
+    and episode resets; ``stopped_by`` is "n_steps", "episode_end" or "interrupt"."""
     hz: float
     mode: str
     cycles: int = 0
@@ -102,6 +107,7 @@ class LoopStats:
         return sum(r["queued_actions"] for r in self.resets)
 
     def summary(self) -> dict:
+        """The run's figures as a flat dict: percentiles (p50, p99) in milliseconds and the counters."""
         ms = lambda v: 1e3 * v  # noqa: E731
         return {
             "hz": self.hz, "mode": self.mode, "cycles": self.cycles,
@@ -132,6 +138,8 @@ class _Worker(threading.Thread):
         self.error: BaseException | None = None
 
     def run(self):
+        """Thread body: wait for a request, run ``policy_fn`` on it, store (chunk, obs_time, latency s, episode); an
+        exception is kept in ``error`` and ends the thread."""
         if self.torch_threads:
             import torch  # lazy: the loop runs any policy_fn (an exported ONNX policy needs no torch)
 
@@ -162,16 +170,20 @@ class _Worker(threading.Thread):
             return self._busy or self._request is not None
 
     def submit(self, obs, obs_time, episode=None):
+        """Request inference on ``obs`` (captured at ``obs_time``, in ``episode``); replaces a request not yet started.
+        """
         with self._cv:
             self._request, self._busy = (obs, obs_time, episode), True
             self._cv.notify()
 
     def take(self):
+        """The finished result (chunk, obs_time, latency s, episode), or None; taking it clears it."""
         with self._cv:
             r, self._result = self._result, None
             return r
 
     def stop(self):
+        """Ask the thread to exit once the current inference (if any) is done."""
         with self._cv:
             self._stopping = True
             self._cv.notify()
@@ -216,14 +228,17 @@ class ControlLoop:
         return old
 
     def _observe(self):
+        """The robot's current observation, validated against the policy's spec (``ObservationError`` otherwise)."""
         obs = self.robot.get_observation()
         validate_observation(obs, self.obs_shapes, self.n_obs_steps)
         return obs
 
     def _policy_obs(self, obs):
+        """The policy's input window {key: (To, ...)} from an observation (frames of the latest episode only)."""
         return episode_window(obs, self.obs_shapes, self.n_obs_steps)
 
     def _send(self, action, t_exec, episode):
+        """Send ``action`` for time ``t_exec`` (s), tagged with ``episode`` when the robot reports episodes."""
         if episode is None:  # a robot without episode ids (protocol before resets were signalled)
             self.robot.send_action(action, t_exec)
         else:
@@ -270,12 +285,15 @@ class ControlLoop:
         return stats
 
     def _infer(self, obs, stats):
+        """Run the policy on ``obs`` in the calling thread (sync mode), recording the latency; returns the chunk (Ta, Da).
+        """
         t = time.perf_counter()
         chunk = self.policy_fn(self._policy_obs(obs))
         stats.inference_s.append(time.perf_counter() - t)
         return chunk
 
     def _run(self, stats, n_steps, seed, worker):
+        """The cycle loop of :meth:`run` (see the module docstring for the per-cycle steps); fills ``stats``."""
         robot = self.robot
         t0 = robot.start(seed)
         queue = ActionQueue(t0, self.dt, self.tolerance, self.ensemble_k)
@@ -366,6 +384,7 @@ class ControlLoop:
             self.status(self._status_line(j - 1, stats), final=True)
 
     def _status_line(self, j, stats):
+        """One status line: mode, rate, step, last jitter and inference time (ms), misses and the robot's reward."""
         info = self.robot.info()
         lat = f"{1e3 * stats.inference_s[-1]:6.1f}" if stats.inference_s else "   -  "
         jit = 1e3 * stats.jitter_s[-1] if stats.jitter_s else float("nan")
@@ -386,6 +405,7 @@ def status_printer(stream=None):
 
 
 def measure_latency(policy_fn, obs, n: int) -> list[float]:
+    """Wall-clock seconds of ``n`` consecutive ``policy_fn(obs)`` calls (a list)."""
     out = []
     for _ in range(n):
         t = time.perf_counter()
@@ -410,6 +430,9 @@ def sustainable(latency_s: float, mode: str, n_action_steps: int, hz: float) -> 
 
 
 def make_policy_fn(policy, steps: int, seed: int | None = None):
+    """A ``policy_fn(obs) -> (Ta, Da)`` for the control loop: ``obs`` = {key: (To, ...)} gets a batch dim of 1 and
+    goes through ``policy.predict_action`` with ``steps`` sampling steps and a torch generator seeded ``seed`` (on the
+    policy's device). Raises ``ValueError`` for an invalid step count."""
     import torch  # lazy: this module runs without torch for non-torch policies (see ControlLoop)
 
     steps = policy.check_steps(steps)

@@ -47,6 +47,7 @@ class MatmulConv1d(nn.Module):
         self.stride, self.pad, self.dil = conv.stride[0], conv.padding[0], conv.dilation[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, L) -> (B, O, L_out)
+        """(B, C, L) -> (B, O, L_out), as the Conv1d it replaces."""
         if self.pad:
             x = F.pad(x, (self.pad, self.pad))
         return conv1d_as_matmul(x, self.weight, self.bias, self.stride, self.dil)
@@ -65,6 +66,7 @@ class MatmulConvTranspose1d(nn.Module):
         self.stride, self.pad, self.out_pad = conv.stride[0], conv.padding[0], conv.output_padding[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, L) -> (B, O, (L - 1) stride - 2 padding + K + output_padding), as the ConvTranspose1d it replaces."""
         B, C, L = x.shape
         s, K = self.stride, self.weight.shape[-1]
         if s > 1:  # (B, C, L) -> (B, C, (L - 1) * s + 1) with s - 1 zeros between samples
@@ -75,6 +77,8 @@ class MatmulConvTranspose1d(nn.Module):
 
 
 class ElementaryGroupNorm(nn.Module):
+    """nn.GroupNorm from mean, subtraction, square, sqrt and division (biased variance over each group, affine
+    per channel), ops with float64 kernels in onnxruntime."""
     def __init__(self, gn: nn.GroupNorm):
         super().__init__()
         self.groups, self.eps = gn.num_groups, gn.eps
@@ -82,6 +86,7 @@ class ElementaryGroupNorm(nn.Module):
         self.bias = None if gn.bias is None else nn.Parameter(gn.bias.detach().clone(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, ...) -> (B, C, ...), as the GroupNorm it replaces."""
         shape = x.shape
         g = x.reshape(shape[0], self.groups, -1)
         mean = g.mean(dim=-1, keepdim=True)
@@ -100,6 +105,7 @@ class ElementaryMish(nn.Module):
     """x * tanh(softplus(x)) with softplus = log(1 + exp(x)), and x itself above 20 (PyTorch's softplus threshold)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Elementwise Mish of x (any shape)."""
         sp = torch.where(x > 20.0, x, torch.log(1.0 + torch.exp(torch.clamp(x, max=20.0))))
         return x * torch.tanh(sp)
 

@@ -41,26 +41,38 @@ class ObservationError(ValueError):
 
 @runtime_checkable
 class Robot(Protocol):
+    """The structural type of a robot the control loop drives (attributes and methods as in the module docstring;
+    checked with ``isinstance`` thanks to ``runtime_checkable``)."""
+
     obs_shapes: dict
     action_dim: int
     control_hz: float
     n_obs_steps: int
 
-    def start(self, seed: int | None = None) -> float: ...
+    def start(self, seed: int | None = None) -> float:
+        """Reset / home the robot (``seed`` for a simulated one) and start its clock; returns the time of tick 0
+        (time.perf_counter seconds)."""
 
-    def get_observation(self) -> dict: ...
+    def get_observation(self) -> dict:
+        """The latest observation window: {key: (To, ...) float32, "timestamp": (To,) seconds[, "episode": (To,)
+        int]}."""
 
-    def send_action(self, action, t_exec: float, episode: int | None = None) -> None: ...
+    def send_action(self, action, t_exec: float, episode: int | None = None) -> None:
+        """Queue one action (Da,) to take effect at ``t_exec`` (seconds), planned in ``episode`` (module docstring)."""
 
-    def info(self) -> dict: ...
+    def info(self) -> dict:
+        """Task figures for reporting (e.g. reward, max_reward, success)."""
 
     @property
-    def done(self) -> bool: ...
+    def done(self) -> bool:
+        """Whether the episode / task ended (terminated or truncated)."""
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """Stop the robot safely; idempotent."""
 
 
 def _shape(s) -> tuple:
+    """A shape as a tuple of ints."""
     return tuple(int(v) for v in s)
 
 

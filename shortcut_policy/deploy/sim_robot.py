@@ -33,6 +33,8 @@ from .robot import EPISODE_KEY, TIMESTAMP_KEY
 
 
 class SimRobot:
+    """A gymnasium env run as a real-time robot on the wall clock (see the module docstring): observations, command
+    latching and episode resets behave as they would on hardware, so the control loop can be tested off-line."""
     def __init__(self, env, control_hz: float, n_obs_steps: int = N_OBS_STEPS, latch_s: float | None = None,
                  clock=time.perf_counter, name: str = "sim", auto_reset: bool = False):
         """``env``: a gymnasium env with dict observations of Box spaces; ``control_hz`` (Hz, > 0): tick rate;
@@ -96,6 +98,7 @@ class SimRobot:
         return self.t0
 
     def close(self) -> None:
+        """Close the env once (later calls do nothing; errors while closing are ignored)."""
         if not self.closed:
             self.closed = True
             try:
@@ -201,6 +204,9 @@ class SimRobot:
         self.n_commands += 1
 
     def info(self) -> dict:
+        """Figures of the current episode (reward, max_reward; success and coverage when the env reports them) plus
+        counters: env steps, ticks, late and reset-dropped commands, finished ``episodes`` and the current ``episode``.
+        """
         r = self.rewards[self._ep_start_step:]
         out = {"reward": r[-1] if r else 0.0, "max_reward": max(r) if r else 0.0, "n_env_steps": self.n_env_steps,
                "ticks": self.ticks, "terminated": self._terminated, "truncated": self._truncated,
