@@ -197,9 +197,9 @@ class SingleFieldLinearNormalizer(_ResizingBuffers):
         for m, w in segs:
             parts.append(cls.create_fit(x[..., start : start + w], m, output_min, output_max, range_eps, f"{name}[{start}:{start + w}]"))
             start += w
-        cat = lambda get: torch.cat([get(p) for p in parts])  # noqa: E731
-        stats = {n: cat(lambda p: getattr(p.input_stats, n)) for n in _STAT_NAMES}
-        return cls(cat(lambda p: p.scale), cat(lambda p: p.offset), stats, mode="+".join(f"{m}:{w}" for m, w in segs))
+        stats = {n: torch.cat([getattr(p.input_stats, n) for p in parts]) for n in _STAT_NAMES}
+        scale, offset = torch.cat([p.scale for p in parts]), torch.cat([p.offset for p in parts])
+        return cls(scale, offset, stats, mode="+".join(f"{m}:{w}" for m, w in segs))
 
     # ------------------------------------------------------------------ use
     @property

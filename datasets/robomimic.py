@@ -19,7 +19,7 @@ import json
 import re
 import warnings
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import h5py
 import numpy as np

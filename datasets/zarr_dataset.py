@@ -37,8 +37,8 @@ from shortcut_policy.conventions import HORIZON, N_ACTION_STEPS, N_OBS_STEPS
 
 from .normalizer import LinearNormalizer, SingleFieldLinearNormalizer
 from .replay_buffer import ReplayBuffer
-from .sanity import DataSanityWarning, check_dataset
 from .sampler import SequenceSampler, downsample_mask, get_val_mask
+from .sanity import DataSanityWarning, check_dataset
 
 __all__ = ["SequenceDataset", "parse_source", "DEFAULT_IMAGE_MEMORY_BYTES"]
 

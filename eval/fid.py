@@ -99,7 +99,7 @@ def load_stats(path, expect: dict | None = None) -> tuple[np.ndarray, np.ndarray
         meta = json.loads(str(z["meta"])) if "meta" in z else {}
     if expect:
         if not meta:
-            warnings.warn(f"{path} has no metadata: cannot check resolution/extractor ({expect})")
+            warnings.warn(f"{path} has no metadata: cannot check resolution/extractor ({expect})", stacklevel=2)
         for k, v in expect.items():
             if k in meta and v is not None and meta[k] != v:
                 raise ValueError(
@@ -410,7 +410,7 @@ def reference_stats(extractor, resolution: int, ref_stats=None, ref_dir=None, ca
     if ref_stats.exists() and not overwrite:
         mu, sigma, meta = load_stats(ref_stats, expect)
         if ref_dir is not None and meta.get("max_items", None) != (None if max_items is None else int(max_items)):
-            warnings.warn(f"{ref_stats}: cached with max_items={meta.get('max_items')}, asked {max_items}")
+            warnings.warn(f"{ref_stats}: cached with max_items={meta.get('max_items')}, asked {max_items}", stacklevel=2)
         return mu, sigma, meta, ref_stats
     if ref_dir is None:
         raise FileNotFoundError(f"FID statistics {ref_stats} not found and no ref_dir given to compute them")

@@ -40,8 +40,16 @@ import numpy as np
 from tqdm import tqdm
 
 from shortcut_policy.conventions import TEST_SEED_START, check_steps
-from shortcut_policy.envs.registry import (EnvSpec, env_name, expert_class, get_env_spec, make_env, register_env,
-                                           registered_envs, resolve)
+from shortcut_policy.envs.registry import (
+    EnvSpec,
+    env_name,
+    expert_class,
+    get_env_spec,
+    make_env,
+    register_env,
+    registered_envs,
+    resolve,
+)
 from shortcut_policy.envs.wrappers import VideoRecorder, write_video
 from shortcut_policy.eval import report
 from shortcut_policy.utils import cfg_get as _cfg_get

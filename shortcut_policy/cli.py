@@ -433,8 +433,12 @@ def format_error(e: BaseException) -> str:
     and config-group errors say which override and list the valid options; missing files name the path; other
     errors keep their message and get a hint (OpenGL backend, ``--debug``)."""
     try:
-        from hydra.errors import (ConfigCompositionException, HydraException, MissingConfigException,
-                                  OverrideParseException)
+        from hydra.errors import (
+            ConfigCompositionException,
+            HydraException,
+            MissingConfigException,
+            OverrideParseException,
+        )
     except ImportError:  # pragma: no cover
         ConfigCompositionException = HydraException = MissingConfigException = OverrideParseException = ()
     if isinstance(e, OverrideParseException):

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 
 from .datasets.normalizer import LinearNormalizer
 from .objectives import Diffusion, FlowMatching, Shortcut

@@ -32,9 +32,11 @@ def test_param_count_matches_reference_table_minus_logvar():
 
 
 def test_presets_and_configs_agree():
-    from shortcut_policy.cli import compose  # noqa: F401  (package importable)
-    from omegaconf import OmegaConf
     import importlib.resources as ir
+
+    from omegaconf import OmegaConf
+
+    from shortcut_policy.cli import compose  # noqa: F401  (package importable)
 
     for name, preset in [("s2", "S"), ("b2", "B"), ("l2", "L"), ("xl2", "XL"), ("tiny", "tiny")]:
         text = (ir.files("shortcut_policy.configs") / "net" / f"dit_{name}.yaml").read_text()

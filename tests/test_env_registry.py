@@ -7,8 +7,8 @@ import sys
 
 import numpy as np
 import pytest
-
 import toy_reach_env as toy
+
 from shortcut_policy import cli
 from shortcut_policy.envs import registry
 from shortcut_policy.envs.registry import EnvSpec, register_env

@@ -3,10 +3,9 @@ atomic writes that never overwrite by default."""
 import json
 
 import pytest
+from test_deploy import tiny_checkpoint
 
 from shortcut_policy import cli
-
-from test_deploy import tiny_checkpoint
 
 pytest.importorskip("onnxruntime")
 

@@ -18,8 +18,6 @@ from shortcut_policy.eval.fid import (
 )
 
 
-
-
 def test_frechet_distance_matches_direct_scipy():
     rng = np.random.default_rng(0)
     a = rng.normal(size=(400, 16))

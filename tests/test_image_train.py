@@ -14,8 +14,6 @@ from PIL import Image
 from shortcut_policy.cli import run_verb
 
 
-
-
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     from diffusers import AutoencoderKL

@@ -10,8 +10,6 @@ from shortcut_policy.datasets.images import DigitsDataset, ImageFolderDataset, c
 from shortcut_policy.datasets.latents import LatentDataset, decode, encode, encode_dataset, load_vae
 
 
-
-
 def make_folder(root, classes=None, n=3, size=(40, 30), seed=0):
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True, exist_ok=True)

@@ -3,8 +3,13 @@ import pytest
 import torch
 from torch import nn
 
-from shortcut_policy.deploy.lowering import (ElementaryGroupNorm, ElementaryMish, MatmulConv1d, MatmulConvTranspose1d,
-                                             lower_module)
+from shortcut_policy.deploy.lowering import (
+    ElementaryGroupNorm,
+    ElementaryMish,
+    MatmulConv1d,
+    MatmulConvTranspose1d,
+    lower_module,
+)
 
 
 def _x(*shape, seed=0):

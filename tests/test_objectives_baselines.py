@@ -3,12 +3,11 @@ import copy
 
 import pytest
 import torch
+from test_objectives import Recorder, oracle_point  # noqa: E402  (shared test nets)
 
 from shortcut_policy.conventions import INTERP_EPS, LOG2_M, M, interpolate
 from shortcut_policy.nets.mlp import MLPNet
 from shortcut_policy.objectives import OBJECTIVES, ConsistencyTraining, LiveReflow, build_objective
-
-from test_objectives import Recorder, oracle_point  # noqa: E402  (shared test nets)
 
 
 def oracle_x1(c):
@@ -278,11 +277,11 @@ def test_every_parameter_gets_a_gradient(name):
 
 
 def test_toy_selection_by_name():
+    from pathlib import Path
+
     from omegaconf import OmegaConf
 
     from shortcut_policy.bench import toy_selection
-
-    from pathlib import Path
 
     tc = OmegaConf.load(Path(__file__).resolve().parents[1] / "configs" / "bench.yaml").toy
     assert list(tc.select) == ["shortcut", "flow_matching"]

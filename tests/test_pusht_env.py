@@ -134,7 +134,7 @@ def test_pd_control_quasi_static_block_and_truncation():
     # push the block's top face (y = 300 at angle 0): the agent goes down through x = 300
     env.set_state([300.0, 240.0, 300.0, 300.0, 0.0])
     moved, contacts = [], []
-    for k in range(8):
+    for _ in range(8):
         _, _, _, truncated, info = env.step([300.0, 330.0])
         moved.append(env.get_state()[3])
         contacts.append(info["n_contacts"])

@@ -32,7 +32,7 @@ def test_expert_first_phases(env):
     ex = TransportExpert(seed=0).reset(env)
     lid0 = ex._lid_handle()[0].copy()
     trash0 = ex._trash()[0].copy()
-    for t in range(90):
+    for _ in range(90):
         a = ex.act(env)
         assert a.shape == (14,) and a.dtype == np.float32 and np.all(np.abs(a) <= 1.0)
         _, _, _, _, info = env.step(a)
@@ -135,7 +135,7 @@ def test_expert_recovers_from_failed_grasp(env):
     env.reset(seed=100005)
     ex = TransportExpert(seed=0).reset(env)
     moved = False
-    for t in range(650):
+    for _ in range(650):
         env.step(ex.act(env))
         if not moved and ex.arms[0].phase == "ham_close":
             rs = env.env
@@ -171,8 +171,8 @@ def test_recorded_episode_to_robomimic_and_zarr(env, tmp_path):
         with RobomimicHdf5Writer(tmp_path / name, meta) as w:
             w.add_demo(obs=d["obs"], actions=d[key], states=d["states"], rewards=d["rewards"])
         assert read_env_meta(tmp_path / name)["env_kwargs"]["controller_configs"]["control_delta"] is delta
-    rb = robomimic_to_replay_buffer(tmp_path / "low_dim_abs.hdf5", list(T.LOWDIM_SHAPES), abs_action=True,
-                                    out_path=tmp_path / "low_dim_abs.zarr")
+    robomimic_to_replay_buffer(tmp_path / "low_dim_abs.hdf5", list(T.LOWDIM_SHAPES), abs_action=True,
+                               out_path=tmp_path / "low_dim_abs.zarr")
     rb2 = ReplayBuffer.copy_from_path(tmp_path / "low_dim_abs.zarr")
     assert rb2["action"].shape == (6, 20) and rb2.n_episodes == 1 and site0
     # states[0] restores the start observation

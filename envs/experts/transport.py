@@ -37,10 +37,14 @@ from scipy.spatial.transform import Rotation
 from tqdm import tqdm
 
 from shortcut_policy.conventions import TEST_SEED_START
-from shortcut_policy.datasets.robomimic import (RobomimicHdf5Writer, axis_angle_to_matrix, matrix_to_axis_angle,
-                                                matrix_to_rot6d, robomimic_to_replay_buffer)
-from shortcut_policy.envs.transport import (IMAGE_KEYS, LOWDIM_CONCAT_KEYS, LOWDIM_SHAPES, TransportEnv,
-                                            default_env_meta)
+from shortcut_policy.datasets.robomimic import (
+    RobomimicHdf5Writer,
+    axis_angle_to_matrix,
+    matrix_to_axis_angle,
+    matrix_to_rot6d,
+    robomimic_to_replay_buffer,
+)
+from shortcut_policy.envs.transport import IMAGE_KEYS, LOWDIM_CONCAT_KEYS, LOWDIM_SHAPES, TransportEnv, default_env_meta
 from shortcut_policy.utils import atomic_write_text
 
 POS_SCALE = 0.05  # m per unit of normalised action (OSC output_max)

@@ -10,8 +10,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..deploy.export import (FORMATS, ExportablePolicy, Runner, export_onnx, export_torchscript, fixed_noise,
-                             float32_reference, median_ms, parity, random_observations)
+from ..deploy.export import (
+    FORMATS,
+    ExportablePolicy,
+    Runner,
+    export_onnx,
+    export_torchscript,
+    fixed_noise,
+    float32_reference,
+    median_ms,
+    parity,
+    random_observations,
+)
 from ..deploy.lowering import lower_module
 from ..policy import load_policy
 from ..utils import atomic_write_text

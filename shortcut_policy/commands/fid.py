@@ -4,9 +4,9 @@ reference statistics (:mod:`shortcut_policy.eval.fid`)."""
 from __future__ import annotations
 
 from ..conventions import M
-from ..utils import resolve_device
 from ..eval.fid import feature_statistics, folder_features, frechet_distance, get_extractor, reference_stats
 from ..generator import load_generator, sample_images
+from ..utils import resolve_device
 
 __all__ = ["fid_command"]
 

@@ -9,8 +9,8 @@ import torch
 
 from ..conventions import M, check_steps
 from ..datasets.images import make_grid, write_image
-from ..utils import resolve_device
 from ..generator import load_generator, sample_images
+from ..utils import resolve_device
 
 __all__ = ["sample_command"]
 

@@ -24,9 +24,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
+from ..utils import resolve_device
 from .checkpoint import TopK, load_checkpoint, save_checkpoint
 from .ema import EMA
-from ..utils import resolve_device
 from .logging import Logger
 
 
