@@ -3,18 +3,32 @@
 Import submodules directly (``shortcut_policy.datasets.replay_buffer`` ...). The names below are also
 available from this package, imported lazily so that ``replay_buffer`` alone does not pull in torch/numba.
 """
+
 from __future__ import annotations
 
 import importlib
 
 _EXPORTS = {
-    "CropRandomizer": "augment", "center_crop": "augment", "random_crop": "augment",
-    "LinearNormalizer": "normalizer", "NormalizerError": "normalizer", "SingleFieldLinearNormalizer": "normalizer",
-    "PUSHT_OBS_TYPES": "pusht", "PushTDataset": "pusht",
-    "ReplayBuffer": "replay_buffer", "ReplayBufferError": "replay_buffer",
-    "SequenceSampler": "sampler", "create_indices": "sampler", "downsample_mask": "sampler", "get_val_mask": "sampler",
-    "SequenceDataset": "zarr_dataset", "parse_source": "zarr_dataset",
-    "DataSanityError": "sanity", "DataSanityWarning": "sanity", "SanityReport": "sanity", "check_dataset": "sanity",
+    "CropRandomizer": "augment",
+    "center_crop": "augment",
+    "random_crop": "augment",
+    "LinearNormalizer": "normalizer",
+    "NormalizerError": "normalizer",
+    "SingleFieldLinearNormalizer": "normalizer",
+    "PUSHT_OBS_TYPES": "pusht",
+    "PushTDataset": "pusht",
+    "ReplayBuffer": "replay_buffer",
+    "ReplayBufferError": "replay_buffer",
+    "SequenceSampler": "sampler",
+    "create_indices": "sampler",
+    "downsample_mask": "sampler",
+    "get_val_mask": "sampler",
+    "SequenceDataset": "zarr_dataset",
+    "parse_source": "zarr_dataset",
+    "DataSanityError": "sanity",
+    "DataSanityWarning": "sanity",
+    "SanityReport": "sanity",
+    "check_dataset": "sanity",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -3,6 +3,7 @@
 Training: an independent random crop for every image (every frame of every sample); evaluation: the centre
 crop. Images are tensors shaped (..., C, H, W) with any leading dims.
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -33,7 +34,9 @@ def center_crop(images: torch.Tensor, crop_shape: Sequence[int]) -> torch.Tensor
     return images[..., top : top + ch, left : left + cw]
 
 
-def random_crop(images: torch.Tensor, crop_shape: Sequence[int], generator: torch.Generator | None = None) -> torch.Tensor:
+def random_crop(
+    images: torch.Tensor, crop_shape: Sequence[int], generator: torch.Generator | None = None
+) -> torch.Tensor:
     """An independent uniformly random crop (offsets in [0, H-ch] x [0, W-cw]) for every image."""
     ch, cw, H, W = _crop_hw(images, crop_shape)
     lead, (C,) = images.shape[:-3], images.shape[-3:-2]

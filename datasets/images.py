@@ -9,6 +9,7 @@
 Items are ``{"x": float tensor (C, H, W) in [-1, 1], "label": long tensor ()}``. Unconditional datasets yield label 0;
 the image generator maps every label to the null label when the task is unconditional (kvfrans/shortcut-models train.py:214).
 """
+
 from __future__ import annotations
 
 import stat
@@ -96,8 +97,15 @@ class ImageFolderDataset(Dataset):
         ValueError: no image at all (or, class-conditional, no class sub-folder); ``channels`` not 1 or 3.
     """
 
-    def __init__(self, root, image_size: int, class_conditional: bool, random_flip: bool = True,
-                 channels: int = 3, max_items: int | None = None):
+    def __init__(
+        self,
+        root,
+        image_size: int,
+        class_conditional: bool,
+        random_flip: bool = True,
+        channels: int = 3,
+        max_items: int | None = None,
+    ):
         root = Path(str(root)).expanduser()
         if not root.is_dir():
             raise FileNotFoundError(f"image folder {root} does not exist or is not a directory")
@@ -124,9 +132,15 @@ class ImageFolderDataset(Dataset):
                 if not good:
                     empty_classes.append(d.name)
             if empty_classes and len(empty_classes) < len(class_dirs):
-                shown = ", ".join(empty_classes[:20]) + (f", ... ({len(empty_classes)} in all)" if len(empty_classes) > 20 else "")
-                warnings.warn(f"image folder {root}: {len(empty_classes)} class folder(s) contain no images and yield no "
-                              f"items (their class indices are kept): {shown}", DataSanityWarning, stacklevel=2)
+                shown = ", ".join(empty_classes[:20]) + (
+                    f", ... ({len(empty_classes)} in all)" if len(empty_classes) > 20 else ""
+                )
+                warnings.warn(
+                    f"image folder {root}: {len(empty_classes)} class folder(s) contain no images and yield no "
+                    f"items (their class indices are kept): {shown}",
+                    DataSanityWarning,
+                    stacklevel=2,
+                )
         else:
             self.classes = []
             good, empty_files = scan_images(root)
@@ -134,8 +148,11 @@ class ImageFolderDataset(Dataset):
         if empty_files:
             shown = ", ".join(str(p.relative_to(root)) for p in empty_files[:20])
             more = f", ... ({len(empty_files)} in all)" if len(empty_files) > 20 else ""
-            warnings.warn(f"image folder {root}: skipped {len(empty_files)} empty (0-byte) image file(s): {shown}{more}",
-                          DataSanityWarning, stacklevel=2)
+            warnings.warn(
+                f"image folder {root}: skipped {len(empty_files)} empty (0-byte) image file(s): {shown}{more}",
+                DataSanityWarning,
+                stacklevel=2,
+            )
         if not self.items:
             also = f" ({len(empty_files)} image file(s) are empty, 0 bytes)" if empty_files else ""
             raise ValueError(f"image folder {root} contains no images{also} (extensions {', '.join(IMAGE_EXTENSIONS)})")
@@ -189,7 +206,9 @@ def digits_arrays(image_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
     d = load_digits()
     imgs = (d.images / 16.0 * 255.0).clip(0, 255).astype(np.uint8)
     if image_size != 8:
-        imgs = np.stack([np.asarray(Image.fromarray(im).resize((image_size, image_size), Image.BILINEAR)) for im in imgs])
+        imgs = np.stack(
+            [np.asarray(Image.fromarray(im).resize((image_size, image_size), Image.BILINEAR)) for im in imgs]
+        )
     return imgs[:, None], d.target.astype(np.int64)
 
 
@@ -208,8 +227,9 @@ class DigitsDataset(TensorImageDataset):
         elif split != "all":
             raise ValueError(f"split={split!r}: expected train, test or all")
         # digits are not flip-invariant: random_flip is off by default
-        super().__init__(torch.from_numpy(imgs[idx]).float().div_(127.5).sub_(1.0), torch.from_numpy(labels[idx]),
-                         random_flip)
+        super().__init__(
+            torch.from_numpy(imgs[idx]).float().div_(127.5).sub_(1.0), torch.from_numpy(labels[idx]), random_flip
+        )
         self.num_classes, self.classes = 10, [str(i) for i in range(10)]
 
 
@@ -229,5 +249,7 @@ def make_grid(x: torch.Tensor, nrow: int = 8, pad: int = 2, pad_value: float = 1
     grid = torch.full((C, rows * (H + pad) + pad, nrow * (W + pad) + pad), pad_value, dtype=x.dtype)
     for i in range(B):
         r, c = divmod(i, nrow)
-        grid[:, pad + r * (H + pad): pad + r * (H + pad) + H, pad + c * (W + pad): pad + c * (W + pad) + W] = x[i].cpu()
+        grid[:, pad + r * (H + pad) : pad + r * (H + pad) + H, pad + c * (W + pad) : pad + c * (W + pad) + W] = x[
+            i
+        ].cpu()
     return grid

@@ -19,6 +19,7 @@ Layout (zarr v3, arrays sharded along the item axis, one inner chunk per item fo
     pixels (N, C, H, W) uint8                                   # pixel mode
     attrs: format, space, scale, vae_path, image_size, shape, num_classes, classes, flip, count, source
 """
+
 from __future__ import annotations
 
 import json
@@ -43,8 +44,10 @@ def load_vae(path, device="cpu"):
     path = Path(str(path)).expanduser()
     cfg_file = path / "config.json"
     if not path.is_dir():
-        raise FileNotFoundError(f"VAE directory {path} does not exist (expected a diffusers AutoencoderKL folder, "
-                                "e.g. stabilityai/sd-vae-ft-mse saved with save_pretrained)")
+        raise FileNotFoundError(
+            f"VAE directory {path} does not exist (expected a diffusers AutoencoderKL folder, "
+            "e.g. stabilityai/sd-vae-ft-mse saved with save_pretrained)"
+        )
     if not cfg_file.is_file():
         raise ValueError(f"{path} is not a diffusers AutoencoderKL directory: no config.json")
     try:
@@ -89,8 +92,14 @@ def items_source(cfg_task, max_items=None):
         return DigitsDataset(int(cfg_task.image_size), split=cfg_task.get("split", "train"))
     if source != "folder":
         raise ValueError(f"task.source={source!r}: expected folder or digits")
-    return ImageFolderDataset(cfg_task.data_dir, int(cfg_task.image_size), bool(cfg_task.class_conditional),
-                              random_flip=False, channels=int(cfg_task.get("image_channels", 3)), max_items=max_items)
+    return ImageFolderDataset(
+        cfg_task.data_dir,
+        int(cfg_task.image_size),
+        bool(cfg_task.class_conditional),
+        random_flip=False,
+        channels=int(cfg_task.get("image_channels", 3)),
+        max_items=max_items,
+    )
 
 
 def _load_plain(ds, i, flip):
@@ -102,9 +111,22 @@ def _load_plain(ds, i, flip):
     return x.flip(-1) if flip else x
 
 
-def encode_dataset(ds, out, *, space: str = "latent", vae=None, vae_path=None, scale: float = VAE_LATENT_SCALE,
-                   flip: bool = True, batch_size: int = 32, shard_size: int = 1024, device="cpu",
-                   overwrite: bool = False, progress: bool = True, meta: dict | None = None) -> dict:
+def encode_dataset(
+    ds,
+    out,
+    *,
+    space: str = "latent",
+    vae=None,
+    vae_path=None,
+    scale: float = VAE_LATENT_SCALE,
+    flip: bool = True,
+    batch_size: int = 32,
+    shard_size: int = 1024,
+    device="cpu",
+    overwrite: bool = False,
+    progress: bool = True,
+    meta: dict | None = None,
+) -> dict:
     """Encode every item of ``ds`` (a dataset with ``items``/``load`` or ``x``/``labels``) into ``out``."""
     out = Path(str(out)).expanduser()
     if out.exists() and not overwrite:
@@ -131,12 +153,17 @@ def encode_dataset(ds, out, *, space: str = "latent", vae=None, vae_path=None, s
                 m0, _ = encode(vae, probe[None].to(device), scale)
             shape = tuple(m0.shape[1:])
             names = ["mean", "std"] + (["mean_flip", "std_flip"] if flip else [])
-            arrs = {k: g.create_array(k, shape=(n, *shape), dtype="float32", chunks=(1, *shape), shards=(shard, *shape))
-                    for k in names}
+            arrs = {
+                k: g.create_array(k, shape=(n, *shape), dtype="float32", chunks=(1, *shape), shards=(shard, *shape))
+                for k in names
+            }
         else:
             shape = (C, H, W)
-            arrs = {"pixels": g.create_array("pixels", shape=(n, *shape), dtype="uint8", chunks=(1, *shape),
-                                             shards=(shard, *shape))}
+            arrs = {
+                "pixels": g.create_array(
+                    "pixels", shape=(n, *shape), dtype="uint8", chunks=(1, *shape), shards=(shard, *shape)
+                )
+            }
         bar = tqdm(total=n, desc=f"encoding {space} -> {out.name}", unit="img", disable=not progress)
         for s0 in range(0, n, shard):  # fill one shard at a time (whole-shard writes)
             s1 = min(n, s0 + shard)
@@ -159,10 +186,16 @@ def encode_dataset(ds, out, *, space: str = "latent", vae=None, vae_path=None, s
                 a[s0:s1] = np.concatenate(buf[k])
         bar.close()
         attrs = {
-            "format": FORMAT, "space": space, "scale": float(scale) if space == "latent" else None,
-            "vae_path": str(vae_path) if vae_path else None, "image_size": [int(H), int(W)],
-            "shape": [int(s) for s in shape], "count": int(n), "flip": bool(flip and space == "latent"),
-            "num_classes": int(getattr(ds, "num_classes", 1)), "classes": list(getattr(ds, "classes", [])),
+            "format": FORMAT,
+            "space": space,
+            "scale": float(scale) if space == "latent" else None,
+            "vae_path": str(vae_path) if vae_path else None,
+            "image_size": [int(H), int(W)],
+            "shape": [int(s) for s in shape],
+            "count": int(n),
+            "flip": bool(flip and space == "latent"),
+            "num_classes": int(getattr(ds, "num_classes", 1)),
+            "classes": list(getattr(ds, "classes", [])),
             **(meta or {}),
         }
         g.attrs.update(attrs)

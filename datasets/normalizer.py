@@ -20,6 +20,7 @@ State dict layout is Diffusion Policy's: ``params_dict.<field>.{scale, offset, i
 ``LinearNormalizer()`` loads any such state_dict (fields and shapes are created while loading), so a policy
 can be rebuilt from a checkpoint before anything is fit.
 """
+
 from __future__ import annotations
 
 import math
@@ -39,6 +40,7 @@ _STAT_NAMES = ("min", "max", "mean", "std")
 class NormalizerError(ValueError):
     """A normaliser cannot be fit, loaded or applied (unknown mode, non-finite or empty data, a field that was not
     fit, a feature count that does not match). A ``ValueError``."""
+
     pass
 
 
@@ -54,7 +56,9 @@ class _ResizingBuffers(nn.Module):
 
     _names: tuple[str, ...] = ()
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         """Re-create each buffer listed in ``_names`` with the shape and dtype of the incoming state_dict entry before
         the usual load, so an empty (unfit) normaliser can load fitted parameters."""
         for name in self._names:
@@ -65,12 +69,15 @@ class _ResizingBuffers(nn.Module):
                 if cur is None or tuple(cur.shape) != tuple(src.shape) or cur.dtype != src.dtype:
                     device = cur.device if cur is not None else src.device
                     self._buffers[name] = torch.empty(src.shape, dtype=src.dtype, device=device)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
 
 class _InputStats(_ResizingBuffers):
     """Per-feature statistics of the data a field was fit on (``min``, ``max``, ``mean``, ``std``, each (D,)), kept as
     buffers so that they travel with checkpoints."""
+
     _names = _STAT_NAMES
 
     def __init__(self):
@@ -84,13 +91,21 @@ class SingleFieldLinearNormalizer(_ResizingBuffers):
 
     _names = ("scale", "offset")
 
-    def __init__(self, scale=None, offset=None, input_stats: Mapping[str, object] | None = None, mode: str | None = None):
+    def __init__(
+        self, scale=None, offset=None, input_stats: Mapping[str, object] | None = None, mode: str | None = None
+    ):
         super().__init__()
         self.mode = mode  # informative only; not part of the state_dict
-        self.register_buffer("scale", torch.zeros(0) if scale is None else _as_tensor(scale).to(torch.float32).reshape(-1).clone())
-        self.register_buffer("offset", torch.zeros(0) if offset is None else _as_tensor(offset).to(torch.float32).reshape(-1).clone())
+        self.register_buffer(
+            "scale", torch.zeros(0) if scale is None else _as_tensor(scale).to(torch.float32).reshape(-1).clone()
+        )
+        self.register_buffer(
+            "offset", torch.zeros(0) if offset is None else _as_tensor(offset).to(torch.float32).reshape(-1).clone()
+        )
         if self.scale.shape != self.offset.shape:
-            raise NormalizerError(f"scale {tuple(self.scale.shape)} and offset {tuple(self.offset.shape)} differ in shape")
+            raise NormalizerError(
+                f"scale {tuple(self.scale.shape)} and offset {tuple(self.offset.shape)} differ in shape"
+            )
         self.input_stats = _InputStats()
         for n, v in (input_stats or {}).items():
             if n not in _STAT_NAMES:
@@ -141,7 +156,10 @@ class SingleFieldLinearNormalizer(_ResizingBuffers):
         x = _as_tensor(data)
         if x.ndim == 0 or x.numel() == 0:
             raise NormalizerError(f"field {name!r}: cannot fit on empty or scalar data (shape {tuple(x.shape)})")
-        if not (x.is_floating_point() or x.dtype in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.bool)):
+        if not (
+            x.is_floating_point()
+            or x.dtype in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.bool)
+        ):
             raise NormalizerError(f"field {name!r}: cannot fit on dtype {x.dtype}")
         x = x.detach().to("cpu", torch.float32).reshape(-1, x.shape[-1])
         finite = torch.isfinite(x)
@@ -190,12 +208,18 @@ class SingleFieldLinearNormalizer(_ResizingBuffers):
         x = _as_tensor(data)
         D = x.shape[-1] if x.ndim else 0
         if sum(w for _, w in segs) != D or any(w <= 0 for _, w in segs):
-            raise NormalizerError(f"field {name!r}: segment widths {[w for _, w in segs]} do not sum to the last dim {D}")
+            raise NormalizerError(
+                f"field {name!r}: segment widths {[w for _, w in segs]} do not sum to the last dim {D}"
+            )
         if any(m == "image" for m, _ in segs):
             raise NormalizerError(f"field {name!r}: 'image' mode cannot be used in a segment list")
         parts, start = [], 0
         for m, w in segs:
-            parts.append(cls.create_fit(x[..., start : start + w], m, output_min, output_max, range_eps, f"{name}[{start}:{start + w}]"))
+            parts.append(
+                cls.create_fit(
+                    x[..., start : start + w], m, output_min, output_max, range_eps, f"{name}[{start}:{start + w}]"
+                )
+            )
             start += w
         stats = {n: torch.cat([getattr(p.input_stats, n) for p in parts]) for n in _STAT_NAMES}
         scale, offset = torch.cat([p.scale for p in parts]), torch.cat([p.offset for p in parts])
@@ -283,14 +307,18 @@ class LinearNormalizer(nn.Module):
     # ------------------------------------------------------------------ fields
     def __setitem__(self, key: str, value: SingleFieldLinearNormalizer) -> None:
         if not isinstance(value, SingleFieldLinearNormalizer):
-            raise TypeError(f"normalizer field {key!r}: expected a SingleFieldLinearNormalizer, got {type(value).__name__}")
+            raise TypeError(
+                f"normalizer field {key!r}: expected a SingleFieldLinearNormalizer, got {type(value).__name__}"
+            )
         if not isinstance(key, str) or not key or "." in key:
             raise NormalizerError(f"invalid normalizer field name {key!r} (non-empty, no '.')")
         self.params_dict[key] = value
 
     def __getitem__(self, key: str) -> SingleFieldLinearNormalizer:
         if key not in self.params_dict:
-            raise NormalizerError(f"normalizer field {key!r} was not fit; fitted fields: {sorted(self.params_dict.keys())}")
+            raise NormalizerError(
+                f"normalizer field {key!r} was not fit; fitted fields: {sorted(self.params_dict.keys())}"
+            )
         return self.params_dict[key]
 
     def __contains__(self, key: str) -> bool:
@@ -332,21 +360,25 @@ class LinearNormalizer(nn.Module):
         return {k: f.get_input_stats() for k, f in self.params_dict.items()}
 
     # ------------------------------------------------------------------ loading
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         """Create an empty field for every field name in the incoming state_dict, then load (so a fresh
         ``LinearNormalizer`` loads any checkpoint's normaliser)."""
         head = prefix + "params_dict."
         for key in state_dict:
             if key.startswith(head):
-                field = key[len(head):].split(".", 1)[0]
+                field = key[len(head) :].split(".", 1)[0]
                 if field and field not in self.params_dict:
                     self.params_dict[field] = SingleFieldLinearNormalizer()
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     @classmethod
     def from_state_dict(cls, state_dict: Mapping[str, torch.Tensor], prefix: str = "") -> "LinearNormalizer":
         """Build from a normalizer state_dict (or a larger one, e.g. a policy's, with ``prefix='normalizer.'``)."""
-        sub = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        sub = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
         if not sub:
             raise NormalizerError(f"no normalizer entries with prefix {prefix!r} in the state_dict")
         n = cls()

@@ -9,6 +9,7 @@ obs_type -> obs fields (per step):
   state:     ``obs`` (5)  = state
   image:     ``image`` (3,96,96) float in [0,1] and ``agent_pos`` (2) = state[:2]
 """
+
 from __future__ import annotations
 
 import os
@@ -39,6 +40,7 @@ class PushTDataset(SequenceDataset):
     ``horizon`` steps with ``n_obs_steps`` observations and ``n_action_steps`` executed actions (see
     :class:`~shortcut_policy.datasets.zarr_dataset.SequenceDataset` for the splits and the other arguments).
     Raises ``ValueError`` for an unknown ``obs_type``."""
+
     def __init__(
         self,
         zarr_path: str | os.PathLike,
@@ -90,9 +92,7 @@ def write_synthetic_pusht_zarr(
     rng = np.random.default_rng(seed)
     ends = np.cumsum(np.asarray(episode_lengths, dtype=np.int64))
     n = int(ends[-1])
-    state = np.concatenate(
-        [rng.uniform(50, 450, (n, 4)), rng.uniform(-10, 10, (n, 1))], axis=1
-    ).astype(np.float32)
+    state = np.concatenate([rng.uniform(50, 450, (n, 4)), rng.uniform(-10, 10, (n, 1))], axis=1).astype(np.float32)
     data = {
         "state": state,
         "keypoint": rng.uniform(0, 512, (n, 9, 2)).astype(np.float32),
@@ -105,7 +105,9 @@ def write_synthetic_pusht_zarr(
     root = zarr.open_group(str(p), mode="w", zarr_format=2)
     g = root.create_group("data")
     for k, v in data.items():
-        chunks = (chunk_rows,) + v.shape[1:] if k != "img" else (max(1, chunk_rows // 2), image_size, image_size // 2 + 1, 3)
+        chunks = (
+            (chunk_rows,) + v.shape[1:] if k != "img" else (max(1, chunk_rows // 2), image_size, image_size // 2 + 1, 3)
+        )
         a = g.create_array(k, shape=v.shape, chunks=chunks, dtype=v.dtype, compressors=blosc)
         a[:] = v
     m = root.create_group("meta")

@@ -24,6 +24,7 @@ returns the fill value (all zeros). Every array opened here is checked (:func:`o
 array whose ``.zarray`` has no ``dimension_separator`` and whose chunk keys are '/'-nested is opened with the '/'
 separator (and, when appended to in ``mode='r+'``, its ``.zarray`` is rewritten with ``"dimension_separator": "/"``).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -101,17 +102,18 @@ def _validate_layout(source: str, lengths: Mapping[str, int], episode_ends: np.n
     if episode_ends.ndim != 1:
         raise ReplayBufferError(f"{source}: meta/episode_ends must be 1-D, got shape {episode_ends.shape}")
     if episode_ends.dtype.kind not in "iu":
-        raise ReplayBufferError(
-            f"{source}: meta/episode_ends must have an integer dtype, got {episode_ends.dtype}"
-        )
+        raise ReplayBufferError(f"{source}: meta/episode_ends must have an integer dtype, got {episode_ends.dtype}")
     if len(episode_ends) > 0:
         steps = np.diff(episode_ends, prepend=0)
         bad = np.flatnonzero(steps <= 0)
         if len(bad):
             i = int(bad[0])
             prev = 0 if i == 0 else int(episode_ends[i - 1])
-            what = (f"episode {i} would have 0 steps (empty episodes cannot be stored in this layout)" if steps[i] == 0
-                    else f"episode {i} would have {int(steps[i])} steps")
+            what = (
+                f"episode {i} would have 0 steps (empty episodes cannot be stored in this layout)"
+                if steps[i] == 0
+                else f"episode {i} would have {int(steps[i])} steps"
+            )
             raise ReplayBufferError(
                 f"{source}: meta/episode_ends must be strictly increasing and start above 0, but "
                 f"episode_ends[{i}]={int(episode_ends[i])} follows {prev}: {what}"
@@ -269,7 +271,9 @@ class ReplayBuffer:
         return cls(_backend="numpy", _data=arrays, _episode_ends=ends.astype(np.int64), _source=source)
 
     @classmethod
-    def create_empty_zarr(cls, path: str | os.PathLike, zarr_format: int = 2, overwrite: bool = False) -> "ReplayBuffer":
+    def create_empty_zarr(
+        cls, path: str | os.PathLike, zarr_format: int = 2, overwrite: bool = False
+    ) -> "ReplayBuffer":
         """Create an empty on-disk buffer at ``path`` (refuses an existing path unless ``overwrite=True``)."""
         if zarr_format not in (2, 3):
             raise ValueError(f"zarr_format={zarr_format!r}: expected 2 or 3")
@@ -370,8 +374,7 @@ class ReplayBuffer:
 
     # ---------------------------------------------------------------- episodes
     def _episode_index(self, i: int) -> int:
-        """Episode index ``i`` (negative counts from the end) as a non-negative int; ``IndexError`` when out of range.
-        """
+        """Episode index ``i`` (negative counts from the end) as a non-negative int; ``IndexError`` when out of range."""
         n = self.n_episodes
         j = int(i) + n if int(i) < 0 else int(i)
         if not 0 <= j < n:
@@ -379,8 +382,7 @@ class ReplayBuffer:
         return j
 
     def get_episode_slice(self, i: int) -> slice:
-        """The step range ``slice(start, end)`` of episode ``i`` in the flat data arrays (negative ``i`` from the end).
-        """
+        """The step range ``slice(start, end)`` of episode ``i`` in the flat data arrays (negative ``i`` from the end)."""
         j = self._episode_index(i)
         start = 0 if j == 0 else int(self._episode_ends[j - 1])
         return slice(start, int(self._episode_ends[j]))
@@ -444,7 +446,9 @@ class ReplayBuffer:
                 self._data[k] = buf
         else:
             if self._root is None or self._root.read_only:
-                raise ReplayBufferError(f"{where}: buffer was opened read-only (use ReplayBuffer.open(path, mode='r+'))")
+                raise ReplayBufferError(
+                    f"{where}: buffer was opened read-only (use ReplayBuffer.open(path, mode='r+'))"
+                )
             fmt = self.zarr_format
             data_group = self._root["data"]
             for k, a in arrays.items():
@@ -453,7 +457,10 @@ class ReplayBuffer:
                     comp = compressors.get(k, "disk") if isinstance(compressors, Mapping) else compressors
                     ch = (chunks or {}).get(k) or get_optimal_chunks(a.shape, a.dtype)
                     arr = data_group.create_array(
-                        k, shape=(0,) + a.shape[1:], chunks=tuple(ch), dtype=a.dtype,
+                        k,
+                        shape=(0,) + a.shape[1:],
+                        chunks=tuple(ch),
+                        dtype=a.dtype,
                         compressors=resolve_compressor(comp, fmt),
                     )
                     self._data[k] = arr
@@ -491,14 +498,22 @@ class ReplayBuffer:
                 comp = compressors.get(k, "disk") if isinstance(compressors, Mapping) else compressors
                 ch = tuple((chunks or {}).get(k) or get_optimal_chunks(src.shape, src.dtype))
                 dst = data_group.create_array(
-                    k, shape=tuple(src.shape), chunks=ch, dtype=src.dtype, compressors=resolve_compressor(comp, zarr_format)
+                    k,
+                    shape=tuple(src.shape),
+                    chunks=ch,
+                    dtype=src.dtype,
+                    compressors=resolve_compressor(comp, zarr_format),
                 )
                 block = max(ch[0], 1) * max(1, 64 // max(ch[0], 1))  # whole chunks, bounded memory
                 for s in range(0, n, block):
                     dst[s : min(s + block, n)] = np.asarray(src[s : min(s + block, n)])
             meta = root.require_group("meta")
             meta.create_array(
-                "episode_ends", shape=(self.n_episodes,), dtype="int64", chunks=(max(self.n_episodes, 1),), compressors=None
+                "episode_ends",
+                shape=(self.n_episodes,),
+                dtype="int64",
+                chunks=(max(self.n_episodes, 1),),
+                compressors=None,
             )
             if self.n_episodes:
                 meta["episode_ends"][:] = self._episode_ends

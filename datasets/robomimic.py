@@ -13,6 +13,7 @@ Absolute actions (Diffusion Policy's ``*_abs.hdf5``) are stored as 2 x [pos 3, a
 and converted to 2 x [pos 3, rot6d 6, gripper 1] = 20 for training. rot6d is pytorch3d's convention: the first
 two *rows* of the rotation matrix, flattened; the inverse uses Gram-Schmidt.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,9 +31,19 @@ from shortcut_policy.datasets.sanity import DataSanityWarning
 from shortcut_policy.utils import AtomicPath
 
 __all__ = [
-    "axis_angle_to_matrix", "matrix_to_axis_angle", "matrix_to_rot6d", "rot6d_to_matrix",
-    "axis_angle_to_rot6d", "rot6d_to_axis_angle", "abs_action_to_rot6d", "abs_action_from_rot6d",
-    "read_env_meta", "list_demos", "read_demo", "RobomimicHdf5Writer", "robomimic_to_replay_buffer",
+    "axis_angle_to_matrix",
+    "matrix_to_axis_angle",
+    "matrix_to_rot6d",
+    "rot6d_to_matrix",
+    "axis_angle_to_rot6d",
+    "rot6d_to_axis_angle",
+    "abs_action_to_rot6d",
+    "abs_action_from_rot6d",
+    "read_env_meta",
+    "list_demos",
+    "read_demo",
+    "RobomimicHdf5Writer",
+    "robomimic_to_replay_buffer",
     "RobomimicFormatError",
 ]
 
@@ -163,7 +174,9 @@ def list_demos(f, path="<hdf5>", filter_key: str | None = None) -> list[str]:
         if "mask" not in f or filter_key not in f["mask"]:
             have = list(f["mask"]) if "mask" in f else []
             raise RobomimicFormatError(f"{path}: no filter key mask/{filter_key} (have: {have})")
-        names = [n.decode() if isinstance(n, bytes) else str(n) for n in np.asarray(f["mask"][filter_key][()]).reshape(-1)]
+        names = [
+            n.decode() if isinstance(n, bytes) else str(n) for n in np.asarray(f["mask"][filter_key][()]).reshape(-1)
+        ]
         missing = [n for n in names if n not in f["data"]]
         if missing:
             shown = ", ".join(missing[:20]) + (f", ... ({len(missing)} in all)" if len(missing) > 20 else "")
@@ -264,11 +277,12 @@ def robomimic_to_replay_buffer(
                 skipped.append((name, "malformed", f"data/{name}/{action_key} has shape {act.shape}, expected (N, A)"))
                 continue
             if action_dim is not None and act.shape[1] != action_dim:
-                raise ValueError(
-                    f"{path}: data/{name}/{action_key} has shape {act.shape}, expected (N, {action_dim})"
-                )
-            bad = [f"data/{name}/obs/{k} has {d[k].shape[0] if d[k].ndim else 0} steps" for k in needed
-                   if d[k].ndim == 0 or d[k].shape[0] != n]
+                raise ValueError(f"{path}: data/{name}/{action_key} has shape {act.shape}, expected (N, {action_dim})")
+            bad = [
+                f"data/{name}/obs/{k} has {d[k].shape[0] if d[k].ndim else 0} steps"
+                for k in needed
+                if d[k].ndim == 0 or d[k].shape[0] != n
+            ]
             if bad:
                 skipped.append((name, "malformed", f"{', '.join(bad)}, but {action_key} has {n}"))
                 continue
@@ -286,19 +300,26 @@ def robomimic_to_replay_buffer(
     if rb.n_episodes == 0:
         if first_missing is not None and all(kind == "missing" for _, kind, _ in skipped):
             raise first_missing  # missing in every demo: a wrong obs/action key rather than bad demos
-        why = "; ".join(f"{n}: {w}" for n, _, w in skipped[:10]) + (f"; ... ({len(skipped)} in all)" if len(skipped) > 10 else "")
+        why = "; ".join(f"{n}: {w}" for n, _, w in skipped[:10]) + (
+            f"; ... ({len(skipped)} in all)" if len(skipped) > 10 else ""
+        )
         raise RobomimicFormatError(f"{path}: no usable demo (all {len(skipped)} skipped): {why}")
     if skipped:
-        why = "; ".join(f"{n}: {w}" for n, _, w in skipped[:20]) + (f"; ... ({len(skipped)} in all)" if len(skipped) > 20 else "")
-        warnings.warn(f"{path}: skipped {len(skipped)} empty or malformed demo(s) of {len(demos)}: {why}",
-                      DataSanityWarning, stacklevel=2)
+        why = "; ".join(f"{n}: {w}" for n, _, w in skipped[:20]) + (
+            f"; ... ({len(skipped)} in all)" if len(skipped) > 20 else ""
+        )
+        warnings.warn(
+            f"{path}: skipped {len(skipped)} empty or malformed demo(s) of {len(demos)}: {why}",
+            DataSanityWarning,
+            stacklevel=2,
+        )
     if out_path is not None:
         rb.save_to_path(out_path, zarr_format=zarr_format, overwrite=overwrite)
     return rb
 
 
 def env_meta_action_mode(env_meta: Mapping) -> str | None:
-    """"delta" / "absolute" from an env_meta's controller config (old flat ``control_delta`` or robosuite 1.5's
+    """ "delta" / "absolute" from an env_meta's controller config (old flat ``control_delta`` or robosuite 1.5's
     composite ``body_parts.<arm>.input_type``); None when the config does not say."""
     cc = (env_meta.get("env_kwargs") or {}).get("controller_configs") or {}
     if "control_delta" in cc:
@@ -309,8 +330,13 @@ def env_meta_action_mode(env_meta: Mapping) -> str | None:
     return None
 
 
-def replay_buffer_from_hdf5(path, obs_keys: Mapping[str, Sequence[str] | str], abs_action: bool,
-                            image_keys: Sequence[str] = (), filter_key: str | None = None):
+def replay_buffer_from_hdf5(
+    path,
+    obs_keys: Mapping[str, Sequence[str] | str],
+    abs_action: bool,
+    image_keys: Sequence[str] = (),
+    filter_key: str | None = None,
+):
     """The in-memory ReplayBuffer a task's dataset block needs, read straight from a robomimic hdf5 (official layout,
     as ``task.dataset.hdf5_path``): every hdf5 obs key named by the ``obs_keys`` source specs (``"object"``,
     ``"robot0_eef_pos[:2]"``) is copied under its own name, actions go to ``action`` (axis-angle -> rot6d with
@@ -323,9 +349,11 @@ def replay_buffer_from_hdf5(path, obs_keys: Mapping[str, Sequence[str] | str], a
     mode = env_meta_action_mode(meta)
     want = "absolute" if abs_action else "delta"
     if mode is not None and mode != want:
-        raise ValueError(f"{path}: env_args has {mode} actions but the task has abs_action={bool(abs_action)} "
-                         f"(expects {want}); use the matching file (low_dim.hdf5 = delta, low_dim_abs.hdf5 = absolute) "
-                         "or set task.abs_action and task.action_dim to match")
+        raise ValueError(
+            f"{path}: env_args has {mode} actions but the task has abs_action={bool(abs_action)} "
+            f"(expects {want}); use the matching file (low_dim.hdf5 = delta, low_dim_abs.hdf5 = absolute) "
+            "or set task.abs_action and task.action_dim to match"
+        )
     keys = list(dict.fromkeys(parse_source(s)[0] for v in obs_keys.values() for s in _as_list(v)))
     keys += [k for k in image_keys if k not in keys]
     rb = robomimic_to_replay_buffer(path, keys, abs_action=abs_action, action_dim=None, filter_key=filter_key)

@@ -8,6 +8,7 @@ first / last frame of the *same* episode (edge replication); no window crosses a
 Each index row is (buffer_start, buffer_end, sample_start, sample_end): rows [buffer_start, buffer_end) of
 the buffer land at positions [sample_start, sample_end) of the window.
 """
+
 from __future__ import annotations
 
 from typing import Iterable, Mapping

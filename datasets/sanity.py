@@ -21,6 +21,7 @@ Cost: low-dim arrays are checked in full; image arrays (and any array over ``max
 ``max_frames`` frames, evenly spaced for in-memory arrays and in evenly spaced contiguous blocks for on-disk
 (zarr) arrays, so that only a few chunks are decompressed. Everything is streamed in batches of bounded size.
 """
+
 from __future__ import annotations
 
 import json
@@ -134,8 +135,11 @@ class SanityReport:
             "ok": self.ok,
             "n_episodes": self.n_episodes,
             "n_steps": self.n_steps,
-            "episode_length": {"min": self.episode_length_min, "median": _f(self.episode_length_median),
-                               "max": self.episode_length_max},
+            "episode_length": {
+                "min": self.episode_length_min,
+                "median": _f(self.episode_length_median),
+                "max": self.episode_length_max,
+            },
             "empty_episodes": list(self.empty_episodes),
             "keys": {k: s.to_dict() for k, s in self.keys.items()},
             "errors": list(self.errors),
@@ -149,12 +153,15 @@ class SanityReport:
 
     def summary(self) -> str:
         """A one-screen table: one row per key (role, dtype, shape, min/max/mean/std, notes), then the problems."""
+
         def num(x):
             return "-" if x is None else f"{x:.4g}"
 
         if self.n_episodes:
-            ep = (f"{self.n_episodes} episodes, {self.n_steps} steps; episode length min {self.episode_length_min} / "
-                  f"median {self.episode_length_median:g} / max {self.episode_length_max}")
+            ep = (
+                f"{self.n_episodes} episodes, {self.n_steps} steps; episode length min {self.episode_length_min} / "
+                f"median {self.episode_length_median:g} / max {self.episode_length_max}"
+            )
         else:
             ep = "0 episodes"
         lines = [f"data sanity: {self.source} ({ep})"]
@@ -174,8 +181,19 @@ class SanityReport:
                 notes.append("constant")
             elif s.constant_dims:
                 notes.append(f"constant dims {_short(s.constant_dims)}")
-            rows.append((s.key, s.role, s.dtype, "x".join(map(str, s.shape)), num(s.min), num(s.max), num(s.mean),
-                         num(s.std), "; ".join(notes)))
+            rows.append(
+                (
+                    s.key,
+                    s.role,
+                    s.dtype,
+                    "x".join(map(str, s.shape)),
+                    num(s.min),
+                    num(s.max),
+                    num(s.mean),
+                    num(s.std),
+                    "; ".join(notes),
+                )
+            )
         widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
         for r in [header] + rows:
             lines.append("  " + "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
@@ -210,7 +228,7 @@ def _frame_batches(a, n: int, max_frames: int, subsample: bool) -> Iterator[tupl
     if isinstance(a, np.ndarray):  # in memory: evenly spaced single frames
         idx = np.unique(np.linspace(0, n - 1, max_frames).round().astype(np.int64))
         for s in range(0, len(idx), batch):
-            yield idx[s:s + batch], a[idx[s:s + batch]]
+            yield idx[s : s + batch], a[idx[s : s + batch]]
         return
     # on disk (zarr): evenly spaced contiguous blocks, so that few chunks are decompressed
     n_blocks = min(16, max_frames)
@@ -362,8 +380,7 @@ def check_dataset(
         if n == 0:
             errors.append(f"{where} has no steps; expected recorded {role} data")
             continue
-        checked = (f"{st.frames_checked} checked frames (of {n})" if st.frames_checked < n
-                   else f"all {n} steps")
+        checked = f"{st.frames_checked} checked frames (of {n})" if st.frames_checked < n else f"all {n} steps"
         if st.nonfinite:
             errors.append(
                 f"{where} has {st.nonfinite} non-finite value(s) (NaN/inf; first in frame {st.first_nonfinite_frame}) "
@@ -387,9 +404,7 @@ def check_dataset(
                 st.image_range = "0..1" if st.max <= 1.0 + _TOL else "0..255"
                 if st.min < -_TOL or st.max > 255.0 + _TOL:
                     st.image_range = "invalid"
-                    errors.append(
-                        f"{where}: float image values span [{st.min:g}, {st.max:g}]; expected 0..255 or 0..1"
-                    )
+                    errors.append(f"{where}: float image values span [{st.min:g}, {st.max:g}]; expected 0..255 or 0..1")
                 elif st.max <= 0:
                     errors.append(f"{where}: float image maximum is {st.max:g}; expected 0..255 or 0..1")
             else:

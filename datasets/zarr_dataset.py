@@ -21,6 +21,7 @@ constant dims warn) and the report is kept as ``dataset.sanity_report`` (``summa
 too short for one window are skipped with a ``DataSanityWarning`` naming them; a train (or ``"all"``) split with
 no window at all raises ``ValueError`` explaining the episode lengths against the window.
 """
+
 from __future__ import annotations
 
 import copy
@@ -113,7 +114,9 @@ class SequenceDataset(Dataset):
         if split not in _SPLITS:
             raise ValueError(f"split={split!r}: expected one of {_SPLITS}")
         if horizon < 1 or n_obs_steps < 1 or n_action_steps < 1:
-            raise ValueError(f"horizon={horizon}, n_obs_steps={n_obs_steps}, n_action_steps={n_action_steps}: expected >= 1")
+            raise ValueError(
+                f"horizon={horizon}, n_obs_steps={n_obs_steps}, n_action_steps={n_action_steps}: expected >= 1"
+            )
         if n_obs_steps + n_latency_steps > horizon:
             raise ValueError(f"n_obs_steps={n_obs_steps} (+ latency {n_latency_steps}) exceeds horizon={horizon}")
         if not obs_keys:
@@ -137,7 +140,9 @@ class SequenceDataset(Dataset):
                 raise ValueError(f"image field {name!r} needs exactly one unsliced source, got {obs_keys[name]!r}")
 
         # ---- read the buffer: low-dim sources into memory, images into memory or left on disk
-        needed = sorted({k for srcs in self.obs_sources.values() for k, _ in srcs} | {k for k, _ in self.action_sources})
+        needed = sorted(
+            {k for srcs in self.obs_sources.values() for k, _ in srcs} | {k for k, _ in self.action_sources}
+        )
         if replay_buffer is None:
             disk = ReplayBuffer.open(zarr_path, mode="r")
             source = str(zarr_path)
@@ -146,7 +151,9 @@ class SequenceDataset(Dataset):
             source = replay_buffer.source
         missing = [k for k in needed if k not in disk]
         if missing:
-            raise KeyError(f"{source}: data key(s) {missing} needed by the dataset are not in the file (has {sorted(disk.keys())})")
+            raise KeyError(
+                f"{source}: data key(s) {missing} needed by the dataset are not in the file (has {sorted(disk.keys())})"
+            )
         self.source = source
         image_src = {self.obs_sources[n][0][0] for n in image_keys}
         arrays: dict[str, Any] = {}
@@ -174,13 +181,21 @@ class SequenceDataset(Dataset):
         arrays["action"] = self._concat(load, self.action_sources, source, "action")
         self._episode_ends = np.asarray(disk.episode_ends, dtype=np.int64)
         # ---- sanity pass over the data/<key> arrays used (images: at most 2000 frames) -> self.sanity_report
-        self.sanity_report = check_dataset(loaded, self._episode_ends, source, image_keys=image_src,
-                                           action_keys={k for k, _ in self.action_sources}, max_frames=2000)
+        self.sanity_report = check_dataset(
+            loaded,
+            self._episode_ends,
+            source,
+            image_keys=image_src,
+            action_keys={k for k, _ in self.action_sources},
+            max_frames=2000,
+        )
         for key in sorted(image_src):
             st = self.sanity_report.keys.get(key)
             if st is not None and st.image_range == "0..1" and np.dtype(st.dtype).kind == "f":
-                msg = (f"{source}: data/{key} (image) is a float image in 0..1 (max {st.max:g}), but this dataset "
-                       "expects images stored 0..255 and divides them by 255: its frames will be nearly black")
+                msg = (
+                    f"{source}: data/{key} (image) is a float image in 0..1 (max {st.max:g}), but this dataset "
+                    "expects images stored 0..255 and divides them by 255: its frames will be nearly black"
+                )
                 self.sanity_report.warnings.append(msg)
                 warnings.warn(msg, DataSanityWarning, stacklevel=2)
         self._fields = _Fields(arrays, self._episode_ends)
@@ -249,9 +264,11 @@ class SequenceDataset(Dataset):
         lengths = np.diff(self._episode_ends, prepend=0)
         selected = np.flatnonzero(self.episode_mask)
         short = selected[lengths[selected] < need]
-        window = (f"a window is horizon={self.horizon} steps, of which up to pad_before={pad_before} "
-                  f"(n_obs_steps - 1 + n_latency_steps) repeat an episode's first frame and up to pad_after={pad_after} "
-                  f"(n_action_steps - 1) its last, so an episode needs at least {need} steps")
+        window = (
+            f"a window is horizon={self.horizon} steps, of which up to pad_before={pad_before} "
+            f"(n_obs_steps - 1 + n_latency_steps) repeat an episode's first frame and up to pad_after={pad_after} "
+            f"(n_action_steps - 1) its last, so an episode needs at least {need} steps"
+        )
         if len(self.sampler) == 0 and self.split != "val":
             if len(selected) == 0:
                 raise ValueError(

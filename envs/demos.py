@@ -9,6 +9,7 @@ observation key of the bare env (before each step) and ``action``, in Diffusion 
 Episodes run until the env terminates or truncates, at most ``task.max_steps`` (else ``max_steps``) steps;
 success is ``info["success"]`` (else termination). In-process (``workers`` is ignored).
 """
+
 from __future__ import annotations
 
 import time
@@ -82,11 +83,24 @@ def expert_demos(cfg, run_dir) -> dict:
         if not kept:
             raise RuntimeError(f"demos: no successful episode of env={name!r} in {len(dropped)} attempts")
         root = zarr.open_group(str(tmp), mode="r+", zarr_format=2)
-        root.attrs.update({"generator": str(spec.expert if isinstance(spec.expert, str) else expert_cls.__qualname__),
-                           "env": name, "episode_seeds": kept, "dropped_seeds": dropped, "expert_seed": expert_seed,
-                           "max_steps": max_steps})
-    result = {"n_episodes": len(kept), "n_dropped": len(dropped), "seconds": round(time.perf_counter() - t0, 2),
-              "out": str(out), "n_steps": int(sum(lengths)), "mean_episode_length": float(np.mean(lengths))}
+        root.attrs.update(
+            {
+                "generator": str(spec.expert if isinstance(spec.expert, str) else expert_cls.__qualname__),
+                "env": name,
+                "episode_seeds": kept,
+                "dropped_seeds": dropped,
+                "expert_seed": expert_seed,
+                "max_steps": max_steps,
+            }
+        )
+    result = {
+        "n_episodes": len(kept),
+        "n_dropped": len(dropped),
+        "seconds": round(time.perf_counter() - t0, 2),
+        "out": str(out),
+        "n_steps": int(sum(lengths)),
+        "mean_episode_length": float(np.mean(lengths)),
+    }
     if len(kept) < n_episodes:
         result["warning"] = f"only {len(kept)} of {n_episodes} episodes succeeded in {max_attempts} attempts"
     return result

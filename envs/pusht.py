@@ -33,6 +33,7 @@ If pygame rasterises differently from the version DP used, the points can differ
 holding the official ``pusht_cchi_v7_replay.zarr`` can recover DP's exact local keypoints with
 :func:`local_keypoints_from_data` and pass them as ``PushTEnv(local_keypoints=...)``.
 """
+
 from __future__ import annotations
 
 import functools
@@ -178,6 +179,7 @@ def _light(color) -> tuple[int, int, int, int]:
 
 class _DrawOptions(pymunk.pygame_util.DrawOptions):
     """pymunk's pygame debug drawer restyled like Diffusion Policy's renderer: light fill with 2 px edges."""
+
     def draw_circle(self, pos, angle, radius, outline_color, fill_color):  # noqa: D401
         """Draw a circle (the agent) as a filled disc with a lighter inner disc."""
         p = pymunk.pygame_util.to_pygame(pos, self.surface)
@@ -250,7 +252,9 @@ def local_keypoints_from_data(keypoint: np.ndarray, state: np.ndarray) -> np.nda
         raise ValueError(f"expected keypoint (N, K, 2) and state (N, 5), got {keypoint.shape} and {state.shape}")
     c, s = np.cos(state[:, 4]), np.sin(state[:, 4])
     d = keypoint - state[:, None, 2:4]
-    local = np.stack([c[:, None] * d[..., 0] + s[:, None] * d[..., 1], -s[:, None] * d[..., 0] + c[:, None] * d[..., 1]], -1)
+    local = np.stack(
+        [c[:, None] * d[..., 0] + s[:, None] * d[..., 1], -s[:, None] * d[..., 0] + c[:, None] * d[..., 1]], -1
+    )
     return local.mean(axis=0)
 
 
@@ -289,7 +293,9 @@ class PushTEnv(gym.Env):
         ws = float(WINDOW_SIZE)
         self.action_space = spaces.Box(low=0.0, high=ws, shape=(2,), dtype=np.float64)
         if obs_type == "keypoints":
-            self.observation_space = spaces.Dict({"obs": spaces.Box(-np.inf, np.inf, (2 * N_KEYPOINTS + 2,), np.float32)})
+            self.observation_space = spaces.Dict(
+                {"obs": spaces.Box(-np.inf, np.inf, (2 * N_KEYPOINTS + 2,), np.float32)}
+            )
         elif obs_type == "state":
             low = np.zeros(5, np.float32)
             high = np.array([ws, ws, ws, ws, 2 * np.pi], np.float32)
@@ -350,8 +356,13 @@ class PushTEnv(gym.Env):
                 seed = int(self.np_random.integers(0, 25536))
             rs = np.random.RandomState(seed=seed)
             state = np.array(
-                [rs.randint(50, 450), rs.randint(50, 450), rs.randint(100, 400), rs.randint(100, 400),
-                 rs.randn() * 2 * np.pi - np.pi]
+                [
+                    rs.randint(50, 450),
+                    rs.randint(50, 450),
+                    rs.randint(100, 400),
+                    rs.randint(100, 400),
+                    rs.randn() * 2 * np.pi - np.pi,
+                ]
             )
         self._seed_used = seed
         self._set_pose(state)
@@ -392,8 +403,18 @@ class PushTEnv(gym.Env):
         block vel xy, block angular vel]. The first five are DP's ``state`` layout."""
         a, b = self.agent, self.block
         return np.array(
-            [a.position.x, a.position.y, b.position.x, b.position.y, b.angle,
-             a.velocity.x, a.velocity.y, b.velocity.x, b.velocity.y, b.angular_velocity],
+            [
+                a.position.x,
+                a.position.y,
+                b.position.x,
+                b.position.y,
+                b.angle,
+                a.velocity.x,
+                a.velocity.y,
+                b.velocity.x,
+                b.velocity.y,
+                b.angular_velocity,
+            ],
             dtype=np.float64,
         )
 
@@ -477,8 +498,14 @@ class PushTEnv(gym.Env):
         img = _canvas_to_array(canvas, size)
         if draw_action and self.latest_action is not None:
             coord = (np.asarray(self.latest_action) / WINDOW_SIZE * size).astype(np.int32)
-            cv2.drawMarker(img, (int(coord[0]), int(coord[1])), color=(255, 0, 0), markerType=cv2.MARKER_CROSS,
-                           markerSize=max(1, int(8 / 96 * size)), thickness=max(1, int(1 / 96 * size)))
+            cv2.drawMarker(
+                img,
+                (int(coord[0]), int(coord[1])),
+                color=(255, 0, 0),
+                markerType=cv2.MARKER_CROSS,
+                markerSize=max(1, int(8 / 96 * size)),
+                thickness=max(1, int(1 / 96 * size)),
+            )
         return img
 
     def render_image(self) -> np.ndarray:

@@ -27,6 +27,7 @@ module-level objects (picklable).
 Adding an environment: a module with the env (and optionally an expert), then one ``register_env`` call, here
 for a built-in env or anywhere before the verbs run (e.g. ``register_env("reach", EnvSpec(make="my_pkg.reach:make"))``).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -68,8 +69,9 @@ def register_env(name: str, spec: EnvSpec | str, replace: bool = False) -> EnvSp
     if isinstance(spec, str):
         spec = import_attr(spec)
     if not isinstance(spec, EnvSpec):
-        raise TypeError(f"register_env({name!r}): expected an EnvSpec (or 'module:attr' naming one), got "
-                        f"{type(spec).__name__}")
+        raise TypeError(
+            f"register_env({name!r}): expected an EnvSpec (or 'module:attr' naming one), got {type(spec).__name__}"
+        )
     old = _REGISTRY.get(name)
     if old is not None and old != spec and not replace:
         raise ValueError(f"register_env: env {name!r} is already registered ({old}); pass replace=True to replace it")
@@ -96,8 +98,10 @@ def get_env_spec(task_cfg_or_name) -> EnvSpec:
     """The entry for a task config's ``env`` (or a name); ValueError naming the registered envs otherwise."""
     name = env_name(task_cfg_or_name)
     if name not in _REGISTRY:
-        raise ValueError(f"task env={name!r}: unknown environment; expected one of {registered_envs()} "
-                         "(register one with shortcut_policy.envs.registry.register_env)")
+        raise ValueError(
+            f"task env={name!r}: unknown environment; expected one of {registered_envs()} "
+            "(register one with shortcut_policy.envs.registry.register_env)"
+        )
     return _REGISTRY[name]
 
 
@@ -146,15 +150,21 @@ def stage_names(task_cfg_or_name) -> tuple[str, ...]:
 # ---------------------------------------------------------------------------------------------------------
 # built-in environments. Import paths only: pygame/pymunk (Push-T) and robosuite + mujoco (Transport, optional:
 # the `sim` extra) are imported by the process that builds the env, never by `import shortcut_policy...`.
-register_env("pusht", EnvSpec(
-    make="shortcut_policy.envs.pusht:build_env",
-    expert="shortcut_policy.envs.experts.pusht:PushTExpert",
-    demos="shortcut_policy.envs.experts.pusht:demos",
-))
-register_env("transport", EnvSpec(
-    make="shortcut_policy.envs.transport:build_env",
-    expert="shortcut_policy.envs.experts.transport:TransportExpert",
-    demos="shortcut_policy.envs.experts.transport:demos",
-    stages="shortcut_policy.envs.transport:TASK_STAGES",
-    requires=("robosuite", "mujoco"),
-))
+register_env(
+    "pusht",
+    EnvSpec(
+        make="shortcut_policy.envs.pusht:build_env",
+        expert="shortcut_policy.envs.experts.pusht:PushTExpert",
+        demos="shortcut_policy.envs.experts.pusht:demos",
+    ),
+)
+register_env(
+    "transport",
+    EnvSpec(
+        make="shortcut_policy.envs.transport:build_env",
+        expert="shortcut_policy.envs.experts.transport:TransportExpert",
+        demos="shortcut_policy.envs.experts.transport:demos",
+        stages="shortcut_policy.envs.transport:TASK_STAGES",
+        requires=("robosuite", "mujoco"),
+    ),
+)

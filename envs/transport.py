@@ -27,6 +27,7 @@ reached so far (``task_stages()``: lid off, trash binned, hammer handed over, ..
 Seeding follows Diffusion Policy: ``np.random.seed(seed)`` right before robosuite's ``reset()``; robosuite's
 placement samplers, robot init noise and the hammer's size all draw from numpy's global RNG.
 """
+
 from __future__ import annotations
 
 import copy
@@ -46,8 +47,16 @@ ENV_NAME = "TwoArmTransport"
 ROBOSUITE_ENV_TYPE = 1  # robomimic EnvType.ROBOSUITE_TYPE
 MAX_STEPS = 700
 # the task stages TransportEnv.task_stages() reports (info["stages"] with track_stages), roughly in task order
-TASK_STAGES = ("lid_grasped", "lid_off", "trash_grasped", "trash_in_trash_bin", "hammer_grasped_robot0",
-               "hammer_grasped_robot1", "hammer_in_target_bin", "success")
+TASK_STAGES = (
+    "lid_grasped",
+    "lid_off",
+    "trash_grasped",
+    "trash_in_trash_bin",
+    "hammer_grasped_robot0",
+    "hammer_grasped_robot1",
+    "hammer_in_target_bin",
+    "success",
+)
 CONTROL_HZ = 20
 LOWDIM_CONCAT_KEYS: tuple[str, ...] = (
     "object",
@@ -126,11 +135,16 @@ def default_env_meta(abs_action: bool = False) -> dict:
 
 def _is_old_part_config(cfg: Mapping) -> bool:
     """A robosuite <= 1.4 controller config: a single part controller (has "type" like OSC_POSE, no body_parts)."""
-    return isinstance(cfg, Mapping) and "body_parts" not in cfg and str(cfg.get("type", "")).upper() not in (
-        "BASIC",
-        "HYBRID_MOBILE_BASE",
-        "WHOLE_BODY_IK",
-        "WHOLE_BODY_MINK_IK",
+    return (
+        isinstance(cfg, Mapping)
+        and "body_parts" not in cfg
+        and str(cfg.get("type", "")).upper()
+        not in (
+            "BASIC",
+            "HYBRID_MOBILE_BASE",
+            "WHOLE_BODY_IK",
+            "WHOLE_BODY_MINK_IK",
+        )
     )
 
 
@@ -240,8 +254,10 @@ class TransportEnv(gym.Env):
         self.obs_keys = tuple(obs_keys)
         unknown = [k for k in self.obs_keys if k != "obs" and k not in LOWDIM_SHAPES and not k.endswith("_image")]
         if unknown:
-            raise KeyError(f"{source}: unknown observation key(s) {unknown}; known: obs, {sorted(LOWDIM_SHAPES)}, "
-                           f"<camera>_image for cameras {list(CAMERAS)}")
+            raise KeyError(
+                f"{source}: unknown observation key(s) {unknown}; known: obs, {sorted(LOWDIM_SHAPES)}, "
+                f"<camera>_image for cameras {list(CAMERAS)}"
+            )
         self.image_keys = tuple(k for k in self.obs_keys if k.endswith("_image"))
         cams = [k[: -len("_image")] for k in self.image_keys]
         need_object = "obs" in self.obs_keys or "object" in self.obs_keys
@@ -439,7 +455,6 @@ class TransportEnv(gym.Env):
             self.env.close()
         except Exception:  # pragma: no cover - robosuite close on an offscreen ctx can fail at exit
             pass
-
 
 
 def env_meta_from_task_cfg(task_cfg) -> dict | None:

@@ -18,6 +18,7 @@ gymnasium 5-tuple API:
 Environment-agnostic: every registered env (Push-T, Transport, ...) is wrapped by :func:`wrap_env`, the one place
 that builds ``MultiStepWrapper(VideoRecorder(env), To, Ta, max_steps)`` from a task config.
 """
+
 from __future__ import annotations
 
 from collections import deque
@@ -46,7 +47,9 @@ def _stack_space(space: spaces.Space, n: int) -> spaces.Space:
 def _repeat_action_space(space: spaces.Space, n: int) -> spaces.Space:
     """The action space of an n-action chunk: a Box (Da,) becomes (n, Da). Raises ``TypeError`` for other spaces."""
     if isinstance(space, spaces.Box):
-        return spaces.Box(low=np.repeat(space.low[None], n, 0), high=np.repeat(space.high[None], n, 0), dtype=space.dtype)
+        return spaces.Box(
+            low=np.repeat(space.low[None], n, 0), high=np.repeat(space.high[None], n, 0), dtype=space.dtype
+        )
     raise TypeError(f"MultiStepWrapper: unsupported action space {space!r} (expected Box)")
 
 
@@ -55,8 +58,15 @@ class MultiStepWrapper(gym.Wrapper):
     chunks of up to ``n_action_steps`` actions, truncates after ``max_episode_steps`` inner steps and aggregates
     rewards with ``reward_agg`` ("max", "sum", "mean" or "last"). Raises ``ValueError`` for non-positive step
     counts or an unknown aggregation."""
-    def __init__(self, env: gym.Env, n_obs_steps: int, n_action_steps: int, max_episode_steps: int | None = None,
-                 reward_agg: str = "max"):
+
+    def __init__(
+        self,
+        env: gym.Env,
+        n_obs_steps: int,
+        n_action_steps: int,
+        max_episode_steps: int | None = None,
+        reward_agg: str = "max",
+    ):
         super().__init__(env)
         for name, v in (("n_obs_steps", n_obs_steps), ("n_action_steps", n_action_steps)):
             if isinstance(v, bool) or not float(v).is_integer() or v < 1:

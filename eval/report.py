@@ -15,6 +15,7 @@ uses) computes the rates over the episodes that ran (``n_ran@N``), so a crash ne
 episode; with the default ``exclude_crashed=False`` they count as failures with score 0.
 :func:`crash_cause` turns a crash's traceback text into one line (exception type and message).
 """
+
 from __future__ import annotations
 
 import csv
@@ -90,7 +91,7 @@ def crash_cause(error) -> str:
     if _TB_HEADER not in text:
         return " ".join(p.strip() for p in text.splitlines() if p.strip())
     prefix = text[: text.index(_TB_HEADER)].strip().rstrip(":").strip()
-    last_tb = text[text.rindex(_TB_HEADER) + len(_TB_HEADER):]
+    last_tb = text[text.rindex(_TB_HEADER) + len(_TB_HEADER) :]
     lines = last_tb.splitlines()
     # frames are indented ("  File ...", "    code", "    ^^^"); the exception starts at the first line that is not
     start = next((i for i, ln in enumerate(lines) if ln.strip() and not ln[:1].isspace()), None)

@@ -27,6 +27,7 @@ status), ``videos/*.mp4`` (or .gif) of the first ``n_videos`` seeds, ``score_vs_
 dict (RESULT) has ``mean_score@N``, ``success_rate@N``, ``success_ci95@N`` ([lo, hi], Wilson 95 %),
 ``n_episodes`` (see :mod:`shortcut_policy.eval.report`).
 """
+
 from __future__ import annotations
 
 import multiprocessing as mp
@@ -94,8 +95,14 @@ def _info_success(info: dict) -> bool | None:
 
 # ---------------------------------------------------------------------------------------------------------
 # worker process
-def _worker_main(conn, task_cfg: dict, seeds: list[int], video_seeds: list[int], expert_spec,
-                 env_entry: tuple[str, EnvSpec] | None = None):
+def _worker_main(
+    conn,
+    task_cfg: dict,
+    seeds: list[int],
+    video_seeds: list[int],
+    expert_spec,
+    env_entry: tuple[str, EnvSpec] | None = None,
+):
     """One env worker. ``env_entry``: the caller's registry entry of the task's env (name, spec), registered here
     first, so an env registered at run time in the caller also exists in this spawned process."""
     limit_opencv_threads()  # only in env workers: the main process keeps OpenCV's own thread pool
@@ -128,9 +135,15 @@ def _worker_main(conn, task_cfg: dict, seeds: list[int], video_seeds: list[int],
                     try:
                         obs, reward, terminated, truncated, info = env.step(chunk)
                         done = bool(terminated or truncated)
-                        res = {"obs": obs, "reward": float(reward), "done": done, "terminated": bool(terminated),
-                               "env_steps": env.n_inner_steps, "success": _info_success(info),
-                               "stages": _info_stages(info)}
+                        res = {
+                            "obs": obs,
+                            "reward": float(reward),
+                            "done": done,
+                            "terminated": bool(terminated),
+                            "env_steps": env.n_inner_steps,
+                            "success": _info_success(info),
+                            "stages": _info_stages(info),
+                        }
                         if done:
                             rec = _recorder(env)
                             res["frames"] = rec.frames if (rec is not None and rec.enabled) else None
@@ -173,14 +186,28 @@ def _worker_expert(conn, envs: dict, expert_spec: str | None, expert_kwargs: dic
                 success, stages = _info_success(info), _info_stages(info)
             rewards = env.rewards
             rec = _recorder(env)
-            row = {"seed": s, "max_reward": max(rewards) if rewards else 0.0,
-                   "success": bool(success) if success is not None else bool(terminated),
-                   "env_steps": env.n_inner_steps, "status": "ok", "error": "", "stages": stages,
-                   "frames": rec.frames if (rec is not None and rec.enabled) else None,
-                   "seconds": time.perf_counter() - t0}
+            row = {
+                "seed": s,
+                "max_reward": max(rewards) if rewards else 0.0,
+                "success": bool(success) if success is not None else bool(terminated),
+                "env_steps": env.n_inner_steps,
+                "status": "ok",
+                "error": "",
+                "stages": stages,
+                "frames": rec.frames if (rec is not None and rec.enabled) else None,
+                "seconds": time.perf_counter() - t0,
+            }
         except Exception:
-            row = {"seed": s, "max_reward": 0.0, "success": False, "env_steps": 0, "status": "error",
-                   "error": traceback.format_exc(limit=5), "frames": None, "seconds": time.perf_counter() - t0}
+            row = {
+                "seed": s,
+                "max_reward": 0.0,
+                "success": False,
+                "env_steps": 0,
+                "status": "error",
+                "error": traceback.format_exc(limit=5),
+                "frames": None,
+                "seconds": time.perf_counter() - t0,
+            }
         conn.send(("episode", row))
     conn.send(("expert_done", None))
 
@@ -190,12 +217,15 @@ def _worker_expert(conn, envs: dict, expert_spec: str | None, expert_kwargs: dic
 class _Worker:
     """Main-process handle of one spawned env worker (:func:`_worker_main`) and its pipe; a worker that dies,
     breaks the pipe or misses a deadline raises :class:`_WorkerLost`."""
+
     def __init__(self, ctx, task_cfg, seeds, video_seeds, expert_spec, env_entry=None):
         self.seeds = list(seeds)
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_worker_main,
-                                args=(child, task_cfg, self.seeds, list(video_seeds), expert_spec, env_entry),
-                                daemon=True)
+        self.proc = ctx.Process(
+            target=_worker_main,
+            args=(child, task_cfg, self.seeds, list(video_seeds), expert_spec, env_entry),
+            daemon=True,
+        )
         self.proc.start()
         child.close()
         self.alive = True
@@ -257,6 +287,7 @@ class _Worker:
 
 class _WorkerLost(Exception):
     """A worker crashed or timed out: ``status`` is "crashed" or "timeout", ``detail`` says what happened."""
+
     def __init__(self, status, detail):
         super().__init__(f"{status}: {detail}")
         self.status, self.detail = status, detail
@@ -264,8 +295,15 @@ class _WorkerLost(Exception):
 
 def _lost_row(seed, steps, status, detail):
     """The per-seed result row of an episode lost with its worker (success False, ``status`` and the error)."""
-    return {"steps": steps, "seed": int(seed), "max_reward": 0.0, "success": False, "env_steps": 0,
-            "status": status, "error": f"worker {status} while running seed {seed}: {detail}"}
+    return {
+        "steps": steps,
+        "seed": int(seed),
+        "max_reward": 0.0,
+        "success": False,
+        "env_steps": 0,
+        "status": status,
+        "error": f"worker {status} while running seed {seed}: {detail}",
+    }
 
 
 def _split(seeds: list[int], n_workers: int) -> list[list[int]]:
@@ -297,8 +335,16 @@ def _start_workers(task_cfg, seeds, n_workers, video_seeds, expert_spec, startup
     return workers, lost
 
 
-def run_expert(task_cfg, seeds: list[int], n_workers: int, video_seeds=(), expert_spec: str | None = None,
-               episode_timeout: float = 600.0, startup_timeout: float = 120.0, progress: bool = True) -> list[dict]:
+def run_expert(
+    task_cfg,
+    seeds: list[int],
+    n_workers: int,
+    video_seeds=(),
+    expert_spec: str | None = None,
+    episode_timeout: float = 600.0,
+    startup_timeout: float = 120.0,
+    progress: bool = True,
+) -> list[dict]:
     """Run the task's scripted expert (or ``expert_spec``) on ``seeds`` in ``n_workers`` processes, one episode per seed;
     returns one row per seed (``max_reward``, ``success``, ``env_steps``, ``status``, ``error``, ``stages``,
     ``frames`` for the video seeds). A worker that crashes or exceeds ``episode_timeout`` seconds loses its
@@ -355,8 +401,17 @@ def run_expert(task_cfg, seeds: list[int], n_workers: int, video_seeds=(), exper
     return rows
 
 
-def run_policy(policy, task_cfg, seeds: list[int], n_workers: int, steps: int, video_seeds=(),
-               step_timeout: float = 300.0, startup_timeout: float = 120.0, progress: bool = True) -> list[dict]:
+def run_policy(
+    policy,
+    task_cfg,
+    seeds: list[int],
+    n_workers: int,
+    steps: int,
+    video_seeds=(),
+    step_timeout: float = 300.0,
+    startup_timeout: float = 120.0,
+    progress: bool = True,
+) -> list[dict]:
     """Learned policy batched in the main process over envs stepped in the workers (one chunk per call)."""
     workers, lost = _start_workers(task_cfg, seeds, n_workers, video_seeds, None, startup_timeout)
     rows: dict[int, dict] = {s: _lost_row(s, steps, *lost[s]) for s in lost}
@@ -374,8 +429,15 @@ def run_policy(policy, task_cfg, seeds: list[int], n_workers: int, steps: int, v
                 obs.pop(s, None)
 
     def record_error(s, tb):
-        rows[s] = {"steps": steps, "seed": s, "max_reward": 0.0, "success": False, "env_steps": best.get(s, {}).get("env_steps", 0),
-                   "status": "error", "error": tb}
+        rows[s] = {
+            "steps": steps,
+            "seed": s,
+            "max_reward": 0.0,
+            "success": False,
+            "env_steps": best.get(s, {}).get("env_steps", 0),
+            "status": "error",
+            "error": tb,
+        }
         obs.pop(s, None)
 
     bar = _bar(len(seeds), f"eval steps={steps}", progress)
@@ -403,7 +465,9 @@ def run_policy(policy, task_cfg, seeds: list[int], n_workers: int, steps: int, v
             actions = policy.predict_action(batch, steps=steps)
             actions = actions.detach().cpu().numpy() if hasattr(actions, "detach") else np.asarray(actions)
             if actions.ndim != 3 or actions.shape[0] != len(active):
-                raise ValueError(f"policy.predict_action returned shape {actions.shape}; expected (B={len(active)}, Ta, Da)")
+                raise ValueError(
+                    f"policy.predict_action returned shape {actions.shape}; expected (B={len(active)}, Ta, Da)"
+                )
             per_worker: dict[int, dict] = {}
             for i, s in enumerate(active):
                 per_worker.setdefault(id(owner[s]), {})[s] = actions[i]
@@ -429,9 +493,17 @@ def run_policy(policy, task_cfg, seeds: list[int], n_workers: int, steps: int, v
                     best[s] = {"max_reward": res["reward"], "env_steps": res["env_steps"]}
                     if res["done"]:
                         succ = res["success"] if res["success"] is not None else res["terminated"]
-                        rows[s] = {"steps": steps, "seed": s, "max_reward": res["reward"], "success": bool(succ),
-                                   "env_steps": res["env_steps"], "status": "ok", "error": "", "frames": res.get("frames"),
-                                   "stages": res.get("stages")}
+                        rows[s] = {
+                            "steps": steps,
+                            "seed": s,
+                            "max_reward": res["reward"],
+                            "success": bool(succ),
+                            "env_steps": res["env_steps"],
+                            "status": "ok",
+                            "error": "",
+                            "frames": res.get("frames"),
+                            "stages": res.get("stages"),
+                        }
                         obs.pop(s, None)
                         bar.update(1)
                     else:
@@ -489,20 +561,37 @@ def _check_crashes(rows: list[dict], steps: int, max_crash_fraction: float | Non
     seeds = [int(r["seed"]) for r in bad]
     shown = str(seeds) if len(seeds) <= 10 else f"[{', '.join(map(str, seeds[:10]))}, ... ({len(seeds)} seeds)]"
     if k == n:
-        raise EvalCrashError(f"eval: all {n} episodes crashed at steps={steps} (seeds {shown}), nothing was "
-                             f"evaluated; first: {cause}; {where}; fix the cause and rerun")
+        raise EvalCrashError(
+            f"eval: all {n} episodes crashed at steps={steps} (seeds {shown}), nothing was "
+            f"evaluated; first: {cause}; {where}; fix the cause and rerun"
+        )
     if max_crash_fraction is not None and k / n > max_crash_fraction:
-        raise EvalCrashError(f"eval: {k} of {n} episodes crashed at steps={steps} (seeds {shown}), more than "
-                             f"max_crash_fraction={max_crash_fraction:g} allows; first: {cause}; {where}; fix the "
-                             f"cause, or accept crashes with a larger max_crash_fraction")
-    return (f"{k} of {n} episodes crashed at steps={steps} (seeds {shown}); mean_score@{steps} and "
-            f"success_rate@{steps} are over the {n - k} that ran; first: {cause}")
+        raise EvalCrashError(
+            f"eval: {k} of {n} episodes crashed at steps={steps} (seeds {shown}), more than "
+            f"max_crash_fraction={max_crash_fraction:g} allows; first: {cause}; {where}; fix the "
+            f"cause, or accept crashes with a larger max_crash_fraction"
+        )
+    return (
+        f"{k} of {n} episodes crashed at steps={steps} (seeds {shown}); mean_score@{steps} and "
+        f"success_rate@{steps} are over the {n - k} that ran; first: {cause}"
+    )
 
 
-def evaluate(task_cfg, policy=None, steps_list=(1,), n_episodes: int = 50, seed_start: int = TEST_SEED_START,
-             n_workers: int | None = None, n_videos: int = 0, run_dir=None, expert_spec: str | None = None,
-             timeout: float = 600.0, progress: bool = True, envs_per_worker: int | None = None,
-             max_crash_fraction: float | None = None) -> dict:
+def evaluate(
+    task_cfg,
+    policy=None,
+    steps_list=(1,),
+    n_episodes: int = 50,
+    seed_start: int = TEST_SEED_START,
+    n_workers: int | None = None,
+    n_videos: int = 0,
+    run_dir=None,
+    expert_spec: str | None = None,
+    timeout: float = 600.0,
+    progress: bool = True,
+    envs_per_worker: int | None = None,
+    max_crash_fraction: float | None = None,
+) -> dict:
     """Programmatic entry (also for trainers): ``policy=None`` evaluates the scripted expert. Returns the
     RESULT dict; writes per-seed tables, videos and the plot into ``run_dir`` when given.
     ``envs_per_worker`` caps the envs alive per worker: the seeds then run in waves of ``n_workers x
@@ -529,8 +618,11 @@ def evaluate(task_cfg, policy=None, steps_list=(1,), n_episodes: int = 50, seed_
     t0 = time.perf_counter()
     all_rows: list[dict] = []
     warnings: list[str] = []
-    where = (f"every seed's error is in {Path(run_dir) / 'per_seed.csv'}" if run_dir is not None
-             else "pass run_dir to get every seed's error in per_seed.csv")
+    where = (
+        f"every seed's error is in {Path(run_dir) / 'per_seed.csv'}"
+        if run_dir is not None
+        else "pass run_dir to get every seed's error in per_seed.csv"
+    )
 
     def check(n):
         try:
@@ -548,8 +640,9 @@ def evaluate(task_cfg, policy=None, steps_list=(1,), n_episodes: int = 50, seed_
     if policy is None:
         steps_list = [1]
         for wave in waves:
-            all_rows += run_expert(task_cfg, wave, n_workers, video_seeds, expert_spec, episode_timeout=timeout,
-                                   progress=progress)
+            all_rows += run_expert(
+                task_cfg, wave, n_workers, video_seeds, expert_spec, episode_timeout=timeout, progress=progress
+            )
         check(1)
     else:
         # the policy's objective validates its own step counts (powers of two for shortcut/flow, 1..100 for DDPM/DDIM)
@@ -558,11 +651,17 @@ def evaluate(task_cfg, policy=None, steps_list=(1,), n_episodes: int = 50, seed_
         for n in steps_list:
             _seed_policy_rng(seed_start)  # same sampling noise stream for every budget: reproducible evals
             for wave in waves:
-                all_rows += run_policy(policy, task_cfg, wave, n_workers, n, video_seeds, step_timeout=timeout,
-                                       progress=progress)
+                all_rows += run_policy(
+                    policy, task_cfg, wave, n_workers, n, video_seeds, step_timeout=timeout, progress=progress
+                )
             check(n)
-    result: dict = {"n_episodes": n_episodes, "seed_start": seed_start, "steps": list(steps_list),
-                    "policy": "expert" if policy is None else "checkpoint", "workers": n_workers}
+    result: dict = {
+        "n_episodes": n_episodes,
+        "seed_start": seed_start,
+        "steps": list(steps_list),
+        "policy": "expert" if policy is None else "checkpoint",
+        "workers": n_workers,
+    }
     for n in steps_list:
         result.update(report.summarize([r for r in all_rows if r["steps"] == n], n, exclude_crashed=True))
     if warnings:
@@ -572,9 +671,14 @@ def evaluate(task_cfg, policy=None, steps_list=(1,), n_episodes: int = 50, seed_
         run_dir = Path(run_dir)
         videos = _save_videos(all_rows, run_dir, fps=int(_cfg_get(task_cfg, "control_hz", 10)))
         report.write_per_seed(all_rows, run_dir)
-        plot = report.plot_vs_steps(result, run_dir / "score_vs_steps.png",
-                                    title=f"{_cfg_get(task_cfg, 'name', '')} seeds {seed_start}..{seed_start + n_episodes - 1}")
-        stages = report.plot_stages(result, run_dir / "stages.png", title=f"{_cfg_get(task_cfg, 'name', '')}: how far episodes get")
+        plot = report.plot_vs_steps(
+            result,
+            run_dir / "score_vs_steps.png",
+            title=f"{_cfg_get(task_cfg, 'name', '')} seeds {seed_start}..{seed_start + n_episodes - 1}",
+        )
+        stages = report.plot_stages(
+            result, run_dir / "stages.png", title=f"{_cfg_get(task_cfg, 'name', '')}: how far episodes get"
+        )
         result["videos"] = videos
         result["plot"] = str(plot) if plot else None
         if stages:
@@ -593,5 +697,13 @@ def _seed_policy_rng(seed: int) -> None:
         sys.modules["torch"].manual_seed(seed)
 
 
-__all__ = ["evaluate", "EvalCrashError", "check_crash_fraction", "default_workers", "make_env", "run_expert",
-           "run_policy", "check_int"]
+__all__ = [
+    "evaluate",
+    "EvalCrashError",
+    "check_crash_fraction",
+    "default_workers",
+    "make_env",
+    "run_expert",
+    "run_policy",
+    "check_int",
+]

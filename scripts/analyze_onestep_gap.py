@@ -15,6 +15,7 @@ it acts on together with the block's coverage at that moment, then samples K chu
 usage: python scripts/analyze_onestep_gap.py CKPT [--ref-steps 8] [--seeds 20] [--seed-start 200000] [--k 16]
 Writes a JSON next to the checkpoint's run (or --out) and prints a table.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -86,26 +87,40 @@ def main():
         d["spread_ref"].append(float(an.std(0).mean()))
         d["bias"].append(float(np.linalg.norm(a1.mean(0) - an.mean(0), axis=-1).mean()))
         d["paired"].append(float(np.linalg.norm(a1 - an, axis=-1).mean()))
-    result = {"checkpoint": a.checkpoint, "ref_steps": a.ref_steps, "seeds": [a.seed_start, a.seed_start + a.seeds - 1],
-              "k": a.k, "bins": {}, "rollouts": {}}
-    print(f"{'coverage':>10} {'n':>5} {'spread@1':>9} {'spread@' + str(a.ref_steps):>9} {'bias px':>8} {'paired px':>9}")
+    result = {
+        "checkpoint": a.checkpoint,
+        "ref_steps": a.ref_steps,
+        "seeds": [a.seed_start, a.seed_start + a.seeds - 1],
+        "k": a.k,
+        "bins": {},
+        "rollouts": {},
+    }
+    print(
+        f"{'coverage':>10} {'n':>5} {'spread@1':>9} {'spread@' + str(a.ref_steps):>9} {'bias px':>8} {'paired px':>9}"
+    )
     for key, d in per_bin.items():
         if not d["bias"]:
             continue
         row = {k: float(np.mean(v)) for k, v in d.items()}
         row["n"] = len(d["bias"])
         result["bins"][key] = row
-        print(f"{key:>10} {row['n']:>5} {row['spread_1']:>9.2f} {row['spread_ref']:>9.2f} {row['bias']:>8.2f} "
-              f"{row['paired']:>9.2f}")
+        print(
+            f"{key:>10} {row['n']:>5} {row['spread_1']:>9.2f} {row['spread_ref']:>9.2f} {row['bias']:>8.2f} "
+            f"{row['paired']:>9.2f}"
+        )
     for s, st in stats.items():
         best = np.array(st["best"])
-        result["rollouts"][str(s)] = {"success": float((best >= 1.0).mean()),
-                                      "near_miss_0.90_0.95": float(((best >= 0.90 / 0.95) & (best < 1.0)).mean()),
-                                      "mean_score": float(best.mean()),
-                                      "boundary_jump_px": float(np.mean(st["boundary"]))}
+        result["rollouts"][str(s)] = {
+            "success": float((best >= 1.0).mean()),
+            "near_miss_0.90_0.95": float(((best >= 0.90 / 0.95) & (best < 1.0)).mean()),
+            "mean_score": float(best.mean()),
+            "boundary_jump_px": float(np.mean(st["boundary"])),
+        }
         r = result["rollouts"][str(s)]
-        print(f"rollouts @{s}: success {r['success']:.2f}, near misses {r['near_miss_0.90_0.95']:.2f}, "
-              f"mean score {r['mean_score']:.3f}, chunk-boundary jump {r['boundary_jump_px']:.2f} px")
+        print(
+            f"rollouts @{s}: success {r['success']:.2f}, near misses {r['near_miss_0.90_0.95']:.2f}, "
+            f"mean score {r['mean_score']:.3f}, chunk-boundary jump {r['boundary_jump_px']:.2f} px"
+        )
     out = Path(a.out) if a.out else Path(a.checkpoint).parent.parent / "onestep_gap.json"
     out.write_text(json.dumps(result, indent=1))
     print("wrote", out)

@@ -5,6 +5,7 @@
 Random targets in [50, 450]^2 (contacts happen now and then); resets on termination/truncation are
 included in the time. Prints one JSON line per obs type and a final RESULT line.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,8 +33,13 @@ def bench(obs_type: str, n_steps: int, seed: int = 0) -> dict:
             resets += 1
     wall = time.perf_counter() - t0
     cpu = time.process_time() - c0
-    return {"obs_type": obs_type, "steps": n_steps, "steps_per_s_wall": round(n_steps / wall, 1),
-            "steps_per_s_cpu": round(n_steps / cpu, 1), "resets": resets}
+    return {
+        "obs_type": obs_type,
+        "steps": n_steps,
+        "steps_per_s_wall": round(n_steps / wall, 1),
+        "steps_per_s_cpu": round(n_steps / cpu, 1),
+        "resets": resets,
+    }
 
 
 def main(argv=None) -> dict:

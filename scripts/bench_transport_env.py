@@ -8,6 +8,7 @@ Actions are small random world-frame deltas (the arms wander, objects stay put),
 first 20 steps are warm-up (numba JIT of robosuite, GL context). Also times ``reset()`` (hard reset rebuilds
 the MuJoCo model) and one 128x128 ``render()``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,8 +41,13 @@ def bench(obs_keys, n_steps, enable_render=False, seed=0):
     for _ in range(n_steps):
         env.step(rng.uniform(-0.2, 0.2, 14))
     dt = time.perf_counter() - t0
-    out = {"obs_keys": list(obs_keys), "steps": n_steps, "steps_per_s": n_steps / dt, "make_s": t_make,
-           "reset_s": t_reset}
+    out = {
+        "obs_keys": list(obs_keys),
+        "steps": n_steps,
+        "steps_per_s": n_steps / dt,
+        "make_s": t_make,
+        "reset_s": t_reset,
+    }
     if enable_render:
         t0 = time.perf_counter()
         for _ in range(10):

@@ -6,6 +6,7 @@ Episodes keep their order (all of IN1, then IN2, ...). The output is written to 
 into place (ReplayBuffer.save_to_path); an existing OUT is replaced only with --overwrite. Used to train Transport on
 clean plus DART-style demonstrations (docs/results/transport.md).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,12 +27,14 @@ def merge(inputs, out, overwrite: bool = False) -> ReplayBuffer:
             raise ReplayBufferError(f"{path}: keys {sorted(rb.keys())} differ from {inputs[0]}'s {keys}")
         for k in keys:
             if rb[k].shape[1:] != bufs[0][k].shape[1:]:
-                raise ReplayBufferError(f"{path}: data/{k} has per-step shape {rb[k].shape[1:]}, "
-                                        f"{inputs[0]} has {bufs[0][k].shape[1:]}")
+                raise ReplayBufferError(
+                    f"{path}: data/{k} has per-step shape {rb[k].shape[1:]}, {inputs[0]} has {bufs[0][k].shape[1:]}"
+                )
     offsets = np.cumsum([0] + [rb.n_steps for rb in bufs[:-1]])
     ends = np.concatenate([rb.episode_ends + off for rb, off in zip(bufs, offsets)])
-    merged = ReplayBuffer.from_arrays({k: np.concatenate([rb[k] for rb in bufs]) for k in keys}, ends,
-                                      source=" + ".join(map(str, inputs)))
+    merged = ReplayBuffer.from_arrays(
+        {k: np.concatenate([rb[k] for rb in bufs]) for k in keys}, ends, source=" + ".join(map(str, inputs))
+    )
     merged.save_to_path(out, overwrite=overwrite)
     return merged
 

@@ -1,6 +1,7 @@
 """The 2-D toy benchmark (``shortcut-policy bench toy``: objectives side by side, sliced W2 vs sampling steps); the
 ``bench`` verb (:mod:`shortcut_policy.commands.bench`) dispatches to it and to policy_bench / bench_images /
 bench_policies."""
+
 from __future__ import annotations
 
 import inspect
@@ -115,7 +116,9 @@ def run_toy(cfg, run_dir: Path) -> dict:
     tc = cfg.toy
     torch.set_num_threads(max(1, torch.get_num_threads()))
     held_out = sample_toy(tc.dataset, int(tc.n_eval), np.random.default_rng(10_000 + int(cfg.seed)))
-    floor = sliced_w2(sample_toy(tc.dataset, int(tc.n_eval), np.random.default_rng(20_000)), held_out, int(tc.n_projections))
+    floor = sliced_w2(
+        sample_toy(tc.dataset, int(tc.n_eval), np.random.default_rng(20_000)), held_out, int(tc.n_projections)
+    )
     names = toy_selection(tc)
     result = {"metric": "sliced_w2", "dataset": tc.dataset, "noise_floor": floor, "num_steps": int(tc.num_steps)}
     samples = {}
@@ -156,7 +159,9 @@ def _plot_toy(samples: dict, held_out: np.ndarray, path: Path, title: str) -> No
 
     names = list(samples)
     steps = list(next(iter(samples.values())))
-    fig, axes = plt.subplots(len(names), len(steps) + 1, figsize=(2.2 * (len(steps) + 1), 2.3 * len(names)), squeeze=False)
+    fig, axes = plt.subplots(
+        len(names), len(steps) + 1, figsize=(2.2 * (len(steps) + 1), 2.3 * len(names)), squeeze=False
+    )
     lim = float(np.abs(held_out).max()) * 1.15
     for i, name in enumerate(names):
         axes[i, 0].scatter(held_out[:3000, 0], held_out[:3000, 1], s=1, c="k")

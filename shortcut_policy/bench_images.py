@@ -12,6 +12,7 @@ Settings come from ``DEFAULTS`` below, overridden by ``bench.images.*`` (``short
 same ``run_dir`` resumes (an interrupted run) or, when training is complete, only re-evaluates (e.g. with
 ``+images.eval_model=online``).
 """
+
 from __future__ import annotations
 
 import copy
@@ -36,11 +37,11 @@ from .utils import atomic_path, atomic_write_text
 
 DEFAULTS = {
     "image_size": 16,
-    "num_steps": 3500,           # session 3: 2,500 -> 3,500 (about 15 min for both objectives in parallel on 2 idle cores)
+    "num_steps": 3500,  # session 3: 2,500 -> 3,500 (about 15 min for both objectives in parallel on 2 idle cores)
     "batch_size": 128,
     "lr": 1.0e-3,
     "weight_decay": 0.1,
-    "lr_schedule": "constant",   # or "cosine" (decays to 0 over num_steps after warmup_steps)
+    "lr_schedule": "constant",  # or "cosine" (decays to 0 over num_steps after warmup_steps)
     "warmup_steps": 0,
     "ema": {"decay": 0.999, "warmup": "power", "power": 0.75, "inv_gamma": 1.0},
     "eval_model": "ema",
@@ -48,16 +49,23 @@ DEFAULTS = {
     "objectives": {
         # half the batch as bootstrap rows, allocated as the reference's bootstrap_dt_bias=1 (more rows at d = 1, 1/2):
         # at this budget one-step quality is limited by how far self-consistency has propagated (docs/results/images.md)
-        "shortcut": {"name": "shortcut", "m": M, "bootstrap_fraction": 0.5, "level_allocation": "dt_bias",
-                     "clip": CLIP_TARGET, "teacher": "online", "class_dropout_prob": 0.0},
+        "shortcut": {
+            "name": "shortcut",
+            "m": M,
+            "bootstrap_fraction": 0.5,
+            "level_allocation": "dt_bias",
+            "clip": CLIP_TARGET,
+            "teacher": "online",
+            "class_dropout_prob": 0.0,
+        },
         "flow_matching": {"name": "flow_matching", "m": M, "t_sampling": "discrete", "class_dropout_prob": 0.0},
     },
     "steps": list(VALID_STEPS),  # 1, 2, 4, ..., M
     "n_eval": 400,
     "classifier_cache": "data/bench_images/digits_classifier_{size}px.pt",
     "classifier_epochs": 40,
-    "threads": None,             # torch threads per process (parallel: 1)
-    "parallel": True,            # train the objectives in parallel processes
+    "threads": None,  # torch threads per process (parallel: 1)
+    "parallel": True,  # train the objectives in parallel processes
     "seed": 0,
 }
 
@@ -65,15 +73,23 @@ DEFAULTS = {
 # ------------------------------------------------------------------------------------------------------------
 # The feature network: a small CNN classifier of the digits (trained once, cached)
 
+
 class DigitsClassifier(nn.Module):
     """Small CNN digits classifier for (B, 1, S, S) images in [-1, 1]: two conv stages (32, 64 channels), a
     ``feat_dim`` ReLU feature layer (the space FID-like distances are measured in) and a 10-way head."""
+
     def __init__(self, image_size: int = 16, feat_dim: int = 128):
         super().__init__()
         self.image_size = image_size
         self.conv = nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(1, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(32, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
         )
         self.fc = nn.Sequential(nn.Flatten(), nn.Linear(64 * (image_size // 4) ** 2, feat_dim), nn.ReLU())
         self.head = nn.Linear(feat_dim, 10)
@@ -97,7 +113,7 @@ def _shift(x: torch.Tensor, g: torch.Generator, max_shift: int = 1) -> torch.Ten
     dy = torch.randint(0, 2 * p + 1, (B,), generator=g)
     H, W = x.shape[-2:]
     for i in range(B):
-        out[i] = xp[i, :, dy[i]: dy[i] + H, dx[i]: dx[i] + W]
+        out[i] = xp[i, :, dy[i] : dy[i] + H, dx[i] : dx[i] + W]
     return out
 
 
@@ -113,7 +129,7 @@ def train_classifier(train, test, image_size: int, epochs: int = 40, seed: int =
     for _ in range(epochs):
         perm = torch.randperm(len(y), generator=g)
         for i in range(0, len(y), 64):
-            idx = perm[i: i + 64]
+            idx = perm[i : i + 64]
             loss = F.cross_entropy(clf(_shift(x[idx], g)), y[idx])
             opt.zero_grad()
             loss.backward()
@@ -142,6 +158,7 @@ def load_or_train_classifier(path, train, test, image_size: int, epochs: int, se
 
 # ------------------------------------------------------------------------------------------------------------
 
+
 def _merge(base: dict, over) -> dict:
     """Deep merge: ``base`` with the keys of ``over`` replaced (nested dicts merged key by key); a copy."""
     out = copy.deepcopy(base)
@@ -160,18 +177,51 @@ def bench_settings(cfg) -> dict:
 def make_model_cfg(s: dict, objective: dict, run_seed: int):
     """A full train config (digits task, ``s["net"]``, ``objective``, CPU trainer settings from ``s``) for one
     objective of the images bench, seeded ``run_seed``."""
-    return OmegaConf.create({
-        "task": {"name": "digits", "kind": "image", "source": "digits", "split": "train", "class_conditional": True,
-                 "num_classes": 10, "image_size": s["image_size"], "image_channels": 1, "random_flip": False,
-                 "space": "pixel", "vae_path": None, "latents_path": None},
-        "net": s["net"], "objective": objective, "logger": {"kind": "none"},
-        "train": {"seed": run_seed, "device": "cpu", "num_steps": s["num_steps"], "batch_size": s["batch_size"],
-                  "lr": s["lr"], "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": s["weight_decay"],
-                  "lr_schedule": s["lr_schedule"], "warmup_steps": s["warmup_steps"], "grad_clip": None, "ema": s["ema"],
-                  "eval_model": s["eval_model"], "log_every": 100, "eval_every": 0,
-                  "checkpoint_every": 500, "topk": 0, "topk_key": "score", "resume": True, "num_workers": 0,
-                  "amp": "auto", "max_minutes": None},
-    })
+    return OmegaConf.create(
+        {
+            "task": {
+                "name": "digits",
+                "kind": "image",
+                "source": "digits",
+                "split": "train",
+                "class_conditional": True,
+                "num_classes": 10,
+                "image_size": s["image_size"],
+                "image_channels": 1,
+                "random_flip": False,
+                "space": "pixel",
+                "vae_path": None,
+                "latents_path": None,
+            },
+            "net": s["net"],
+            "objective": objective,
+            "logger": {"kind": "none"},
+            "train": {
+                "seed": run_seed,
+                "device": "cpu",
+                "num_steps": s["num_steps"],
+                "batch_size": s["batch_size"],
+                "lr": s["lr"],
+                "betas": [0.9, 0.999],
+                "eps": 1e-8,
+                "weight_decay": s["weight_decay"],
+                "lr_schedule": s["lr_schedule"],
+                "warmup_steps": s["warmup_steps"],
+                "grad_clip": None,
+                "ema": s["ema"],
+                "eval_model": s["eval_model"],
+                "log_every": 100,
+                "eval_every": 0,
+                "checkpoint_every": 500,
+                "topk": 0,
+                "topk_key": "score",
+                "resume": True,
+                "num_workers": 0,
+                "amp": "auto",
+                "max_minutes": None,
+            },
+        }
+    )
 
 
 def _train_and_eval(name: str, obj: dict, s: dict, run_dir: str, threads) -> dict:
@@ -184,7 +234,7 @@ def _train_and_eval(name: str, obj: dict, s: dict, run_dir: str, threads) -> dic
 
     @torch.no_grad()
     def feats(x):
-        return np.concatenate([clf.features(x[i: i + 500]).numpy() for i in range(0, len(x), 500)])
+        return np.concatenate([clf.features(x[i : i + 500]).numpy() for i in range(0, len(x), 500)])
 
     mu_ref, sig_ref = feature_statistics(feats(train.x))
     mcfg = make_model_cfg(s, obj, seed)
@@ -203,7 +253,7 @@ def _train_and_eval(name: str, obj: dict, s: dict, run_dir: str, threads) -> dic
         t0 = time.time()
         x = sample_images(gen, n_eval, int(n), seed=seed + 1, labels=eval_labels, batch_size=500)
         with torch.no_grad():
-            logits = torch.cat([clf(x[i: i + 500]) for i in range(0, n_eval, 500)])
+            logits = torch.cat([clf(x[i : i + 500]) for i in range(0, n_eval, 500)])
         out[f"acc@{name}{n}"] = (logits.argmax(1) == eval_labels).float().mean().item()
         out[f"fid@{name}{n}"] = frechet_distance(*feature_statistics(feats(x)), mu_ref, sig_ref)
         out[f"sample_seconds@{name}{n}"] = time.time() - t0
@@ -225,13 +275,18 @@ def run_bench_images(cfg, run_dir) -> dict:
     seed, size = int(s["seed"]), int(s["image_size"])
     t_start = time.time()
     train, test = DigitsDataset(size, "train"), DigitsDataset(size, "test")
-    clf, clf_acc, clf_path, cached = load_or_train_classifier(s["classifier_cache"], train, test, size,
-                                                              int(s["classifier_epochs"]), seed)
-    print(f"digits classifier {clf_path} ({'cached' if cached else 'trained'}): test accuracy {clf_acc:.4f}", flush=True)
+    clf, clf_acc, clf_path, cached = load_or_train_classifier(
+        s["classifier_cache"], train, test, size, int(s["classifier_epochs"]), seed
+    )
+    print(
+        f"digits classifier {clf_path} ({'cached' if cached else 'trained'}): test accuracy {clf_acc:.4f}", flush=True
+    )
     with torch.no_grad():
         f_train, f_test = clf.features(train.x).numpy(), clf.features(test.x).numpy()
-    result: dict = {"classifier_test_acc": clf_acc,
-                    "fid@real_test": frechet_distance(*feature_statistics(f_test), *feature_statistics(f_train))}
+    result: dict = {
+        "classifier_test_acc": clf_acc,
+        "fid@real_test": frechet_distance(*feature_statistics(f_test), *feature_statistics(f_train)),
+    }
     objs = [(n, o) for n, o in s["objectives"].items() if o]  # an objective set to null is skipped
     if not objs:
         raise ValueError("bench images: every objective in images.objectives is null; expected at least one")

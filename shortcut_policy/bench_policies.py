@@ -19,6 +19,7 @@ the test seeds are used once per (checkpoint, NFE). Success rates pool all episo
 Wilson 95 % interval; mean score is the mean over those episodes; latency is the median of `predict_action` at
 batch 1 (normalisation included, one thread).
 """
+
 from __future__ import annotations
 
 import json
@@ -43,8 +44,8 @@ def parse_nfe(spec) -> tuple[str | None, int]:
     """'8' -> (None, 8); 'ddpm100' -> ('ddpm', 100); 'ddim10' -> ('ddim', 10). Raises ValueError otherwise."""
     s = str(spec).strip()
     for sampler in NFE_SPECS:
-        if s.startswith(sampler) and s[len(sampler):].isdigit():
-            return sampler, int(s[len(sampler):])
+        if s.startswith(sampler) and s[len(sampler) :].isdigit():
+            return sampler, int(s[len(sampler) :])
     if s.isdigit() and int(s) >= 1:
         return None, int(s)
     raise ValueError(f"policies.nfe entry {spec!r}: expected a step count (e.g. 8) or ddpm<N> / ddim<N>")
@@ -61,7 +62,9 @@ def _entries(pc) -> dict[str, list[str]]:
     """entry label -> train overrides; raises ValueError for an unknown label or an empty list."""
     labels = list(pc.objectives or [])
     if not labels:
-        raise ValueError("bench policies: objectives=[] is empty; give at least one, e.g. objectives=[shortcut,diffusion]")
+        raise ValueError(
+            "bench policies: objectives=[] is empty; give at least one, e.g. objectives=[shortcut,diffusion]"
+        )
     variants = {k: list(v) for k, v in (pc.get("variants") or {}).items()}
     out = {}
     for label in labels:
@@ -71,8 +74,10 @@ def _entries(pc) -> dict[str, list[str]]:
         elif label in OBJECTIVES:
             out[label] = [f"objective={label}"]
         else:
-            raise ValueError(f"bench policies: objective {label!r} does not exist; valid: {sorted(OBJECTIVES)} or a "
-                             f"variant of policies.variants {sorted(variants)}")
+            raise ValueError(
+                f"bench policies: objective {label!r} does not exist; valid: {sorted(OBJECTIVES)} or a "
+                f"variant of policies.variants {sorted(variants)}"
+            )
     return out
 
 
@@ -97,8 +102,13 @@ def _nfes(pc, objective: str, m: int | None) -> list[str]:
 
 
 def _train_overrides(pc, task: str, entry_overrides: list[str], seed: int, run_dir: Path) -> list[str]:
-    return [f"task={task}", *list(pc.get("train_overrides") or []), *entry_overrides, f"train.seed={seed}",
-            f"run_dir={run_dir}"]
+    return [
+        f"task={task}",
+        *list(pc.get("train_overrides") or []),
+        *entry_overrides,
+        f"train.seed={seed}",
+        f"run_dir={run_dir}",
+    ]
 
 
 def _pick_checkpoint(train_dir: Path) -> tuple[Path, str]:
@@ -114,8 +124,10 @@ def _pick_checkpoint(train_dir: Path) -> tuple[Path, str]:
 
 def _latency_ms(policy, task_cfg, nfe: int, sampler: str | None, rounds: int) -> float:
     rng = np.random.default_rng(0)
-    obs = {k: rng.uniform(0, 1, (1, int(task_cfg["n_obs_steps"]), *v)).astype(np.float32)
-           for k, v in task_cfg["obs_shapes"].items()}
+    obs = {
+        k: rng.uniform(0, 1, (1, int(task_cfg["n_obs_steps"]), *v)).astype(np.float32)
+        for k, v in task_cfg["obs_shapes"].items()
+    }
     kw = {"sampler": sampler} if sampler else {}
     policy.predict_action(obs, steps=nfe, **kw)  # warm-up
     times = []
@@ -138,17 +150,39 @@ def _evaluate_one(pc, ckpt: Path, nfe_key: str, eval_dir: Path) -> dict:
     ev = pc.eval
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # regression: 'ignores steps' is expected at NFE 1 only
-        res = evaluate(policy.task_cfg, policy=policy, steps_list=[n], n_episodes=int(ev.n_episodes),
-                       seed_start=int(ev.seed_start), n_workers=ev.get("workers"), n_videos=int(ev.get("n_videos", 0)),
-                       run_dir=eval_dir, progress=False, envs_per_worker=ev.get("envs_per_worker"))
+        res = evaluate(
+            policy.task_cfg,
+            policy=policy,
+            steps_list=[n],
+            n_episodes=int(ev.n_episodes),
+            seed_start=int(ev.seed_start),
+            n_workers=ev.get("workers"),
+            n_videos=int(ev.get("n_videos", 0)),
+            run_dir=eval_dir,
+            progress=False,
+            envs_per_worker=ev.get("envs_per_worker"),
+        )
     rows = json.loads((eval_dir / "per_seed.json").read_text())
     ok = [r for r in rows if r.get("status") == "ok"]
-    out = {"nfe": n, "sampler": sampler, "n_episodes": len(rows), "n_ok": len(ok),
-           "n_success": int(sum(bool(r.get("success")) for r in ok)),
-           "mean_score": float(np.mean([float(r.get("max_reward") or 0.0) for r in ok])) if ok else float("nan"),
-           "seconds": res.get("seconds"), "checkpoint": str(ckpt),
-           "per_seed": [{"seed": int(r["seed"]), "success": bool(r.get("success")), "score": r.get("max_reward"),
-                         "status": r.get("status")} for r in rows]}
+    out = {
+        "nfe": n,
+        "sampler": sampler,
+        "n_episodes": len(rows),
+        "n_ok": len(ok),
+        "n_success": int(sum(bool(r.get("success")) for r in ok)),
+        "mean_score": float(np.mean([float(r.get("max_reward") or 0.0) for r in ok])) if ok else float("nan"),
+        "seconds": res.get("seconds"),
+        "checkpoint": str(ckpt),
+        "per_seed": [
+            {
+                "seed": int(r["seed"]),
+                "success": bool(r.get("success")),
+                "score": r.get("max_reward"),
+                "status": r.get("status"),
+            }
+            for r in rows
+        ],
+    }
     out["latency_ms_batch1"] = _latency_ms(policy, policy.task_cfg, n, sampler, int(pc.latency_rounds))
     return out
 
@@ -168,9 +202,11 @@ def check_inputs(pc, compose: Callable) -> tuple[dict, list[int], str]:
         ds = cfg.task.dataset
         path = ds.get("hdf5_path") or ds.get("zarr_path")
         if not path or not Path(str(path)).exists():
-            raise FileNotFoundError(f"bench policies: task {task}'s data file {path!r} does not exist (entry {label}); "
-                                    f"generate it with `shortcut-policy demos task={cfg.task.get('env', '?')} out=...` "
-                                    "or pass policies.train_overrides=[task.dataset.zarr_path=...]")
+            raise FileNotFoundError(
+                f"bench policies: task {task}'s data file {path!r} does not exist (entry {label}); "
+                f"generate it with `shortcut-policy demos task={cfg.task.get('env', '?')} out=...` "
+                "or pass policies.train_overrides=[task.dataset.zarr_path=...]"
+            )
         for spec in (pc.get("nfe") or {}).get(_objective_of(ov), [1]):
             parse_nfe(spec)
     return entries, seeds, task
@@ -199,8 +235,11 @@ def run_bench_policies(cfg, run_dir: Path, compose: Callable, run_train: Callabl
             metrics = train_dir / "metrics.json"
             done = metrics.exists() and json.loads(metrics.read_text()).get("steps") == num_steps
             if not done and pc.get("only_finished", False):
-                print(f"[bench policies] skipping {label} seed {seed}: its training is not finished "
-                      f"(policies.only_finished=true)", flush=True)
+                print(
+                    f"[bench policies] skipping {label} seed {seed}: its training is not finished "
+                    f"(policies.only_finished=true)",
+                    flush=True,
+                )
                 continue
             if not done:
                 print(f"[bench policies] training {label} seed {seed} -> {train_dir}", flush=True)
@@ -211,22 +250,44 @@ def run_bench_policies(cfg, run_dir: Path, compose: Callable, run_train: Callabl
             for key in _nfes(pc, objective, m):
                 res_path = rdir / f"eval_{key}.json"
                 if not res_path.exists():
-                    print(f"[bench policies] evaluating {label} seed {seed} at NFE {key} on {pc.eval.n_episodes} test "
-                          f"seeds from {pc.eval.seed_start}", flush=True)
+                    print(
+                        f"[bench policies] evaluating {label} seed {seed} at NFE {key} on {pc.eval.n_episodes} test "
+                        f"seeds from {pc.eval.seed_start}",
+                        flush=True,
+                    )
                     res = _evaluate_one(pc, ckpt, key, rdir / f"eval_{key}")
-                    res.update({"entry": label, "objective": objective, "train_seed": seed, "checkpoint_choice": how,
-                                "train_minutes": tres.get("minutes"), "train_steps": tres.get("steps")})
+                    res.update(
+                        {
+                            "entry": label,
+                            "objective": objective,
+                            "train_seed": seed,
+                            "checkpoint_choice": how,
+                            "train_minutes": tres.get("minutes"),
+                            "train_steps": tres.get("steps"),
+                        }
+                    )
                     _atomic_json(res_path, res)
                 per_run.append(json.loads(res_path.read_text()))
     summary = aggregate(per_run)
-    summary.update({"task": task, "seeds": seeds, "entries": {k: v for k, v in entries.items()},
-                    "train_steps": num_steps, "test_seed_start": int(pc.eval.seed_start),
-                    "test_episodes_per_checkpoint": int(pc.eval.n_episodes)})
+    summary.update(
+        {
+            "task": task,
+            "seeds": seeds,
+            "entries": {k: v for k, v in entries.items()},
+            "train_steps": num_steps,
+            "test_seed_start": int(pc.eval.seed_start),
+            "test_episodes_per_checkpoint": int(pc.eval.n_episodes),
+        }
+    )
     _atomic_json(out / "results.json", {"summary": summary, "runs": per_run})
     (out / "table.md").write_text(table_markdown(summary))
     figs = plot(summary, out)
-    return {"results": str(out / "results.json"), "table": str(out / "table.md"), **figs,
-            **{f"success_rate@{r['entry']}@{r['nfe_key']}": r["success_rate"] for r in summary["rows"]}}
+    return {
+        "results": str(out / "results.json"),
+        "table": str(out / "table.md"),
+        **figs,
+        **{f"success_rate@{r['entry']}@{r['nfe_key']}": r["success_rate"] for r in summary["rows"]},
+    }
 
 
 def aggregate(per_run: list[dict]) -> dict:
@@ -241,28 +302,44 @@ def aggregate(per_run: list[dict]) -> dict:
         k, n = sum(r["n_success"] for r in rs), sum(r["n_ok"] for r in rs)
         lo, hi = wilson_interval(k, n)
         scores = [s["score"] or 0.0 for r in rs for s in r["per_seed"] if s["status"] == "ok"]
-        rows.append({"entry": entry, "objective": rs[0]["objective"], "nfe_key": key, "nfe": rs[0]["nfe"],
-                     "sampler": rs[0].get("sampler"), "success_rate": k / n if n else float("nan"), "n_success": k,
-                     "n_episodes": n, "ci95": [lo, hi], "mean_score": float(np.mean(scores)) if scores else float("nan"),
-                     "latency_ms": float(np.median([r["latency_ms_batch1"] for r in rs])),
-                     "train_seeds": sorted(r["train_seed"] for r in rs),
-                     "per_train_seed_success": {str(r["train_seed"]): r["n_success"] / max(r["n_ok"], 1) for r in rs},
-                     "n_crashed": sum(r["n_episodes"] - r["n_ok"] for r in rs),
-                     "checkpoint_choice": {str(r["train_seed"]): r["checkpoint_choice"] for r in rs},
-                     "train_minutes": {str(r["train_seed"]): r.get("train_minutes") for r in rs}})
+        rows.append(
+            {
+                "entry": entry,
+                "objective": rs[0]["objective"],
+                "nfe_key": key,
+                "nfe": rs[0]["nfe"],
+                "sampler": rs[0].get("sampler"),
+                "success_rate": k / n if n else float("nan"),
+                "n_success": k,
+                "n_episodes": n,
+                "ci95": [lo, hi],
+                "mean_score": float(np.mean(scores)) if scores else float("nan"),
+                "latency_ms": float(np.median([r["latency_ms_batch1"] for r in rs])),
+                "train_seeds": sorted(r["train_seed"] for r in rs),
+                "per_train_seed_success": {str(r["train_seed"]): r["n_success"] / max(r["n_ok"], 1) for r in rs},
+                "n_crashed": sum(r["n_episodes"] - r["n_ok"] for r in rs),
+                "checkpoint_choice": {str(r["train_seed"]): r["checkpoint_choice"] for r in rs},
+                "train_minutes": {str(r["train_seed"]): r.get("train_minutes") for r in rs},
+            }
+        )
     rows.sort(key=lambda r: (r["entry"], r["nfe"]))
     return {"rows": rows}
 
 
 def table_markdown(summary: dict) -> str:
     """The objective x NFE table as Markdown."""
-    lines = ["| entry | NFE | success rate [95% Wilson] | successes / episodes | mean score | latency ms (batch 1) "
-             "| per training seed |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| entry | NFE | success rate [95% Wilson] | successes / episodes | mean score | latency ms (batch 1) "
+        "| per training seed |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in summary["rows"]:
         nfe = f"{r['nfe']} ({r['sampler'].upper()})" if r["sampler"] else str(r["nfe"])
         per = ", ".join(f"s{s}: {v:.2f}" for s, v in r["per_train_seed_success"].items())
-        lines.append(f"| {r['entry']} | {nfe} | {r['success_rate']:.3f} [{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}] | "
-                     f"{r['n_success']}/{r['n_episodes']} | {r['mean_score']:.3f} | {r['latency_ms']:.2f} | {per} |")
+        lines.append(
+            f"| {r['entry']} | {nfe} | {r['success_rate']:.3f} [{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}] | "
+            f"{r['n_success']}/{r['n_episodes']} | {r['mean_score']:.3f} | {r['latency_ms']:.2f} | {per} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -277,19 +354,28 @@ def plot(summary: dict, out: Path) -> dict:
     for r in summary["rows"]:
         by_entry.setdefault(r["entry"], []).append(r)
     paths = {}
-    for xkey, fname, xlabel in (("nfe", "success_vs_nfe.png", "NFE (network evaluations per action chunk)"),
-                                ("latency_ms", "success_vs_latency.png", "predict_action latency, batch 1 (ms)")):
+    for xkey, fname, xlabel in (
+        ("nfe", "success_vs_nfe.png", "NFE (network evaluations per action chunk)"),
+        ("latency_ms", "success_vs_latency.png", "predict_action latency, batch 1 (ms)"),
+    ):
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
         for entry, rs in sorted(by_entry.items()):
             rs = sorted(rs, key=lambda r: r[xkey])
             x = [r[xkey] for r in rs]
             y = [r["success_rate"] for r in rs]
-            err = np.array([[r["success_rate"] - r["ci95"][0] for r in rs], [r["ci95"][1] - r["success_rate"] for r in rs]])
+            err = np.array(
+                [[r["success_rate"] - r["ci95"][0] for r in rs], [r["ci95"][1] - r["success_rate"] for r in rs]]
+            )
             ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=entry)
             for r in rs:
                 if r["sampler"]:
-                    ax.annotate(r["nfe_key"].upper(), (r[xkey], r["success_rate"]), fontsize=7, xytext=(3, 3),
-                                textcoords="offset points")
+                    ax.annotate(
+                        r["nfe_key"].upper(),
+                        (r[xkey], r["success_rate"]),
+                        fontsize=7,
+                        xytext=(3, 3),
+                        textcoords="offset points",
+                    )
         ax.set_xscale("log")
         ax.set_xlabel(xlabel)
         ax.set_ylabel("success rate (test seeds, all training seeds)")

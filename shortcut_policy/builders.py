@@ -12,6 +12,7 @@ becomes a dataset, a model, an evaluator and the training bundle of each task ki
 
 Commands (:mod:`shortcut_policy.commands`) call these; library modules never import commands or the CLI.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -26,8 +27,18 @@ from .generator import build_generator, generator_dims, load_generator
 from .policy import build_policy, load_policy
 from .utils import to_plain
 
-__all__ = ["build_dataset", "build_image_dataset", "build_policy", "load_policy", "build_generator", "load_generator",
-           "RolloutEvaluator", "build_policy_training", "build_image_training", "build_training"]
+__all__ = [
+    "build_dataset",
+    "build_image_dataset",
+    "build_policy",
+    "load_policy",
+    "build_generator",
+    "load_generator",
+    "RolloutEvaluator",
+    "build_policy_training",
+    "build_image_training",
+    "build_training",
+]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -43,20 +54,33 @@ def build_dataset(cfg, split: str = "train") -> SequenceDataset:
     path = Path(hdf5 or zarr_path or "")
     if not (hdf5 or zarr_path) or not path.exists():
         key = "hdf5_path" if hdf5 else "zarr_path"
-        raise FileNotFoundError(f"task.dataset.{key}={str(path)!r}: no such dataset. Generate demonstrations with "
-                                f"`shortcut-policy demos task={task.get('env', '?')} out=...` or point {key} at a file")
+        raise FileNotFoundError(
+            f"task.dataset.{key}={str(path)!r}: no such dataset. Generate demonstrations with "
+            f"`shortcut-policy demos task={task.get('env', '?')} out=...` or point {key} at a file"
+        )
     source = {"zarr_path": path}
     if hdf5:  # a robomimic hdf5 (official layout) read directly, no conversion by hand
-        source = {"replay_buffer": replay_buffer_from_hdf5(path, dcfg["obs_keys"], bool(task.get("abs_action", False)),
-                                                           dcfg.get("image_keys", ()), filter_key)}
-    ds = SequenceDataset(**source, horizon=task["horizon"], n_obs_steps=task["n_obs_steps"],
-                         n_action_steps=task["n_action_steps"], split=split, **dcfg)
+        source = {
+            "replay_buffer": replay_buffer_from_hdf5(
+                path, dcfg["obs_keys"], bool(task.get("abs_action", False)), dcfg.get("image_keys", ()), filter_key
+            )
+        }
+    ds = SequenceDataset(
+        **source,
+        horizon=task["horizon"],
+        n_obs_steps=task["n_obs_steps"],
+        n_action_steps=task["n_action_steps"],
+        split=split,
+        **dcfg,
+    )
     shapes = {k: tuple(v) for k, v in ds.obs_shapes.items()}
     want = {k: tuple(v) for k, v in task["obs_shapes"].items()}
     if shapes != want:
         raise ValueError(f"{path}: dataset observation shapes {shapes} do not match task.obs_shapes {want}")
     if ds.action_dim != task["action_dim"]:
-        raise ValueError(f"{path}: dataset action dim {ds.action_dim} does not match task.action_dim={task['action_dim']}")
+        raise ValueError(
+            f"{path}: dataset action dim {ds.action_dim} does not match task.action_dim={task['action_dim']}"
+        )
     return ds
 
 
@@ -68,7 +92,9 @@ def build_image_dataset(cfg, split: str | None = None):
     if source == "digits":
         if space != "pixel":
             raise ValueError("the digits task is pixel-space only")
-        return DigitsDataset(int(task.image_size), split or task.get("split", "train"), bool(task.get("random_flip", False)))
+        return DigitsDataset(
+            int(task.image_size), split or task.get("split", "train"), bool(task.get("random_flip", False))
+        )
     if source != "folder":
         raise ValueError(f"task.source={source!r}: expected folder or digits")
     store = task.get("latents_path")
@@ -77,17 +103,26 @@ def build_image_dataset(cfg, split: str | None = None):
             raise FileNotFoundError(
                 f"{store} (task.latents_path) not found: encode the dataset first with "
                 f"`shortcut-policy latents task={task.get('name', '<task>')}`, or set task.latents_path=null to "
-                "encode online every step")
-        ds = LatentDataset(store, sample=bool(task.get("latent_sample", True)),
-                           random_flip=bool(task.get("random_flip", True)))
+                "encode online every step"
+            )
+        ds = LatentDataset(
+            store, sample=bool(task.get("latent_sample", True)), random_flip=bool(task.get("random_flip", True))
+        )
         if ds.space != space or tuple(ds.shape) != (channels, size, size):
-            raise ValueError(f"{store} holds {ds.space} items of shape {tuple(ds.shape)}, the task expects {space} "
-                             f"{(channels, size, size)}")
+            raise ValueError(
+                f"{store} holds {ds.space} items of shape {tuple(ds.shape)}, the task expects {space} "
+                f"{(channels, size, size)}"
+            )
         if task.class_conditional and ds.num_classes != int(task.num_classes):
             raise ValueError(f"{store} has {ds.num_classes} classes, task.num_classes={task.num_classes}")
         return ds
-    ds = ImageFolderDataset(task.data_dir, int(task.image_size), bool(task.class_conditional),
-                            random_flip=bool(task.get("random_flip", True)), channels=int(task.get("image_channels", 3)))
+    ds = ImageFolderDataset(
+        task.data_dir,
+        int(task.image_size),
+        bool(task.class_conditional),
+        random_flip=bool(task.get("random_flip", True)),
+        channels=int(task.get("image_channels", 3)),
+    )
     if task.class_conditional and ds.num_classes != int(task.num_classes):
         raise ValueError(f"{task.data_dir} has {ds.num_classes} class folders, task.num_classes={task.num_classes}")
     return ds
@@ -98,19 +133,41 @@ def build_image_dataset(cfg, split: str | None = None):
 class RolloutEvaluator:
     """Periodic rollout evaluation during training (EMA weights, `steps` sampling steps)."""
 
-    def __init__(self, task_cfg, n_episodes: int, seed_start: int, steps: int = 1, run_dir=None, n_workers=None,
-                 envs_per_worker=None):
+    def __init__(
+        self,
+        task_cfg,
+        n_episodes: int,
+        seed_start: int,
+        steps: int = 1,
+        run_dir=None,
+        n_workers=None,
+        envs_per_worker=None,
+    ):
         self.task_cfg, self.n_episodes, self.seed_start, self.steps = task_cfg, n_episodes, seed_start, steps
         self.run_dir, self.n_workers, self.envs_per_worker = run_dir, n_workers, envs_per_worker
 
     def __call__(self, policy, step: int) -> dict:
-        res = evaluate(self.task_cfg, policy=policy, steps_list=[self.steps], n_episodes=self.n_episodes,
-                       seed_start=self.seed_start, n_workers=self.n_workers, progress=False,
-                       envs_per_worker=self.envs_per_worker)
+        res = evaluate(
+            self.task_cfg,
+            policy=policy,
+            steps_list=[self.steps],
+            n_episodes=self.n_episodes,
+            seed_start=self.seed_start,
+            n_workers=self.n_workers,
+            progress=False,
+            envs_per_worker=self.envs_per_worker,
+        )
         n = self.steps
-        stages = {f"stage/{k}": v for k, v in (res.get(f"stage_rate@{n}") or {}).items()}  # Transport: how far episodes get
-        return {"test_mean_score": res[f"mean_score@{n}"], "test_success_rate": res[f"success_rate@{n}"],
-                "seed_start": self.seed_start, "n_episodes": self.n_episodes, **stages}
+        stages = {
+            f"stage/{k}": v for k, v in (res.get(f"stage_rate@{n}") or {}).items()
+        }  # Transport: how far episodes get
+        return {
+            "test_mean_score": res[f"mean_score@{n}"],
+            "test_success_rate": res[f"success_rate@{n}"],
+            "seed_start": self.seed_start,
+            "n_episodes": self.n_episodes,
+            **stages,
+        }
 
 
 def build_policy_training(cfg, run_dir):
@@ -132,9 +189,15 @@ def build_policy_training(cfg, run_dir):
         n_eval = tcfg.get("eval_episodes") or ev.get("n_episodes", 50)
         seed_start = tcfg.get("eval_seed_start")
         seed_start = ev.get("seed_start", TEST_SEED_START) if seed_start is None else seed_start
-        evaluator = RolloutEvaluator(to_plain(cfg["task"]), int(n_eval), int(seed_start), steps=int(tcfg.get("eval_steps", 1)),
-                                     run_dir=run_dir, n_workers=ev.get("n_workers"),
-                                     envs_per_worker=ev.get("envs_per_worker"))
+        evaluator = RolloutEvaluator(
+            to_plain(cfg["task"]),
+            int(n_eval),
+            int(seed_start),
+            steps=int(tcfg.get("eval_steps", 1)),
+            run_dir=run_dir,
+            n_workers=ev.get("n_workers"),
+            envs_per_worker=ev.get("envs_per_worker"),
+        )
     return policy, train_ds, val_ds, evaluator
 
 

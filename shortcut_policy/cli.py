@@ -20,6 +20,7 @@ Run-directory rules (see :func:`run_verb`):
 Errors reach the user as one line ``error: <problem and fix>`` on stderr with exit code 1 (130 on Ctrl-C);
 ``--debug`` as the first argument or ``SHORTCUT_POLICY_DEBUG=1`` shows the full traceback instead.
 """
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -47,11 +48,13 @@ VERBS: dict[str, tuple[str, str]] = {
     "export": ("shortcut_policy.commands.export", "export_command"),
 }
 
-USAGE = ("usage: shortcut-policy [--debug] {" + "|".join(VERBS) + "} [hydra overrides ...]\n"
-         "  --debug (or SHORTCUT_POLICY_DEBUG=1): show the full traceback of an error instead of one line")
+USAGE = (
+    "usage: shortcut-policy [--debug] {" + "|".join(VERBS) + "} [hydra overrides ...]\n"
+    "  --debug (or SHORTCUT_POLICY_DEBUG=1): show the full traceback of an error instead of one line"
+)
 
-LOCK_NAME = ".lock"          # flock target; holds the pid of the command running in the directory
-MARKER_NAME = "run.json"     # {"verb": ..., "created": ..., "pid": ...}: the verb that owns the directory
+LOCK_NAME = ".lock"  # flock target; holds the pid of the command running in the directory
+MARKER_NAME = "run.json"  # {"verb": ..., "created": ..., "pid": ...}: the verb that owns the directory
 # files that mark a directory made before run.json existed as another verb's
 LEGACY_SIGNATURES: dict[str, tuple[str, ...]] = {"train": ("checkpoints",), "eval": ("per_seed.json", "per_seed.csv")}
 _DEBUG_ENV = "SHORTCUT_POLICY_DEBUG"
@@ -147,10 +150,14 @@ class RunDirLock:
             f.close()
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 who = f"pid {holder}" if holder else "pid unknown"
-                raise RunDirError(f"run_dir {self.run_dir} is in use by another shortcut-policy command ({who}, lock "
-                                  f"{self.path}); wait for it to finish or stop it, or choose another run_dir") from None
-            raise RunDirError(f"run_dir {self.run_dir}: cannot lock {self.path} ({e.strerror or e}); use a run_dir "
-                              "on a file system that supports flock") from e
+                raise RunDirError(
+                    f"run_dir {self.run_dir} is in use by another shortcut-policy command ({who}, lock "
+                    f"{self.path}); wait for it to finish or stop it, or choose another run_dir"
+                ) from None
+            raise RunDirError(
+                f"run_dir {self.run_dir}: cannot lock {self.path} ({e.strerror or e}); use a run_dir "
+                "on a file system that supports flock"
+            ) from e
         f.seek(0)
         f.truncate()
         f.write(f"{os.getpid()}\n")
@@ -288,24 +295,32 @@ def check_run_dir_owner(run_dir, verb: str) -> str | None:
             if not isinstance(owner, str):
                 raise TypeError(f"'verb' is {owner!r}")
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise RunDirError(f"{marker}: unreadable run marker ({e}); expected JSON like {{\"verb\": \"train\"}}: "
-                              "restore it, or choose another run_dir") from None
+            raise RunDirError(
+                f'{marker}: unreadable run marker ({e}); expected JSON like {{"verb": "train"}}: '
+                "restore it, or choose another run_dir"
+            ) from None
         why = f"{MARKER_NAME} says so"
         recorded = owner
     else:
         owner, why = _legacy_owner(run_dir, verb)
         recorded = None
     if owner is not None and owner != verb:
-        raise RunDirError(f"run_dir {run_dir} belongs to a '{owner}' run ({why}); '{verb}' would overwrite its files "
-                          f"(config.yaml, metrics.json): choose another run_dir, e.g. "
-                          f"run_dir={_suggest_run_dir(run_dir, verb)}")
+        raise RunDirError(
+            f"run_dir {run_dir} belongs to a '{owner}' run ({why}); '{verb}' would overwrite its files "
+            f"(config.yaml, metrics.json): choose another run_dir, e.g. "
+            f"run_dir={_suggest_run_dir(run_dir, verb)}"
+        )
     return recorded
 
 
 def _write_marker(run_dir: Path, verb: str) -> None:
     """Write ``run.json`` ({"verb", "created", "pid"}) into ``run_dir`` atomically: the verb now owns the directory."""
-    atomic_write_text(run_dir / MARKER_NAME, json.dumps(
-        {"verb": verb, "created": _dt.datetime.now().isoformat(timespec="seconds"), "pid": os.getpid()}, indent=1))
+    atomic_write_text(
+        run_dir / MARKER_NAME,
+        json.dumps(
+            {"verb": verb, "created": _dt.datetime.now().isoformat(timespec="seconds"), "pid": os.getpid()}, indent=1
+        ),
+    )
 
 
 _EMPTY_OVERRIDE = re.compile(r"^\+{0,2}(?P<key>[A-Za-z_][\w.\-/@]*)=$")
@@ -328,20 +343,25 @@ def _check_empty_overrides(verb: str, overrides: list[str]) -> None:
         group_dir = _configs_dir() / key
         if group_dir.is_dir():
             options = sorted(p.stem for p in group_dir.glob("*.yaml"))
-            raise ValueError(f"override {o!r}: no option given for config group '{key}'; valid options: "
-                             f"{', '.join(options)}")
+            raise ValueError(
+                f"override {o!r}: no option given for config group '{key}'; valid options: {', '.join(options)}"
+            )
         try:
             orig = OmegaConf.select(base, key, throw_on_missing=False)
         except Exception:  # noqa: BLE001
             continue
         if isinstance(orig, DictConfig):
-            raise ValueError(f"override {o!r}: no value given for {key}, which is a mapping in the {verb} config; "
-                             f"set its entries ({key}.<name>=value) or {key}=null")
+            raise ValueError(
+                f"override {o!r}: no value given for {key}, which is a mapping in the {verb} config; "
+                f"set its entries ({key}.<name>=value) or {key}=null"
+            )
         if isinstance(orig, (bool, int, float, ListConfig)):
             shown = OmegaConf.to_container(orig) if isinstance(orig, ListConfig) else orig
             example = json.dumps(shown).replace(" ", "") if isinstance(shown, list) else json.dumps(shown)
-            raise ValueError(f"override {o!r}: no value given for {key}, which is {example} in the {verb} config; "
-                             f"give a value ({key}={example}) or {key}=null")
+            raise ValueError(
+                f"override {o!r}: no value given for {key}, which is {example} in the {verb} config; "
+                f"give a value ({key}={example}) or {key}=null"
+            )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -373,15 +393,20 @@ def run_verb(verb: str, overrides: list[str] | None = None) -> dict:
             marked = check_run_dir_owner(run_dir, verb) is not None
             removed = clean_stale_temp_files(run_dir)
             if removed:
-                print(f"note: removed {len(removed)} stale temp file(s) of killed writes in {run_dir}: "
-                      + ", ".join(str(p.relative_to(run_dir)) for p in removed), file=sys.stderr)
+                print(
+                    f"note: removed {len(removed)} stale temp file(s) of killed writes in {run_dir}: "
+                    + ", ".join(str(p.relative_to(run_dir)) for p in removed),
+                    file=sys.stderr,
+                )
         module, fn = VERBS[verb]
         mod = importlib.import_module(module)
         command = getattr(mod, fn)
         preflight = getattr(mod, fn + "_preflight", None)
         notes = preflight(cfg, run_dir) if preflight is not None else None
         if notes is not None and not isinstance(notes, dict):
-            raise TypeError(f"{module}.{fn}_preflight returned {type(notes).__name__}; expected a dict of notes or None")
+            raise TypeError(
+                f"{module}.{fn}_preflight returned {type(notes).__name__}; expected a dict of notes or None"
+            )
         if notes:
             print(f"note: {verb} preflight: {json.dumps(_jsonable(notes), sort_keys=True)}", file=sys.stderr)
         if main_rank:
@@ -400,8 +425,8 @@ def run_verb(verb: str, overrides: list[str] | None = None) -> dict:
 
 
 class _open_dict:
-    """``with _open_dict(cfg):`` OmegaConf's ``open_dict`` (new keys may be added to a struct config), imported on use.
-    """
+    """``with _open_dict(cfg):`` OmegaConf's ``open_dict`` (new keys may be added to a struct config), imported on use."""
+
     def __init__(self, cfg):
         from omegaconf import open_dict
 
@@ -417,8 +442,10 @@ class _open_dict:
 # ---------------------------------------------------------------------------------------------------------
 # one-line errors
 _GL_PATTERN = re.compile(r"MUJOCO_GL|PYOPENGL|OpenGL|\bEGL\b|\begl\b|GLFW|OSMesa|osmesa|gladLoadGL|mjr_context", re.I)
-_GL_FIX = ("the OpenGL backend cannot start: set MUJOCO_GL (and PYOPENGL_PLATFORM) to one this machine supports "
-           "(egl needs a GPU driver, osmesa renders in software, glfw needs a display)")
+_GL_FIX = (
+    "the OpenGL backend cannot start: set MUJOCO_GL (and PYOPENGL_PLATFORM) to one this machine supports "
+    "(egl needs a GPU driver, osmesa renders in software, glfw needs a display)"
+)
 
 
 def _one_line(text: str) -> str:
@@ -445,9 +472,15 @@ def format_error(e: BaseException) -> str:
         lines = [p.strip() for p in str(e.message).splitlines() if p.strip()]
         url = next((p.split()[1] for p in lines if p.startswith("See ") and len(p.split()) > 1), None)
         reason = "; ".join(p for p in lines if not p.startswith("See ")) or "invalid syntax"
-        return (f"cannot parse override {e.override!r}: {reason}; fix its syntax (key=value, +key=value adds a key, "
-                f"~key deletes one; quote values with spaces or brackets)" + (f", see {url}" if url else ""))
-    if isinstance(e, MissingConfigException) and getattr(e, "missing_cfg_file", None) and "/" in str(e.missing_cfg_file):
+        return (
+            f"cannot parse override {e.override!r}: {reason}; fix its syntax (key=value, +key=value adds a key, "
+            f"~key deletes one; quote values with spaces or brackets)" + (f", see {url}" if url else "")
+        )
+    if (
+        isinstance(e, MissingConfigException)
+        and getattr(e, "missing_cfg_file", None)
+        and "/" in str(e.missing_cfg_file)
+    ):
         group, _, option = str(e.missing_cfg_file).rpartition("/")
         opts = getattr(e, "options", None)
         valid = f"; valid options: {', '.join(opts)}" if opts else ""
@@ -481,10 +514,27 @@ def format_error(e: BaseException) -> str:
 
 # `bench <sub> key=value`: the keys each sub-benchmark takes at the top level of its command line
 BENCH_SHORTHAND = {
-    "toy": {"dataset": "toy.dataset", "num_steps": "toy.num_steps", "batch_size": "toy.batch_size",
-            "objectives": "toy.select"},
-    "policies": {k: f"policies.{k}" for k in ("task", "objectives", "seeds", "out", "nfe", "eval", "variants",
-                                              "train_overrides", "latency_rounds", "only_finished")},
+    "toy": {
+        "dataset": "toy.dataset",
+        "num_steps": "toy.num_steps",
+        "batch_size": "toy.batch_size",
+        "objectives": "toy.select",
+    },
+    "policies": {
+        k: f"policies.{k}"
+        for k in (
+            "task",
+            "objectives",
+            "seeds",
+            "out",
+            "nfe",
+            "eval",
+            "variants",
+            "train_overrides",
+            "latency_rounds",
+            "only_finished",
+        )
+    },
 }
 
 
@@ -507,8 +557,7 @@ class LineStream:
         self.raw, self._at_line_start = raw, True
 
     def write(self, s: str) -> int:
-        """Write ``s`` with every carriage return turned into a newline and blank lines dropped; returns the length written.
-        """
+        """Write ``s`` with every carriage return turned into a newline and blank lines dropped; returns the length written."""
         s = s.replace("\r", "\n")
         if self._at_line_start:
             s = s.lstrip("\n")

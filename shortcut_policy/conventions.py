@@ -8,6 +8,7 @@ Step sizes are dyadic: d in {1/M, ..., 1/2, 1}, M = 128. The network sees the *l
 (0 = one step of size 1, LOG2_M = 7 = the flow-matching level d = 1/M), never d itself.
 N-step sampling (N a power of two <= M) uses d = 1/N, level log2(N), at t = i/N.
 """
+
 from __future__ import annotations
 
 M: int = 128  # number of smallest steps; d_min = 1/M

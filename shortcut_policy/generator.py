@@ -9,6 +9,7 @@ unconditional tasks (CelebA-HQ) map every label to the null label, as the refere
 The VAE is held outside the module tree: it is frozen, not saved in checkpoints (it is reloaded from
 ``task.vae_path``), not averaged by the EMA, and not wrapped by DDP. It is loaded on first use.
 """
+
 from __future__ import annotations
 
 import torch
@@ -40,9 +41,22 @@ class ImageGenerator(nn.Module):
     ``num_classes`` real classes, label ``num_classes`` is the null label (every label becomes it when
     ``class_conditional`` is false). ``encode_online`` encodes pixel batches with the VAE at each step (no latents
     store), sampling the posterior when ``latent_sample``. Raises ``ValueError`` for an unknown ``space``."""
-    def __init__(self, net: nn.Module, objective, vae=None, num_classes: int = 1, class_conditional: bool = True,
-                 image_size: int = 256, image_channels: int = 3, space: str = "pixel", vae_path=None,
-                 latent_scale: float = VAE_LATENT_SCALE, encode_online: bool = False, latent_sample: bool = True):
+
+    def __init__(
+        self,
+        net: nn.Module,
+        objective,
+        vae=None,
+        num_classes: int = 1,
+        class_conditional: bool = True,
+        image_size: int = 256,
+        image_channels: int = 3,
+        space: str = "pixel",
+        vae_path=None,
+        latent_scale: float = VAE_LATENT_SCALE,
+        encode_online: bool = False,
+        latent_sample: bool = True,
+    ):
         super().__init__()
         if space not in ("pixel", "latent"):
             raise ValueError(f"space={space!r}: expected pixel or latent")
@@ -50,7 +64,11 @@ class ImageGenerator(nn.Module):
         self.num_classes, self.class_conditional = int(num_classes), bool(class_conditional)
         self.null_label = self.num_classes
         self.image_size, self.image_channels, self.space = int(image_size), int(image_channels), space
-        self.latent_scale, self.encode_online, self.latent_sample = float(latent_scale), bool(encode_online), bool(latent_sample)
+        self.latent_scale, self.encode_online, self.latent_sample = (
+            float(latent_scale),
+            bool(encode_online),
+            bool(latent_sample),
+        )
         self._vae = _Shared(vae)
         self.vae_path = vae_path
         self.x_shape = (int(net.in_channels), *net.input_size)
@@ -68,9 +86,11 @@ class ImageGenerator(nn.Module):
         C, h, w = self.x_shape
         ds = 2 ** (len(vae.config.block_out_channels) - 1)
         if vae.config.latent_channels != C or self.image_size // ds != h:
-            raise ValueError(f"the VAE in {self.vae_path} makes {vae.config.latent_channels}x{self.image_size // ds}"
-                             f" latents for {self.image_size}px images, the net expects {C}x{h}x{w}: check "
-                             "task.latent_channels / task.latent_downsample")
+            raise ValueError(
+                f"the VAE in {self.vae_path} makes {vae.config.latent_channels}x{self.image_size // ds}"
+                f" latents for {self.image_size}px images, the net expects {C}x{h}x{w}: check "
+                "task.latent_channels / task.latent_downsample"
+            )
         if next(vae.parameters()).device != self.device:
             vae.to(self.device)
         return vae
@@ -91,8 +111,10 @@ class ImageGenerator(nn.Module):
         if not self.class_conditional:
             return torch.full_like(labels, self.null_label)
         if labels.numel() and (labels.min() < 0 or labels.max() > self.null_label):
-            raise ValueError(f"labels must be in 0..{self.num_classes} ({self.num_classes} = null), got "
-                             f"{int(labels.min())}..{int(labels.max())}")
+            raise ValueError(
+                f"labels must be in 0..{self.num_classes} ({self.num_classes} = null), got "
+                f"{int(labels.min())}..{int(labels.max())}"
+            )
         return labels
 
     def prepare(self, batch: dict) -> torch.Tensor:
@@ -124,8 +146,15 @@ class ImageGenerator(nn.Module):
 
     # --- sampling ----------------------------------------------------------------------------------------
     @torch.no_grad()
-    def sample(self, labels, steps: int, noise: torch.Tensor | None = None, cfg_scale=None, decode: bool = True,
-               generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample(
+        self,
+        labels,
+        steps: int,
+        noise: torch.Tensor | None = None,
+        cfg_scale=None,
+        decode: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
         """Images (B, C, H, W) in [-1, 1] (decoded when latent) from ``noise`` (or fresh N(0, I)).
 
         ``cfg_scale=None`` uses the objective's; the shortcut objective applies guidance only at steps = M."""
@@ -151,6 +180,7 @@ class ImageGenerator(nn.Module):
 # ------------------------------------------------------------------------------------------------------------
 # Construction from a config (the model's own; datasets and the training bundle: shortcut_policy.builders)
 
+
 def generator_dims(task) -> tuple[int, int]:
     """(in_channels, input_size) of the net for a task config."""
     size, space = int(task.image_size), task.get("space", "pixel")
@@ -168,13 +198,25 @@ def build_generator(cfg, vae=None) -> ImageGenerator:
     task = cfg.task
     channels, size = generator_dims(task)
     objective = build_objective(cfg.objective)
-    net = build_net(cfg.net, step_input=objective.step_input, input_size=size, in_channels=channels,
-                    num_classes=int(task.num_classes))
+    net = build_net(
+        cfg.net,
+        step_input=objective.step_input,
+        input_size=size,
+        in_channels=channels,
+        num_classes=int(task.num_classes),
+    )
     space = task.get("space", "pixel")
     return ImageGenerator(
-        net, objective, vae=vae, num_classes=int(task.num_classes), class_conditional=bool(task.class_conditional),
-        image_size=int(task.image_size), image_channels=int(task.get("image_channels", 3)), space=space,
-        vae_path=task.get("vae_path"), latent_scale=float(task.get("latent_scale", VAE_LATENT_SCALE)),
+        net,
+        objective,
+        vae=vae,
+        num_classes=int(task.num_classes),
+        class_conditional=bool(task.class_conditional),
+        image_size=int(task.image_size),
+        image_channels=int(task.get("image_channels", 3)),
+        space=space,
+        vae_path=task.get("vae_path"),
+        latent_scale=float(task.get("latent_scale", VAE_LATENT_SCALE)),
         encode_online=space == "latent" and not task.get("latents_path"),
         latent_sample=bool(task.get("latent_sample", True)),
     )
@@ -182,6 +224,7 @@ def build_generator(cfg, vae=None) -> ImageGenerator:
 
 # ------------------------------------------------------------------------------------------------------------
 # Checkpoints -> generator, sampling helpers (the `sample` verb: shortcut_policy.commands.sample)
+
 
 def load_generator(path, device="cpu", weights: str = "auto"):
     """(ImageGenerator with the checkpoint's weights, its config). weights: auto (train.eval_model) | ema | online."""
@@ -207,8 +250,16 @@ def default_labels(gen: ImageGenerator, n: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, gen.num_classes, (n,), generator=torch.Generator().manual_seed(seed))
 
 
-def sample_images(gen: ImageGenerator, n: int, steps: int, seed: int = 0, labels=None, cfg_scale=None,
-                  batch_size: int = 64, device=None) -> torch.Tensor:
+def sample_images(
+    gen: ImageGenerator,
+    n: int,
+    steps: int,
+    seed: int = 0,
+    labels=None,
+    cfg_scale=None,
+    batch_size: int = 64,
+    device=None,
+) -> torch.Tensor:
     """n images on the CPU from fixed noise (seeded per batch): the same seed gives the same noise for every N."""
     labels = default_labels(gen, n, seed) if labels is None else torch.as_tensor(labels).long()
     out = []

@@ -10,6 +10,7 @@ Policy(net, objective, obs_encoder, normalizer, horizon, n_obs_steps, n_action_s
 build_policy(cfg, normalizer) / load_policy(checkpoint) construct one from a config or a checkpoint; datasets,
 the training bundle and the rollout evaluator are built in :mod:`shortcut_policy.builders`.
 """
+
 from __future__ import annotations
 
 from typing import Mapping
@@ -40,15 +41,30 @@ class Policy(nn.Module):
     units) and back. A window holds ``horizon`` (H) actions starting at the first observation step; the policy
     executes ``n_action_steps`` (Ta) of them starting at step To - 1. Raises ``ValueError`` when
     To - 1 + Ta > H."""
-    def __init__(self, net: nn.Module, objective, obs_encoder: ObsEncoder, normalizer, *, horizon: int,
-                 n_obs_steps: int, n_action_steps: int, action_dim: int, default_steps: int = 1, task_name: str = ""):
+
+    def __init__(
+        self,
+        net: nn.Module,
+        objective,
+        obs_encoder: ObsEncoder,
+        normalizer,
+        *,
+        horizon: int,
+        n_obs_steps: int,
+        n_action_steps: int,
+        action_dim: int,
+        default_steps: int = 1,
+        task_name: str = "",
+    ):
         super().__init__()
         self.net, self.objective, self.obs_encoder, self.normalizer = net, objective, obs_encoder, normalizer
         self.horizon, self.n_obs_steps, self.n_action_steps = int(horizon), int(n_obs_steps), int(n_action_steps)
         self.action_dim, self.default_steps, self.task_name = int(action_dim), int(default_steps), task_name
         if self.n_obs_steps - 1 + self.n_action_steps > self.horizon:
-            raise ValueError(f"n_obs_steps - 1 + n_action_steps = {self.n_obs_steps - 1 + self.n_action_steps} exceeds "
-                             f"horizon {self.horizon}")
+            raise ValueError(
+                f"n_obs_steps - 1 + n_action_steps = {self.n_obs_steps - 1 + self.n_action_steps} exceeds "
+                f"horizon {self.horizon}"
+            )
         self.task_cfg = None  # set by load_policy / build: the runner evaluates on it
         self.noise_scale = 1.0  # initial-noise temperature of predict_action (eval `noise_scale=`); 1.0 = as trained
 
@@ -65,13 +81,17 @@ class Policy(nn.Module):
         need = self.obs_encoder.lowdim_keys + self.obs_encoder.image_keys
         missing = [k for k in need if k not in obs]
         if missing:
-            raise KeyError(f"{where}: observation keys {missing} missing (got {sorted(obs)}; the policy expects {need})")
+            raise KeyError(
+                f"{where}: observation keys {missing} missing (got {sorted(obs)}; the policy expects {need})"
+            )
         for k in need:
             x = obs[k]
             want = self.obs_encoder.obs_shapes[k]
             if tuple(x.shape[2:]) != want or x.ndim != 2 + len(want) or x.shape[1] < min_steps:
-                raise ValueError(f"{where}: observation {k!r} has shape {_shape_str(x.shape)}; expected "
-                                 f"(B, T>={min_steps}, {', '.join(map(str, want))})")
+                raise ValueError(
+                    f"{where}: observation {k!r} has shape {_shape_str(x.shape)}; expected "
+                    f"(B, T>={min_steps}, {', '.join(map(str, want))})"
+                )
             if not bool(torch.isfinite(torch.as_tensor(x, dtype=torch.float32)).all()):
                 raise ValueError(f"{where}: observation {k!r} contains NaN or inf")
 
@@ -84,8 +104,10 @@ class Policy(nn.Module):
         obs, action = batch["obs"], batch["action"]
         self._check_obs(obs, self.n_obs_steps, "batch")
         if action.shape[1:] != (self.horizon, self.action_dim):
-            raise ValueError(f"batch: action has shape {_shape_str(action.shape)}; expected (B, {self.horizon}, "
-                             f"{self.action_dim}) (horizon, action_dim of the config)")
+            raise ValueError(
+                f"batch: action has shape {_shape_str(action.shape)}; expected (B, {self.horizon}, "
+                f"{self.action_dim}) (horizon, action_dim of the config)"
+            )
         if not torch.isfinite(action).all():
             raise ValueError("batch: action contains NaN or inf")
         nobs = self.normalizer.normalize({k: obs[k] for k in self.obs_encoder.obs_shapes if k in obs})
@@ -113,8 +135,14 @@ class Policy(nn.Module):
         """The policy is stateless between calls (observation history is kept by the env wrapper)."""
 
     @torch.no_grad()
-    def predict_action(self, obs: Mapping, steps: int | None = None, generator: torch.Generator | None = None,
-                       return_numpy: bool = True, **sample_kw):
+    def predict_action(
+        self,
+        obs: Mapping,
+        steps: int | None = None,
+        generator: torch.Generator | None = None,
+        return_numpy: bool = True,
+        **sample_kw,
+    ):
         """Actions to execute from observations ``obs`` = {key: (B, T >= To, ...)} (NumPy or torch, environment
         units; the last To steps are used).
 
@@ -126,14 +154,20 @@ class Policy(nn.Module):
         self._check_obs(obs, self.n_obs_steps, "predict_action")
         dev = self.device
         dtype = next(self.net.parameters()).dtype  # float32; float64 for a policy.double() reference (export parity)
-        obs_t = {k: torch.as_tensor(np.asarray(v) if not isinstance(v, torch.Tensor) else v, dtype=dtype,
-                                    device=dev)[:, -self.n_obs_steps:]
-                 for k, v in obs.items() if k in self.obs_encoder.obs_shapes}
+        obs_t = {
+            k: torch.as_tensor(np.asarray(v) if not isinstance(v, torch.Tensor) else v, dtype=dtype, device=dev)[
+                :, -self.n_obs_steps :
+            ]
+            for k, v in obs.items()
+            if k in self.obs_encoder.obs_shapes
+        }
         nobs = self.normalizer.normalize(obs_t)
         cond = self.obs_encoder(nobs)
         B = cond.shape[0]
         # noise_scale < 1 samples closer to the flow's mode (a temperature; 1.0 = the trained distribution)
-        x0 = (torch.randn(B, self.horizon, self.action_dim, device=dev, generator=generator) * self.noise_scale).to(dtype)
+        x0 = (torch.randn(B, self.horizon, self.action_dim, device=dev, generator=generator) * self.noise_scale).to(
+            dtype
+        )
         if self.objective.takes_generator:  # samplers that re-noise between steps draw from the same generator
             sample_kw.setdefault("generator", generator)
         naction = self.objective.sample(self.net, x0, cond, steps=steps, **sample_kw).clamp(-1.0, 1.0)
@@ -148,15 +182,31 @@ def build_policy(cfg, normalizer) -> Policy:
     """Policy from a resolved config (task, net, objective) and a fitted (or empty, to load into) normaliser."""
     task = to_plain(cfg["task"])
     enc_cfg = task.get("encoder", {}) or {}
-    encoder = ObsEncoder(task["obs_shapes"], task.get("lowdim_keys", []), task.get("image_keys", []),
-                         task["n_obs_steps"], crop_shape=task.get("crop_shape"), feature_dim=enc_cfg.get("feature_dim", 64),
-                         resnet_width=enc_cfg.get("resnet_width", 64))
+    encoder = ObsEncoder(
+        task["obs_shapes"],
+        task.get("lowdim_keys", []),
+        task.get("image_keys", []),
+        task["n_obs_steps"],
+        crop_shape=task.get("crop_shape"),
+        feature_dim=enc_cfg.get("feature_dim", 64),
+        resnet_width=enc_cfg.get("resnet_width", 64),
+    )
     objective = build_objective(cfg["objective"])
-    net = build_net(cfg["net"], step_input=objective.step_input, input_dim=task["action_dim"],
-                    global_cond_dim=encoder.out_dim)
-    policy = Policy(net, objective, encoder, normalizer, horizon=task["horizon"], n_obs_steps=task["n_obs_steps"],
-                    n_action_steps=task["n_action_steps"], action_dim=task["action_dim"],
-                    default_steps=int(task.get("default_steps", 1)), task_name=task.get("name", ""))
+    net = build_net(
+        cfg["net"], step_input=objective.step_input, input_dim=task["action_dim"], global_cond_dim=encoder.out_dim
+    )
+    policy = Policy(
+        net,
+        objective,
+        encoder,
+        normalizer,
+        horizon=task["horizon"],
+        n_obs_steps=task["n_obs_steps"],
+        n_action_steps=task["n_action_steps"],
+        action_dim=task["action_dim"],
+        default_steps=int(task.get("default_steps", 1)),
+        task_name=task.get("name", ""),
+    )
     policy.task_cfg = task
     return policy
 

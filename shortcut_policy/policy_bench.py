@@ -4,6 +4,7 @@ Same U-Net weights for every sampler: shortcut 1 step, DDIM 10 and DDPM 100 (thr
 normalisation included), plus one bare network forward. Training-step time of the shortcut objective over
 flow matching on the same net and batch. Rounds interleave the methods; medians are reported.
 """
+
 from __future__ import annotations
 
 import json
@@ -53,14 +54,19 @@ def run_bench_policy(cfg, run_dir: Path, train_cfg) -> dict:
         def f():
             policy.objective = obj
             policy.predict_action(obs, steps=steps, **kw)
+
         return f
 
     @torch.no_grad()
     def forward():
         net(x, torch.zeros(1), torch.zeros(1), cond)
 
-    methods = {"forward": forward, "shortcut1": with_objective(shortcut, 1),
-               "ddim10": with_objective(diffusion, 10, sampler="ddim"), "ddpm100": with_objective(diffusion, 100, sampler="ddpm")}
+    methods = {
+        "forward": forward,
+        "shortcut1": with_objective(shortcut, 1),
+        "ddim10": with_objective(diffusion, 10, sampler="ddim"),
+        "ddpm100": with_objective(diffusion, 100, sampler="ddpm"),
+    }
     for f in methods.values():  # warm-up
         f()
     times = {k: [] for k in methods}
@@ -78,9 +84,13 @@ def run_bench_policy(cfg, run_dir: Path, train_cfg) -> dict:
     # training step: shortcut vs flow matching, same net, same batch, interleaved
     policy.train()
     B = int(bc.train_batch)
-    batch = {"obs": {k: torch.as_tensor(rng.uniform(0, 1, (B, task.horizon, *v)).astype(np.float32))
-                     for k, v in task.obs_shapes.items()},
-             "action": torch.as_tensor(rng.uniform(0, 512, (B, task.horizon, task.action_dim)).astype(np.float32))}
+    batch = {
+        "obs": {
+            k: torch.as_tensor(rng.uniform(0, 1, (B, task.horizon, *v)).astype(np.float32))
+            for k, v in task.obs_shapes.items()
+        },
+        "action": torch.as_tensor(rng.uniform(0, 512, (B, task.horizon, task.action_dim)).astype(np.float32)),
+    }
     opt = torch.optim.AdamW(policy.parameters(), lr=1e-5)
     objs = {"shortcut": Shortcut(teacher="online"), "flow_matching": FlowMatching()}
 
@@ -91,6 +101,7 @@ def run_bench_policy(cfg, run_dir: Path, train_cfg) -> dict:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+
         return f
 
     for o in objs.values():
@@ -102,8 +113,16 @@ def run_bench_policy(cfg, run_dir: Path, train_cfg) -> dict:
     res["train_step_ms@shortcut"] = float(np.median(ttimes["shortcut"]))
     res["train_step_ms@flow_matching"] = float(np.median(ttimes["flow_matching"]))
     res["train_step_ratio_shortcut_over_fm"] = res["train_step_ms@shortcut"] / res["train_step_ms@flow_matching"]
-    res.update({"net": str(bc.net), "params": sum(p.numel() for p in net.parameters()), "train_batch": B,
-                "threads": torch.get_num_threads(), "task": str(bc.task)})
-    atomic_write_text(Path(run_dir) / "bench_policy_raw.json",
-                      json.dumps({"latency_ms": times, "train_step_ms": ttimes}, indent=1))
+    res.update(
+        {
+            "net": str(bc.net),
+            "params": sum(p.numel() for p in net.parameters()),
+            "train_batch": B,
+            "threads": torch.get_num_threads(),
+            "task": str(bc.task),
+        }
+    )
+    atomic_write_text(
+        Path(run_dir) / "bench_policy_raw.json", json.dumps({"latency_ms": times, "train_step_ms": ttimes}, indent=1)
+    )
     return res

@@ -7,6 +7,7 @@
 * the machine: :func:`resolve_device`, :func:`available_cores`, :func:`default_workers`,
   :func:`limit_opencv_threads`.
 """
+
 from __future__ import annotations
 
 import copy
@@ -43,8 +44,7 @@ def cfg_get(cfg, key, default=None):
     return default if v is None else v
 
 
-def check_int(name: str, value, minimum: int | None = None, maximum: int | None = None, *,
-              strings: bool = True) -> int:
+def check_int(name: str, value, minimum: int | None = None, maximum: int | None = None, *, strings: bool = True) -> int:
     """An integer config value, or a clear error naming it (floats like 1e5 are accepted when integral).
 
     ``minimum`` / ``maximum`` are inclusive bounds. Strings holding an integer ("8") are accepted unless

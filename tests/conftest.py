@@ -1,5 +1,6 @@
 """Test-session settings: one torch/OpenMP thread per process (tests use tiny nets; on a shared or 2-core
 machine extra threads only oversubscribe), headless rendering back-ends, wandb offline."""
+
 import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")

@@ -1,4 +1,5 @@
 """`bench policies`: objectives trained and evaluated side by side; resumable; bad input refused before training."""
+
 import json
 
 import pytest
@@ -13,19 +14,45 @@ def zarr_path(pusht_lowdim_zarr):
 
 
 def _args(zarr_path, out, *extra):
-    train = ["logger=none", "net=unet1d_small", "net.down_dims=[16,32]", "net.step_embed_dim=16", "train.batch_size=8",
-             "train.num_steps=4", "train.eval_every=2", "train.eval_episodes=2", "train.eval_seed_start=200000",
-             "train.topk_key=test_success_rate", "train.warmup_steps=1", "task.max_steps=16", "task.eval.n_workers=1",
-             "train.threads=1", f"task.dataset.zarr_path={zarr_path}"]
-    return ["what=policies", "policies.task=pusht_lowdim", f"policies.out={out}", "policies.eval.n_episodes=3",
-            "policies.eval.workers=1", "policies.latency_rounds=2", f"policies.train_overrides={json.dumps(train)}",
-            *extra]
+    train = [
+        "logger=none",
+        "net=unet1d_small",
+        "net.down_dims=[16,32]",
+        "net.step_embed_dim=16",
+        "train.batch_size=8",
+        "train.num_steps=4",
+        "train.eval_every=2",
+        "train.eval_episodes=2",
+        "train.eval_seed_start=200000",
+        "train.topk_key=test_success_rate",
+        "train.warmup_steps=1",
+        "task.max_steps=16",
+        "task.eval.n_workers=1",
+        "train.threads=1",
+        f"task.dataset.zarr_path={zarr_path}",
+    ]
+    return [
+        "what=policies",
+        "policies.task=pusht_lowdim",
+        f"policies.out={out}",
+        "policies.eval.n_episodes=3",
+        "policies.eval.workers=1",
+        "policies.latency_rounds=2",
+        f"policies.train_overrides={json.dumps(train)}",
+        *extra,
+    ]
 
 
 def test_two_objectives_table_figures_and_resume(zarr_path, tmp_path):
     out = tmp_path / "bench"
-    args = _args(zarr_path, out, "policies.objectives=[regression,shortcut_m16]", "policies.seeds=[0]",
-                 "policies.variants.shortcut_m16=['objective=shortcut','objective.m=16']", "policies.nfe.shortcut=[1,128]")
+    args = _args(
+        zarr_path,
+        out,
+        "policies.objectives=[regression,shortcut_m16]",
+        "policies.seeds=[0]",
+        "policies.variants.shortcut_m16=['objective=shortcut','objective.m=16']",
+        "policies.nfe.shortcut=[1,128]",
+    )
     res = cli.run_verb("bench", args + [f"run_dir={tmp_path / 'r1'}"])
     summary = json.loads((out / "results.json").read_text())["summary"]
     keys = {(r["entry"], r["nfe_key"]) for r in summary["rows"]}
@@ -43,11 +70,14 @@ def test_two_objectives_table_figures_and_resume(zarr_path, tmp_path):
     assert stamps == {p: p.stat().st_mtime_ns for p in stamps}
 
 
-@pytest.mark.parametrize("extra, match", [
-    (["policies.objectives=[shortcut,nonexistent]", "policies.seeds=[0]"], "nonexistent"),
-    (["policies.objectives=[shortcut]", "policies.seeds=[]"], "seeds"),
-    (["policies.objectives=[]", "policies.seeds=[0]"], "objectives"),
-])
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        (["policies.objectives=[shortcut,nonexistent]", "policies.seeds=[0]"], "nonexistent"),
+        (["policies.objectives=[shortcut]", "policies.seeds=[]"], "seeds"),
+        (["policies.objectives=[]", "policies.seeds=[0]"], "objectives"),
+    ],
+)
 def test_bad_input_refused_before_training(zarr_path, tmp_path, extra, match):
     out = tmp_path / "bench"
     with pytest.raises(ValueError, match=match):
@@ -58,8 +88,11 @@ def test_bad_input_refused_before_training(zarr_path, tmp_path, extra, match):
 def test_missing_data_file_refused_before_training(tmp_path):
     out = tmp_path / "bench"
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        cli.run_verb("bench", _args(tmp_path / "missing.zarr", out, "policies.objectives=[shortcut]",
-                                    "policies.seeds=[0]") + [f"run_dir={tmp_path / 'r'}"])
+        cli.run_verb(
+            "bench",
+            _args(tmp_path / "missing.zarr", out, "policies.objectives=[shortcut]", "policies.seeds=[0]")
+            + [f"run_dir={tmp_path / 'r'}"],
+        )
     assert not out.exists() or not any(out.rglob("train"))
 
 

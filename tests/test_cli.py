@@ -1,4 +1,5 @@
 """CLI skeleton: verbs, run directory contents, RESULT line, toy integration."""
+
 import json
 
 import pytest
@@ -29,12 +30,22 @@ def test_train_config_group_overrides():
 def test_toy_bench_shortcut_beats_flow_matching_at_one_step(tmp_path, capsys):
     """A few hundred CPU steps on a 2-D mixture: 1-step shortcut samples are measurably closer to the data."""
     run_dir = tmp_path / "toy"
-    rc = cli.main(["bench", "toy", "dataset=8gaussians", "toy.num_steps=200", "toy.batch_size=256",
-                   "toy.n_eval=2000", "toy.steps=[1,128]", f"run_dir={run_dir}"])
+    rc = cli.main(
+        [
+            "bench",
+            "toy",
+            "dataset=8gaussians",
+            "toy.num_steps=200",
+            "toy.batch_size=256",
+            "toy.n_eval=2000",
+            "toy.steps=[1,128]",
+            f"run_dir={run_dir}",
+        ]
+    )
     assert rc == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.startswith("RESULT ")
-    res = json.loads(last[len("RESULT "):])
+    res = json.loads(last[len("RESULT ") :])
     assert res["metric"] == "sliced_w2"
     assert res["shortcut@1"] < 0.5 * res["flow_matching@1"], res
     assert (run_dir / "config.yaml").exists() and (run_dir / "toy_samples.png").exists()

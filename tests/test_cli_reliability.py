@@ -6,6 +6,7 @@ The run-directory mechanics are exercised through a tiny fake command module (th
 `bench` verb name (so configs/bench.yaml composes); its behaviour is chosen with `+fake.mode=...` /
 `+fake.preflight=...` overrides. Commands that must run in another process use `python -c` with the same fake.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -24,7 +25,7 @@ from shortcut_policy import cli
 
 TESTS_DIR = str(Path(__file__).resolve().parent)
 MODULE = Path(__file__).stem  # importable by this name (tests/ is on sys.path; also in spawned eval workers)
-CALLS: list[str] = []          # fake commands that ran in this process
+CALLS: list[str] = []  # fake commands that ran in this process
 
 
 # --- the fake verb module ---------------------------------------------------------------------------------
@@ -73,8 +74,12 @@ def fake_command_preflight(cfg, run_dir):
         raise ValueError("fake.preflight='refuse': this run_dir cannot be resumed with these settings")
     if what == "notes":
         run_dir = Path(run_dir)
-        return {"lock_held": _lock_is_held(run_dir), "config_written": (run_dir / "config.yaml").exists(),
-                "marker_written": (run_dir / "run.json").exists(), "run_dir_in_cfg": cfg.run_dir == str(run_dir)}
+        return {
+            "lock_held": _lock_is_held(run_dir),
+            "config_written": (run_dir / "config.yaml").exists(),
+            "marker_written": (run_dir / "run.json").exists(),
+            "run_dir_in_cfg": cfg.run_dir == str(run_dir),
+        }
     return None
 
 
@@ -117,11 +122,16 @@ def _spawn_cli(args, cwd, env_extra=None, fake: str | None = "fake_command"):
     """`shortcut-policy <args>` in a new process (the `bench` verb replaced by `fake` unless None)."""
     patch = f"cli.VERBS['bench'] = ({MODULE!r}, {fake!r}); " if fake else ""
     code = f"import sys; from shortcut_policy import cli; {patch}sys.exit(cli.main(sys.argv[1:]))"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {}),
-           "PYTHONPATH": os.pathsep.join([TESTS_DIR, os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        **(env_extra or {}),
+        "PYTHONPATH": os.pathsep.join([TESTS_DIR, os.environ.get("PYTHONPATH", "")]),
+    }
     env.pop("SHORTCUT_POLICY_DEBUG", None)
-    return subprocess.Popen([sys.executable, "-c", code, *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", code, *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def _wait_for(path: Path, proc, timeout=60.0):
@@ -158,7 +168,7 @@ def test_second_command_on_a_locked_run_dir_fails_at_once_and_a_killed_holder_re
         (run_dir / "release").touch()
         out, err = holder.communicate(timeout=60)
         assert holder.returncode == 0, err
-        assert json.loads(out.strip().splitlines()[-1][len("RESULT "):]) == {"waited": True}
+        assert json.loads(out.strip().splitlines()[-1][len("RESULT ") :]) == {"waited": True}
     finally:
         if holder.poll() is None:
             holder.kill()
@@ -248,7 +258,8 @@ def test_preflight_refusal_writes_nothing(tmp_path, fake_verb, capsys):
     run_dir = tmp_path / "refused"
     assert cli.main(["bench", "+fake.mode=ok", "+fake.preflight=refuse", f"run_dir={run_dir}"]) == 1
     assert _error_line(capsys.readouterr().err) == (
-        "error: fake.preflight='refuse': this run_dir cannot be resumed with these settings")
+        "error: fake.preflight='refuse': this run_dir cannot be resumed with these settings"
+    )
     assert CALLS == []  # the command never ran
     assert sorted(p.name for p in run_dir.iterdir()) == [".lock"] and not _lock_is_held(run_dir)
 
@@ -267,14 +278,20 @@ def test_stale_temp_files_are_removed_at_start_live_ones_kept(tmp_path, fake_ver
     run_dir = tmp_path / "tmpfiles"
     (run_dir / "checkpoints").mkdir(parents=True)
     (run_dir / "run.json").write_text(json.dumps({"verb": "bench"}))
-    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                              text=True, check=True).stdout)
+    dead = int(
+        subprocess.run(
+            [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
+        ).stdout
+    )
     live = subprocess.Popen(["sleep", "60"])
     try:
         # the names atomic_write_text and save_checkpoint give their temp files: .<name>.tmp<pid>
         stale = [run_dir / f".metrics.json.tmp{dead}", run_dir / "checkpoints" / f".last.ckpt.tmp{dead}"]
-        kept = [run_dir / f".config.yaml.tmp{live.pid}", run_dir / "notes.tmp123",
-                run_dir / "checkpoints" / "last.ckpt"]
+        kept = [
+            run_dir / f".config.yaml.tmp{live.pid}",
+            run_dir / "notes.tmp123",
+            run_dir / "checkpoints" / "last.ckpt",
+        ]
         for p in stale + kept:
             p.write_text("partial")
         assert cli.main(["bench", "+fake.mode=ok", f"run_dir={run_dir}"]) == 0
@@ -288,8 +305,18 @@ def test_stale_temp_files_are_removed_at_start_live_ones_kept(tmp_path, fake_ver
 # --- E: evaluations whose episodes crash ------------------------------------------------------------------
 def test_eval_where_every_episode_crashes_fails_with_the_cause(tmp_path, capsys):
     run_dir = tmp_path / "bad_env"
-    rc = cli.main(["eval", "policy=expert", "task=pusht_lowdim", "n_episodes=2", "workers=1", "progress=false",
-                   "+task.local_keypoints=[[1,2]]", f"run_dir={run_dir}"])
+    rc = cli.main(
+        [
+            "eval",
+            "policy=expert",
+            "task=pusht_lowdim",
+            "n_episodes=2",
+            "workers=1",
+            "progress=false",
+            "+task.local_keypoints=[[1,2]]",
+            f"run_dir={run_dir}",
+        ]
+    )
     assert rc == 1
     line = _error_line(capsys.readouterr().err)
     assert line.startswith("error: eval: all 2 episodes crashed at steps=1"), line
@@ -299,8 +326,18 @@ def test_eval_where_every_episode_crashes_fails_with_the_cause(tmp_path, capsys)
 
 
 def test_eval_crashes_above_the_default_share_fail_below_it_are_reported(tmp_path, capsys):
-    common = ["eval", "policy=expert", "task=pusht_lowdim", "task.max_steps=5", "n_episodes=3", "seed_start=30",
-              "workers=1", "n_videos=0", "progress=false", f"expert={MODULE}:FlakyExpert"]
+    common = [
+        "eval",
+        "policy=expert",
+        "task=pusht_lowdim",
+        "task.max_steps=5",
+        "n_episodes=3",
+        "seed_start=30",
+        "workers=1",
+        "n_videos=0",
+        "progress=false",
+        f"expert={MODULE}:FlakyExpert",
+    ]
     # 1 of 3 crashed > max_crash_fraction 0.1 (configs/eval.yaml)
     assert cli.main(common + [f"run_dir={tmp_path / 'strict'}"]) == 1
     line = _error_line(capsys.readouterr().err)
@@ -310,7 +347,7 @@ def test_eval_crashes_above_the_default_share_fail_below_it_are_reported(tmp_pat
     run_dir = tmp_path / "lenient"
     assert cli.main(common + ["max_crash_fraction=0.5", f"run_dir={run_dir}"]) == 0
     captured = capsys.readouterr()
-    res = json.loads(captured.out.strip().splitlines()[-1][len("RESULT "):])
+    res = json.loads(captured.out.strip().splitlines()[-1][len("RESULT ") :])
     assert res["n_crashed@1"] == 1 and res["n_ran@1"] == 2 and res["crashed_seeds@1"] == [30]
     rows = json.loads((run_dir / "per_seed.json").read_text())
     ran = [r["max_reward"] for r in rows if r["status"] == "ok"]
@@ -328,9 +365,11 @@ def cli_report():
 
 def test_summary_and_crash_cause():
     report = cli_report()
-    rows = [{"seed": 1, "max_reward": 1.0, "success": True, "status": "ok"},
-            {"seed": 2, "max_reward": 0.5, "success": False, "status": "ok"},
-            {"seed": 3, "max_reward": 0.9, "success": False, "status": "timeout"}]
+    rows = [
+        {"seed": 1, "max_reward": 1.0, "success": True, "status": "ok"},
+        {"seed": 2, "max_reward": 0.5, "success": False, "status": "ok"},
+        {"seed": 3, "max_reward": 0.9, "success": False, "status": "timeout"},
+    ]
     m = report.summarize(rows, 2, exclude_crashed=True)
     assert m["success_rate@2"] == 0.5 and m["mean_score@2"] == 0.75
     assert m["n_crashed@2"] == 1 and m["n_ran@2"] == 2 and m["crashed_seeds@2"] == [3]
@@ -340,9 +379,11 @@ def test_summary_and_crash_cause():
         tb = traceback.format_exc()
     assert report.crash_cause(tb) == "ValueError: task.max_steps=0: expected an integer >= 1 second line"
     assert report.crash_cause(f"worker crashed while running seed 7: {tb}") == (
-        "ValueError: task.max_steps=0: expected an integer >= 1 second line (worker crashed while running seed 7)")
+        "ValueError: task.max_steps=0: expected an integer >= 1 second line (worker crashed while running seed 7)"
+    )
     assert report.crash_cause("worker timeout while running seed 7: no reply within 4 s") == (
-        "worker timeout while running seed 7: no reply within 4 s")
+        "worker timeout while running seed 7: no reply within 4 s"
+    )
     from shortcut_policy.eval.rollout import evaluate
 
     with pytest.raises(ValueError, match=r"max_crash_fraction=1.5: expected a number in \[0, 1\] or null"):
@@ -350,14 +391,20 @@ def test_summary_and_crash_cause():
 
 
 # --- F: one-line errors -----------------------------------------------------------------------------------
-@pytest.mark.parametrize("args, expected", [
-    (["train", "train.lr="], "error: override 'train.lr=': no value given for train.lr, which is "),
-    (["train", "task=nope"], "error: task=nope: no such option in config group 'task'"),
-    (["train", "+task.foo=[[1,2]"], "error: cannot parse override '+task.foo=[[1,2]': "),
-    (["train", "train.nokey=1"], "error: Could not override 'train.nokey'. To append to your config use +train.nokey=1"),
-    (["eval", "policy=random"], "error: policy='random': expected 'expert' or 'checkpoint'"),
-    (["frobnicate"], "error: unknown verb 'frobnicate'; expected one of train, eval,"),
-])
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["train", "train.lr="], "error: override 'train.lr=': no value given for train.lr, which is "),
+        (["train", "task=nope"], "error: task=nope: no such option in config group 'task'"),
+        (["train", "+task.foo=[[1,2]"], "error: cannot parse override '+task.foo=[[1,2]': "),
+        (
+            ["train", "train.nokey=1"],
+            "error: Could not override 'train.nokey'. To append to your config use +train.nokey=1",
+        ),
+        (["eval", "policy=random"], "error: policy='random': expected 'expert' or 'checkpoint'"),
+        (["frobnicate"], "error: unknown verb 'frobnicate'; expected one of train, eval,"),
+    ],
+)
 def test_config_and_validation_errors_are_one_line(tmp_path, capsys, args, expected):
     run_dir = tmp_path / "r"
     assert cli.main(args + [f"run_dir={run_dir}"]) == 1
@@ -366,8 +413,11 @@ def test_config_and_validation_errors_are_one_line(tmp_path, capsys, args, expec
     if "task=nope" in args:
         assert "valid options: " in line and "pusht_lowdim" in line
     if "train.lr=" in args:
-        assert re.search(r"which is [0-9.e-]+ in the train config; give a value \(train.lr=[0-9.e-]+\) or "
-                         r"train.lr=null$", line), line
+        assert re.search(
+            r"which is [0-9.e-]+ in the train config; give a value \(train.lr=[0-9.e-]+\) or "
+            r"train.lr=null$",
+            line,
+        ), line
     if args[0] == "train":  # composition errors stop before the run directory is made
         assert not run_dir.exists()
 
@@ -401,15 +451,23 @@ def test_debug_flag_and_env_show_the_traceback(tmp_path, capsys, fake_verb, monk
 def test_cli_process_prints_one_line_for_a_bad_override_and_an_opengl_failure(tmp_path):
     """Real processes: `python -m shortcut_policy.cli train train.lr=` and a command whose OpenGL backend cannot
     start (MUJOCO_GL names no backend: mujoco refuses to import)."""
-    p = subprocess.run([sys.executable, "-m", "shortcut_policy.cli", "train", "train.lr=", f"run_dir={tmp_path / 't'}"],
-                       cwd=tmp_path, capture_output=True, text=True, timeout=120,
-                       env={**os.environ, "OMP_NUM_THREADS": "1", "SHORTCUT_POLICY_DEBUG": ""})
+    p = subprocess.run(
+        [sys.executable, "-m", "shortcut_policy.cli", "train", "train.lr=", f"run_dir={tmp_path / 't'}"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "SHORTCUT_POLICY_DEBUG": ""},
+    )
     assert p.returncode == 1 and p.stdout == ""
     assert len(p.stderr.strip().splitlines()) == 1, p.stderr
     assert p.stderr.startswith("error: override 'train.lr=': no value given for train.lr, which is ")
     assert p.stderr.strip().endswith("or train.lr=null")
-    gl = _spawn_cli(["bench", "+fake.mode=gl", f"run_dir={tmp_path / 'gl'}"], cwd=tmp_path,
-                    env_extra={"MUJOCO_GL": "nonexistent_backend"})
+    gl = _spawn_cli(
+        ["bench", "+fake.mode=gl", f"run_dir={tmp_path / 'gl'}"],
+        cwd=tmp_path,
+        env_extra={"MUJOCO_GL": "nonexistent_backend"},
+    )
     out, err = gl.communicate(timeout=120)
     assert gl.returncode == 1, err
     line = _error_line(err)

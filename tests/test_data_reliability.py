@@ -2,6 +2,7 @@
 
 Every test writes real files (zarr stores, hdf5 files, image folders) in tmp_path; nothing is mocked.
 """
+
 from __future__ import annotations
 
 import json
@@ -56,12 +57,18 @@ def _write_legacy_store(path, data, ends, separator="/"):
     g = root.create_group("data")
     for k, v in data.items():
         chunks = (4,) + tuple(max(1, s // 2) for s in v.shape[1:])  # several chunks along every dim
-        a = g.create_array(k, shape=v.shape, chunks=chunks, dtype=v.dtype,
-                           chunk_key_encoding={"name": "v2", "separator": separator})
+        a = g.create_array(
+            k, shape=v.shape, chunks=chunks, dtype=v.dtype, chunk_key_encoding={"name": "v2", "separator": separator}
+        )
         a[:] = v
     m = root.create_group("meta")
-    e = m.create_array("episode_ends", shape=ends.shape, chunks=(2,), dtype=ends.dtype,
-                       chunk_key_encoding={"name": "v2", "separator": separator})
+    e = m.create_array(
+        "episode_ends",
+        shape=ends.shape,
+        chunks=(2,),
+        dtype=ends.dtype,
+        chunk_key_encoding={"name": "v2", "separator": separator},
+    )
     e[:] = ends
     for zarray in path.rglob(".zarray"):
         meta = json.loads(zarray.read_text())
@@ -88,8 +95,16 @@ def test_legacy_nested_zarr_reads_real_values(tmp_path, no_sanity_warnings):
 
     # training windows carry the stored values (low-dim and images, in memory and read from disk)
     for in_mem in (True, False):
-        ds = SequenceDataset(path, obs_keys={"obs": ["state"], "image": "img"}, image_keys=["image"], horizon=8,
-                             n_obs_steps=2, n_action_steps=4, val_ratio=0.0, images_in_memory=in_mem)
+        ds = SequenceDataset(
+            path,
+            obs_keys={"obs": ["state"], "image": "img"},
+            image_keys=["image"],
+            horizon=8,
+            n_obs_steps=2,
+            n_action_steps=4,
+            val_ratio=0.0,
+            images_in_memory=in_mem,
+        )
         for idx in (0, 9, len(ds) - 1):
             rows = _window_rows(ds, idx)
             s = ds[idx]
@@ -136,9 +151,11 @@ def test_check_dataset_report_stats_table_and_json(tmp_path, no_sanity_warnings)
     assert (rep.episode_length_min, rep.episode_length_median, rep.episode_length_max) == (12, 21.0, 30)
     st = rep.keys["state"]
     assert st.role == "obs" and rep.keys["action"].role == "action" and rep.keys["img"].role == "image"
-    np.testing.assert_allclose([st.min, st.max, st.mean, st.std],
-                               [data["state"].min(), data["state"].max(), data["state"].mean(), data["state"].std()],
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        [st.min, st.max, st.mean, st.std],
+        [data["state"].min(), data["state"].max(), data["state"].mean(), data["state"].std()],
+        rtol=1e-5,
+    )
     assert rep.keys["img"].image_range == "0..255" and rep.keys["img"].frames_checked == 63
     text = rep.summary()
     assert "demo.zarr" in text and "median 21" in text and len(text.splitlines()) < 25
@@ -186,7 +203,10 @@ def test_constant_dims_warn_not_error():
     rng = np.random.default_rng(5)
     data, ends = _data(rng, (10, 10))
     action = np.concatenate([data["action"], np.ones((20, 1), np.float32)], axis=1)  # a fixed gripper
-    with pytest.warns(DataSanityWarning, match=r"g\.zarr: data/action \(action\): 1 of 3 feature dims are constant.*dims \[2\] = \[1\]"):
+    with pytest.warns(
+        DataSanityWarning,
+        match=r"g\.zarr: data/action \(action\): 1 of 3 feature dims are constant.*dims \[2\] = \[1\]",
+    ):
         rep = check_dataset(dict(data, action=action), ends, "g.zarr")
     assert rep.ok and rep.keys["action"].constant_dims == [2] and rep.warnings
     with pytest.warns(DataSanityWarning, match=r"data/state \(obs\) is constant \(3\)"):
@@ -218,8 +238,14 @@ def test_sequence_dataset_runs_the_sanity_pass(tmp_path):
     good = ReplayBuffer.from_arrays(data, ends).save_to_path(tmp_path / "good.zarr")
     with warnings.catch_warnings():
         warnings.simplefilter("error", DataSanityWarning)
-        ds = SequenceDataset(good, obs_keys={"obs": ["state[:2]"], "image": "img"}, image_keys=["image"], horizon=8,
-                             n_obs_steps=2, n_action_steps=4)
+        ds = SequenceDataset(
+            good,
+            obs_keys={"obs": ["state[:2]"], "image": "img"},
+            image_keys=["image"],
+            horizon=8,
+            n_obs_steps=2,
+            n_action_steps=4,
+        )
     assert sorted(ds.sanity_report.keys) == ["action", "img", "state"] and ds.sanity_report.ok
     assert ds.sanity_report.keys["img"].role == "image" and "good.zarr" in ds.sanity_report.summary()
     assert ds.get_validation_dataset().sanity_report is ds.sanity_report
@@ -231,8 +257,14 @@ def test_sequence_dataset_runs_the_sanity_pass(tmp_path):
     unit = ReplayBuffer.from_arrays(dict(data, img=data["img"].astype(np.float32) / 255), ends)
     unit_path = unit.save_to_path(tmp_path / "unit_img.zarr")
     with pytest.warns(DataSanityWarning, match=r"unit_img\.zarr: data/img \(image\) is a float image in 0\.\.1"):
-        SequenceDataset(unit_path, obs_keys={"obs": ["state"], "image": "img"}, image_keys=["image"], horizon=8,
-                        n_obs_steps=2, n_action_steps=4)
+        SequenceDataset(
+            unit_path,
+            obs_keys={"obs": ["state"], "image": "img"},
+            image_keys=["image"],
+            horizon=8,
+            n_obs_steps=2,
+            n_action_steps=4,
+        )
 
 
 # ------------------------------------------------------------------------------------------ 3. empty / malformed
@@ -260,7 +292,12 @@ def test_hdf5_empty_and_malformed_demos_are_skipped_with_a_warning(tmp_path):
     with pytest.warns(DataSanityWarning) as rec:
         rb = robomimic_to_replay_buffer(path, ["object"], {"obs": ["object"]})
     msg = " ".join(str(w.message) for w in rec)
-    assert str(path) in msg and "demo_1: 0 steps" in msg and "demo_3" in msg and "data/demo_3/obs/object has 5 steps" in msg
+    assert (
+        str(path) in msg
+        and "demo_1: 0 steps" in msg
+        and "demo_3" in msg
+        and "data/demo_3/obs/object has 5 steps" in msg
+    )
     assert rb.n_episodes == 2 and list(rb.episode_ends) == [5, 11] and rb["obs"].shape == (11, 3)
     empty = _hdf5(tmp_path / "empty.hdf5", [0, 0])
     with pytest.raises(RobomimicFormatError, match=r"empty\.hdf5: no usable demo.*demo_0: 0 steps.*demo_1: 0 steps"):
@@ -272,7 +309,9 @@ def test_hdf5_filter_key_naming_missing_demos_is_a_clear_error(tmp_path):
     with pytest.raises(RobomimicFormatError) as e:
         robomimic_to_replay_buffer(path, ["object"], filter_key="train")
     msg = str(e.value)
-    assert str(path) in msg and "mask/train" in msg and "demo_7, demo_9" in msg and "demo_0" not in msg.split("have:")[-1]
+    assert (
+        str(path) in msg and "mask/train" in msg and "demo_7, demo_9" in msg and "demo_0" not in msg.split("have:")[-1]
+    )
     with pytest.raises(RobomimicFormatError, match=r"masked\.hdf5: mask/valid lists no demos"):
         robomimic_to_replay_buffer(path, ["object"], filter_key="valid")
 
@@ -284,13 +323,23 @@ def test_zarr_episodes_shorter_than_the_window(tmp_path):
     with pytest.raises(ValueError) as e:
         SequenceDataset(path, obs_keys=OBS_KEYS, horizon=16, n_obs_steps=2, n_action_steps=8, val_ratio=0.0)
     msg = str(e.value)
-    for part in (str(path), "no training windows", "horizon=16", "pad_before=1", "pad_after=7", "at least 8 steps",
-                 "3..5 steps"):
+    for part in (
+        str(path),
+        "no training windows",
+        "horizon=16",
+        "pad_before=1",
+        "pad_after=7",
+        "at least 8 steps",
+        "3..5 steps",
+    ):
         assert part in msg, (part, msg)
     # some episodes too short: skipped with a warning naming them
     data, ends = _data(rng, (20, 3, 12, 5))
     path = ReplayBuffer.from_arrays(data, ends).save_to_path(tmp_path / "some_short.zarr")
-    with pytest.warns(DataSanityWarning, match=r"some_short\.zarr: 2 of 4 'all' episode\(s\) are shorter.*episode 1 \(3 steps\), 3 \(5 steps\)"):
+    with pytest.warns(
+        DataSanityWarning,
+        match=r"some_short\.zarr: 2 of 4 'all' episode\(s\) are shorter.*episode 1 \(3 steps\), 3 \(5 steps\)",
+    ):
         ds = SequenceDataset(path, obs_keys=OBS_KEYS, horizon=16, n_obs_steps=2, n_action_steps=8, split="all")
     assert len(ds) == (20 - 16 + 1 + 7 + 1) + (12 - 16 + 1 + 7 + 1)
     with pytest.raises(ValueError, match=r"split 'train' selects 0 of 4 episodes"):
@@ -320,5 +369,8 @@ def test_image_folder_skips_empty_files_and_names_empty_classes(tmp_path):
     only_empty = tmp_path / "flat"
     only_empty.mkdir()
     (only_empty / "x.jpg").write_bytes(b"")
-    with pytest.warns(DataSanityWarning, match="x.jpg"), pytest.raises(ValueError, match=r"1 image file\(s\) are empty"):
+    with (
+        pytest.warns(DataSanityWarning, match="x.jpg"),
+        pytest.raises(ValueError, match=r"1 image file\(s\) are empty"),
+    ):
         ImageFolderDataset(only_empty, 8, class_conditional=False)

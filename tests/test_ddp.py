@@ -10,6 +10,7 @@ allocation of 7 rows, which makes the reference exact. The workers also check th
 the ranks' level slices concatenate to the global allocation (pitfall 4: per-rank allocation would put every
 bootstrap row at d=1 for small per-rank batches).
 """
+
 import os
 import socket
 
@@ -29,32 +30,90 @@ def _free_port() -> int:
 def _cfg(objective: str):
     from omegaconf import OmegaConf
 
-    obj = {"name": "shortcut", "m": 128, "bootstrap_fraction": 0.25, "level_allocation": "cycle", "clip": 4.0,
-           "teacher": "ema", "class_dropout_prob": 0.2, "bootstrap_cfg": True, "cfg_scale": 1.5}
+    obj = {
+        "name": "shortcut",
+        "m": 128,
+        "bootstrap_fraction": 0.25,
+        "level_allocation": "cycle",
+        "clip": 4.0,
+        "teacher": "ema",
+        "class_dropout_prob": 0.2,
+        "bootstrap_cfg": True,
+        "cfg_scale": 1.5,
+    }
     if objective == "flow_matching":
         obj = {"name": "flow_matching", "m": 128, "t_sampling": "discrete", "class_dropout_prob": 0.2}
-    return OmegaConf.create({
-        "task": {"name": "digits", "kind": "image", "source": "digits", "class_conditional": True, "num_classes": 10,
-                 "image_size": 16, "image_channels": 1, "space": "pixel", "random_flip": False},
-        "net": {"kind": "dit", "hidden_size": 32, "depth": 2, "num_heads": 2, "patch_size": 4},
-        "objective": obj, "logger": {"kind": "none"},
-        "train": {"seed": SEED, "device": "cpu", "num_steps": 1, "batch_size": WORLD * B_LOCAL, "lr": 1e-3,
-                  "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.1, "lr_schedule": "constant",
-                  "warmup_steps": 0, "grad_clip": None, "ema": {"decay": 0.999, "warmup": "power", "power": 0.75,
-                                                               "inv_gamma": 1.0},
-                  "eval_model": "ema", "log_every": 1, "eval_every": 0, "checkpoint_every": 1000, "topk": 0,
-                  "topk_key": "score", "resume": False, "num_workers": 0, "amp": "auto", "max_minutes": None},
-    })
+    return OmegaConf.create(
+        {
+            "task": {
+                "name": "digits",
+                "kind": "image",
+                "source": "digits",
+                "class_conditional": True,
+                "num_classes": 10,
+                "image_size": 16,
+                "image_channels": 1,
+                "space": "pixel",
+                "random_flip": False,
+            },
+            "net": {"kind": "dit", "hidden_size": 32, "depth": 2, "num_heads": 2, "patch_size": 4},
+            "objective": obj,
+            "logger": {"kind": "none"},
+            "train": {
+                "seed": SEED,
+                "device": "cpu",
+                "num_steps": 1,
+                "batch_size": WORLD * B_LOCAL,
+                "lr": 1e-3,
+                "betas": [0.9, 0.999],
+                "eps": 1e-8,
+                "weight_decay": 0.1,
+                "lr_schedule": "constant",
+                "warmup_steps": 0,
+                "grad_clip": None,
+                "ema": {"decay": 0.999, "warmup": "power", "power": 0.75, "inv_gamma": 1.0},
+                "eval_model": "ema",
+                "log_every": 1,
+                "eval_every": 0,
+                "checkpoint_every": 1000,
+                "topk": 0,
+                "topk_key": "score",
+                "resume": False,
+                "num_workers": 0,
+                "amp": "auto",
+                "max_minutes": None,
+            },
+        }
+    )
 
 
 def _policy_cfg():
     from omegaconf import OmegaConf
 
     cfg = _cfg("shortcut")
-    cfg.task = {"name": "lowdim_ddp", "kind": "policy", "obs_shapes": {"obs": [20]}, "lowdim_keys": ["obs"],
-                "image_keys": [], "horizon": 16, "n_obs_steps": 2, "n_action_steps": 8, "action_dim": 2}
-    cfg.net = OmegaConf.create({"kind": "unet1d", "step_embed_dim": 32, "down_dims": [16, 32], "kernel_size": 5,
-                                "n_groups": 4, "cond_predict_scale": True, "use_step_size": True, "time_scale": 100.0})
+    cfg.task = {
+        "name": "lowdim_ddp",
+        "kind": "policy",
+        "obs_shapes": {"obs": [20]},
+        "lowdim_keys": ["obs"],
+        "image_keys": [],
+        "horizon": 16,
+        "n_obs_steps": 2,
+        "n_action_steps": 8,
+        "action_dim": 2,
+    }
+    cfg.net = OmegaConf.create(
+        {
+            "kind": "unet1d",
+            "step_embed_dim": 32,
+            "down_dims": [16, 32],
+            "kernel_size": 5,
+            "n_groups": 4,
+            "cond_predict_scale": True,
+            "use_step_size": True,
+            "time_scale": 100.0,
+        }
+    )
     cfg.objective.class_dropout_prob = 0.0
     cfg.objective.bootstrap_cfg = False
     return cfg
@@ -63,8 +122,17 @@ def _policy_cfg():
 def _meanflow_cfg():
     """The policy task with objective=meanflow: its JVP target must not bypass DDP's gradient synchronisation."""
     cfg = _policy_cfg()
-    cfg.objective = {"name": "meanflow", "m": 128, "flow_fraction": 0.5, "time_dist": "logit_normal",
-                     "logit_mean": 0.4, "logit_std": 1.0, "adaptive_p": 1.0, "adaptive_c": 1e-3, "jvp": "autograd"}
+    cfg.objective = {
+        "name": "meanflow",
+        "m": 128,
+        "flow_fraction": 0.5,
+        "time_dist": "logit_normal",
+        "logit_mean": 0.4,
+        "logit_std": 1.0,
+        "adaptive_p": 1.0,
+        "adaptive_c": 1e-3,
+        "jvp": "autograd",
+    }
     return cfg
 
 
@@ -97,15 +165,16 @@ def _build(name):
 def _half(batch, r):
     if isinstance(batch, dict):
         return {k: _half(v, r) for k, v in batch.items()}
-    return batch[r * B_LOCAL: (r + 1) * B_LOCAL]
+    return batch[r * B_LOCAL : (r + 1) * B_LOCAL]
 
 
 NAMES = ("shortcut", "flow_matching", "policy", "meanflow")
 
 
 def _worker(rank, port, outdir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(WORLD), RANK=str(rank),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(WORLD), RANK=str(rank), LOCAL_RANK=str(rank)
+    )
     torch.set_num_threads(1)
     import torch.distributed as dist
 
@@ -117,8 +186,9 @@ def _worker(rank, port, outdir):
         try:
             cfg = _cfg_of(name)
             model, batch = _build(name)
-            trainer = Trainer(model, cfg, os.path.join(outdir, f"{name}{rank}"), batches=iter([_half(batch, rank)]),
-                              progress=False)
+            trainer = Trainer(
+                model, cfg, os.path.join(outdir, f"{name}{rank}"), batches=iter([_half(batch, rank)]), progress=False
+            )
             assert trainer.world == WORLD and trainer.rank == rank
             info = trainer.train_step(next(trainer.batches))
             out[name] = {"loss": info["loss"], "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
@@ -199,7 +269,9 @@ def _normalizer_breaks_module_to() -> bool:
 @pytest.mark.timeout(300)
 def test_ddp_policy_matches_single_process(ddp_results):
     if _normalizer_breaks_module_to():
-        pytest.xfail("LinearNormalizer._apply shadows nn.Module._apply: Policy.to(device) raises (datasets/normalizer.py)")
+        pytest.xfail(
+            "LinearNormalizer._apply shadows nn.Module._apply: Policy.to(device) raises (datasets/normalizer.py)"
+        )
     _check_same_as_single_process(ddp_results, "policy")
 
 
@@ -207,5 +279,7 @@ def test_ddp_policy_matches_single_process(ddp_results):
 def test_ddp_meanflow_jvp_matches_single_process(ddp_results):
     """MeanFlow's JVP target inside DDP: same loss per rank and the same averaged update as one process."""
     if _normalizer_breaks_module_to():
-        pytest.xfail("LinearNormalizer._apply shadows nn.Module._apply: Policy.to(device) raises (datasets/normalizer.py)")
+        pytest.xfail(
+            "LinearNormalizer._apply shadows nn.Module._apply: Policy.to(device) raises (datasets/normalizer.py)"
+        )
     _check_same_as_single_process(ddp_results, "meanflow")

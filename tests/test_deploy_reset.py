@@ -2,6 +2,7 @@
 episode no action planned from an observation of an earlier episode reaches the env (queued actions, chunks in
 flight, held commands), and the first policy call of the new episode sees a window made only of the new episode's
 first frame. Real Push-T sim, short episodes, a high control rate; events are counted, nothing is timed."""
+
 import json
 import time
 
@@ -16,11 +17,11 @@ from shortcut_policy.deploy.loop import ControlLoop
 from shortcut_policy.envs.pusht import make_env
 
 EPISODE_KEY = "episode"  # shortcut_policy.deploy.robot.EPISODE_KEY (checked below); kept literal so that the
-                         # reset tests above also run, and fail on their assertions, against code without it
+# reset tests above also run, and fail on their assertions, against code without it
 
-MAX_STEPS = 8      # env steps per episode: a reset every ~10 cycles
+MAX_STEPS = 8  # env steps per episode: a reset every ~10 cycles
 HZ = 50.0
-TA = 4             # actions per chunk of the stand-in policy
+TA = 4  # actions per chunk of the stand-in policy
 N_CYCLES = 150
 
 
@@ -31,10 +32,11 @@ class EpisodeTagger(gym.Wrapper):
 
     def __init__(self, env):
         super().__init__(env)
-        self.observation_space = spaces.Dict({**env.observation_space.spaces,
-                                              "tag": spaces.Box(-np.inf, np.inf, (2,), np.float32)})
+        self.observation_space = spaces.Dict(
+            {**env.observation_space.spaces, "tag": spaces.Box(-np.inf, np.inf, (2,), np.float32)}
+        )
         self.episode, self.steps = -1, 0
-        self.first_obs: list[np.ndarray] = []        # per episode: its first "obs" frame
+        self.first_obs: list[np.ndarray] = []  # per episode: its first "obs" frame
         self.executed: list[tuple[np.ndarray, int]] = []  # (action, episode it was executed in)
 
     def _tag(self, obs):
@@ -60,7 +62,7 @@ class TaggingPolicy:
 
     def __init__(self, tagger, latency_s=0.0, hold_across_reset=False):
         self.tagger, self.latency_s, self.hold_across_reset = tagger, latency_s, hold_across_reset
-        self.windows: list[tuple[np.ndarray, np.ndarray]] = []   # per call: (tag window (To, 2), obs window (To, 20))
+        self.windows: list[tuple[np.ndarray, np.ndarray]] = []  # per call: (tag window (To, 2), obs window (To, 20))
         self.held_episodes: set[int] = set()
 
     def __call__(self, obs):
@@ -106,8 +108,7 @@ def first_calls_of_new_episodes(policy) -> dict:
 @pytest.mark.parametrize("mode", ["sync", "async"])
 def test_no_action_planned_in_a_previous_episode_is_executed_after_a_reset(mode):
     robot, tagger = tagged_robot()
-    policy = TaggingPolicy(tagger, latency_s=1.5 / HZ if mode == "async" else 0.0,
-                           hold_across_reset=(mode == "async"))
+    policy = TaggingPolicy(tagger, latency_s=1.5 / HZ if mode == "async" else 0.0, hold_across_reset=(mode == "async"))
     loop = ControlLoop(robot, policy, {"obs": (20,), "tag": (2,)}, 2, mode=mode, expected_latency_s=1.5 / HZ)
     st = loop.run(N_CYCLES, seed=100000)
     assert robot.closed and tagger.episode >= 2, f"only {tagger.episode} resets: the test needs a few"
@@ -127,7 +128,7 @@ def test_no_action_planned_in_a_previous_episode_is_executed_after_a_reset(mode)
     assert s["reset_discarded_chunks"] == sum(r["queued_chunks"] + r["in_flight_chunks"] for r in st.resets)
     assert s["reset_discarded_actions"] == sum(r["queued_actions"] for r in st.resets)
     assert all(r["episode"] >= 1 and 0 <= r["cycle"] < N_CYCLES for r in st.resets)
-    if mode == "async":   # the call held across a reset landed afterwards and was thrown away
+    if mode == "async":  # the call held across a reset landed afterwards and was thrown away
         assert len(policy.held_episodes) >= 1 and sum(r["in_flight_chunks"] for r in st.resets) >= 1
     # every policy call's latency is recorded, discarded ones included (async: the last may still be in flight)
     assert len(policy.windows) - (mode == "async") <= len(st.inference_s) <= len(policy.windows)
@@ -135,22 +136,27 @@ def test_no_action_planned_in_a_previous_episode_is_executed_after_a_reset(mode)
 
 def test_sim_robot_reset_restarts_the_window_and_forgets_the_old_episode_commands():
     now = [0.0]
-    r = SimRobot(make_env({"env": "pusht", "obs_type": "keypoints", "max_steps": 3}, wrap=False), 10.0,
-                 n_obs_steps=2, clock=lambda: now[0], auto_reset=True)
+    r = SimRobot(
+        make_env({"env": "pusht", "obs_type": "keypoints", "max_steps": 3}, wrap=False),
+        10.0,
+        n_obs_steps=2,
+        clock=lambda: now[0],
+        auto_reset=True,
+    )
     r.start(seed=100000)
     obs = r.get_observation()
     assert list(obs[EPISODE_KEY]) == [0, 0]
     r.send_action(obs["obs"][-1, -2:] + 30.0, t_exec=0.0, episode=0)
-    now[0] = 0.31                                      # 3 ticks: the 3-step episode ends at t = 0.3
+    now[0] = 0.31  # 3 ticks: the 3-step episode ends at t = 0.3
     obs = r.get_observation()
     assert r.episode == 1 and r.n_env_steps == 3 and len(r.episodes) == 1
     # the window restarts from the new first frame (repeated, as at start), not [old last, new first]
     assert list(obs[EPISODE_KEY]) == [1, 1] and list(obs["timestamp"]) == pytest.approx([0.3, 0.3])
     np.testing.assert_array_equal(obs["obs"][0], obs["obs"][1])
-    now[0] = 0.51                                      # the command held from episode 0 is not applied in episode 1
+    now[0] = 0.51  # the command held from episode 0 is not applied in episode 1
     obs = r.get_observation()
     assert r.n_env_steps == 3 and list(obs[EPISODE_KEY]) == [1, 1]
-    r.send_action(obs["obs"][-1, -2:] + 30.0, t_exec=0.5, episode=0)   # planned in episode 0, arrived late
+    r.send_action(obs["obs"][-1, -2:] + 30.0, t_exec=0.5, episode=0)  # planned in episode 0, arrived late
     now[0] = 0.71
     r.get_observation()
     assert r.n_env_steps == 3 and r.n_reset_dropped_commands == 1 and r.info()["reset_dropped_commands"] == 1
@@ -169,8 +175,11 @@ def test_episode_window_keeps_only_the_latest_episode():
     from shortcut_policy.deploy.loop import episode_window
 
     assert robot.EPISODE_KEY == EPISODE_KEY
-    obs = {"obs": np.arange(6, dtype=np.float32).reshape(3, 2), "timestamp": np.array([0.0, 0.1, 0.2]),
-           EPISODE_KEY: np.array([3, 4, 4])}
+    obs = {
+        "obs": np.arange(6, dtype=np.float32).reshape(3, 2),
+        "timestamp": np.array([0.0, 0.1, 0.2]),
+        EPISODE_KEY: np.array([3, 4, 4]),
+    }
     w = episode_window(obs, {"obs": (2,)}, 3)
     np.testing.assert_array_equal(w["obs"], [[2, 3], [2, 3], [4, 5]])
     w = episode_window({**obs, EPISODE_KEY: np.array([3, 3, 4])}, {"obs": (2,)}, 2)
@@ -194,8 +203,20 @@ def test_deploy_verb_records_resets_in_result_and_timeline(tmp_path_factory, tmp
     from test_deploy import tiny_checkpoint
 
     ckpt = tiny_checkpoint(tmp_path_factory)
-    res = cli.run_verb("deploy", [f"checkpoint={ckpt}", "hz=50", "n_steps=60", "warmup=2", "mode=sync",
-                                  "auto_reset=true", "robot.max_steps=8", "status=false", f"run_dir={tmp_path}"])
+    res = cli.run_verb(
+        "deploy",
+        [
+            f"checkpoint={ckpt}",
+            "hz=50",
+            "n_steps=60",
+            "warmup=2",
+            "mode=sync",
+            "auto_reset=true",
+            "robot.max_steps=8",
+            "status=false",
+            f"run_dir={tmp_path}",
+        ],
+    )
     assert res["episode_resets"] >= 1 and res["episodes"] >= 1
     assert res["reset_discarded_chunks"] >= 0 and res["reset_discarded_actions"] >= 0
     timeline = json.loads((tmp_path / "timeline.json").read_text())

@@ -1,4 +1,5 @@
 """DiT: reference deviations (shortcut-models model.py), parameter counts, and that t, level and label matter."""
+
 import math
 
 import pytest
@@ -9,8 +10,6 @@ from shortcut_policy.nets import build_net
 from shortcut_policy.nets.dit import DiT, count_params, dit_preset, sincos_pos_embed_2d
 
 LOGVAR_PARAMS = 256  # the reference's unused logvars Embed(256, 1); omitted here
-
-
 
 
 def _meta(**kw):
@@ -83,7 +82,12 @@ def test_output_depends_on_level_t_and_label():
     y = torch.tensor([0, 1, 2, 3])
     with torch.no_grad():
         base = net(x, t, lvl, y)
-        for other in (net(x, t, lvl + 1, y), net(x, t, torch.zeros(4), y), net(x, t + 0.5, lvl, y), net(x, t, lvl, (y + 1) % 10)):
+        for other in (
+            net(x, t, lvl + 1, y),
+            net(x, t, torch.zeros(4), y),
+            net(x, t + 0.5, lvl, y),
+            net(x, t, lvl, (y + 1) % 10),
+        ):
             diff = (other - base).abs().amax(dim=(1, 2, 3))
             assert torch.all(diff > 1e-4), diff
         # null label differs from every class label

@@ -1,6 +1,7 @@
 """The env registry: a new environment is one module (tests/toy_reach_env.py) plus ONE registry entry, and then
 every verb works on it through the CLI: demos, train (with its rollout evaluation), eval (checkpoint and
 expert), deploy. The task and robot configs are YAML files on an extra Hydra search path, as a user would add them."""
+
 import json
 import subprocess
 import sys
@@ -41,8 +42,16 @@ eval:
   n_videos: 0
 """
 TOY_ROBOT = "kind: sim\nname: sim_toy_reach\nenv: toy_reach\nmax_steps: 40\ncontrol_hz: 50\n"
-TINY = ["net=unet1d_small", "net.down_dims=[16,32]", "net.step_embed_dim=16", "logger=none", "train.batch_size=8",
-        "train.log_every=1", "train.warmup_steps=1", "train.threads=1"]
+TINY = [
+    "net=unet1d_small",
+    "net.down_dims=[16,32]",
+    "net.step_embed_dim=16",
+    "logger=none",
+    "train.batch_size=8",
+    "train.log_every=1",
+    "train.warmup_steps=1",
+    "train.threads=1",
+]
 
 
 @pytest.fixture
@@ -66,32 +75,52 @@ def configs(tmp_path):
 
 def test_a_registered_env_runs_demos_train_eval_and_deploy_through_the_cli(tmp_path, toy_env, configs):
     # demos: the default writer records the expert's successful episodes (every observation key + action)
-    res = cli.run_verb("demos", [*configs, "task=toy_reach", "n_episodes=6", f"out={tmp_path / 'toy.zarr'}",
-                                 f"run_dir={tmp_path / 'demos'}"])
+    res = cli.run_verb(
+        "demos",
+        [*configs, "task=toy_reach", "n_episodes=6", f"out={tmp_path / 'toy.zarr'}", f"run_dir={tmp_path / 'demos'}"],
+    )
     assert res["n_episodes"] == 6 and res["n_dropped"] == 0 and (tmp_path / "toy.zarr").is_dir()
 
     # train: a few steps of a tiny net, with the trainer's rollout evaluation (env workers) at the last step
     run = tmp_path / "train"
-    res = cli.run_verb("train", [*configs, "task=toy_reach", *TINY, "train.num_steps=4", "train.eval_every=4",
-                                 f"run_dir={run}"])
+    res = cli.run_verb(
+        "train", [*configs, "task=toy_reach", *TINY, "train.num_steps=4", "train.eval_every=4", f"run_dir={run}"]
+    )
     assert res["steps"] == 4 and "best_test_mean_score" in res
     ckpt = run / "checkpoints" / "last.ckpt"
     assert ckpt.exists()
-    evals = [json.loads(line) for line in (run / "logs.jsonl").read_text().splitlines() if "eval/test_mean_score" in line]
+    evals = [
+        json.loads(line) for line in (run / "logs.jsonl").read_text().splitlines() if "eval/test_mean_score" in line
+    ]
     assert len(evals) == 1 and evals[0]["eval/n_episodes"] == 2
 
     # eval: the checkpoint on the env's seeds (workers build the env from the caller's registry entry) ...
-    res = cli.run_verb("eval", [*configs, "task=toy_reach", f"checkpoint={ckpt}", "steps=[1,2]", "workers=1",
-                                f"run_dir={tmp_path / 'eval'}"])
+    res = cli.run_verb(
+        "eval",
+        [*configs, "task=toy_reach", f"checkpoint={ckpt}", "steps=[1,2]", "workers=1", f"run_dir={tmp_path / 'eval'}"],
+    )
     assert res["n_episodes"] == 2 and res["steps"] == [1, 2] and 0.0 <= res["mean_score@2"] <= 1.0
     # ... and the scripted expert (with a video from the env's render())
-    res = cli.run_verb("eval", [*configs, "task=toy_reach", "policy=expert", "workers=1", "n_videos=1",
-                                f"run_dir={tmp_path / 'expert'}"])
+    res = cli.run_verb(
+        "eval",
+        [*configs, "task=toy_reach", "policy=expert", "workers=1", "n_videos=1", f"run_dir={tmp_path / 'expert'}"],
+    )
     assert res["success_rate@1"] == 1.0 and len(res["videos"]) == 1
 
     # deploy: the registry's simulated robot (default SimRobot) runs the bare env in real time
-    res = cli.run_verb("deploy", [*configs, "robot=toy_reach", f"checkpoint={ckpt}", "n_steps=10", "warmup=2",
-                                  "mode=sync", "status=false", f"run_dir={tmp_path / 'deploy'}"])
+    res = cli.run_verb(
+        "deploy",
+        [
+            *configs,
+            "robot=toy_reach",
+            f"checkpoint={ckpt}",
+            "n_steps=10",
+            "warmup=2",
+            "mode=sync",
+            "status=false",
+            f"run_dir={tmp_path / 'deploy'}",
+        ],
+    )
     assert res["env_steps"] > 0 and res["cycles"] == 10
 
 
@@ -139,10 +168,12 @@ def test_builtin_entries_are_lazy_and_complete():
         assert all(isinstance(r, str) for r in (spec.make, spec.expert, spec.demos, spec.sim_robot))
     assert registry.stage_names("transport") == T.TASK_STAGES and registry.stage_names("pusht") == ()
     # importing the CLI, the registry and the rollout runner loads neither robosuite/mujoco nor an env module
-    code = ("import sys, shortcut_policy.cli, shortcut_policy.envs.registry, shortcut_policy.eval.rollout, "
-            "shortcut_policy.deploy.sim_robot; bad = [m for m in ('robosuite', 'mujoco', 'pygame', "
-            "'shortcut_policy.envs.pusht', 'shortcut_policy.envs.transport', 'torch') if m in sys.modules]; "
-            "print(bad); sys.exit(1 if bad else 0)")
+    code = (
+        "import sys, shortcut_policy.cli, shortcut_policy.envs.registry, shortcut_policy.eval.rollout, "
+        "shortcut_policy.deploy.sim_robot; bad = [m for m in ('robosuite', 'mujoco', 'pygame', "
+        "'shortcut_policy.envs.pusht', 'shortcut_policy.envs.transport', 'torch') if m in sys.modules]; "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
 
@@ -154,8 +185,9 @@ def test_default_demos_writer_keeps_only_successes(tmp_path, toy_env):
     from shortcut_policy.envs.demos import expert_demos
 
     out = tmp_path / "d.zarr"
-    cfg = OmegaConf.create({"task": {"env": "toy_reach", "max_steps": 3}, "n_episodes": 2, "out": str(out),
-                            "max_attempts": 40, "seed": 0})
+    cfg = OmegaConf.create(
+        {"task": {"env": "toy_reach", "max_steps": 3}, "n_episodes": 2, "out": str(out), "max_attempts": 40, "seed": 0}
+    )
     res = expert_demos(cfg, tmp_path)  # 3 steps reach the goal only from close starts: some attempts dropped
     assert res["n_episodes"] == 2 and res["n_dropped"] > 0
     rb = ReplayBuffer.copy_from_path(out)

@@ -1,5 +1,6 @@
 """Export: one graph (normaliser + 1-step sampler), parity with the PyTorch policy in onnxruntime / TorchScript,
 atomic writes that never overwrite by default."""
+
 import json
 
 import pytest
@@ -46,8 +47,18 @@ def test_float64_export_matches_the_float64_policy(ckpt, tmp_path, fmt):
     """precision=float64: layers lowered to elementary ops (onnxruntime has no float64 Conv); the graph agrees with
     the PyTorch policy in float64 far below float32 rounding, and float64 inputs are what it takes."""
     out = tmp_path / "p64"
-    res = cli.run_verb("export", [f"checkpoint={ckpt}", f"format={fmt}", f"out={out}", "precision=float64",
-                                  "n_parity=20", "n_timing=3", f"run_dir={tmp_path / 'r'}"])
+    res = cli.run_verb(
+        "export",
+        [
+            f"checkpoint={ckpt}",
+            f"format={fmt}",
+            f"out={out}",
+            "precision=float64",
+            "n_parity=20",
+            "n_timing=3",
+            f"run_dir={tmp_path / 'r'}",
+        ],
+    )
     assert res["precision"] == "float64"
     assert res["max_abs_diff"] <= 1e-9 and res[f"{fmt}_vs_fp64"] <= 1e-9
     assert res["torch_fp32_vs_fp64"] > 1e3 * res["max_abs_diff"]  # float32 rounding would have dominated
@@ -67,8 +78,18 @@ def test_float64_export_rejects_bad_precision(ckpt, tmp_path):
 
 def test_eval_n_action_steps_override(ckpt, tmp_path):
     """eval n_action_steps=N executes N actions of each chunk (reported); more than the horizon allows is an error."""
-    res = cli.run_verb("eval", [f"checkpoint={ckpt}", "n_action_steps=3", "n_episodes=1", "workers=1", "n_videos=0",
-                                "progress=false", f"run_dir={tmp_path / 'e'}"])
+    res = cli.run_verb(
+        "eval",
+        [
+            f"checkpoint={ckpt}",
+            "n_action_steps=3",
+            "n_episodes=1",
+            "workers=1",
+            "n_videos=0",
+            "progress=false",
+            f"run_dir={tmp_path / 'e'}",
+        ],
+    )
     assert res["n_action_steps"] == 3 and res["n_episodes"] == 1
     with pytest.raises(ValueError, match="n_action_steps=16: .* at most 15"):
         cli.run_verb("eval", [f"checkpoint={ckpt}", "n_action_steps=16", "n_episodes=1", f"run_dir={tmp_path / 'f'}"])

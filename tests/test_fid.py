@@ -1,4 +1,5 @@
 """FID: Fréchet distance vs a direct scipy computation, the three Inception weight formats, cached statistics."""
+
 import numpy as np
 import pytest
 import scipy.linalg
@@ -122,8 +123,10 @@ def test_reference_stats_cached_with_resolution_check(tmp_path):
     # `shortcut-policy fid samples_dir=...`: the reference folder against its own cached statistics -> 0
     from shortcut_policy.cli import run_verb
 
-    res = run_verb("fid", [f"samples_dir={folder}", f"ref_stats={cache}", "resolution=16", "device=cpu",
-                           f"run_dir={tmp_path / 'run'}"])
+    res = run_verb(
+        "fid",
+        [f"samples_dir={folder}", f"ref_stats={cache}", "resolution=16", "device=cpu", f"run_dir={tmp_path / 'run'}"],
+    )
     assert res["fid"] == pytest.approx(0.0, abs=1e-2) and res["n_samples"] == 3
     with pytest.raises(FileExistsError, match="overwrite"):
         save_stats(cache, mu, sigma, meta)

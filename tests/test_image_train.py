@@ -4,6 +4,7 @@
 The default test overrides the net to dit_tiny (DiT-B/2's 130M parameters cost several GB of optimiser + EMA state
 and a 2 GB checkpoint per save on CPU); ``test_train_imagenet256_dit_b2`` (slow) runs DiT-B/2 itself for 2 steps.
 """
+
 import json
 
 import numpy as np
@@ -23,24 +24,52 @@ def assets(tmp_path_factory):
     for c in ("n01", "n02"):
         (root / "imgs" / c).mkdir(parents=True)
         for i in range(4):
-            base = np.zeros((36, 40, 3), np.uint8) + (np.array([200, 40, 40]) if c == "n01" else np.array([40, 40, 200]))
+            base = np.zeros((36, 40, 3), np.uint8) + (
+                np.array([200, 40, 40]) if c == "n01" else np.array([40, 40, 200])
+            )
             img = (base + rng.integers(0, 40, (36, 40, 3))).clip(0, 255).astype(np.uint8)
             Image.fromarray(img).save(root / "imgs" / c / f"{i}.jpg")
     torch.manual_seed(0)
-    AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                  up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
-                  latent_channels=4, norm_num_groups=4, sample_size=32).save_pretrained(str(root / "vae"))
-    task = [f"task.data_dir={root / 'imgs'}", f"task.vae_path={root / 'vae'}", f"task.latents_path={root / 'lat.zarr'}",
-            "task.image_size=32", "task.latent_downsample=2", "task.num_classes=2"]
+    AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=32,
+    ).save_pretrained(str(root / "vae"))
+    task = [
+        f"task.data_dir={root / 'imgs'}",
+        f"task.vae_path={root / 'vae'}",
+        f"task.latents_path={root / 'lat.zarr'}",
+        "task.image_size=32",
+        "task.latent_downsample=2",
+        "task.num_classes=2",
+    ]
     res = run_verb("latents", ["task=imagenet256", *task, "shard_size=4", "device=cpu", f"run_dir={root / 'lat_run'}"])
     assert res["count"] == 8 and res["shape"] == [4, 16, 16]
     return root, task
 
 
 def _train(root, task, net, run, steps=2, extra=()):
-    return run_verb("train", ["task=imagenet256", f"net={net}", *task, f"train.num_steps={steps}",
-                              "train.batch_size=4", "train.device=cpu", "train.checkpoint_every=1000", "logger=none",
-                              f"run_dir={root / run}", *extra])
+    return run_verb(
+        "train",
+        [
+            "task=imagenet256",
+            f"net={net}",
+            *task,
+            f"train.num_steps={steps}",
+            "train.batch_size=4",
+            "train.device=cpu",
+            "train.checkpoint_every=1000",
+            "logger=none",
+            f"run_dir={root / run}",
+            *extra,
+        ],
+    )
 
 
 def test_train_sample_fid_imagenet256(assets):
@@ -54,20 +83,42 @@ def test_train_sample_fid_imagenet256(assets):
     # resume continues from the checkpoint
     assert _train(root, task, "dit_tiny", "train_tiny", steps=4)["steps"] == 4
 
-    s = run_verb("sample", [f"checkpoint={ckpt}", "num_images=4", "nrow=2", "steps=[1,4,128]", "device=cpu",
-                            f"run_dir={root / 'sample'}"])
+    s = run_verb(
+        "sample",
+        [f"checkpoint={ckpt}", "num_images=4", "nrow=2", "steps=[1,4,128]", "device=cpu", f"run_dir={root / 'sample'}"],
+    )
     grids = {k: np.asarray(Image.open(v)) for k, v in s["grids"].items()}
     assert set(grids) == {"1steps", "4steps", "128steps"}
     assert grids["1steps"].shape == (2 + 2 * 34, 2 + 2 * 34, 3)  # 2x2 grid of decoded 32px images
     assert not np.array_equal(grids["1steps"], grids["128steps"])
     assert s["nfe@128steps"] == 128
 
-    f = run_verb("fid", [f"checkpoint={ckpt}", f"ref_dir={root / 'imgs'}", f"ref_stats={root / 'ref.npz'}",
-                         "num_samples=4", "steps=[1,4]", "device=cpu", f"run_dir={root / 'fid'}"])
+    f = run_verb(
+        "fid",
+        [
+            f"checkpoint={ckpt}",
+            f"ref_dir={root / 'imgs'}",
+            f"ref_stats={root / 'ref.npz'}",
+            "num_samples=4",
+            "steps=[1,4]",
+            "device=cpu",
+            f"run_dir={root / 'fid'}",
+        ],
+    )
     assert f["fid@1"] > 0 and f["fid@4"] > 0 and f["n_ref"] == 8 and (root / "ref.npz").is_file()
     with pytest.raises(ValueError, match="resolution"):
-        run_verb("fid", [f"checkpoint={ckpt}", f"ref_stats={root / 'ref.npz'}", "resolution=64", "num_samples=4",
-                         "steps=[1]", "device=cpu", f"run_dir={root / 'fid2'}"])
+        run_verb(
+            "fid",
+            [
+                f"checkpoint={ckpt}",
+                f"ref_stats={root / 'ref.npz'}",
+                "resolution=64",
+                "num_samples=4",
+                "steps=[1]",
+                "device=cpu",
+                f"run_dir={root / 'fid2'}",
+            ],
+        )
 
 
 def test_online_encoding_and_store_checks(assets):
@@ -85,8 +136,9 @@ def test_unconditional_labels_are_null():
     from shortcut_policy.cli import compose
     from shortcut_policy.generator import build_generator
 
-    cfg = compose("train", ["task=celebahq256", "net=dit_tiny", "task.space=pixel", "task.image_size=8",
-                            "task.image_channels=3"])
+    cfg = compose(
+        "train", ["task=celebahq256", "net=dit_tiny", "task.space=pixel", "task.image_size=8", "task.image_channels=3"]
+    )
     gen = build_generator(cfg)
     assert gen.net.y_embedder.num_embeddings == 2
     assert torch.equal(gen.labels_for(torch.tensor([0, 0, 1])), torch.tensor([1, 1, 1]))
@@ -101,8 +153,16 @@ def test_train_imagenet256_dit_b2(assets):
     root, task = assets
     res = _train(root, task, "dit_b2", "train_b2", steps=2)
     assert res["steps"] == 2 and np.isfinite(res["train_loss"])
-    s = run_verb("sample", [f"checkpoint={root / 'train_b2' / 'checkpoints' / 'last.ckpt'}", "num_images=2",
-                            "steps=[1,4]", "device=cpu", f"run_dir={root / 'sample_b2'}"])
+    s = run_verb(
+        "sample",
+        [
+            f"checkpoint={root / 'train_b2' / 'checkpoints' / 'last.ckpt'}",
+            "num_images=2",
+            "steps=[1,4]",
+            "device=cpu",
+            f"run_dir={root / 'sample_b2'}",
+        ],
+    )
     assert set(s["grids"]) == {"1steps", "4steps"}
 
 
@@ -112,9 +172,16 @@ def test_bench_images_smoke(tmp_path):
 
     from shortcut_policy.bench_images import run_bench_images
 
-    over = {"num_steps": 2, "batch_size": 16, "n_eval": 20, "steps": [1, 2], "parallel": False,
-            "classifier_epochs": 1, "classifier_cache": str(tmp_path / "clf_{size}px.pt"),
-            "net": {"hidden_size": 16, "depth": 1, "num_heads": 2}}
+    over = {
+        "num_steps": 2,
+        "batch_size": 16,
+        "n_eval": 20,
+        "steps": [1, 2],
+        "parallel": False,
+        "classifier_epochs": 1,
+        "classifier_cache": str(tmp_path / "clf_{size}px.pt"),
+        "net": {"hidden_size": 16, "depth": 1, "num_heads": 2},
+    }
     res = run_bench_images(OmegaConf.create({"images": over}), tmp_path / "run")
     for obj in ("shortcut", "flow_matching"):
         for n in (1, 2):

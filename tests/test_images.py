@@ -1,4 +1,5 @@
 """Image folders, digits, and the latent / pixel zarr stores (with a tiny randomly initialised AutoencoderKL)."""
+
 import json
 
 import numpy as np
@@ -25,9 +26,17 @@ def tiny_vae(path):
     from diffusers import AutoencoderKL
 
     torch.manual_seed(0)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
-                        latent_channels=4, norm_num_groups=4, sample_size=16)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=16,
+    )
     vae.save_pretrained(str(path))
     return path
 
@@ -84,8 +93,9 @@ def test_latent_store_roundtrip(tmp_path):
     root = make_folder(tmp_path / "imgs", classes=["a", "b"], n=3, size=(20, 20))
     ds = ImageFolderDataset(root, 16, class_conditional=True, random_flip=False)
     out = tmp_path / "lat.zarr"
-    attrs = encode_dataset(ds, out, space="latent", vae=vae, vae_path=vae_dir, flip=True, batch_size=4,
-                           shard_size=4, progress=False)
+    attrs = encode_dataset(
+        ds, out, space="latent", vae=vae, vae_path=vae_dir, flip=True, batch_size=4, shard_size=4, progress=False
+    )
     assert attrs["shape"] == [4, 8, 8] and attrs["count"] == 6 and attrs["classes"] == ["a", "b"]
     with pytest.raises(FileExistsError, match="overwrite"):
         encode_dataset(ds, out, space="latent", vae=vae, progress=False)

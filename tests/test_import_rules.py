@@ -5,6 +5,7 @@
 * package-internal imports are module-level: a function-local ``from shortcut_policy...`` / ``from .x`` import
   hides a dependency (or an import cycle) and is allowed only where listed below, with the reason.
 """
+
 import ast
 from pathlib import Path
 

@@ -1,4 +1,5 @@
 """deploy.lowering: each elementary rewrite computes the layer it replaces (float64, 1e-12)."""
+
 import pytest
 import torch
 from torch import nn
@@ -16,8 +17,10 @@ def _x(*shape, seed=0):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
-@pytest.mark.parametrize("cin,cout,k,stride,pad,bias", [(3, 5, 5, 1, 2, True), (4, 4, 3, 2, 1, True),
-                                                         (6, 2, 1, 1, 0, False), (2, 3, 4, 3, 0, True)])
+@pytest.mark.parametrize(
+    "cin,cout,k,stride,pad,bias",
+    [(3, 5, 5, 1, 2, True), (4, 4, 3, 2, 1, True), (6, 2, 1, 1, 0, False), (2, 3, 4, 3, 0, True)],
+)
 def test_conv1d(cin, cout, k, stride, pad, bias):
     conv = nn.Conv1d(cin, cout, k, stride, pad, bias=bias).double()
     x = _x(2, cin, 16)
@@ -45,7 +48,9 @@ def test_group_norm_and_mish():
 def test_lower_module_replaces_every_layer_and_keeps_the_function():
     from shortcut_policy.nets.unet1d import UNet1D
 
-    net = UNet1D(input_dim=2, global_cond_dim=6, step_embed_dim=16, down_dims=[8, 16], kernel_size=5, n_groups=4).double()
+    net = UNet1D(
+        input_dim=2, global_cond_dim=6, step_embed_dim=16, down_dims=[8, 16], kernel_size=5, n_groups=4
+    ).double()
     low = lower_module(net)
     kinds = {type(m) for m in low.modules()}
     assert kinds.isdisjoint({nn.Conv1d, nn.ConvTranspose1d, nn.GroupNorm, nn.Mish})

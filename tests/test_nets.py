@@ -1,4 +1,5 @@
 """Network contract for every config in configs/net, Diffusion Policy parameter count, d-dependence."""
+
 from pathlib import Path
 
 import pytest
@@ -49,12 +50,21 @@ def test_net_contract(path):
 
 def test_unet1d_matches_diffusion_policy_parameter_count():
     with torch.device("meta"):
-        net = UNet1D(input_dim=2, global_cond_dim=40, step_embed_dim=256, down_dims=(256, 512, 1024),
-                     kernel_size=5, n_groups=8, cond_predict_scale=True, use_step_size=False)
+        net = UNet1D(
+            input_dim=2,
+            global_cond_dim=40,
+            step_embed_dim=256,
+            down_dims=(256, 512, 1024),
+            kernel_size=5,
+            n_groups=8,
+            cond_predict_scale=True,
+            use_step_size=False,
+        )
     assert sum(p.numel() for p in net.parameters()) == 65_783_298
     with torch.device("meta"):
-        img = UNet1D(input_dim=2, global_cond_dim=132, step_embed_dim=128, down_dims=(512, 1024, 2048),
-                     use_step_size=False)
+        img = UNet1D(
+            input_dim=2, global_cond_dim=132, step_embed_dim=128, down_dims=(512, 1024, 2048), use_step_size=False
+        )
     assert sum(p.numel() for p in img.parameters()) == 251_511_938
 
 

@@ -1,4 +1,5 @@
 """LinearNormalizer: DP 'limits' semantics, the other modes, and state_dict round trips."""
+
 import io
 import math
 

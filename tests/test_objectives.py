@@ -1,4 +1,5 @@
 """Properties of the shared objective package (no training needed)."""
+
 import copy
 
 import pytest
@@ -20,18 +21,26 @@ class Recorder(nn.Module):
         self.w = nn.Parameter(torch.ones(()))
 
     def forward(self, x, t, level, cond=None):
-        self.calls.append({"x": x.detach().clone(), "t": t.detach().clone(), "level": level.detach().clone(),
-                           "cond": None if cond is None else cond.detach().clone(), "grad": torch.is_grad_enabled()})
+        self.calls.append(
+            {
+                "x": x.detach().clone(),
+                "t": t.detach().clone(),
+                "level": level.detach().clone(),
+                "cond": None if cond is None else cond.detach().clone(),
+                "grad": torch.is_grad_enabled(),
+            }
+        )
         return self.fn(x, t, level, cond) * self.w
 
 
 def oracle_point(c):
     """Exact flow-matching field of a point mass at c under the reference interpolant: straight lines."""
+
     def f(x, t, level, cond):
         tb = t.reshape(-1, *([1] * (x.dim() - 1)))
         return c - (1 - INTERP_EPS) * (x - tb * c) / (1 - (1 - INTERP_EPS) * tb)
-    return f
 
+    return f
 
 
 def test_interpolation_endpoints_and_target():
@@ -95,7 +104,7 @@ def test_flow_matching_rows_use_smallest_step_and_velocity_target():
     # bootstrap rows: levels < log2 M, t on multiples of d = 2^-k within [0, 1 - d]
     lv, tb = student["level"][:nb], student["t"][:nb]
     assert (lv < LOG2_M).all()
-    d = 2.0 ** -lv
+    d = 2.0**-lv
     assert torch.allclose(tb / d, torch.round(tb / d)) and (tb <= 1 - d + 1e-6).all()
 
 
@@ -150,14 +159,15 @@ def test_every_parameter_gets_a_gradient(name):
 def test_class_dropout_only_on_fm_rows_and_cfg_only_at_smallest_level():
     torch.manual_seed(0)
     null = 10
-    obj = Shortcut(bootstrap_fraction=0.5, class_dropout_prob=1.0, bootstrap_cfg=True, cfg_scale=1.5,
-                   level_allocation="cycle")
+    obj = Shortcut(
+        bootstrap_fraction=0.5, class_dropout_prob=1.0, bootstrap_cfg=True, cfg_scale=1.5, level_allocation="cycle"
+    )
     net = Recorder(lambda x, t, l, c: torch.zeros_like(x))
     labels = torch.arange(14) % 10
     obj.loss(net, torch.randn(14, 2), labels, null_cond=null)
     student = net.calls[-1]
-    assert (student["cond"][:7] == labels[:7]).all()     # bootstrap rows keep true labels
-    assert (student["cond"][7:] == null).all()            # FM rows dropped (p = 1)
+    assert (student["cond"][:7] == labels[:7]).all()  # bootstrap rows keep true labels
+    assert (student["cond"][7:] == null).all()  # FM rows dropped (p = 1)
     teacher_calls = net.calls[:-1]
     for call in teacher_calls:
         has_null = call["cond"] == null

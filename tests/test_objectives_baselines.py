@@ -1,4 +1,5 @@
 """The paper's baselines consistency training and live reflow: analytic properties (no training needed)."""
+
 import copy
 
 import pytest
@@ -12,9 +13,11 @@ from shortcut_policy.objectives import OBJECTIVES, ConsistencyTraining, LiveRefl
 
 def oracle_x1(c):
     """A velocity whose data estimate x + (1 - t) v is exactly c at every (x, t < 1)."""
+
     def f(x, t, level, cond):
         tb = t.reshape(-1, *([1] * (x.dim() - 1)))
         return (c - x) / (1 - tb)
+
     return f
 
 

@@ -1,4 +1,5 @@
 """MeanFlow and the regression baseline: analytic properties (no training needed)."""
+
 import pytest
 import torch
 from torch import nn
@@ -23,11 +24,13 @@ class Fn(nn.Module):
 
 def linear_field_average_velocity(a):
     """v(x, t) = a x has flow x_s = x_t exp(a (s - t)); its exact average velocity over [t, t + d]."""
+
     def u(x, t, d):
         db = d.reshape(-1, *([1] * (x.dim() - 1)))
         safe = torch.where(db.abs() < 1e-6, torch.ones_like(db), db)
         ratio = torch.where(db.abs() < 1e-6, a * torch.ones_like(db), torch.expm1(a * db) / safe)
         return x * ratio
+
     return u
 
 
@@ -65,8 +68,12 @@ def test_meanflow_straight_line_oracle_loss_zero_and_exact_sampling(steps):
 
 def test_meanflow_no_gradient_through_target_and_every_parameter_gets_one():
     torch.manual_seed(0)
-    net = build_net({"kind": "unet1d", "step_embed_dim": 16, "down_dims": [16, 32]}, step_input="continuous",
-                    input_dim=2, global_cond_dim=6)
+    net = build_net(
+        {"kind": "unet1d", "step_embed_dim": 16, "down_dims": [16, 32]},
+        step_input="continuous",
+        input_dim=2,
+        global_cond_dim=6,
+    )
     obj = build_objective({"name": "meanflow"})
     x1, cond = torch.randn(16, 8, 2), torch.randn(16, 6)
     t, d = obj.sample_times(16, "cpu")
@@ -88,13 +95,15 @@ def test_meanflow_times_and_flow_fraction():
 
 
 def test_meanflow_refuses_a_level_net_and_bad_options():
-    level_net = build_net({"kind": "unet1d", "step_embed_dim": 16, "down_dims": [16, 32]}, input_dim=2,
-                          global_cond_dim=6)
+    level_net = build_net(
+        {"kind": "unet1d", "step_embed_dim": 16, "down_dims": [16, 32]}, input_dim=2, global_cond_dim=6
+    )
     with pytest.raises(ValueError, match="continuous"):
         MeanFlow().loss(level_net, torch.randn(4, 8, 2), torch.randn(4, 6))
     with pytest.raises(ValueError, match="step_input"):
-        build_net({"kind": "unet1d", "down_dims": [16, 32], "step_input": "level"}, step_input="continuous",
-                  input_dim=2)
+        build_net(
+            {"kind": "unet1d", "down_dims": [16, 32], "step_input": "level"}, step_input="continuous", input_dim=2
+        )
     with pytest.raises(ValueError, match="flow_fraction"):
         MeanFlow(flow_fraction=1.0)
     with pytest.raises(ValueError, match="bootstrap_fracton.*valid keys"):
@@ -148,7 +157,7 @@ def test_shortcut_target_depth_integrates_the_teacher_over_the_whole_step():
     t = torch.tensor([0.0, 0.5, 0.25])
     got = obj.bootstrap_targets(teacher, x_t, t, levels, None, None)
     for i, (k, n) in enumerate([(0, 8), (1, 8), (3, 2)]):  # level 3 (d = 1/8) has only 2 steps of 1/16 left
-        d, x, tt, acc = 2.0 ** -k, x_t[i : i + 1], t[i : i + 1], 0
+        d, x, tt, acc = 2.0**-k, x_t[i : i + 1], t[i : i + 1], 0
         for _ in range(n):
             v = teacher(x, tt, torch.tensor([float(k + n.bit_length() - 1)]), None)
             acc, x, tt = acc + v, x + d / n * v, tt + d / n

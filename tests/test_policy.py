@@ -1,4 +1,5 @@
 """Policy: training through the CLI on real zarr files, checkpoints, resume, predict_action, bad input."""
+
 import json
 import os
 import signal
@@ -14,8 +15,16 @@ from shortcut_policy import cli
 from shortcut_policy.datasets.pusht import write_synthetic_pusht_zarr
 from shortcut_policy.policy import load_policy
 
-TINY = ["net=unet1d_small", "net.down_dims=[16,32]", "net.step_embed_dim=16", "logger=none", "train.batch_size=8",
-        "train.eval_every=0", "train.log_every=1", "train.warmup_steps=1"]
+TINY = [
+    "net=unet1d_small",
+    "net.down_dims=[16,32]",
+    "net.step_embed_dim=16",
+    "logger=none",
+    "train.batch_size=8",
+    "train.eval_every=0",
+    "train.log_every=1",
+    "train.warmup_steps=1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +37,10 @@ def zarr_path(tmp_path_factory):
 @pytest.fixture(scope="module")
 def lowdim_ckpt(zarr_path, tmp_path_factory):
     run = tmp_path_factory.mktemp("run")
-    res = cli.run_verb("train", ["task=pusht_lowdim", f"task.dataset.zarr_path={zarr_path}", *TINY,
-                                 "train.num_steps=3", f"run_dir={run}"])
+    res = cli.run_verb(
+        "train",
+        ["task=pusht_lowdim", f"task.dataset.zarr_path={zarr_path}", *TINY, "train.num_steps=3", f"run_dir={run}"],
+    )
     assert res["steps"] == 3
     return run / "checkpoints" / "last.ckpt"
 
@@ -81,8 +92,17 @@ def test_compute_loss_rejects_bad_batches(lowdim_ckpt):
 
 @pytest.mark.parametrize("objective", ["flow_matching", "diffusion"])
 def test_other_objectives_train_and_sample(zarr_path, tmp_path, objective):
-    cli.run_verb("train", ["task=pusht_lowdim", f"task.dataset.zarr_path={zarr_path}", *TINY,
-                           f"objective={objective}", "train.num_steps=2", f"run_dir={tmp_path}"])
+    cli.run_verb(
+        "train",
+        [
+            "task=pusht_lowdim",
+            f"task.dataset.zarr_path={zarr_path}",
+            *TINY,
+            f"objective={objective}",
+            "train.num_steps=2",
+            f"run_dir={tmp_path}",
+        ],
+    )
     policy = load_policy(tmp_path / "checkpoints" / "last.ckpt")
     steps = 10 if objective == "diffusion" else 4
     kw = {"sampler": "ddim"} if objective == "diffusion" else {}
@@ -90,24 +110,49 @@ def test_other_objectives_train_and_sample(zarr_path, tmp_path, objective):
 
 
 def test_image_policy_trains_and_predicts(zarr_path, tmp_path):
-    cli.run_verb("train", ["task=pusht_image", f"task.dataset.zarr_path={zarr_path}", *TINY,
-                           "task.encoder.resnet_width=16", "train.batch_size=4", "train.num_steps=2", f"run_dir={tmp_path}"])
+    cli.run_verb(
+        "train",
+        [
+            "task=pusht_image",
+            f"task.dataset.zarr_path={zarr_path}",
+            *TINY,
+            "task.encoder.resnet_width=16",
+            "train.batch_size=4",
+            "train.num_steps=2",
+            f"run_dir={tmp_path}",
+        ],
+    )
     policy = load_policy(tmp_path / "checkpoints" / "last.ckpt")
-    obs = {"image": np.random.rand(2, 2, 3, 96, 96).astype(np.float32), "agent_pos": np.full((2, 2, 2), 200.0, np.float32)}
+    obs = {
+        "image": np.random.rand(2, 2, 3, 96, 96).astype(np.float32),
+        "agent_pos": np.full((2, 2, 2), 200.0, np.float32),
+    }
     assert policy.predict_action(obs, steps=2).shape == (2, 8, 2)
 
 
 def test_missing_dataset_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="shortcut-policy demos"):
-        cli.run_verb("train", ["task=pusht_lowdim", f"task.dataset.zarr_path={tmp_path}/nope.zarr", *TINY,
-                               f"run_dir={tmp_path}/run"])
+        cli.run_verb(
+            "train",
+            ["task=pusht_lowdim", f"task.dataset.zarr_path={tmp_path}/nope.zarr", *TINY, f"run_dir={tmp_path}/run"],
+        )
 
 
 def test_init_weights_starts_from_another_runs_weights(lowdim_ckpt, zarr_path, tmp_path):
     src = torch.load(lowdim_ckpt, weights_only=False)
     run = tmp_path / "ft"
-    res = cli.run_verb("train", ["task=pusht_lowdim", f"task.dataset.zarr_path={zarr_path}", *TINY, "train.num_steps=1",
-                                 "train.lr=1e-12", f"train.init_weights={lowdim_ckpt}", f"run_dir={run}"])
+    res = cli.run_verb(
+        "train",
+        [
+            "task=pusht_lowdim",
+            f"task.dataset.zarr_path={zarr_path}",
+            *TINY,
+            "train.num_steps=1",
+            "train.lr=1e-12",
+            f"train.init_weights={lowdim_ckpt}",
+            f"run_dir={run}",
+        ],
+    )
     assert res["steps"] == 1  # a fresh step count and schedule
     ck = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
     # one step at a negligible learning rate: the weights are (to rounding) the source run's, not a new init
@@ -116,11 +161,30 @@ def test_init_weights_starts_from_another_runs_weights(lowdim_ckpt, zarr_path, t
             assert torch.allclose(ck["model"][k], v, atol=1e-6), k
     assert ck["ema"]["step"] == src["ema"]["step"] + 1
     with pytest.raises(ValueError, match="do not fit this run's network"):
-        cli.run_verb("train", ["task=pusht_lowdim", f"task.dataset.zarr_path={zarr_path}", *TINY, "net.down_dims=[8,16]",
-                               "train.num_steps=1", f"train.init_weights={lowdim_ckpt}", f"run_dir={tmp_path}/bad"])
+        cli.run_verb(
+            "train",
+            [
+                "task=pusht_lowdim",
+                f"task.dataset.zarr_path={zarr_path}",
+                *TINY,
+                "net.down_dims=[8,16]",
+                "train.num_steps=1",
+                f"train.init_weights={lowdim_ckpt}",
+                f"run_dir={tmp_path}/bad",
+            ],
+        )
     with pytest.raises(FileNotFoundError, match="init_weights"):
-        cli.run_verb("train", ["task=pusht_lowdim", f"task.dataset.zarr_path={zarr_path}", *TINY, "train.num_steps=1",
-                               f"train.init_weights={tmp_path}/none.ckpt", f"run_dir={tmp_path}/bad2"])
+        cli.run_verb(
+            "train",
+            [
+                "task=pusht_lowdim",
+                f"task.dataset.zarr_path={zarr_path}",
+                *TINY,
+                "train.num_steps=1",
+                f"train.init_weights={tmp_path}/none.ckpt",
+                f"run_dir={tmp_path}/bad2",
+            ],
+        )
 
 
 def test_init_normalizer_data_keeps_this_runs_fit(lowdim_ckpt, zarr_path, tmp_path):
@@ -134,8 +198,14 @@ def test_init_normalizer_data_keeps_this_runs_fit(lowdim_ckpt, zarr_path, tmp_pa
             sd[k] = sd[k] * 2.0
     altered = tmp_path / "altered.ckpt"
     torch.save(src, altered)
-    base = ["task=pusht_lowdim", f"task.dataset.zarr_path={zarr_path}", *TINY, "train.num_steps=1", "train.lr=1e-12",
-            f"train.init_weights={altered}"]
+    base = [
+        "task=pusht_lowdim",
+        f"task.dataset.zarr_path={zarr_path}",
+        *TINY,
+        "train.num_steps=1",
+        "train.lr=1e-12",
+        f"train.init_weights={altered}",
+    ]
     for mode, factor in (("checkpoint", 2.0), ("data", 1.0)):
         run = tmp_path / mode
         cli.run_verb("train", base + [f"train.init_normalizer={mode}", f"run_dir={run}"])
@@ -149,10 +219,20 @@ def test_init_normalizer_data_keeps_this_runs_fit(lowdim_ckpt, zarr_path, tmp_pa
 
 def test_killed_training_resumes_from_last_checkpoint(zarr_path, tmp_path):
     run = tmp_path / "run"
-    args = [sys.executable, "-m", "shortcut_policy.cli", "train", "task=pusht_lowdim", f"task.dataset.zarr_path={zarr_path}",
-            *TINY, "train.checkpoint_every=2", f"run_dir={run}"]
-    proc = subprocess.Popen(args + ["train.num_steps=100000"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    args = [
+        sys.executable,
+        "-m",
+        "shortcut_policy.cli",
+        "train",
+        "task=pusht_lowdim",
+        f"task.dataset.zarr_path={zarr_path}",
+        *TINY,
+        "train.checkpoint_every=2",
+        f"run_dir={run}",
+    ]
+    proc = subprocess.Popen(
+        args + ["train.num_steps=100000"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     last = run / "checkpoints" / "last.ckpt"
     deadline = time.time() + 240
     while not last.exists() and time.time() < deadline and proc.poll() is None:
@@ -166,17 +246,29 @@ def test_killed_training_resumes_from_last_checkpoint(zarr_path, tmp_path):
     out = subprocess.run(args + [f"train.num_steps={done + 2}"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert f"resumed from {last} at step {done}" in out.stdout
-    result = json.loads(out.stdout.strip().splitlines()[-1][len("RESULT "):])
+    result = json.loads(out.stdout.strip().splitlines()[-1][len("RESULT ") :])
     assert result["steps"] == done + 2
 
 
 def test_rollout_evaluation_during_training_on_chosen_seeds(zarr_path, tmp_path):
     """train.eval_seed_start / eval_episodes: rollouts during training on seeds disjoint from the test seeds select
     the top-k checkpoints; the logged metrics say which seeds were used."""
-    res = cli.run_verb("train", ["task=pusht_lowdim", f"task.dataset.zarr_path={zarr_path}", *TINY,
-                                 "train.num_steps=2", "train.eval_every=2", "train.eval_episodes=1",
-                                 "train.eval_seed_start=200000", "task.max_steps=16", "task.eval.n_workers=1",
-                                 "task.eval.n_videos=0", f"run_dir={tmp_path}"])
+    res = cli.run_verb(
+        "train",
+        [
+            "task=pusht_lowdim",
+            f"task.dataset.zarr_path={zarr_path}",
+            *TINY,
+            "train.num_steps=2",
+            "train.eval_every=2",
+            "train.eval_episodes=1",
+            "train.eval_seed_start=200000",
+            "task.max_steps=16",
+            "task.eval.n_workers=1",
+            "task.eval.n_videos=0",
+            f"run_dir={tmp_path}",
+        ],
+    )
     logs = [json.loads(line) for line in (tmp_path / "logs.jsonl").read_text().splitlines()]
     evals = [r for r in logs if "eval/test_mean_score" in r]
     assert len(evals) == 1 and evals[0]["eval/seed_start"] == 200000 and evals[0]["eval/n_episodes"] == 1
@@ -186,6 +278,15 @@ def test_rollout_evaluation_during_training_on_chosen_seeds(zarr_path, tmp_path)
     assert res["best_test_mean_score"] == pytest.approx(evals[0]["eval/test_mean_score"])
     # the top-k file is usable as a command-line override (no '=' in its name): fine-tune from it through the CLI
     best = tmp_path / "checkpoints" / topk[0]["path"]
-    res2 = cli.run_verb("train", ["task=pusht_lowdim", f"task.dataset.zarr_path={zarr_path}", *TINY, "train.num_steps=1",
-                                  f"train.init_weights={best}", f"run_dir={tmp_path / 'ft'}"])
+    res2 = cli.run_verb(
+        "train",
+        [
+            "task=pusht_lowdim",
+            f"task.dataset.zarr_path={zarr_path}",
+            *TINY,
+            "train.num_steps=1",
+            f"train.init_weights={best}",
+            f"run_dir={tmp_path / 'ft'}",
+        ],
+    )
     assert res2["steps"] == 1

@@ -1,4 +1,5 @@
 """PushTDataset / SequenceDataset on real zarr files, and the crop augmentation."""
+
 import numpy as np
 import pytest
 import torch
@@ -45,7 +46,9 @@ def test_keypoints_state_image_samples(pusht):
         np.testing.assert_array_equal(st[idx]["obs"]["obs"].numpy(), data["state"][rows])
         si = im[idx]
         assert si["obs"]["image"].shape == (16, 3, 96, 96) and si["obs"]["image"].dtype == torch.float32
-        np.testing.assert_allclose(si["obs"]["image"].numpy(), data["img"][rows].transpose(0, 3, 1, 2) / 255.0, rtol=1e-6)
+        np.testing.assert_allclose(
+            si["obs"]["image"].numpy(), data["img"][rows].transpose(0, 3, 1, 2) / 255.0, rtol=1e-6
+        )
         np.testing.assert_array_equal(si["obs"]["agent_pos"].numpy(), data["state"][rows, :2])
     # first window of the first train episode is edge-padded with its first frame (pad_before = To - 1 = 1)
     s0 = kp[0]["obs"]["obs"]
@@ -118,20 +121,25 @@ def test_generic_sequence_dataset_robomimic_style(tmp_path):
     rng = np.random.default_rng(0)
     rb = ReplayBuffer.create_empty_numpy()
     for n in (40, 33, 50):
-        rb.add_episode({
-            "object": rng.normal(size=(n, 41)).astype(np.float32),
-            "robot0_eef_pos": rng.normal(size=(n, 3)).astype(np.float32),
-            "robot0_eef_quat": rng.normal(size=(n, 4)).astype(np.float32),
-            "action": rng.normal(size=(n, 20)).astype(np.float32),
-            "agentview_image": rng.integers(0, 256, (n, 12, 10, 3)).astype(np.uint8),
-        })
+        rb.add_episode(
+            {
+                "object": rng.normal(size=(n, 41)).astype(np.float32),
+                "robot0_eef_pos": rng.normal(size=(n, 3)).astype(np.float32),
+                "robot0_eef_quat": rng.normal(size=(n, 4)).astype(np.float32),
+                "action": rng.normal(size=(n, 20)).astype(np.float32),
+                "agentview_image": rng.integers(0, 256, (n, 12, 10, 3)).astype(np.uint8),
+            }
+        )
     path = rb.save_to_path(tmp_path / "transport.zarr", zarr_format=3)
     ds = SequenceDataset(
         path,
         obs_keys={"obs": ["object", "robot0_eef_pos", "robot0_eef_quat"], "agentview_image": "agentview_image"},
         action_keys="action",
         image_keys=["agentview_image"],
-        horizon=16, n_obs_steps=2, n_action_steps=8, val_ratio=0.02,
+        horizon=16,
+        n_obs_steps=2,
+        n_action_steps=8,
+        val_ratio=0.02,
         normalizer_modes={"obs": "max_abs", "action": [["limits", 3], ["identity", 7], ["limits", 3], ["identity", 7]]},
     )
     assert ds.obs_shapes == {"obs": (48,), "agentview_image": (3, 12, 10)} and ds.action_dim == 20

@@ -1,4 +1,5 @@
 """Push-T env (real pymunk physics) and the MultiStepWrapper."""
+
 import numpy as np
 import pymunk
 import pytest
@@ -49,8 +50,11 @@ def test_legacy_reset_sampler(seed):
 
 
 def test_observation_types():
-    for obs_type, spec in [("keypoints", {"obs": (20,)}), ("state", {"obs": (5,)}),
-                           ("image", {"image": (3, 96, 96), "agent_pos": (2,)})]:
+    for obs_type, spec in [
+        ("keypoints", {"obs": (20,)}),
+        ("state", {"obs": (5,)}),
+        ("image", {"image": (3, 96, 96), "agent_pos": (2,)}),
+    ]:
         env = PushTEnv(obs_type=obs_type)
         obs, info = env.reset(seed=100000)
         assert isinstance(obs, dict) and set(obs) == set(spec)
@@ -169,8 +173,9 @@ def test_state_roundtrip_reproduces_trajectory():
 
 
 def test_multistep_wrapper_semantics():
-    env = MultiStepWrapper(PushTEnv(obs_type="keypoints", max_steps=None), n_obs_steps=2, n_action_steps=8,
-                           max_episode_steps=20)
+    env = MultiStepWrapper(
+        PushTEnv(obs_type="keypoints", max_steps=None), n_obs_steps=2, n_action_steps=8, max_episode_steps=20
+    )
     obs, _ = env.reset(seed=100000)
     assert obs["obs"].shape == (2, 20) and np.array_equal(obs["obs"][0], obs["obs"][1])  # first obs repeated
     agent = obs["obs"][-1, 18:].astype(float)
@@ -197,8 +202,14 @@ def test_multistep_wrapper_semantics():
 def test_video_recorder_and_make_env(tmp_path):
     from shortcut_policy.envs.wrappers import write_video
 
-    task = {"env": "pusht", "obs_type": "image", "obs_keys": {"image": [3, 96, 96], "agent_pos": [2]},
-            "n_obs_steps": 2, "n_action_steps": 8, "max_steps": 300}
+    task = {
+        "env": "pusht",
+        "obs_type": "image",
+        "obs_keys": {"image": [3, 96, 96], "agent_pos": [2]},
+        "n_obs_steps": 2,
+        "n_action_steps": 8,
+        "max_steps": 300,
+    }
     env = P.make_env(task)
     assert isinstance(env, MultiStepWrapper) and env.unwrapped.obs_type == "image"
     obs, _ = env.reset(seed=1)

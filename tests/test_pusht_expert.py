@@ -1,4 +1,5 @@
 """Scripted Push-T expert and demonstration files (real physics)."""
+
 import numpy as np
 import pytest
 from omegaconf import OmegaConf
@@ -90,8 +91,19 @@ def test_demos_command_writes_dp_zarr(tmp_path):
     from shortcut_policy.datasets.replay_buffer import ReplayBuffer
 
     out = tmp_path / "demo.zarr"
-    cfg = OmegaConf.create({"task": "pusht", "n_episodes": 2, "out": str(out), "workers": 1, "seed": 100000,
-                            "expert_seed": 0, "max_steps": 300, "images": True, "overwrite": False})
+    cfg = OmegaConf.create(
+        {
+            "task": "pusht",
+            "n_episodes": 2,
+            "out": str(out),
+            "workers": 1,
+            "seed": 100000,
+            "expert_seed": 0,
+            "max_steps": 300,
+            "images": True,
+            "overwrite": False,
+        }
+    )
     res = demos_command(cfg, tmp_path)
     assert res["n_episodes"] == 2 and res["n_dropped"] == 0 and res["out"] == str(out) and res["seconds"] > 0
     rb = ReplayBuffer.copy_from_path(out)
@@ -136,8 +148,9 @@ def test_expert_success_rate_50_seeds(start):
 
 @pytest.mark.slow
 def test_demos_parallel_workers(tmp_path):
-    cfg = OmegaConf.create({"task": "pusht", "n_episodes": 4, "out": str(tmp_path / "p.zarr"), "workers": 2,
-                            "seed": 0, "images": False})
+    cfg = OmegaConf.create(
+        {"task": "pusht", "n_episodes": 4, "out": str(tmp_path / "p.zarr"), "workers": 2, "seed": 0, "images": False}
+    )
     res = demos_command(cfg, tmp_path)
     assert res["n_episodes"] == 4 and res["workers"] == 2
 

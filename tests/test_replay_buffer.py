@@ -1,4 +1,5 @@
 """ReplayBuffer over real zarr 3.1 stores (formats 2 and 3), incl. the official Push-T file layout."""
+
 import json
 import os
 
@@ -265,7 +266,10 @@ def test_merge_replay_buffers_script(tmp_path):
     np.testing.assert_array_equal(m["x"][:, 0], [0, 1, 2, 3, 4, 0, -1, -2, -3])
     again = subprocess.run(run, capture_output=True, text=True)
     assert again.returncode != 0 and "overwrite" in again.stderr
-    bad = subprocess.run([sys.executable, str(script), str(tmp_path / "ac.zarr"), str(tmp_path / "a.zarr"),
-                          str(tmp_path / "c.zarr")], capture_output=True, text=True)
+    bad = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "ac.zarr"), str(tmp_path / "a.zarr"), str(tmp_path / "c.zarr")],
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode != 0 and "c.zarr" in bad.stderr and "keys" in bad.stderr
     assert not (tmp_path / "ac.zarr").exists()

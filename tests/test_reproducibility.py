@@ -6,6 +6,7 @@ command ends with the same weights and the same logged losses as an uninterrupte
 learning rate / number of steps takes effect, and one that changes the network is refused before anything is
 written.
 """
+
 import json
 import os
 import random
@@ -19,9 +20,19 @@ import torch
 
 from shortcut_policy import cli
 
-TINY = ["task=pusht_lowdim", "net=unet1d_small", "net.down_dims=[16,32]", "net.step_embed_dim=16", "logger=none",
-        "train.batch_size=8", "train.eval_every=0", "train.log_every=1", "train.warmup_steps=2", "train.threads=1",
-        "train.deterministic=true"]
+TINY = [
+    "task=pusht_lowdim",
+    "net=unet1d_small",
+    "net.down_dims=[16,32]",
+    "net.step_embed_dim=16",
+    "logger=none",
+    "train.batch_size=8",
+    "train.eval_every=0",
+    "train.log_every=1",
+    "train.warmup_steps=2",
+    "train.threads=1",
+    "train.deterministic=true",
+]
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +73,16 @@ def test_kill9_and_resume_equals_uninterrupted(zarr_path, tmp_path):
     args = [f"train.num_steps={n}", "train.checkpoint_every=4", "train.seed=11"]
     _train(zarr_path, tmp_path / "ref", *args)
     run = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "shortcut_policy.cli", "train", *TINY, f"task.dataset.zarr_path={zarr_path}",
-           f"run_dir={run}", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "shortcut_policy.cli",
+        "train",
+        *TINY,
+        f"task.dataset.zarr_path={zarr_path}",
+        f"run_dir={run}",
+        *args,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     kill_at = random.Random(os.getpid()).randint(6, n - 6)  # a random step, past the first checkpoint
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -1,4 +1,5 @@
 """Robomimic hdf5 <-> zarr and the axis-angle <-> rot6d conversions (no simulator needed)."""
+
 from __future__ import annotations
 
 import json
@@ -25,8 +26,15 @@ from shortcut_policy.datasets.robomimic import (
 )
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "task"
-LOWDIM = {"object": 41, "robot0_eef_pos": 3, "robot0_eef_quat": 4, "robot0_gripper_qpos": 2,
-          "robot1_eef_pos": 3, "robot1_eef_quat": 4, "robot1_gripper_qpos": 2}
+LOWDIM = {
+    "object": 41,
+    "robot0_eef_pos": 3,
+    "robot0_eef_quat": 4,
+    "robot0_gripper_qpos": 2,
+    "robot1_eef_pos": 3,
+    "robot1_eef_quat": 4,
+    "robot1_gripper_qpos": 2,
+}
 ORDER = list(LOWDIM)
 
 
@@ -61,8 +69,17 @@ def test_rot6d_is_pytorch3d_rows_and_round_trips():
 
 def test_abs_action_conversion_dims_and_round_trip():
     rng = np.random.default_rng(1)
-    a = np.concatenate([rng.uniform(-0.5, 0.5, (20, 3)), _random_rotvecs(rng, 20), rng.uniform(-1, 1, (20, 1)),
-                        rng.uniform(-0.5, 0.5, (20, 3)), _random_rotvecs(rng, 20), rng.uniform(-1, 1, (20, 1))], 1)
+    a = np.concatenate(
+        [
+            rng.uniform(-0.5, 0.5, (20, 3)),
+            _random_rotvecs(rng, 20),
+            rng.uniform(-1, 1, (20, 1)),
+            rng.uniform(-0.5, 0.5, (20, 3)),
+            _random_rotvecs(rng, 20),
+            rng.uniform(-1, 1, (20, 1)),
+        ],
+        1,
+    )
     b = abs_action_to_rot6d(a)
     assert b.shape == (20, 20)
     assert np.allclose(b[:, :3], a[:, :3]) and np.allclose(b[:, 9], a[:, 6]) and np.allclose(b[:, 19], a[:, 13])
@@ -77,8 +94,17 @@ def _episode(rng, n, image=False):
     obs = {k: rng.standard_normal((n + 1, d)) for k, d in LOWDIM.items()}
     if image:
         obs["shouldercamera0_image"] = rng.integers(0, 255, (n + 1, 84, 84, 3), dtype=np.uint8)
-    acts = np.concatenate([rng.uniform(-0.3, 0.3, (n, 3)), _random_rotvecs(rng, n), rng.choice([-1.0, 1.0], (n, 1)),
-                           rng.uniform(-0.3, 0.3, (n, 3)), _random_rotvecs(rng, n), rng.choice([-1.0, 1.0], (n, 1))], 1)
+    acts = np.concatenate(
+        [
+            rng.uniform(-0.3, 0.3, (n, 3)),
+            _random_rotvecs(rng, n),
+            rng.choice([-1.0, 1.0], (n, 1)),
+            rng.uniform(-0.3, 0.3, (n, 3)),
+            _random_rotvecs(rng, n),
+            rng.choice([-1.0, 1.0], (n, 1)),
+        ],
+        1,
+    )
     states = rng.standard_normal((n, 120))
     return obs, acts, states
 
@@ -119,8 +145,7 @@ def test_hdf5_write_read_zarr_round_trip(tmp_path):
 
     # -> zarr (delta actions, low-dim concat + an image key)
     out = tmp_path / "low_dim.zarr"
-    rb = robomimic_to_replay_buffer(path, list(LOWDIM) + ["shouldercamera0_image"], {"obs": ORDER},
-                                    out_path=out)
+    rb = robomimic_to_replay_buffer(path, list(LOWDIM) + ["shouldercamera0_image"], {"obs": ORDER}, out_path=out)
     assert rb.n_episodes == 12
     assert list(rb.episode_ends) == list(np.cumsum(lengths))
     rb2 = ReplayBuffer.copy_from_path(out)
@@ -158,8 +183,12 @@ def test_zarr_feeds_sequence_dataset_with_task_config(tmp_path):
     d = OmegaConf.to_container(task.dataset, resolve=True)
     d["zarr_path"] = str(out)
     assert d.pop("hdf5_path") is None and d.pop("hdf5_filter_key") is None  # read by policy.build_dataset only
-    ds = SequenceDataset(horizon=task.horizon, n_obs_steps=task.n_obs_steps, n_action_steps=task.n_action_steps,
-                         **{k: v for k, v in d.items()})
+    ds = SequenceDataset(
+        horizon=task.horizon,
+        n_obs_steps=task.n_obs_steps,
+        n_action_steps=task.n_action_steps,
+        **{k: v for k, v in d.items()},
+    )
     s = ds[0]
     assert tuple(s["obs"]["obs"].shape) == (16, 59) and tuple(s["action"].shape) == (16, task.action_dim)
     norm = ds.get_normalizer()

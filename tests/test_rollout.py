@@ -1,4 +1,5 @@
 """Parallel rollout evaluation: expert in workers, learned-policy protocol, crash/timeout reporting, metrics."""
+
 import json
 import os
 import time
@@ -9,8 +10,16 @@ import pytest
 from shortcut_policy.eval import report
 from shortcut_policy.eval.rollout import check_int, evaluate, make_env
 
-TASK = {"name": "pusht_lowdim", "env": "pusht", "obs_type": "keypoints", "obs_keys": {"obs": [20]},
-        "n_obs_steps": 2, "n_action_steps": 8, "max_steps": 300, "control_hz": 10}
+TASK = {
+    "name": "pusht_lowdim",
+    "env": "pusht",
+    "obs_type": "keypoints",
+    "obs_keys": {"obs": [20]},
+    "n_obs_steps": 2,
+    "n_action_steps": 8,
+    "max_steps": 300,
+    "control_hz": 10,
+}
 
 
 # --- experts / policies used by the tests (imported by name inside the spawned workers) ---------------------
@@ -58,8 +67,19 @@ class ChasePolicy:
 def test_expert_eval_through_cli(tmp_path):
     from shortcut_policy.cli import run_verb
 
-    res = run_verb("eval", ["policy=expert", "task=pusht_lowdim", "n_episodes=2", "seed_start=100000", "workers=2",
-                            "n_videos=1", "progress=false", f"run_dir={tmp_path}"])
+    res = run_verb(
+        "eval",
+        [
+            "policy=expert",
+            "task=pusht_lowdim",
+            "n_episodes=2",
+            "seed_start=100000",
+            "workers=2",
+            "n_videos=1",
+            "progress=false",
+            f"run_dir={tmp_path}",
+        ],
+    )
     assert res["n_episodes"] == 2 and res["success_rate@1"] == 1.0 and res["mean_score@1"] == 1.0
     lo, hi = res["success_ci95@1"]
     assert 0.0 < lo < 1.0 and hi == 1.0
@@ -74,8 +94,17 @@ def test_expert_eval_through_cli(tmp_path):
 def test_learned_policy_protocol(tmp_path):
     task = dict(TASK, max_steps=36)
     pol = ChasePolicy()
-    res = evaluate(task, policy=pol, steps_list=[1, 4], n_episodes=3, seed_start=100000, n_workers=2,
-                   n_videos=0, run_dir=tmp_path, progress=False)
+    res = evaluate(
+        task,
+        policy=pol,
+        steps_list=[1, 4],
+        n_episodes=3,
+        seed_start=100000,
+        n_workers=2,
+        n_videos=0,
+        run_dir=tmp_path,
+        progress=False,
+    )
     rows = json.loads((tmp_path / "per_seed.json").read_text())
     assert len(rows) == 6 and {r["steps"] for r in rows} == {1, 4}
     assert pol.resets == 2
@@ -94,11 +123,20 @@ def test_learned_policy_protocol(tmp_path):
 
 def test_envs_per_worker_runs_seeds_in_waves_with_the_same_results(tmp_path):
     task = dict(TASK, max_steps=24)
-    at_once = evaluate(task, policy=ChasePolicy(), n_episodes=3, seed_start=100000, n_workers=1, progress=False,
-                       run_dir=tmp_path / "a")
+    at_once = evaluate(
+        task, policy=ChasePolicy(), n_episodes=3, seed_start=100000, n_workers=1, progress=False, run_dir=tmp_path / "a"
+    )
     pol = ChasePolicy()
-    waves = evaluate(task, policy=pol, n_episodes=3, seed_start=100000, n_workers=1, progress=False,
-                     envs_per_worker=1, run_dir=tmp_path / "b")
+    waves = evaluate(
+        task,
+        policy=pol,
+        n_episodes=3,
+        seed_start=100000,
+        n_workers=1,
+        progress=False,
+        envs_per_worker=1,
+        run_dir=tmp_path / "b",
+    )
     assert {c[0][0] for c in pol.calls} == {1}  # one env alive at a time: the policy sees batches of 1
     rows_a = json.loads((tmp_path / "a" / "per_seed.json").read_text())
     rows_b = json.loads((tmp_path / "b" / "per_seed.json").read_text())
@@ -111,8 +149,15 @@ def test_envs_per_worker_runs_seeds_in_waves_with_the_same_results(tmp_path):
 def test_crashed_worker_is_reported_with_its_seed():
     task = dict(TASK, max_steps=5)
     t0 = time.time()
-    res = evaluate(task, policy=None, n_episodes=2, seed_start=10, n_workers=2,
-                   expert_spec="test_rollout:CrashingExpert", progress=False)
+    res = evaluate(
+        task,
+        policy=None,
+        n_episodes=2,
+        seed_start=10,
+        n_workers=2,
+        expert_spec="test_rollout:CrashingExpert",
+        progress=False,
+    )
     assert time.time() - t0 < 120
     assert res["crashed_seeds@1"] == [10]
     assert res["success_rate@1"] == 0.0 and res["n_episodes"] == 2
@@ -120,8 +165,16 @@ def test_crashed_worker_is_reported_with_its_seed():
 
 def test_hanging_worker_times_out():
     task = dict(TASK, max_steps=5)
-    res = evaluate(task, policy=None, n_episodes=2, seed_start=20, n_workers=2,
-                   expert_spec="test_rollout:HangingExpert", timeout=4, progress=False)
+    res = evaluate(
+        task,
+        policy=None,
+        n_episodes=2,
+        seed_start=20,
+        n_workers=2,
+        expert_spec="test_rollout:HangingExpert",
+        timeout=4,
+        progress=False,
+    )
     assert res["crashed_seeds@1"] == [20]
 
 
@@ -156,9 +209,11 @@ def test_wilson_interval_and_summary(tmp_path):
     assert lo == 0.0 and hi == pytest.approx(0.0713, abs=1e-4)
     lo, hi = report.wilson_interval(25, 50)
     assert lo == pytest.approx(0.3664, abs=1e-3) and hi == pytest.approx(0.6336, abs=1e-3)
-    rows = [{"seed": 1, "max_reward": 1.0, "success": True, "status": "ok"},
-            {"seed": 2, "max_reward": 0.5, "success": False, "status": "ok"},
-            {"seed": 3, "max_reward": 0.9, "success": False, "status": "crashed"}]
+    rows = [
+        {"seed": 1, "max_reward": 1.0, "success": True, "status": "ok"},
+        {"seed": 2, "max_reward": 0.5, "success": False, "status": "ok"},
+        {"seed": 3, "max_reward": 0.9, "success": False, "status": "crashed"},
+    ]
     m = report.summarize(rows, 4)
     assert m["mean_score@4"] == pytest.approx(0.5) and m["success_rate@4"] == pytest.approx(1 / 3)
     assert m["crashed_seeds@4"] == [3]

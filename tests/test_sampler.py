@@ -1,4 +1,5 @@
 """SequenceSampler windows (Diffusion Policy's create_indices) and the train/val split rules."""
+
 import numpy as np
 import pytest
 

@@ -1,4 +1,5 @@
 """TwoArmTransport through robosuite 1.5 + MuJoCo: env_meta conversion, observations, actions, seeding, rendering."""
+
 from __future__ import annotations
 
 import copy
@@ -19,24 +20,46 @@ from shortcut_policy.envs import transport as T  # noqa: E402
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "task"
 
 # env_args exactly as stored in an official robomimic TwoArmTransport hdf5 (robosuite <= 1.4, flat controller)
-OFFICIAL_ENV_ARGS = json.dumps({
-    "env_name": "TwoArmTransport",
-    "type": 1,
-    "env_kwargs": {
-        "has_renderer": False, "has_offscreen_renderer": True, "ignore_done": True, "use_object_obs": True,
-        "use_camera_obs": False, "control_freq": 20,
-        "controller_configs": {
-            "type": "OSC_POSE", "input_max": 1, "input_min": -1,
-            "output_max": [0.05, 0.05, 0.05, 0.5, 0.5, 0.5], "output_min": [-0.05, -0.05, -0.05, -0.5, -0.5, -0.5],
-            "kp": 150, "damping": 1, "impedance_mode": "fixed", "kp_limits": [0, 300], "damping_limits": [0, 10],
-            "position_limits": None, "orientation_limits": None, "uncouple_pos_ori": True, "control_delta": True,
-            "interpolation": None, "ramp_ratio": 0.2,
+OFFICIAL_ENV_ARGS = json.dumps(
+    {
+        "env_name": "TwoArmTransport",
+        "type": 1,
+        "env_kwargs": {
+            "has_renderer": False,
+            "has_offscreen_renderer": True,
+            "ignore_done": True,
+            "use_object_obs": True,
+            "use_camera_obs": False,
+            "control_freq": 20,
+            "controller_configs": {
+                "type": "OSC_POSE",
+                "input_max": 1,
+                "input_min": -1,
+                "output_max": [0.05, 0.05, 0.05, 0.5, 0.5, 0.5],
+                "output_min": [-0.05, -0.05, -0.05, -0.5, -0.5, -0.5],
+                "kp": 150,
+                "damping": 1,
+                "impedance_mode": "fixed",
+                "kp_limits": [0, 300],
+                "damping_limits": [0, 10],
+                "position_limits": None,
+                "orientation_limits": None,
+                "uncouple_pos_ori": True,
+                "control_delta": True,
+                "interpolation": None,
+                "ramp_ratio": 0.2,
+            },
+            "robots": ["Panda", "Panda"],
+            "env_configuration": "single-arm-opposed",
+            "reward_shaping": False,
+            "camera_names": ["shouldercamera0", "shouldercamera1", "robot0_eye_in_hand", "robot1_eye_in_hand"],
+            "camera_heights": 84,
+            "camera_widths": 84,
+            "camera_depths": False,
+            "render_gpu_device_id": 0,
         },
-        "robots": ["Panda", "Panda"], "env_configuration": "single-arm-opposed", "reward_shaping": False,
-        "camera_names": ["shouldercamera0", "shouldercamera1", "robot0_eye_in_hand", "robot1_eye_in_hand"],
-        "camera_heights": 84, "camera_widths": 84, "camera_depths": False, "render_gpu_device_id": 0,
-    },
-})
+    }
+)
 
 
 def _gl_available() -> str | None:
@@ -60,7 +83,9 @@ def _task_cfg(name):
 
 @pytest.fixture(scope="module")
 def delta_env():
-    env = T.TransportEnv(OFFICIAL_ENV_ARGS, obs_keys=["obs"] + list(T.LOWDIM_SHAPES), enable_render=_gl_available() is None)
+    env = T.TransportEnv(
+        OFFICIAL_ENV_ARGS, obs_keys=["obs"] + list(T.LOWDIM_SHAPES), enable_render=_gl_available() is None
+    )
     yield env
     env.close()
 
@@ -149,8 +174,9 @@ def test_seeded_reset_is_deterministic(delta_env):
 
 def test_terminate_on_success_only_when_asked():
     for flag in (False, True):
-        env = T.TransportEnv(obs_keys=["robot0_eef_pos"], max_episode_steps=5, enable_render=False,
-                             terminate_on_success=flag)
+        env = T.TransportEnv(
+            obs_keys=["robot0_eef_pos"], max_episode_steps=5, enable_render=False, terminate_on_success=flag
+        )
         try:
             env.reset(seed=0)
             _, _, term, trunc, info = env.step(np.zeros(14))
@@ -245,7 +271,15 @@ def _hold_action(env):
     act = []
     for r in env.env.robots:
         sid = env.env.sim.model.site_name2id(r.part_controllers["right"].ref_name)
-        act.append(np.concatenate([env.env.sim.data.site_xpos[sid], matrix_to_rot6d(env.env.sim.data.site_xmat[sid].reshape(3, 3)), [-1.0]]))
+        act.append(
+            np.concatenate(
+                [
+                    env.env.sim.data.site_xpos[sid],
+                    matrix_to_rot6d(env.env.sim.data.site_xmat[sid].reshape(3, 3)),
+                    [-1.0],
+                ]
+            )
+        )
     return np.concatenate(act)
 
 

@@ -1,4 +1,5 @@
 """Scripted Transport expert: action format, early progress (fast), full episodes and demos (slow)."""
+
 from __future__ import annotations
 
 import os
@@ -98,8 +99,16 @@ def test_demos_command_writes_hdf5_and_zarr(tmp_path):
     from shortcut_policy.datasets.robomimic import read_env_meta
     from shortcut_policy.envs.experts.transport import demos
 
-    cfg = OmegaConf.create({"task": "transport", "n_episodes": 2, "out": str(tmp_path / "demo"), "workers": 2,
-                            "seed": 0, "overwrite": False})
+    cfg = OmegaConf.create(
+        {
+            "task": "transport",
+            "n_episodes": 2,
+            "out": str(tmp_path / "demo"),
+            "workers": 2,
+            "seed": 0,
+            "overwrite": False,
+        }
+    )
     res = demos(cfg, tmp_path)
     assert res["n_episodes"] == 2
     meta = read_env_meta(res["hdf5"])
@@ -171,8 +180,9 @@ def test_recorded_episode_to_robomimic_and_zarr(env, tmp_path):
         with RobomimicHdf5Writer(tmp_path / name, meta) as w:
             w.add_demo(obs=d["obs"], actions=d[key], states=d["states"], rewards=d["rewards"])
         assert read_env_meta(tmp_path / name)["env_kwargs"]["controller_configs"]["control_delta"] is delta
-    robomimic_to_replay_buffer(tmp_path / "low_dim_abs.hdf5", list(T.LOWDIM_SHAPES), abs_action=True,
-                               out_path=tmp_path / "low_dim_abs.zarr")
+    robomimic_to_replay_buffer(
+        tmp_path / "low_dim_abs.hdf5", list(T.LOWDIM_SHAPES), abs_action=True, out_path=tmp_path / "low_dim_abs.zarr"
+    )
     rb2 = ReplayBuffer.copy_from_path(tmp_path / "low_dim_abs.zarr")
     assert rb2["action"].shape == (6, 20) and rb2.n_episodes == 1 and site0
     # states[0] restores the start observation
@@ -191,8 +201,9 @@ def test_clean_labels_dart(env):
     np.testing.assert_allclose(np.stack(cl["actions"]), np.stack(ex_["actions"]), atol=1e-7)
     np.testing.assert_allclose(np.stack(cl["actions_abs"])[:, :3], np.stack(ex_["actions_abs"])[:, :3], atol=1e-7)
     noisy = run_expert_episode(100000, action_noise=0.2, max_steps=12, env=env, record=True, expert_seed=1)["record"]
-    noisy_cl = run_expert_episode(100000, action_noise=0.2, max_steps=12, env=env, record=True, expert_seed=1,
-                                  label="clean")["record"]
+    noisy_cl = run_expert_episode(
+        100000, action_noise=0.2, max_steps=12, env=env, record=True, expert_seed=1, label="clean"
+    )["record"]
     d = np.abs(np.stack(noisy_cl["actions"]) - np.stack(noisy["actions"]))[:, :6]  # noise on the arm dims
     assert d.mean() > 0.05, d.mean()
     # clean_goal_abs: a clean command differing by +1 in x moves the goal by 5 cm; rotation is composed

@@ -1,5 +1,6 @@
 """Transport policies through the shared CLI: a robomimic hdf5 in the official layout (old flat controller config in
 its env_args, absolute axis-angle actions) trains directly, and the evaluation env comes from the file's env_args."""
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,17 @@ from shortcut_policy.envs import transport as T  # noqa: E402
 from shortcut_policy.envs.experts.transport import _recorded_to_demo, run_expert_episode  # noqa: E402
 from shortcut_policy.policy import load_policy  # noqa: E402
 
-TINY = ["net=unet1d_small", "net.down_dims=[16,32]", "net.step_embed_dim=16", "logger=none", "train.batch_size=4",
-        "train.eval_every=0", "train.log_every=1", "train.warmup_steps=1", "train.num_steps=2"]
+TINY = [
+    "net=unet1d_small",
+    "net.down_dims=[16,32]",
+    "net.step_embed_dim=16",
+    "logger=none",
+    "train.batch_size=4",
+    "train.eval_every=0",
+    "train.log_every=1",
+    "train.warmup_steps=1",
+    "train.num_steps=2",
+]
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +54,17 @@ def official_hdf5(tmp_path_factory):
 
 
 def test_official_hdf5_trains_without_conversion(official_hdf5, tmp_path):
-    res = cli.run_verb("train", ["task=transport_lowdim", f"task.dataset.hdf5_path={official_hdf5}",
-                                 "task.dataset.zarr_path=null", "task.dataset.val_ratio=0.0", *TINY, f"run_dir={tmp_path}"])
+    res = cli.run_verb(
+        "train",
+        [
+            "task=transport_lowdim",
+            f"task.dataset.hdf5_path={official_hdf5}",
+            "task.dataset.zarr_path=null",
+            "task.dataset.val_ratio=0.0",
+            *TINY,
+            f"run_dir={tmp_path}",
+        ],
+    )
     assert res["steps"] == 2
     policy = load_policy(tmp_path / "checkpoints" / "last.ckpt")
     assert policy.action_dim == 20 and policy.obs_encoder.obs_shapes["obs"] == (59,)

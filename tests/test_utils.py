@@ -1,4 +1,5 @@
 """shortcut_policy.utils: atomic writes, the integer check, device and worker helpers."""
+
 import os
 
 import pytest

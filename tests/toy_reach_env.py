@@ -10,6 +10,7 @@ rollout runner's spawned workers inherit sys.path), so the registry entry reache
 * reward ``1 - distance`` clipped to [0, 1]; success (and termination) when within ``tol`` of the goal;
   truncation after ``max_steps``.
 """
+
 from __future__ import annotations
 
 import gymnasium as gym
@@ -46,14 +47,19 @@ class ToyReachEnv(gym.Env):
         self.pos = self.pos + (move if n <= self.speed else move * (self.speed / n))
         self._t += 1
         success = self._dist() < self.tol
-        return self._obs(), float(np.clip(1.0 - self._dist(), 0, 1)), success, self._t >= self.max_steps and not success, \
-            {"success": success}
+        return (
+            self._obs(),
+            float(np.clip(1.0 - self._dist(), 0, 1)),
+            success,
+            self._t >= self.max_steps and not success,
+            {"success": success},
+        )
 
     def render(self):
         img = np.full((32, 32, 3), 255, np.uint8)
         for p, c in ((self.goal, (0, 160, 0)), (self.pos, (0, 0, 255))):
             i, j = ((np.asarray(p) + 1) * 15.5).astype(int)
-            img[max(0, j - 1): j + 2, max(0, i - 1): i + 2] = c
+            img[max(0, j - 1) : j + 2, max(0, i - 1) : i + 2] = c
         return img
 
 

@@ -26,6 +26,7 @@ must be a :class:`~shortcut_policy.envs.pusht.PushTEnv`).
 Demonstrations: :func:`demos` (the ``demos`` verb for ``task.env=pusht``) runs :func:`pusht_episode` per seed, in
 worker processes, and writes the successful episodes in Diffusion Policy's zarr layout.
 """
+
 from __future__ import annotations
 
 import math
@@ -86,10 +87,16 @@ def track_waypoints(p0, v0, waypoints, max_lead: float | None = None):
         U[k] = ux, uy
         vx, px = a10 * px + a11 * vx + b1 * ux, a00 * px + a01 * vx + b0 * ux
         vy, py = a10 * py + a11 * vy + b1 * uy, a00 * py + a01 * vy + b0 * uy
-    sub_p = (_SUB_A[None, :, 0, 0, None] * Ps[:, None] + _SUB_A[None, :, 0, 1, None] * Vs[:, None]
-             + _SUB_B[None, :, 0, None] * U[:, None])
-    sub_v = (_SUB_A[None, :, 1, 0, None] * Ps[:, None] + _SUB_A[None, :, 1, 1, None] * Vs[:, None]
-             + _SUB_B[None, :, 1, None] * U[:, None])
+    sub_p = (
+        _SUB_A[None, :, 0, 0, None] * Ps[:, None]
+        + _SUB_A[None, :, 0, 1, None] * Vs[:, None]
+        + _SUB_B[None, :, 0, None] * U[:, None]
+    )
+    sub_v = (
+        _SUB_A[None, :, 1, 0, None] * Ps[:, None]
+        + _SUB_A[None, :, 1, 1, None] * Vs[:, None]
+        + _SUB_B[None, :, 1, None] * U[:, None]
+    )
     return U, sub_p, sub_v, Ps, Vs
 
 
@@ -288,10 +295,19 @@ class Rollout:
 class PushTExpert:
     """Greedy model-based push planner (see the module docstring)."""
 
-    def __init__(self, seed: int = 0, n_candidates: int = 64, n_refine: int = 4, n_perturb: int = 5,
-                 travel_speed: tuple[float, float] = (13.0, 17.0), push_speed: tuple[float, float] = (6.0, 12.0),
-                 hull_margin: tuple[float, float] = (8.0, 12.0), step_cost: float = 0.5, max_primitive_steps: int = 80,
-                 max_lead: float | None = 60.0):
+    def __init__(
+        self,
+        seed: int = 0,
+        n_candidates: int = 64,
+        n_refine: int = 4,
+        n_perturb: int = 5,
+        travel_speed: tuple[float, float] = (13.0, 17.0),
+        push_speed: tuple[float, float] = (6.0, 12.0),
+        hull_margin: tuple[float, float] = (8.0, 12.0),
+        step_cost: float = 0.5,
+        max_primitive_steps: int = 80,
+        max_lead: float | None = 60.0,
+    ):
         self.seed = seed
         self.rng = np.random.default_rng(seed)
         self.n_candidates = int(n_candidates)
@@ -408,8 +424,8 @@ class PushTExpert:
             d_loc = dist_to_tee_local(loc[None])[0]
             # direction away from the closest point of the T
             eps = 0.5
-            gx = (dist_to_tee_local((loc + [eps, 0])[None])[0] - dist_to_tee_local((loc - [eps, 0])[None])[0])
-            gy = (dist_to_tee_local((loc + [0, eps])[None])[0] - dist_to_tee_local((loc - [0, eps])[None])[0])
+            gx = dist_to_tee_local((loc + [eps, 0])[None])[0] - dist_to_tee_local((loc - [eps, 0])[None])[0]
+            gy = dist_to_tee_local((loc + [0, eps])[None])[0] - dist_to_tee_local((loc - [0, eps])[None])[0]
             g = np.array([gx, gy])
             if np.linalg.norm(g) < 1e-9 or d_loc <= 0:
                 g = loc - np.array(P.TEE_COG)
@@ -474,8 +490,9 @@ class PushTExpert:
 
 # ---------------------------------------------------------------------------------------------------------
 # demonstrations (the `demos` verb)
-def pusht_episode(env_seed: int, expert_seed: int = 0, max_steps: int = 300, render: bool = True,
-                  expert_kwargs: dict | None = None) -> dict:
+def pusht_episode(
+    env_seed: int, expert_seed: int = 0, max_steps: int = 300, render: bool = True, expert_kwargs: dict | None = None
+) -> dict:
     """Run the scripted expert on one Push-T start; returns the recorded episode (DP's fields, images as
     uint8 to keep transfers small) plus ``success``, ``seed``, ``seconds``."""
     t0, c0 = time.perf_counter(), time.process_time()
@@ -508,9 +525,15 @@ def pusht_episode(env_seed: int, expert_seed: int = 0, max_steps: int = 300, ren
     }
     if render:
         out["img"] = np.asarray(rec["img"], np.uint8)
-    return {"data": out, "success": success, "seed": int(env_seed), "seconds": time.perf_counter() - t0,
-            "cpu_seconds": time.process_time() - c0,
-            "n_steps": len(rec["action"]), "coverage": float(info["coverage"])}
+    return {
+        "data": out,
+        "success": success,
+        "seed": int(env_seed),
+        "seconds": time.perf_counter() - t0,
+        "cpu_seconds": time.process_time() - c0,
+        "n_steps": len(rec["action"]),
+        "coverage": float(info["coverage"]),
+    }
 
 
 def _pusht_job(args):

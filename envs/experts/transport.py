@@ -21,6 +21,7 @@ command is converted to the absolute goal pose (pos, rot6d, gripper) the delta c
 ``action_noise`` adds N(0, sigma^2) to all 14 normalised dims (then clips to [-1, 1]) - a robustness test and a
 way to widen the demonstration distribution.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -528,7 +529,11 @@ class TransportExpert:
                 a.go("done")
             return self._cmd(1, p, Rc, OPEN, vmax=0.0)
         if ph == "done":
-            tgt = np.array([p[0], p[1], 1.1]) if a.t_phase == 1 else a.aux.setdefault("done_tgt", np.array([p[0], p[1], 1.1]))
+            tgt = (
+                np.array([p[0], p[1], 1.1])
+                if a.t_phase == 1
+                else a.aux.setdefault("done_tgt", np.array([p[0], p[1], 1.1]))
+            )
             return self._cmd(1, tgt, Rc, OPEN, vmax=0.3)
         if ph == "give_up":
             return self._cmd(1, p, Rc, OPEN, vmax=0.0)
@@ -622,8 +627,10 @@ def run_expert_episode(
         keys = tuple(LOWDIM_SHAPES) + tuple(image_keys)
         env = TransportEnv(obs_keys=keys, enable_render=False, lite_physics=lite_physics)
     if label == "clean" and env.abs_action:
-        raise ValueError("run_expert_episode: label='clean' needs a delta-action env (the labels are derived from "
-                         "the delta command and the controller goal it set)")
+        raise ValueError(
+            "run_expert_episode: label='clean' needs a delta-action env (the labels are derived from "
+            "the delta command and the controller goal it set)"
+        )
     expert = TransportExpert(seed if expert_seed is None else expert_seed, action_noise=action_noise)
     t0 = time.time()
     env.reset(seed=seed)
@@ -646,7 +653,11 @@ def run_expert_episode(
                 rec["actions_abs"].append(clean_goal_abs(g, sent, clean))
             else:
                 rec["actions"].append(np.asarray(act, np.float64))
-                grips = np.asarray(act, np.float64).reshape(2, 7)[:, 6:7] if not env.abs_action else np.asarray(act).reshape(2, 10)[:, 9:10]
+                grips = (
+                    np.asarray(act, np.float64).reshape(2, 7)[:, 6:7]
+                    if not env.abs_action
+                    else np.asarray(act).reshape(2, 10)[:, 9:10]
+                )
                 rec["actions_abs"].append(np.concatenate([g, grips], axis=1).reshape(-1))
             rec["rewards"].append(float(reward))
         if info["success"] and success_step is None:
@@ -675,8 +686,16 @@ def _episode_worker(args):
     lite = args[6] if len(args) > 6 else None
     label = args[7] if len(args) > 7 else "executed"
     try:
-        return run_expert_episode(seed, noise, max_steps, record=record, image_keys=image_keys,
-                                  stop_after_success=stop_after, lite_physics=lite, label=label)
+        return run_expert_episode(
+            seed,
+            noise,
+            max_steps,
+            record=record,
+            image_keys=image_keys,
+            stop_after_success=stop_after,
+            lite_physics=lite,
+            label=label,
+        )
     except Exception as e:  # report, don't kill the pool
         return {"seed": seed, "success": False, "error": f"{type(e).__name__}: {e}", "tb": traceback.format_exc()}
 
@@ -692,19 +711,33 @@ def _pool_init():
         pass
 
 
-def evaluate_expert(seeds, action_noise: float = 0.0, n_workers: int = 2, max_steps: int = 700,
-                    progress: bool = True, lite_physics: bool | None = None) -> dict:
+def evaluate_expert(
+    seeds,
+    action_noise: float = 0.0,
+    n_workers: int = 2,
+    max_steps: int = 700,
+    progress: bool = True,
+    lite_physics: bool | None = None,
+) -> dict:
     """Success rate of the expert on ``seeds`` (parallel processes)."""
-    args = [(int(s), action_noise, max_steps, False, (), 0, lite_physics) for s in seeds]  # stop at success (= max reward)
+    args = [
+        (int(s), action_noise, max_steps, False, (), 0, lite_physics) for s in seeds
+    ]  # stop at success (= max reward)
     results = []
     ctx = mp.get_context("spawn")
     with ctx.Pool(n_workers, initializer=_pool_init, maxtasksperchild=10) as pool:
-        for r in tqdm(pool.imap_unordered(_episode_worker, args), total=len(args), disable=not progress,
-                      desc=f"expert sigma={action_noise}"):
+        for r in tqdm(
+            pool.imap_unordered(_episode_worker, args),
+            total=len(args),
+            disable=not progress,
+            desc=f"expert sigma={action_noise}",
+        ):
             results.append(r)
             if progress:
-                tqdm.write(f"seed {r['seed']}: success={r['success']} step={r.get('success_step')} "
-                           f"phases={r.get('final_phases')} wall={r.get('wall_s', 0):.0f}s {r.get('error', '')}")
+                tqdm.write(
+                    f"seed {r['seed']}: success={r['success']} step={r.get('success_step')} "
+                    f"phases={r.get('final_phases')} wall={r.get('wall_s', 0):.0f}s {r.get('error', '')}"
+                )
     results.sort(key=lambda r: r["seed"])
     succ = [r["success"] for r in results]
     steps = [r["success_step"] for r in results if r.get("success_step")]
@@ -746,6 +779,7 @@ def generate_transport_demos(cfg, run_dir) -> dict:
     ``seed`` (default 0, disjoint from the test seeds 100000+); episodes run up to 700 steps (demos.yaml's
     ``max_steps`` is Push-T's). RESULT keys: n_episodes, n_dropped, seconds, out, the four file paths.
     """
+
     def get(key, default=None):
         cur = cfg
         for part in key.split("."):
@@ -797,7 +831,10 @@ def generate_transport_demos(cfg, run_dir) -> dict:
     seeds = iter(range(seed_start, seed_start + max_tries))
     ctx = mp.get_context("spawn")
     try:
-        with ctx.Pool(n_workers, initializer=_pool_init, maxtasksperchild=5) as pool, tqdm(total=n_eps, desc="transport demos") as bar:
+        with (
+            ctx.Pool(n_workers, initializer=_pool_init, maxtasksperchild=5) as pool,
+            tqdm(total=n_eps, desc="transport demos") as bar,
+        ):
             pending = []
 
             def submit():
@@ -829,8 +866,10 @@ def generate_transport_demos(cfg, run_dir) -> dict:
                     submit()
             pool.terminate()
         if n_ok < n_eps:
-            raise RuntimeError(f"transport demos: only {n_ok}/{n_eps} successful episodes in {tried} seeds"
-                               + (f"; first error: {errors[0]}" if errors else ""))
+            raise RuntimeError(
+                f"transport demos: only {n_ok}/{n_eps} successful episodes in {tried} seeds"
+                + (f"; first error: {errors[0]}" if errors else "")
+            )
         w.close(val_ratio=0.02 if n_ok > 10 else None)
         w_abs.close(val_ratio=0.02 if n_ok > 10 else None)
     except BaseException:
@@ -840,9 +879,12 @@ def generate_transport_demos(cfg, run_dir) -> dict:
     lowdim = list(LOWDIM_SHAPES)
     keys = lowdim + list(image_keys)
     concat = {} if image_keys else {"obs": list(LOWDIM_CONCAT_KEYS)}
-    robomimic_to_replay_buffer(files["hdf5"], keys, concat, abs_action=False, out_path=files["zarr"], overwrite=overwrite)
-    robomimic_to_replay_buffer(files["hdf5_abs"], keys, concat, abs_action=True, out_path=files["zarr_abs"],
-                               overwrite=overwrite)
+    robomimic_to_replay_buffer(
+        files["hdf5"], keys, concat, abs_action=False, out_path=files["zarr"], overwrite=overwrite
+    )
+    robomimic_to_replay_buffer(
+        files["hdf5_abs"], keys, concat, abs_action=True, out_path=files["zarr_abs"], overwrite=overwrite
+    )
     res = {
         "task": "transport",
         "n_episodes": n_ok,
@@ -876,15 +918,23 @@ def _parse_seeds(spec: str) -> list[int]:
 def main(argv=None) -> int:
     """``python -m shortcut_policy.envs.experts.transport --seeds 100000-100049 --noise 0.1 --workers 2``"""
     ap = argparse.ArgumentParser(description=main.__doc__)
-    ap.add_argument("--seeds", default=f"{TEST_SEED_START}-{TEST_SEED_START + 49}", help="a-b (inclusive) or a,b,c; default: the 50 test seeds")
+    ap.add_argument(
+        "--seeds",
+        default=f"{TEST_SEED_START}-{TEST_SEED_START + 49}",
+        help="a-b (inclusive) or a,b,c; default: the 50 test seeds",
+    )
     ap.add_argument("--noise", type=float, default=0.0)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--out", default=None, help="write the full result JSON here")
-    ap.add_argument("--lite-physics", action="store_true",
-                    help="robosuite lite_physics=True (bit-identical results here, about 1.5x faster)")
+    ap.add_argument(
+        "--lite-physics",
+        action="store_true",
+        help="robosuite lite_physics=True (bit-identical results here, about 1.5x faster)",
+    )
     args = ap.parse_args(argv)
-    res = evaluate_expert(_parse_seeds(args.seeds), args.noise, args.workers,
-                          lite_physics=True if args.lite_physics else None)
+    res = evaluate_expert(
+        _parse_seeds(args.seeds), args.noise, args.workers, lite_physics=True if args.lite_physics else None
+    )
     summary = {k: v for k, v in res.items() if k != "results"}
     summary["mean_wall_s"] = float(np.mean([r.get("wall_s", np.nan) for r in res["results"]]))
     if args.out:

@@ -1,6 +1,7 @@
 """``shortcut-policy bench toy|policy|images|policies ...`` (configs/bench.yaml, ``what=``): benchmarks that measure
 quality and speed side by side. The implementations stay in the library: bench.py (toy), policy_bench.py
 (policy), bench_images.py (images), bench_policies.py (policies: trains through the train verb handed to it here)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -23,7 +24,9 @@ def bench_command(cfg, run_dir):
         return run_toy(cfg, Path(run_dir))
     if what == "policy":
         bc = cfg.policy_bench
-        return run_bench_policy(cfg, Path(run_dir), compose("train", [f"task={bc.task}", f"net={bc.net}", "logger=none"]))
+        return run_bench_policy(
+            cfg, Path(run_dir), compose("train", [f"task={bc.task}", f"net={bc.net}", "logger=none"])
+        )
     if what == "images":
         return run_bench_images(cfg, Path(run_dir))
     if what == "policies":

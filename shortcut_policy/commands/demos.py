@@ -4,6 +4,7 @@
 :func:`shortcut_policy.envs.demos.expert_demos`); a plain string ``task`` names the env directly (from Python).
 RESULT: ``n_episodes`` (kept), ``n_dropped`` (failed attempts, not written), ``seconds``, ``out``, ...
 """
+
 from __future__ import annotations
 
 from pathlib import Path

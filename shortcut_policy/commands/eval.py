@@ -1,5 +1,6 @@
 """``shortcut-policy eval policy=expert|checkpoint task=<task> ...`` (configs/eval.yaml): the env's scripted expert or
 a trained checkpoint on the task's seeds, through the parallel rollout runner (:mod:`shortcut_policy.eval.rollout`)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -72,15 +73,19 @@ def eval_command(cfg, run_dir) -> dict:
             n_act = check_int("n_action_steps", n_act, 1)
             room = policy.horizon - policy.n_obs_steps + 1
             if n_act > room:
-                raise ValueError(f"n_action_steps={n_act}: the policy predicts horizon {policy.horizon} with "
-                                 f"n_obs_steps {policy.n_obs_steps}, so at most {room} actions can be executed")
+                raise ValueError(
+                    f"n_action_steps={n_act}: the policy predicts horizon {policy.horizon} with "
+                    f"n_obs_steps {policy.n_obs_steps}, so at most {room} actions can be executed"
+                )
             policy.n_action_steps = n_act
             task_cfg = {**to_plain(task_cfg), "n_action_steps": n_act}
         sampler = cfg_get(cfg, "sampler", None)
         if sampler is not None:  # diffusion checkpoints: ddpm | ddim (steps= is then the number of denoising steps)
             if not hasattr(policy.objective, "sampler"):
-                raise ValueError(f"sampler={sampler!r}: only diffusion checkpoints have a sampler choice; {ckpt} was "
-                                 f"trained with objective={policy.objective.name}")
+                raise ValueError(
+                    f"sampler={sampler!r}: only diffusion checkpoints have a sampler choice; {ckpt} was "
+                    f"trained with objective={policy.objective.name}"
+                )
             if sampler not in ("ddpm", "ddim"):
                 raise ValueError(f"sampler={sampler!r}: expected 'ddpm' or 'ddim'")
             policy.objective.sampler = sampler
@@ -94,11 +99,21 @@ def eval_command(cfg, run_dir) -> dict:
     n_videos = cfg_get(cfg, "n_videos", cfg_get(tev, "n_videos", 2))
     steps = cfg_get(cfg, "steps", [1])
     steps = list(steps) if isinstance(to_plain(steps), (list, tuple)) else [steps]
-    res = evaluate(task_cfg, policy=policy, steps_list=steps, n_episodes=n_episodes, seed_start=seed_start,
-                   n_workers=workers, n_videos=n_videos, run_dir=run_dir, expert_spec=cfg_get(cfg, "expert"),
-                   timeout=float(cfg_get(cfg, "timeout_s", 600.0)), progress=bool(cfg_get(cfg, "progress", True)),
-                   envs_per_worker=cfg_get(cfg, "envs_per_worker", cfg_get(tev, "envs_per_worker", None)),
-                   max_crash_fraction=max_crash)
+    res = evaluate(
+        task_cfg,
+        policy=policy,
+        steps_list=steps,
+        n_episodes=n_episodes,
+        seed_start=seed_start,
+        n_workers=workers,
+        n_videos=n_videos,
+        run_dir=run_dir,
+        expert_spec=cfg_get(cfg, "expert"),
+        timeout=float(cfg_get(cfg, "timeout_s", 600.0)),
+        progress=bool(cfg_get(cfg, "progress", True)),
+        envs_per_worker=cfg_get(cfg, "envs_per_worker", cfg_get(tev, "envs_per_worker", None)),
+        max_crash_fraction=max_crash,
+    )
     if policy is not None:
         res["n_action_steps"] = policy.n_action_steps
         res["noise_scale"] = policy.noise_scale

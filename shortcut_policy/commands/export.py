@@ -1,6 +1,7 @@
 """``shortcut-policy export checkpoint=PATH format=onnx|torchscript [steps=1 precision=float32|float64 out=PATH
 overwrite=false]`` (configs/export.yaml): the N-step policy as one graph, with a parity check and batch-1 latency
 against the PyTorch policy (:mod:`shortcut_policy.deploy.export`)."""
+
 from __future__ import annotations
 
 import copy
@@ -54,7 +55,9 @@ def export_command(cfg, run_dir) -> dict:
     seed = int(cfg.seed)
     ex_obs = random_observations(policy, 2, seed)
     tdt = torch.float64 if precision == "float64" else torch.float32
-    example = tuple(torch.as_tensor(ex_obs[k], dtype=tdt) for k in module.keys) + (fixed_noise(policy, 2, seed).to(tdt),)
+    example = tuple(torch.as_tensor(ex_obs[k], dtype=tdt) for k in module.keys) + (
+        fixed_noise(policy, 2, seed).to(tdt),
+    )
     if fmt == "onnx":
         export_onnx(graph, example, out, overwrite=bool(cfg.overwrite), opset=int(cfg.opset))
     else:
@@ -71,21 +74,39 @@ def export_command(cfg, run_dir) -> dict:
     torch_ms = median_ms(lambda: ref_policy.predict_action(obs1, steps=steps, generator=gen), n)
     extra = {}
     if precision == "float64":  # what the float32 PyTorch policy costs, for comparison
-        extra["torch_float32_latency_ms"] = median_ms(lambda: policy.predict_action(obs1, steps=steps, generator=gen), n)
-    meta = {"format": fmt, "file": str(out), "checkpoint": str(ckpt), "task": policy.task_name, "steps": steps,
-            "precision": precision,
-            "inputs": {k: ["B", policy.n_obs_steps, *policy.obs_encoder.obs_shapes[k]] for k in module.keys}
-            | {"noise": ["B", policy.horizon, policy.action_dim]},
-            "output": {"action": ["B", policy.n_action_steps, policy.action_dim]}, "parity_noise_seed": seed,
-            "noise": "standard normal; pass a fixed tensor (e.g. torch.randn with a fixed seed, or zeros) for determinism"}
+        extra["torch_float32_latency_ms"] = median_ms(
+            lambda: policy.predict_action(obs1, steps=steps, generator=gen), n
+        )
+    meta = {
+        "format": fmt,
+        "file": str(out),
+        "checkpoint": str(ckpt),
+        "task": policy.task_name,
+        "steps": steps,
+        "precision": precision,
+        "inputs": {k: ["B", policy.n_obs_steps, *policy.obs_encoder.obs_shapes[k]] for k in module.keys}
+        | {"noise": ["B", policy.horizon, policy.action_dim]},
+        "output": {"action": ["B", policy.n_action_steps, policy.action_dim]},
+        "parity_noise_seed": seed,
+        "noise": "standard normal; pass a fixed tensor (e.g. torch.randn with a fixed seed, or zeros) for determinism",
+    }
     side = out.with_name(out.name + ".json")
     atomic_write_text(side, json.dumps(meta, indent=2))
-    res = {"format": fmt, "file": str(out), "steps": steps, "precision": precision,
-           "max_abs_diff": diff, "max_abs_diff_normalized": ndiff,
-           "torch_batch1_vs_batched_diff": rounding["torch_batch1_vs_batched_diff"],
-           "torch_fp32_vs_fp64": rounding["torch_fp32_vs_fp64"], f"{fmt}_vs_fp64": rounding["exported_vs_fp64"],
-           "n_parity": int(cfg.n_parity),
-           "torch_latency_ms": torch_ms, **extra, "threads": threads}
+    res = {
+        "format": fmt,
+        "file": str(out),
+        "steps": steps,
+        "precision": precision,
+        "max_abs_diff": diff,
+        "max_abs_diff_normalized": ndiff,
+        "torch_batch1_vs_batched_diff": rounding["torch_batch1_vs_batched_diff"],
+        "torch_fp32_vs_fp64": rounding["torch_fp32_vs_fp64"],
+        f"{fmt}_vs_fp64": rounding["exported_vs_fp64"],
+        "n_parity": int(cfg.n_parity),
+        "torch_latency_ms": torch_ms,
+        **extra,
+        "threads": threads,
+    }
     res["onnx_latency_ms" if fmt == "onnx" else "torchscript_latency_ms"] = exp_ms
     if fmt == "onnx":
         import onnx  # lazy: onnx + onnxruntime (optional, the `deploy` extra), only for format=onnx

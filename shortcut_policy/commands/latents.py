@@ -1,6 +1,7 @@
 """``shortcut-policy latents task=<image task> [out=PATH vae_path=DIR space=latent|pixel max_items=N]``
 (configs/latents.yaml): encode a task's images once into a zarr store (latents with a VAE, or pixels) that
 training reads instead of encoding every step (:mod:`shortcut_policy.datasets.latents`)."""
+
 from __future__ import annotations
 
 import time
@@ -28,11 +29,26 @@ def latents_command(cfg, run_dir) -> dict:
         vae = load_vae(vae_path, device)
     ds = items_source(task, cfg.get("max_items"))
     t0 = time.time()
-    attrs = encode_dataset(ds, out, space=space, vae=vae, vae_path=vae_path,
-                           scale=float(task.get("latent_scale", VAE_LATENT_SCALE)), flip=bool(cfg.get("flip", True)),
-                           batch_size=int(cfg.get("batch_size", 32)), shard_size=int(cfg.get("shard_size", 1024)),
-                           device=device, overwrite=bool(cfg.get("overwrite", False)),
-                           meta={"task": str(task.get("name", ""))})
+    attrs = encode_dataset(
+        ds,
+        out,
+        space=space,
+        vae=vae,
+        vae_path=vae_path,
+        scale=float(task.get("latent_scale", VAE_LATENT_SCALE)),
+        flip=bool(cfg.get("flip", True)),
+        batch_size=int(cfg.get("batch_size", 32)),
+        shard_size=int(cfg.get("shard_size", 1024)),
+        device=device,
+        overwrite=bool(cfg.get("overwrite", False)),
+        meta={"task": str(task.get("name", ""))},
+    )
     dt = time.time() - t0
-    return {"out": str(out), "count": attrs["count"], "space": space, "shape": attrs["shape"],
-            "seconds": round(dt, 2), "images_per_s": round(attrs["count"] / max(dt, 1e-9), 2)}
+    return {
+        "out": str(out),
+        "count": attrs["count"],
+        "space": space,
+        "shape": attrs["shape"],
+        "seconds": round(dt, 2),
+        "images_per_s": round(attrs["count"] / max(dt, 1e-9), 2),
+    }

@@ -1,5 +1,6 @@
 """``shortcut-policy sample checkpoint=PATH [steps=[1,4,128] num_images=64 cfg_scale=S labels=[...]]``
 (configs/sample.yaml): PNG grids of an image checkpoint at each number of sampling steps, from the same noise."""
+
 from __future__ import annotations
 
 import time
@@ -35,8 +36,15 @@ def sample_command(cfg, run_dir) -> dict:
         runs.append((gen.max_steps, float(cfg.cfg_scale)))
     for steps, scale in runs:
         t0 = time.time()
-        x = sample_images(gen, n, steps, seed=int(cfg.get("seed", 0)), labels=labels, cfg_scale=scale,
-                          batch_size=int(cfg.get("batch_size", 64)))
+        x = sample_images(
+            gen,
+            n,
+            steps,
+            seed=int(cfg.get("seed", 0)),
+            labels=labels,
+            cfg_scale=scale,
+            batch_size=int(cfg.get("batch_size", 64)),
+        )
         dt = time.time() - t0
         tag = f"{steps}steps" + (f"_cfg{scale:g}" if scale is not None else "")
         path = run_dir / f"grid_{tag}.png"

@@ -4,6 +4,7 @@
 ``<fn>_preflight`` in the verb's module): an unknown objective key or a resume whose fixed settings differ from
 the checkpoint's is refused there.
 """
+
 from __future__ import annotations
 
 import os

@@ -6,6 +6,7 @@ Actions whose time is already past (t + tolerance < now) are dropped when the ch
 latency is absorbed. Without ensembling a newer chunk replaces the queued actions it overlaps; with
 ``ensemble_k`` the predictions for one tick are averaged with weights exp(-k * i), i = 0 for the oldest (ACT).
 """
+
 from __future__ import annotations
 
 import math
@@ -19,6 +20,7 @@ class ActionQueue:
     (None: a newer chunk replaces overlapping actions). Counters ``n_dropped_stale``, ``n_dropped_unused``,
     ``n_over_budget``, ``n_dropped_reset`` say what was discarded. Raises ``ValueError`` for dt <= 0 or a tolerance
     outside [0, dt)."""
+
     def __init__(self, t0: float, dt: float, tolerance: float, ensemble_k: float | None = None):
         if dt <= 0:
             raise ValueError(f"dt={dt}: expected > 0")
@@ -27,10 +29,10 @@ class ActionQueue:
         self.t0, self.dt, self.tolerance = float(t0), float(dt), float(tolerance)
         self.ensemble_k = None if ensemble_k is None else float(ensemble_k)
         self._slots: dict[int, list[tuple[np.ndarray, float]]] = {}  # tick -> [(action, obs_time)] oldest first
-        self.n_dropped_stale = 0   # actions discarded on arrival because their time had passed
+        self.n_dropped_stale = 0  # actions discarded on arrival because their time had passed
         self.n_dropped_unused = 0  # queued actions never executed (superseded by time)
-        self.n_over_budget = 0     # chunks that arrived entirely stale (their last action was rescheduled)
-        self.n_dropped_reset = 0   # queued actions discarded by discard() (an episode reset)
+        self.n_over_budget = 0  # chunks that arrived entirely stale (their last action was rescheduled)
+        self.n_dropped_reset = 0  # queued actions discarded by discard() (an episode reset)
 
     def tick_of(self, t: float) -> int:
         """The control tick nearest to time ``t`` (seconds)."""

@@ -15,6 +15,7 @@ layers are first rewritten into elementary ops (``lowering.lower_module``), and 
 policy in float64 (``policy.double()``), so the parity figure measures the export alone, not float32 rounding (which is
 ~2e-4 px for a Push-T policy whose outputs reach 500 px: ``torch_fp32_vs_fp64``). Inputs are then float64 arrays.
 """
+
 from __future__ import annotations
 
 import copy
@@ -37,8 +38,10 @@ class ExportablePolicy(nn.Module):
     def __init__(self, policy, steps: int = 1):
         super().__init__()
         if isinstance(policy.objective, Diffusion):
-            raise ValueError("export: the checkpoint uses the diffusion objective (scheduler loop with stochastic steps); "
-                             "export supports shortcut and flow-matching checkpoints")
+            raise ValueError(
+                "export: the checkpoint uses the diffusion objective (scheduler loop with stochastic steps); "
+                "export supports shortcut and flow-matching checkpoints"
+            )
         self.policy = policy
         self.steps = policy.check_steps(steps)
         self.keys = list(policy.obs_encoder.lowdim_keys) + list(policy.obs_encoder.image_keys)
@@ -49,7 +52,7 @@ class ExportablePolicy(nn.Module):
         initial noise (B, H, Da); returns the executed actions (B, Ta, Da) in environment units (normalise, encode,
         N-step sampling, clamp to [-1, 1], unnormalise, slice from To - 1)."""
         p = self.policy
-        obs = {k: x[:, -p.n_obs_steps:] for k, x in zip(self.keys, inputs[:-1])}
+        obs = {k: x[:, -p.n_obs_steps :] for k, x in zip(self.keys, inputs[:-1])}
         noise = inputs[-1]
         cond = p.obs_encoder(p.normalizer.normalize(obs))
         naction = p.objective.sample(p.net, noise, cond, steps=self.steps).clamp(-1.0, 1.0)
@@ -93,8 +96,17 @@ def export_onnx(module: ExportablePolicy, example: tuple, out: Path, overwrite: 
     names = module.keys + ["noise"]
     dyn = {n: {0: "batch"} for n in names + ["action"]}
     with atomic_path(out) as tmp, torch.no_grad():
-        torch.onnx.export(module, example, str(tmp), input_names=names, output_names=["action"], dynamic_axes=dyn,
-                          opset_version=opset, dynamo=False, do_constant_folding=True)
+        torch.onnx.export(
+            module,
+            example,
+            str(tmp),
+            input_names=names,
+            output_names=["action"],
+            dynamic_axes=dyn,
+            opset_version=opset,
+            dynamo=False,
+            do_constant_folding=True,
+        )
         import onnx  # lazy: onnx (optional, the `deploy` extra)
 
         onnx.checker.check_model(onnx.load(str(tmp)))
@@ -134,7 +146,9 @@ class Runner:
             return self.sess.run(["action"], feed)[0]
         with torch.no_grad():
             tdt = torch.float64 if self.dtype == np.float64 else torch.float32
-            args = [torch.as_tensor(np.asarray(obs[k]), dtype=tdt) for k in self.keys] + [torch.as_tensor(np.asarray(noise), dtype=tdt)]
+            args = [torch.as_tensor(np.asarray(obs[k]), dtype=tdt) for k in self.keys] + [
+                torch.as_tensor(np.asarray(noise), dtype=tdt)
+            ]
             return self.mod(*args).numpy()
 
 
@@ -150,7 +164,9 @@ def parity(policy, runner: Runner, steps: int, n: int, seed: int = 0) -> tuple[f
         raise AssertionError(f"exported output shape {got.shape} != policy output {ref.shape}")
     diff = float(np.abs(got.astype(np.float64) - ref.astype(np.float64)).max())
     norm = policy.normalizer["action"]
-    ndiff = (norm.normalize(torch.as_tensor(got, dtype=torch.float64)) - norm.normalize(torch.as_tensor(ref, dtype=torch.float64)))
+    ndiff = norm.normalize(torch.as_tensor(got, dtype=torch.float64)) - norm.normalize(
+        torch.as_tensor(ref, dtype=torch.float64)
+    )
     return diff, float(ndiff.abs().max()), got
 
 
@@ -168,9 +184,11 @@ def float32_reference(module: ExportablePolicy, policy, got: np.ndarray, n: int,
         batched = module(*args).double()
         single = torch.cat([module(*[a[i : i + 1] for a in args]) for i in range(n)]).double()
         exact = copy.deepcopy(module).double()(*[a.double() for a in args])
-    return {"torch_batch1_vs_batched_diff": float((batched - single).abs().max()),
-            "torch_fp32_vs_fp64": float((batched - exact).abs().max()),
-            "exported_vs_fp64": float((torch.as_tensor(got, dtype=torch.float64) - exact).abs().max())}
+    return {
+        "torch_batch1_vs_batched_diff": float((batched - single).abs().max()),
+        "torch_fp32_vs_fp64": float((batched - exact).abs().max()),
+        "exported_vs_fp64": float((torch.as_tensor(got, dtype=torch.float64) - exact).abs().max()),
+    }
 
 
 def median_ms(fn, n: int, warmup: int = 5) -> float:

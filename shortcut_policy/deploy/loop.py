@@ -23,6 +23,7 @@ reset). Actions are sent with the episode they were planned in, so the robot can
 Each reset is recorded in ``LoopStats.resets`` (cycle, episode, queued chunks/actions and in-flight chunks
 discarded), in the result and in timeline.json.
 """
+
 from __future__ import annotations
 
 import math
@@ -61,7 +62,7 @@ def episode_window(obs, obs_shapes, n_obs_steps: int) -> dict:
     first = int(np.argmax(ep == ep[-1]))  # ids never decrease: the latest episode's frames are a suffix
     if first == 0:
         return out
-    return {k: np.concatenate([np.repeat(v[first:first + 1], first, axis=0), v[first:]]) for k, v in out.items()}
+    return {k: np.concatenate([np.repeat(v[first : first + 1], first, axis=0), v[first:]]) for k, v in out.items()}
 
 
 def _pct(x, q):
@@ -74,20 +75,21 @@ class LoopStats:
     """What a :class:`ControlLoop` run measured: per-cycle work time, period and start jitter (seconds), inference
     latencies, and counts of deadline misses, skipped / startup / absorbed / reset-wait ticks, stale actions, chunks
     and episode resets; ``stopped_by`` is "n_steps", "episode_end" or "interrupt"."""
+
     hz: float
     mode: str
     cycles: int = 0
-    busy_s: list = field(default_factory=list)       # work time inside each cycle (obs, queue, send, sync inference)
-    period_s: list = field(default_factory=list)     # actual interval between consecutive cycle starts
-    jitter_s: list = field(default_factory=list)     # |actual cycle start - scheduled|
+    busy_s: list = field(default_factory=list)  # work time inside each cycle (obs, queue, send, sync inference)
+    period_s: list = field(default_factory=list)  # actual interval between consecutive cycle starts
+    jitter_s: list = field(default_factory=list)  # |actual cycle start - scheduled|
     inference_s: list = field(default_factory=list)  # latency of each policy call
     deadline_misses: int = 0
     skipped_ticks: int = 0
     startup_ticks: int = 0
-    absorbed_ticks: int = 0   # sync: ticks whose action was late only by this cycle's within-period inference
+    absorbed_ticks: int = 0  # sync: ticks whose action was late only by this cycle's within-period inference
     stale_dropped: int = 0
     over_budget: int = 0
-    chunks: int = 0           # chunks merged into the queue (a chunk discarded because of a reset is not counted)
+    chunks: int = 0  # chunks merged into the queue (a chunk discarded because of a reset is not counted)
     reset_wait_ticks: int = 0  # ticks after a reset before the new episode's first chunk (the robot stands still)
     # one entry per episode reset seen: {"cycle", "episode" (the new id), "queued_chunks", "queued_actions"
     # (discarded from the queue), "in_flight_chunks" (inferences started before the reset, discarded on landing)}
@@ -110,15 +112,28 @@ class LoopStats:
         """The run's figures as a flat dict: percentiles (p50, p99) in milliseconds and the counters."""
         ms = lambda v: 1e3 * v  # noqa: E731
         return {
-            "hz": self.hz, "mode": self.mode, "cycles": self.cycles,
-            "cycle_p50_ms": ms(_pct(self.busy_s, 50)), "cycle_p99_ms": ms(_pct(self.busy_s, 99)),
-            "period_p50_ms": ms(_pct(self.period_s, 50)), "period_p99_ms": ms(_pct(self.period_s, 99)),
-            "jitter_p50_ms": ms(_pct(self.jitter_s, 50)), "jitter_p99_ms": ms(_pct(self.jitter_s, 99)),
-            "inference_p50_ms": ms(_pct(self.inference_s, 50)), "inference_p99_ms": ms(_pct(self.inference_s, 99)),
-            "deadline_misses": self.deadline_misses, "skipped_ticks": self.skipped_ticks,
-            "startup_ticks": self.startup_ticks, "absorbed_ticks": self.absorbed_ticks, "stale_dropped": self.stale_dropped, "over_budget": self.over_budget, "chunks": self.chunks,
-            "episode_resets": self.episode_resets, "reset_discarded_chunks": self.reset_discarded_chunks,
-            "reset_discarded_actions": self.reset_discarded_actions, "reset_wait_ticks": self.reset_wait_ticks,
+            "hz": self.hz,
+            "mode": self.mode,
+            "cycles": self.cycles,
+            "cycle_p50_ms": ms(_pct(self.busy_s, 50)),
+            "cycle_p99_ms": ms(_pct(self.busy_s, 99)),
+            "period_p50_ms": ms(_pct(self.period_s, 50)),
+            "period_p99_ms": ms(_pct(self.period_s, 99)),
+            "jitter_p50_ms": ms(_pct(self.jitter_s, 50)),
+            "jitter_p99_ms": ms(_pct(self.jitter_s, 99)),
+            "inference_p50_ms": ms(_pct(self.inference_s, 50)),
+            "inference_p99_ms": ms(_pct(self.inference_s, 99)),
+            "deadline_misses": self.deadline_misses,
+            "skipped_ticks": self.skipped_ticks,
+            "startup_ticks": self.startup_ticks,
+            "absorbed_ticks": self.absorbed_ticks,
+            "stale_dropped": self.stale_dropped,
+            "over_budget": self.over_budget,
+            "chunks": self.chunks,
+            "episode_resets": self.episode_resets,
+            "reset_discarded_chunks": self.reset_discarded_chunks,
+            "reset_discarded_actions": self.reset_discarded_actions,
+            "reset_wait_ticks": self.reset_wait_ticks,
             "stopped_by": self.stopped_by,
         }
 
@@ -170,8 +185,7 @@ class _Worker(threading.Thread):
             return self._busy or self._request is not None
 
     def submit(self, obs, obs_time, episode=None):
-        """Request inference on ``obs`` (captured at ``obs_time``, in ``episode``); replaces a request not yet started.
-        """
+        """Request inference on ``obs`` (captured at ``obs_time``, in ``episode``); replaces a request not yet started."""
         with self._cv:
             self._request, self._busy = (obs, obs_time, episode), True
             self._cv.notify()
@@ -192,17 +206,33 @@ class _Worker(threading.Thread):
 class ControlLoop:
     """Run ``policy_fn(obs) -> (Ta, Da)`` on ``robot`` at ``hz``; obs holds (To, ...) arrays (no batch dim)."""
 
-    def __init__(self, robot, policy_fn, obs_shapes, n_obs_steps: int, hz: float | None = None, mode: str = "async",
-                 tolerance_s: float | None = None, ensemble_k: float | None = None, expected_latency_s: float = 0.0,
-                 spin_s: float = 0.002, torch_threads: int | None = 1, status=None, status_every_s: float = 0.5,
-                 switch_interval_s: float | None = None, rt_priority: int = 0):
+    def __init__(
+        self,
+        robot,
+        policy_fn,
+        obs_shapes,
+        n_obs_steps: int,
+        hz: float | None = None,
+        mode: str = "async",
+        tolerance_s: float | None = None,
+        ensemble_k: float | None = None,
+        expected_latency_s: float = 0.0,
+        spin_s: float = 0.002,
+        torch_threads: int | None = 1,
+        status=None,
+        status_every_s: float = 0.5,
+        switch_interval_s: float | None = None,
+        rt_priority: int = 0,
+    ):
         if mode not in ("sync", "async"):
             raise ValueError(f"mode={mode!r}: expected sync | async")
         self.robot, self.policy_fn, self.mode = robot, policy_fn, mode
         self.obs_shapes, self.n_obs_steps = dict(obs_shapes), int(n_obs_steps)
         self.hz = float(hz or robot.control_hz)
         if abs(self.hz - robot.control_hz) > 1e-9:
-            raise ValueError(f"hz={self.hz} differs from the robot's control rate {robot.control_hz}: build the robot at that rate")
+            raise ValueError(
+                f"hz={self.hz} differs from the robot's control rate {robot.control_hz}: build the robot at that rate"
+            )
         self.dt = 1.0 / self.hz
         self.tolerance = getattr(robot, "latch_s", 0.25 * self.dt) if tolerance_s is None else float(tolerance_s)
         self.ensemble_k, self.spin_s, self.torch_threads = ensemble_k, spin_s, torch_threads
@@ -221,8 +251,10 @@ class ControlLoop:
             old = (os.sched_getscheduler(0), os.sched_getparam(0))
             os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(self.rt_priority))
         except (PermissionError, OSError) as e:
-            print(f"warning: rt_priority={self.rt_priority}: SCHED_FIFO not permitted ({e}); running at normal priority",
-                  file=sys.stderr)
+            print(
+                f"warning: rt_priority={self.rt_priority}: SCHED_FIFO not permitted ({e}); running at normal priority",
+                file=sys.stderr,
+            )
             return None
         self.rt_applied = True
         return old
@@ -285,8 +317,7 @@ class ControlLoop:
         return stats
 
     def _infer(self, obs, stats):
-        """Run the policy on ``obs`` in the calling thread (sync mode), recording the latency; returns the chunk (Ta, Da).
-        """
+        """Run the policy on ``obs`` in the calling thread (sync mode), recording the latency; returns the chunk (Ta, Da)."""
         t = time.perf_counter()
         chunk = self.policy_fn(self._policy_obs(obs))
         stats.inference_s.append(time.perf_counter() - t)
@@ -314,12 +345,21 @@ class ControlLoop:
             ep = int(obs[EPISODE_KEY][-1]) if EPISODE_KEY in obs else None
             if ep != episode:
                 if episode is not None and (ep is None or ep < episode):
-                    raise ObservationError(f"observation {EPISODE_KEY!r} went from {episode} to {ep}: episode ids "
-                                           f"must be reported on every observation and never decrease")
+                    raise ObservationError(
+                        f"observation {EPISODE_KEY!r} went from {episode} to {ep}: episode ids "
+                        f"must be reported on every observation and never decrease"
+                    )
                 if episode is not None:  # the robot reset: void everything planned in the old episode
                     n_actions, n_chunks = queue.discard()
-                    stats.resets.append({"cycle": j, "episode": ep, "queued_chunks": n_chunks,
-                                         "queued_actions": n_actions, "in_flight_chunks": 0})
+                    stats.resets.append(
+                        {
+                            "cycle": j,
+                            "episode": ep,
+                            "queued_chunks": n_chunks,
+                            "queued_actions": n_actions,
+                            "in_flight_chunks": 0,
+                        }
+                    )
                     last_action, started = None, False
                 episode = ep
             if worker is not None:
@@ -388,8 +428,10 @@ class ControlLoop:
         info = self.robot.info()
         lat = f"{1e3 * stats.inference_s[-1]:6.1f}" if stats.inference_s else "   -  "
         jit = 1e3 * stats.jitter_s[-1] if stats.jitter_s else float("nan")
-        return (f"[{self.mode} {self.hz:g} Hz] step {j + 1:4d}  jitter {jit:5.2f} ms  infer {lat} ms  "
-                f"misses {stats.deadline_misses:3d}  reward {info.get('reward', 0.0):.3f}  max {info.get('max_reward', 0.0):.3f}")
+        return (
+            f"[{self.mode} {self.hz:g} Hz] step {j + 1:4d}  jitter {jit:5.2f} ms  infer {lat} ms  "
+            f"misses {stats.deadline_misses:3d}  reward {info.get('reward', 0.0):.3f}  max {info.get('max_reward', 0.0):.3f}"
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ each computing the same function as the layer it replaces (tests check this to 1
 used by the policy nets (Linear, SiLU, the sinusoidal embeddings, the normaliser's affine maps) already export to
 ops with float64 kernels. Used by ``shortcut-policy export precision=float64``.
 """
+
 from __future__ import annotations
 
 import copy
@@ -23,14 +24,17 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def conv1d_as_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride: int = 1,
-                     dilation: int = 1) -> torch.Tensor:
+def conv1d_as_matmul(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride: int = 1, dilation: int = 1
+) -> torch.Tensor:
     """A valid (unpadded) 1-d convolution as im2col + one matmul: the K strided slices of ``x`` (B, C, L) stacked
     on the channel axis (B, K*C, L_out), times ``weight`` (O, C, K) reshaped to (O, K*C); plus ``bias`` (O,).
     Returns (B, O, L_out), L_out = (L - dilation (K - 1) - 1) // stride + 1, as ``F.conv1d``."""
     K = weight.shape[-1]
     n_out = (x.shape[-1] - dilation * (K - 1) - 1) // stride + 1
-    cols = torch.cat([x[:, :, k * dilation : k * dilation + stride * (n_out - 1) + 1 : stride] for k in range(K)], dim=1)
+    cols = torch.cat(
+        [x[:, :, k * dilation : k * dilation + stride * (n_out - 1) + 1 : stride] for k in range(K)], dim=1
+    )
     y = torch.matmul(weight.permute(0, 2, 1).reshape(weight.shape[0], -1), cols)
     return y if bias is None else y + bias[:, None]
 
@@ -60,7 +64,7 @@ class MatmulConvTranspose1d(nn.Module):
         super().__init__()
         if conv.groups != 1 or conv.dilation[0] != 1:
             raise ValueError(f"lowering: unsupported {conv} (only groups=1, dilation=1)")
-        w = conv.weight.detach().clone()                                     # (C_in, O, K)
+        w = conv.weight.detach().clone()  # (C_in, O, K)
         self.weight = nn.Parameter(w.flip(-1).transpose(0, 1).contiguous(), requires_grad=False)  # (O, C_in, K)
         self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
         self.stride, self.pad, self.out_pad = conv.stride[0], conv.padding[0], conv.output_padding[0]
@@ -70,7 +74,9 @@ class MatmulConvTranspose1d(nn.Module):
         B, C, L = x.shape
         s, K = self.stride, self.weight.shape[-1]
         if s > 1:  # (B, C, L) -> (B, C, (L - 1) * s + 1) with s - 1 zeros between samples
-            x = torch.cat([x[..., None], x.new_zeros(B, C, L, s - 1)], dim=-1).reshape(B, C, L * s)[..., : (L - 1) * s + 1]
+            x = torch.cat([x[..., None], x.new_zeros(B, C, L, s - 1)], dim=-1).reshape(B, C, L * s)[
+                ..., : (L - 1) * s + 1
+            ]
         lo = K - 1 - self.pad
         x = F.pad(x, (lo, lo + self.out_pad))
         return conv1d_as_matmul(x, self.weight, self.bias)  # stride 1 with the flipped kernel
@@ -79,6 +85,7 @@ class MatmulConvTranspose1d(nn.Module):
 class ElementaryGroupNorm(nn.Module):
     """nn.GroupNorm from mean, subtraction, square, sqrt and division (biased variance over each group, affine
     per channel), ops with float64 kernels in onnxruntime."""
+
     def __init__(self, gn: nn.GroupNorm):
         super().__init__()
         self.groups, self.eps = gn.num_groups, gn.eps
@@ -110,8 +117,12 @@ class ElementaryMish(nn.Module):
         return x * torch.tanh(sp)
 
 
-_RULES = ((nn.ConvTranspose1d, MatmulConvTranspose1d), (nn.Conv1d, MatmulConv1d),
-          (nn.GroupNorm, ElementaryGroupNorm), (nn.Mish, lambda m: ElementaryMish()))
+_RULES = (
+    (nn.ConvTranspose1d, MatmulConvTranspose1d),
+    (nn.Conv1d, MatmulConv1d),
+    (nn.GroupNorm, ElementaryGroupNorm),
+    (nn.Mish, lambda m: ElementaryMish()),
+)
 _UNSUPPORTED = (nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.Softplus, nn.BatchNorm1d, nn.BatchNorm2d)
 
 
@@ -121,8 +132,10 @@ def lower_module(module: nn.Module) -> nn.Module:
     out = copy.deepcopy(module)
     for name, m in out.named_modules():
         if isinstance(m, _UNSUPPORTED):
-            raise ValueError(f"precision=float64: submodule {name!r} ({type(m).__name__}) has no float64 lowering; "
-                             "export low-dim policies in float64, or use precision=float32")
+            raise ValueError(
+                f"precision=float64: submodule {name!r} ({type(m).__name__}) has no float64 lowering; "
+                "export low-dim policies in float64, or use precision=float32"
+            )
 
     def swap(parent: nn.Module) -> None:
         for child_name, child in parent.named_children():

@@ -25,6 +25,7 @@ reset can land between the loop's last observation and its command; it raises Va
 its current episode. A robot without the key is taken to run a single episode, and ``send_action`` is then called
 without ``episode``.
 """
+
 from __future__ import annotations
 
 from typing import Mapping, Protocol, runtime_checkable
@@ -76,19 +77,31 @@ def _shape(s) -> tuple:
     return tuple(int(v) for v in s)
 
 
-def check_spec(policy_obs_shapes: Mapping, policy_action_dim: int, robot_obs_shapes: Mapping, robot_action_dim: int,
-               policy_name: str = "policy", robot_name: str = "robot") -> None:
+def check_spec(
+    policy_obs_shapes: Mapping,
+    policy_action_dim: int,
+    robot_obs_shapes: Mapping,
+    robot_action_dim: int,
+    policy_name: str = "policy",
+    robot_name: str = "robot",
+) -> None:
     """Raise ObservationError naming every key whose shape differs, is missing, or an action-dim mismatch."""
     problems = []
     for k, want in policy_obs_shapes.items():
         if k not in robot_obs_shapes:
-            problems.append(f"observation key {k!r} (shape {_shape(want)}) is not provided by {robot_name} "
-                            f"(it provides {sorted(robot_obs_shapes)})")
+            problems.append(
+                f"observation key {k!r} (shape {_shape(want)}) is not provided by {robot_name} "
+                f"(it provides {sorted(robot_obs_shapes)})"
+            )
         elif _shape(robot_obs_shapes[k]) != _shape(want):
-            problems.append(f"observation {k!r}: {policy_name} expects per-step shape {_shape(want)}, "
-                            f"{robot_name} provides {_shape(robot_obs_shapes[k])}")
+            problems.append(
+                f"observation {k!r}: {policy_name} expects per-step shape {_shape(want)}, "
+                f"{robot_name} provides {_shape(robot_obs_shapes[k])}"
+            )
     if int(policy_action_dim) != int(robot_action_dim):
-        problems.append(f"action_dim: {policy_name} outputs {int(policy_action_dim)}, {robot_name} takes {int(robot_action_dim)}")
+        problems.append(
+            f"action_dim: {policy_name} outputs {int(policy_action_dim)}, {robot_name} takes {int(robot_action_dim)}"
+        )
     if problems:
         raise ObservationError("observation/action spec mismatch: " + "; ".join(problems))
 
@@ -104,24 +117,34 @@ def validate_observation(obs: Mapping, obs_shapes: Mapping, n_obs_steps: int) ->
         raise ObservationError(f"observation key {TIMESTAMP_KEY!r} missing (got {sorted(obs)})")
     ts = np.asarray(obs[TIMESTAMP_KEY])
     if ts.ndim != 1 or ts.shape[0] < n_obs_steps:
-        raise ObservationError(f"observation {TIMESTAMP_KEY!r} has shape {ts.shape}; expected ({n_obs_steps},) or longer")
+        raise ObservationError(
+            f"observation {TIMESTAMP_KEY!r} has shape {ts.shape}; expected ({n_obs_steps},) or longer"
+        )
     if EPISODE_KEY in obs:
         ep = np.asarray(obs[EPISODE_KEY])
         if ep.shape != ts.shape:
-            raise ObservationError(f"observation {EPISODE_KEY!r} has shape {ep.shape}; expected {ts.shape} "
-                                   f"(one episode id per {TIMESTAMP_KEY!r} entry)")
-        if not (np.issubdtype(ep.dtype, np.integer)
-                or (np.issubdtype(ep.dtype, np.floating) and np.all(np.isfinite(ep)) and np.all(ep == np.round(ep)))):
+            raise ObservationError(
+                f"observation {EPISODE_KEY!r} has shape {ep.shape}; expected {ts.shape} "
+                f"(one episode id per {TIMESTAMP_KEY!r} entry)"
+            )
+        if not (
+            np.issubdtype(ep.dtype, np.integer)
+            or (np.issubdtype(ep.dtype, np.floating) and np.all(np.isfinite(ep)) and np.all(ep == np.round(ep)))
+        ):
             raise ObservationError(f"observation {EPISODE_KEY!r} must hold integers, got {ep!r}")
         if np.any(np.diff(ep) < 0):
             raise ObservationError(f"observation {EPISODE_KEY!r} must not decrease from oldest to latest, got {ep!r}")
     for k, want in obs_shapes.items():
         if k not in obs:
-            raise ObservationError(f"observation key {k!r} missing (got {sorted(obs)}; the policy expects {sorted(obs_shapes)})")
+            raise ObservationError(
+                f"observation key {k!r} missing (got {sorted(obs)}; the policy expects {sorted(obs_shapes)})"
+            )
         x = np.asarray(obs[k])
         want = _shape(want)
         if x.ndim != 1 + len(want) or tuple(x.shape[1:]) != want or x.shape[0] < n_obs_steps:
-            raise ObservationError(f"observation {k!r} has shape {tuple(x.shape)}; expected (To>={n_obs_steps}, "
-                                   f"{', '.join(map(str, want))})")
+            raise ObservationError(
+                f"observation {k!r} has shape {tuple(x.shape)}; expected (To>={n_obs_steps}, "
+                f"{', '.join(map(str, want))})"
+            )
         if not np.all(np.isfinite(x)):
             raise ObservationError(f"observation {k!r} contains NaN or inf")

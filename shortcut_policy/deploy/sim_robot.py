@@ -19,6 +19,7 @@ Any gymnasium env with dict observations of Box spaces works (every registered e
 :func:`make_sim_robot` builds one from a robot config through the env registry); physics catch-up happens in the
 caller's thread inside get_observation()/send_action()/poll(), so no extra thread competes with inference.
 """
+
 from __future__ import annotations
 
 import time
@@ -35,8 +36,17 @@ from .robot import EPISODE_KEY, TIMESTAMP_KEY
 class SimRobot:
     """A gymnasium env run as a real-time robot on the wall clock (see the module docstring): observations, command
     latching and episode resets behave as they would on hardware, so the control loop can be tested off-line."""
-    def __init__(self, env, control_hz: float, n_obs_steps: int = N_OBS_STEPS, latch_s: float | None = None,
-                 clock=time.perf_counter, name: str = "sim", auto_reset: bool = False):
+
+    def __init__(
+        self,
+        env,
+        control_hz: float,
+        n_obs_steps: int = N_OBS_STEPS,
+        latch_s: float | None = None,
+        clock=time.perf_counter,
+        name: str = "sim",
+        auto_reset: bool = False,
+    ):
         """``env``: a gymnasium env with dict observations of Box spaces; ``control_hz`` (Hz, > 0): tick rate;
         ``n_obs_steps`` (>= 1): frames per observation window; ``latch_s`` (seconds, default a quarter period): how
         late after a tick's start a command may arrive and still apply to that tick; ``clock``: seconds (default
@@ -59,7 +69,7 @@ class SimRobot:
         self.action_dim = int(np.prod(env.action_space.shape))
         self._hist: deque = deque(maxlen=self.n_obs_steps)
         self._cmds: list[tuple[float, float, np.ndarray, int | None]] = []  # (t_exec, t_received, action, episode)
-        self._current = None          # the held command
+        self._current = None  # the held command
         self._current_episode = None  # the episode it was sent for (None: untagged, held across resets)
         self.t0 = None
         self.ticks = 0
@@ -74,7 +84,7 @@ class SimRobot:
         self.episodes: list[dict] = []  # finished episodes (auto_reset): seed, max_reward, success, env_steps
         self._seed = None
         self._ep_start_step = 0  # index into self.rewards where the current episode began
-        self.episode = 0         # id of the current episode (0 after start, +1 per auto_reset)
+        self.episode = 0  # id of the current episode (0 after start, +1 per auto_reset)
         self.n_reset_dropped_commands = 0  # commands bound to an episode that had ended when they arrived
 
     # -- lifecycle -----------------------------------------------------------------------------------------------
@@ -152,10 +162,15 @@ class SimRobot:
 
     def _next_episode(self):
         """auto_reset: record the finished episode, reset the env with the next seed, keep the clock running."""
-        r = self.rewards[self._ep_start_step:]
-        self.episodes.append({"seed": self._seed, "max_reward": max(r) if r else 0.0,
-                              "success": bool(self._last_info.get("success", self._terminated)),
-                              "env_steps": len(r)})
+        r = self.rewards[self._ep_start_step :]
+        self.episodes.append(
+            {
+                "seed": self._seed,
+                "max_reward": max(r) if r else 0.0,
+                "success": bool(self._last_info.get("success", self._terminated)),
+                "env_steps": len(r),
+            }
+        )
         self._seed = None if self._seed is None else int(self._seed) + 1
         obs, info = self.env.reset(seed=self._seed)
         self._last_info = info
@@ -190,11 +205,15 @@ class SimRobot:
         self.poll(now)
         a = np.asarray(action, dtype=np.float64).reshape(-1)
         if a.shape != (self.action_dim,) or not np.all(np.isfinite(a)):
-            raise ValueError(f"{self.name}: action must be {self.action_dim} finite numbers, got {np.asarray(action)!r}")
+            raise ValueError(
+                f"{self.name}: action must be {self.action_dim} finite numbers, got {np.asarray(action)!r}"
+            )
         if episode is not None:
             episode = int(episode)
             if episode > self.episode:
-                raise ValueError(f"{self.name}: action for episode {episode}, but the current episode is {self.episode}")
+                raise ValueError(
+                    f"{self.name}: action for episode {episode}, but the current episode is {self.episode}"
+                )
             if episode < self.episode:  # planned before a reset that happened meanwhile: never executed
                 self.n_reset_dropped_commands += 1
                 return
@@ -207,19 +226,28 @@ class SimRobot:
         """Figures of the current episode (reward, max_reward; success and coverage when the env reports them) plus
         counters: env steps, ticks, late and reset-dropped commands, finished ``episodes`` and the current ``episode``.
         """
-        r = self.rewards[self._ep_start_step:]
-        out = {"reward": r[-1] if r else 0.0, "max_reward": max(r) if r else 0.0, "n_env_steps": self.n_env_steps,
-               "ticks": self.ticks, "terminated": self._terminated, "truncated": self._truncated,
-               "late_commands": self.n_late_commands, "episodes": list(self.episodes), "episode": self.episode,
-               "reset_dropped_commands": self.n_reset_dropped_commands}
+        r = self.rewards[self._ep_start_step :]
+        out = {
+            "reward": r[-1] if r else 0.0,
+            "max_reward": max(r) if r else 0.0,
+            "n_env_steps": self.n_env_steps,
+            "ticks": self.ticks,
+            "terminated": self._terminated,
+            "truncated": self._truncated,
+            "late_commands": self.n_late_commands,
+            "episodes": list(self.episodes),
+            "episode": self.episode,
+            "reset_dropped_commands": self.n_reset_dropped_commands,
+        }
         for k in ("success", "coverage"):
             if k in self._last_info:
                 out[k] = self._last_info[k]
         return out
 
 
-def make_sim_robot(robot_cfg, n_obs_steps: int, hz: float | None = None, latch_s: float | None = None,
-                   auto_reset: bool = False) -> SimRobot:
+def make_sim_robot(
+    robot_cfg, n_obs_steps: int, hz: float | None = None, latch_s: float | None = None, auto_reset: bool = False
+) -> SimRobot:
     """The simulated robot of a robot config (configs/robot/sim_*.yaml): ``env`` names a registered env (default
     pusht) and the other fields are its task fields. The env registry builds the bare env and names the robot
     class (``EnvSpec.sim_robot``, default :class:`SimRobot`)."""
@@ -233,5 +261,11 @@ def make_sim_robot(robot_cfg, n_obs_steps: int, hz: float | None = None, latch_s
     robot_cls = resolve(spec.sim_robot, f"robot env {env_name!r}", spec)
     env = make_env(cfg, wrap=False)
     rate = float(hz or cfg.get("control_hz", 10))
-    return robot_cls(env, rate, n_obs_steps=n_obs_steps, latch_s=latch_s, name=cfg.get("name", f"sim_{env_name}"),
-                     auto_reset=auto_reset)
+    return robot_cls(
+        env,
+        rate,
+        n_obs_steps=n_obs_steps,
+        latch_s=latch_s,
+        name=cfg.get("name", f"sim_{env_name}"),
+        auto_reset=auto_reset,
+    )

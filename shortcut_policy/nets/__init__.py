@@ -1,4 +1,5 @@
 """Networks. Contract for every net: net(x_t, t, d_level, cond) -> tensor shaped like x_t."""
+
 from __future__ import annotations
 
 from omegaconf import OmegaConf
@@ -19,8 +20,10 @@ def build_net(net_cfg, *, step_input: str = "level", **dims):
     cfg.pop("name", None)
     asked = cfg.pop("step_input", None)
     if asked not in (None, "auto", step_input):
-        raise ValueError(f"net.step_input={asked!r}, but the objective feeds a {step_input!r} step-size input "
-                         "(objective=meanflow needs 'continuous'; the others 'level'); drop the override or pick another objective")
+        raise ValueError(
+            f"net.step_input={asked!r}, but the objective feeds a {step_input!r} step-size input "
+            "(objective=meanflow needs 'continuous'; the others 'level'); drop the override or pick another objective"
+        )
     cfg["step_input"] = step_input
     cfg.update({k: v for k, v in dims.items() if v is not None})
     if kind == "unet1d":

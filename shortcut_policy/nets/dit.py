@@ -20,6 +20,7 @@ Deviations from stock facebookresearch/DiT that the reference makes and this por
 Omitted: the reference's unused ``logvars`` head (256 parameters), so DiT-B/2 on 32x32x4 latents with
 1000 classes has 131,091,472 parameters (reference table: 131,091,728 = this + 256).
 """
+
 from __future__ import annotations
 
 import math
@@ -79,6 +80,7 @@ class Attention(nn.Module):
     """Multi-head self-attention as the reference DiT: separate q, k, v Linear layers (with bias), logits scaled by
     1/head_dim (not 1/sqrt(head_dim)), softmax in fp32 (``impl="math"``) or torch's fused kernel with the same scale
     (``"sdpa"``). Raises ``ValueError`` when ``hidden`` is not divisible by ``num_heads`` or ``impl`` is unknown."""
+
     def __init__(self, hidden: int, num_heads: int, impl: str = "math"):
         super().__init__()
         if hidden % num_heads != 0:
@@ -111,6 +113,7 @@ class Attention(nn.Module):
 
 class Mlp(nn.Module):
     """Transformer MLP: Linear(hidden, mlp_hidden) -> GELU (tanh approximation) -> Linear(mlp_hidden, hidden)."""
+
     def __init__(self, hidden: int, mlp_hidden: int):
         super().__init__()
         self.fc1 = nn.Linear(hidden, mlp_hidden)
@@ -124,6 +127,7 @@ class Mlp(nn.Module):
 class DiTBlock(nn.Module):
     """A DiT block with adaLN: LayerNorm (no affine, eps 1e-6) -> modulate -> attention / MLP, each residual branch
     gated; shift, scale and gate for both branches come from Linear(SiLU(c)) (6 H values per row)."""
+
     def __init__(self, hidden: int, num_heads: int, mlp_ratio: float, attn_impl: str):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
@@ -143,6 +147,7 @@ class DiTBlock(nn.Module):
 class FinalLayer(nn.Module):
     """Final adaLN LayerNorm + Linear mapping each token to a p x p x C_out patch (both zero-initialised by
     :meth:`DiT.reset_parameters`, so a fresh DiT outputs zeros)."""
+
     def __init__(self, hidden: int, patch: int, out_channels: int):
         super().__init__()
         self.norm = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
@@ -186,7 +191,10 @@ class DiT(nn.Module):
         if step_input not in ("level", "continuous"):
             raise ValueError(f"DiT: step_input={step_input!r}: expected 'level' or 'continuous'")
         # continuous: d_level is the step size d in [0, 1], embedded at t's scale (same parameters)
-        self.step_input, self._d_mult = step_input, (float(t_scale) / float(level_scale)) if step_input == "continuous" else 1.0
+        self.step_input, self._d_mult = (
+            step_input,
+            (float(t_scale) / float(level_scale)) if step_input == "continuous" else 1.0,
+        )
         if isinstance(input_size, int):
             input_size = (input_size, input_size)
         self.input_size = tuple(int(s) for s in input_size)
@@ -206,9 +214,7 @@ class DiT(nn.Module):
             torch.from_numpy(sincos_pos_embed_2d(hidden_size, *self.grid)).unsqueeze(0),
             persistent=False,
         )
-        self.blocks = nn.ModuleList(
-            [DiTBlock(hidden_size, num_heads, mlp_ratio, attn_impl) for _ in range(depth)]
-        )
+        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio, attn_impl) for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.reset_parameters()
 

@@ -1,4 +1,5 @@
 """Scalar embeddings shared by every network: sinusoidal features followed by an MLP."""
+
 from __future__ import annotations
 
 import math

@@ -1,4 +1,5 @@
 """A small MLP for vector data (the 2-D toy benchmark): x (B, D) with t and level embeddings."""
+
 from __future__ import annotations
 
 import torch
@@ -13,9 +14,17 @@ class MLPNet(nn.Module):
     ``step_input="continuous"`` the step size d, scaled like t) get DiT-style sinusoidal embedders that are summed and
     added before every block; ``cond`` (B, cond_dim) is concatenated to x. ``use_step_size=False`` drops the level
     branch (flow matching). Raises ``ValueError`` for an unknown ``step_input``."""
-    def __init__(self, input_dim: int = 2, hidden: int = 256, depth: int = 4, cond_dim: int = 0,
-                 use_step_size: bool = True, time_scale: float = 1000.0,
-                 step_input: str = "level"):
+
+    def __init__(
+        self,
+        input_dim: int = 2,
+        hidden: int = 256,
+        depth: int = 4,
+        cond_dim: int = 0,
+        use_step_size: bool = True,
+        time_scale: float = 1000.0,
+        step_input: str = "level",
+    ):
         super().__init__()
         if step_input not in ("level", "continuous"):
             raise ValueError(f"MLPNet: step_input={step_input!r}: expected 'level' or 'continuous'")
@@ -37,8 +46,9 @@ class MLPNet(nn.Module):
         B = x.shape[0]
         c = self.t_embed(torch.as_tensor(t, device=x.device, dtype=torch.float32).reshape(-1).expand(B))
         if self.d_embed is not None:
-            c = c + self.d_embed(torch.as_tensor(d_level, device=x.device, dtype=torch.float32).reshape(-1).expand(B)
-                             * self._d_mult)
+            c = c + self.d_embed(
+                torch.as_tensor(d_level, device=x.device, dtype=torch.float32).reshape(-1).expand(B) * self._d_mult
+            )
         h = self.inp(x if not self.cond_dim else torch.cat([x, cond], -1))
         for blk in self.blocks:
             h = h + blk(h + c)

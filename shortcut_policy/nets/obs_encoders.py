@@ -1,6 +1,7 @@
 """Observation encoders: low-dim keys pass through; each camera gets a ResNet18 (GroupNorm, trained from
 scratch, written here: torchvision is unusable on CPU-only machines) + SpatialSoftmax(32 keypoints) +
 Linear(64) + ReLU, as robomimic / Diffusion Policy. Random crop in training, centre crop in eval."""
+
 from __future__ import annotations
 
 from typing import Mapping, Sequence
@@ -17,6 +18,7 @@ from shortcut_policy.datasets.augment import CropRandomizer
 class BasicBlock(nn.Module):
     """ResNet basic block (two 3x3 convs, identity or 1x1 projection shortcut) with GroupNorm(C/16) in place of
     BatchNorm, as Diffusion Policy's ``replace_bn_with_gn``."""
+
     def __init__(self, cin: int, cout: int, stride: int = 1):
         super().__init__()
         gn = lambda c: nn.GroupNorm(max(1, c // 16), c)  # noqa: E731  (DP: BatchNorm -> GroupNorm(C/16))
@@ -39,8 +41,9 @@ class ResNet18Conv(nn.Module):
     def __init__(self, in_channels: int = 3, width: int = 64):
         super().__init__()
         w = width
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, w, 7, 2, 3, bias=False), nn.GroupNorm(w // 16, w), nn.ReLU(),
-                                  nn.MaxPool2d(3, 2, 1))
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, w, 7, 2, 3, bias=False), nn.GroupNorm(w // 16, w), nn.ReLU(), nn.MaxPool2d(3, 2, 1)
+        )
         layers, cin = [], w
         for i, cout in enumerate([w, 2 * w, 4 * w, 8 * w]):
             stride = 1 if i == 0 else 2
@@ -68,8 +71,9 @@ class SpatialSoftmax(nn.Module):
         B, _, H, W = feat.shape
         h = self.kp(feat).flatten(2) / self.temperature
         attn = torch.softmax(h, dim=-1)
-        ys, xs = torch.meshgrid(torch.linspace(-1, 1, H, device=feat.device), torch.linspace(-1, 1, W, device=feat.device),
-                                indexing="ij")
+        ys, xs = torch.meshgrid(
+            torch.linspace(-1, 1, H, device=feat.device), torch.linspace(-1, 1, W, device=feat.device), indexing="ij"
+        )
         ex = (attn * xs.reshape(1, 1, -1)).sum(-1)
         ey = (attn * ys.reshape(1, 1, -1)).sum(-1)
         return torch.stack([ex, ey], -1).flatten(1)
@@ -79,8 +83,15 @@ class ImageEncoder(nn.Module):
     """One camera's encoder (Diffusion Policy's robomimic ResNet18 variant): random crop in training / centre crop in
     eval (``crop_shape``), ResNet18 trunk with GroupNorm, spatial softmax over ``num_kp`` keypoints, Linear to
     ``feature_dim``, ReLU."""
-    def __init__(self, image_shape: Sequence[int], crop_shape: Sequence[int] | None = None, feature_dim: int = 64,
-                 num_kp: int = 32, width: int = 64):
+
+    def __init__(
+        self,
+        image_shape: Sequence[int],
+        crop_shape: Sequence[int] | None = None,
+        feature_dim: int = 64,
+        num_kp: int = 32,
+        width: int = 64,
+    ):
         super().__init__()
         self.image_shape = tuple(image_shape)
         self.crop = CropRandomizer(crop_shape) if crop_shape else nn.Identity()
@@ -101,19 +112,28 @@ class ObsEncoder(nn.Module):
     steps concatenated (To major), as Diffusion Policy.
     """
 
-    def __init__(self, obs_shapes: Mapping[str, Sequence[int]], lowdim_keys: Sequence[str] = (),
-                 image_keys: Sequence[str] = (), n_obs_steps: int = N_OBS_STEPS, crop_shape=None, feature_dim: int = 64,
-                 resnet_width: int = 64):
+    def __init__(
+        self,
+        obs_shapes: Mapping[str, Sequence[int]],
+        lowdim_keys: Sequence[str] = (),
+        image_keys: Sequence[str] = (),
+        n_obs_steps: int = N_OBS_STEPS,
+        crop_shape=None,
+        feature_dim: int = 64,
+        resnet_width: int = 64,
+    ):
         super().__init__()
         self.obs_shapes = {k: tuple(v) for k, v in obs_shapes.items()}
         self.lowdim_keys, self.image_keys, self.n_obs_steps = list(lowdim_keys), list(image_keys), int(n_obs_steps)
         missing = [k for k in self.lowdim_keys + self.image_keys if k not in self.obs_shapes]
         if missing:
             raise ValueError(f"observation keys {missing} have no entry in obs_shapes {sorted(self.obs_shapes)}")
-        self.cams = nn.ModuleDict({k: ImageEncoder(self.obs_shapes[k], crop_shape, feature_dim, width=resnet_width)
-                                   for k in self.image_keys})
-        per_step = sum(feature_dim for _ in self.image_keys) + sum(int(torch.tensor(self.obs_shapes[k]).prod())
-                                                                   for k in self.lowdim_keys)
+        self.cams = nn.ModuleDict(
+            {k: ImageEncoder(self.obs_shapes[k], crop_shape, feature_dim, width=resnet_width) for k in self.image_keys}
+        )
+        per_step = sum(feature_dim for _ in self.image_keys) + sum(
+            int(torch.tensor(self.obs_shapes[k]).prod()) for k in self.lowdim_keys
+        )
         self.out_dim = per_step * self.n_obs_steps
 
     def forward(self, nobs: Mapping[str, torch.Tensor]) -> torch.Tensor:

@@ -10,6 +10,7 @@ t in [0,1] is multiplied by `time_scale` (default 100, Diffusion Policy's DDPM s
 sinusoid: DP's embedding frequencies lie in [1e-4, 1], so a raw t in [0,1] would be almost constant.
 The level (0..7) is fed raw, like DP's integer steps.
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -23,6 +24,7 @@ from .embeddings import SinusoidalMLPEmbedder
 
 class Conv1dBlock(nn.Sequential):
     """Conv1d (same padding) -> GroupNorm(n_groups) -> Mish: (B, cin, T) -> (B, cout, T)."""
+
     def __init__(self, cin: int, cout: int, k: int, n_groups: int = 8):
         super().__init__(nn.Conv1d(cin, cout, k, padding=k // 2), nn.GroupNorm(n_groups, cout), nn.Mish())
 
@@ -31,7 +33,10 @@ class ConditionalResidualBlock1D(nn.Module):
     """Diffusion Policy's FiLM residual block: two :class:`Conv1dBlock` with the condition applied between them
     as ``scale * x + bias`` (``cond_predict_scale``) or ``x + bias``, plus a 1x1 conv residual when the widths differ.
     """
-    def __init__(self, cin: int, cout: int, cond_dim: int, k: int = 5, n_groups: int = 8, cond_predict_scale: bool = True):
+
+    def __init__(
+        self, cin: int, cout: int, cond_dim: int, k: int = 5, n_groups: int = 8, cond_predict_scale: bool = True
+    ):
         super().__init__()
         self.blocks = nn.ModuleList([Conv1dBlock(cin, cout, k, n_groups), Conv1dBlock(cout, cout, k, n_groups)])
         self.cout, self.cond_predict_scale = cout, cond_predict_scale
@@ -73,8 +78,10 @@ class UNet1D(nn.Module):
     ):
         super().__init__()
         if step_input not in ("level", "continuous"):
-            raise ValueError(f"UNet1D: step_input={step_input!r}: expected 'level' (dyadic level log2(1/d), shortcut) "
-                             "or 'continuous' (step size d in [0, 1], MeanFlow)")
+            raise ValueError(
+                f"UNet1D: step_input={step_input!r}: expected 'level' (dyadic level log2(1/d), shortcut) "
+                "or 'continuous' (step size d in [0, 1], MeanFlow)"
+            )
         self.step_input, self.time_scale = step_input, float(time_scale)
         dsed = step_embed_dim
         self.input_dim, self.global_cond_dim = input_dim, global_cond_dim
@@ -103,7 +110,9 @@ class UNet1D(nn.Module):
         self.final_conv = nn.Sequential(Conv1dBlock(d0, d0, kernel_size, n_groups), nn.Conv1d(d0, input_dim, 1))
         self.horizon_multiple = 2 ** (len(self.down_dims) - 1)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, d_level: torch.Tensor | None = None, cond: torch.Tensor | None = None):
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, d_level: torch.Tensor | None = None, cond: torch.Tensor | None = None
+    ):
         """x (B, T, Da) at time t (B,) in [0, 1], step input ``d_level`` (B,) (required when ``use_step_size``) and the
         global condition ``cond`` (B, global_cond_dim) -> (B, T, Da). T must be a multiple of 2^(levels - 1); scalars t /
         d_level broadcast. Raises ``ValueError`` for a wrong x or cond shape, a T that does not divide, or a missing

@@ -4,6 +4,7 @@ ConsistencyTraining, LiveReflow (selected by `objective=<name>`).
 Every objective has `loss(net, x1, cond=None, *, teacher=None, null_cond=None, x0=None, teacher_cond=None)
 -> (loss, info)` and `sample(net, x0, cond=None, *, steps, null_cond=None, cfg_scale=None) -> x1`.
 """
+
 from __future__ import annotations
 
 from omegaconf import DictConfig, OmegaConf
@@ -17,8 +18,15 @@ from .meanflow import MeanFlow
 from .regression import Regression
 from .shortcut import Shortcut
 
-OBJECTIVES = {"shortcut": Shortcut, "flow_matching": FlowMatching, "diffusion": Diffusion, "meanflow": MeanFlow,
-              "regression": Regression, "consistency": ConsistencyTraining, "live_reflow": LiveReflow}
+OBJECTIVES = {
+    "shortcut": Shortcut,
+    "flow_matching": FlowMatching,
+    "diffusion": Diffusion,
+    "meanflow": MeanFlow,
+    "regression": Regression,
+    "consistency": ConsistencyTraining,
+    "live_reflow": LiveReflow,
+}
 
 
 # Guidance settings an image task sets for whichever objective it is trained with (configs/task/*.yaml); an objective
@@ -46,11 +54,23 @@ def build_objective(cfg) -> Objective:
     valid = objective_keys(name)
     unknown = [k for k in d if k not in valid and k not in TASK_LEVEL_KEYS]
     if unknown:
-        raise ValueError(f"objective.{unknown[0]}: objective={name} has no option {unknown[0]!r}"
-                         f"{f' (also unknown: {unknown[1:]})' if unknown[1:] else ''}; valid keys of the objective "
-                         f"group for {name}: {sorted(valid)}")
+        raise ValueError(
+            f"objective.{unknown[0]}: objective={name} has no option {unknown[0]!r}"
+            f"{f' (also unknown: {unknown[1:]})' if unknown[1:] else ''}; valid keys of the objective "
+            f"group for {name}: {sorted(valid)}"
+        )
     return OBJECTIVES[name](**{k: v for k, v in d.items() if k in valid})
 
 
-__all__ = ["Objective", "Shortcut", "FlowMatching", "Diffusion", "MeanFlow", "Regression", "ConsistencyTraining",
-           "LiveReflow", "build_objective", "OBJECTIVES"]
+__all__ = [
+    "Objective",
+    "Shortcut",
+    "FlowMatching",
+    "Diffusion",
+    "MeanFlow",
+    "Regression",
+    "ConsistencyTraining",
+    "LiveReflow",
+    "build_objective",
+    "OBJECTIVES",
+]

@@ -1,4 +1,5 @@
 """Behaviour shared by all objectives: input checks, per-row MSE, Euler sampling."""
+
 from __future__ import annotations
 
 import torch
@@ -44,7 +45,9 @@ class Objective(nn.Module):
         """Return ``loss`` (a scalar) unchanged, or raise ``FloatingPointError`` when it is NaN or inf (a
         diverged step: usually the learning rate or un-normalised data)."""
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss {loss.item()}: check the learning rate and the data normalisation")
+            raise FloatingPointError(
+                f"non-finite loss {loss.item()}: check the learning rate and the data normalisation"
+            )
         return loss
 
     @staticmethod

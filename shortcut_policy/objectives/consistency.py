@@ -44,6 +44,7 @@ Deviations and mechanisms (documented here, configurable where a choice exists):
   only by `sample` (guided velocity through the shared `guided` helper).
 - The noise pair is drawn per row with no reuse between parts (the reference has one part only, so nothing differs).
 """
+
 from __future__ import annotations
 
 import math
@@ -66,15 +67,24 @@ class ConsistencyTraining(Objective):
     takes_generator = True
     uses_step_size = False
 
-    def __init__(self, m: int = M, total_steps: int | None = None, teacher: str = "ema",
-                 class_dropout_prob: float = 0.0, cfg_scale: float | None = None):
+    def __init__(
+        self,
+        m: int = M,
+        total_steps: int | None = None,
+        teacher: str = "ema",
+        class_dropout_prob: float = 0.0,
+        cfg_scale: float | None = None,
+    ):
         super().__init__(m)
         if self.log2_m < 1:
             raise ValueError(f"objective.m={m}: consistency training needs M >= 2 (at least one level below log2 M)")
-        if total_steps is not None and (isinstance(total_steps, bool) or int(total_steps) != total_steps
-                                        or int(total_steps) < 1):
-            raise ValueError(f"objective.total_steps={total_steps!r}: expected a positive integer (the length of the "
-                             "step-level schedule, normally ${train.num_steps}) or null")
+        if total_steps is not None and (
+            isinstance(total_steps, bool) or int(total_steps) != total_steps or int(total_steps) < 1
+        ):
+            raise ValueError(
+                f"objective.total_steps={total_steps!r}: expected a positive integer (the length of the "
+                "step-level schedule, normally ${train.num_steps}) or null"
+            )
         if teacher not in ("ema", "online"):
             raise ValueError(f"objective.teacher={teacher!r}: expected 'ema' (reference) or 'online'")
         if not 0.0 <= float(class_dropout_prob) <= 1.0:
@@ -101,9 +111,11 @@ class ConsistencyTraining(Objective):
                 raise ValueError(f"objective.progress={self.progress!r}: expected a value in [0, 1]")
             return min(int(math.floor(p * self.log2_m + 1e-9)), top)
         if self.total_steps is None:
-            raise ValueError("objective=consistency: its step-level schedule needs objective.total_steps (the number "
-                             "of training steps, e.g. ${train.num_steps}) or a caller that sets objective.progress "
-                             "(set_progress(step, total_steps))")
+            raise ValueError(
+                "objective=consistency: its step-level schedule needs objective.total_steps (the number "
+                "of training steps, e.g. ${train.num_steps}) or a caller that sets objective.progress "
+                "(set_progress(step, total_steps))"
+            )
         # integer arithmetic: floor(step / (total / log2 M)) exactly
         return min(int(self.step_count) * self.log2_m // self.total_steps, top)
 
@@ -144,8 +156,12 @@ class ConsistencyTraining(Objective):
         pred = net(x_t, t, torch.full_like(t, float(self.log2_m)), cond)
         rows = self.row_mse(pred, target)
         loss = self.check_loss(rows.mean())
-        return loss, {"loss": loss.item(), "level": float(k), "step_size": 1.0 / n_cells,
-                      "v_magnitude_target": target.float().pow(2).mean().sqrt().item()}
+        return loss, {
+            "loss": loss.item(),
+            "level": float(k),
+            "step_size": 1.0 / n_cells,
+            "v_magnitude_target": target.float().pow(2).mean().sqrt().item(),
+        }
 
     # --- sampling ---------------------------------------------------------------------------------------
     @torch.no_grad()

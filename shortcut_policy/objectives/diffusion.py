@@ -4,6 +4,7 @@ configured as Diffusion Policy (100 train steps, squaredcos_cap_v2, clip_sample,
 The network sees t = 1 - k/K for DDPM step k (t = 0 noise, t = 1 data, the project convention) and the
 step-size input held at the flow-matching level, so the same nets serve every objective.
 """
+
 from __future__ import annotations
 
 import torch
@@ -20,18 +21,34 @@ class Diffusion(Objective):
 
     Sampling runs diffusers' ``DDPMScheduler`` or ``DDIMScheduler`` (``sampler``) over ``steps`` <= K steps. The
     net is called as net(x_k (B, ...), t = 1 - k/K (B,), level = log2(M) (B,), cond)."""
+
     name = "diffusion"
     takes_generator = True
 
-    def __init__(self, num_train_timesteps: int = 100, beta_schedule: str = "squaredcos_cap_v2",
-                 beta_start: float = 1e-4, beta_end: float = 0.02, clip_sample: bool = True,
-                 prediction_type: str = "epsilon", sampler: str = "ddpm", class_dropout_prob: float = 0.0,
-                 cfg_scale: float | None = None, m: int = M):
+    def __init__(
+        self,
+        num_train_timesteps: int = 100,
+        beta_schedule: str = "squaredcos_cap_v2",
+        beta_start: float = 1e-4,
+        beta_end: float = 0.02,
+        clip_sample: bool = True,
+        prediction_type: str = "epsilon",
+        sampler: str = "ddpm",
+        class_dropout_prob: float = 0.0,
+        cfg_scale: float | None = None,
+        m: int = M,
+    ):
         super().__init__(m)
         if sampler not in ("ddpm", "ddim"):
             raise ValueError(f"sampler={sampler!r}: expected 'ddpm' or 'ddim'")
-        kw = dict(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule, beta_start=beta_start,
-                  beta_end=beta_end, clip_sample=clip_sample, prediction_type=prediction_type)
+        kw = dict(
+            num_train_timesteps=num_train_timesteps,
+            beta_schedule=beta_schedule,
+            beta_start=beta_start,
+            beta_end=beta_end,
+            clip_sample=clip_sample,
+            prediction_type=prediction_type,
+        )
         self.ddpm = DDPMScheduler(variance_type="fixed_small", **kw)
         self.ddim = DDIMScheduler(set_alpha_to_one=True, steps_offset=0, **kw)
         self.K, self.sampler = num_train_timesteps, sampler
@@ -65,8 +82,18 @@ class Diffusion(Objective):
         return loss, {"loss": loss.item()}
 
     @torch.no_grad()
-    def sample(self, net, x0, cond=None, *, steps: int, null_cond=None, cfg_scale=None, sampler: str | None = None,
-               generator=None):
+    def sample(
+        self,
+        net,
+        x0,
+        cond=None,
+        *,
+        steps: int,
+        null_cond=None,
+        cfg_scale=None,
+        sampler: str | None = None,
+        generator=None,
+    ):
         """Denoise x0 ~ N(0, I) (B, ...) in ``steps`` scheduler steps (``sampler`` "ddpm" or "ddim"; default the
         objective's). DDPM draws fresh noise at every step from ``generator`` (a ``torch.Generator`` or None).
         Classifier-free guidance with ``cfg_scale`` (None: the objective's). Returns the sample, shaped like x0."""

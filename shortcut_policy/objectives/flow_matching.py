@@ -1,4 +1,5 @@
 """Flow matching (rectified flow) with Euler sampling: the reference's `naive` baseline."""
+
 from __future__ import annotations
 
 import torch
@@ -17,8 +18,9 @@ class FlowMatching(Objective):
 
     name = "flow_matching"
 
-    def __init__(self, m: int = M, t_sampling: str = "discrete", class_dropout_prob: float = 0.0,
-                 cfg_scale: float | None = None):
+    def __init__(
+        self, m: int = M, t_sampling: str = "discrete", class_dropout_prob: float = 0.0, cfg_scale: float | None = None
+    ):
         super().__init__(m)
         if t_sampling not in ("discrete", "uniform"):
             raise ValueError(f"t_sampling={t_sampling!r}: expected 'discrete' or 'uniform'")

@@ -1,4 +1,5 @@
 """Classifier-free guidance helpers (class dropout, guided network calls)."""
+
 from __future__ import annotations
 
 import torch
@@ -25,7 +26,8 @@ def guided(net, x, t, level, cond, null_cond, scale: float | None):
         return net(x, t, level, cond)
     if scale == 0.0:
         return net(x, t, level, null_like(cond, null_cond))
-    both = net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([level, level]),
-               torch.cat([cond, null_like(cond, null_cond)]))
+    both = net(
+        torch.cat([x, x]), torch.cat([t, t]), torch.cat([level, level]), torch.cat([cond, null_like(cond, null_cond)])
+    )
     v_c, v_u = both.chunk(2)
     return v_u + scale * (v_c - v_u)

@@ -30,6 +30,7 @@ Deviations (documented; the choices are config options):
   "log2_steps" the step counts 2..M/2 query levels the net never saw in training.
 - Guidance at sampling time only at N = M (as the shortcut objective: the d = 1 rows distil the guided teacher).
 """
+
 from __future__ import annotations
 
 import torch
@@ -50,13 +51,22 @@ class LiveReflow(Objective):
     name = "live_reflow"
     uses_step_size = True
 
-    def __init__(self, m: int = M, bootstrap_fraction: float = 0.125, euler_steps: int = 8,
-                 teacher: str = "online", sample_level: str = "log2_steps", class_dropout_prob: float = 0.0,
-                 cfg_scale: float | None = None):
+    def __init__(
+        self,
+        m: int = M,
+        bootstrap_fraction: float = 0.125,
+        euler_steps: int = 8,
+        teacher: str = "online",
+        sample_level: str = "log2_steps",
+        class_dropout_prob: float = 0.0,
+        cfg_scale: float | None = None,
+    ):
         super().__init__(m)
         if not 0.0 < float(bootstrap_fraction) < 1.0:
-            raise ValueError(f"objective.bootstrap_fraction={bootstrap_fraction}: expected a value in (0, 1) "
-                             "(the reference: 0.125 = B/8 reflow rows)")
+            raise ValueError(
+                f"objective.bootstrap_fraction={bootstrap_fraction}: expected a value in (0, 1) "
+                "(the reference: 0.125 = B/8 reflow rows)"
+            )
         if isinstance(euler_steps, bool) or int(euler_steps) != euler_steps or int(euler_steps) < 1:
             raise ValueError(f"objective.euler_steps={euler_steps!r}: expected a positive integer (reference: 8)")
         if teacher not in ("online", "ema"):
@@ -100,28 +110,39 @@ class LiveReflow(Objective):
         B, dev = x1.shape[0], x1.device
         nb = self.n_reflow(B)
         if nb < 1 or nb >= B:
-            raise ValueError(f"batch of {B} rows with bootstrap_fraction={self.bootstrap_fraction} leaves {nb} reflow "
-                             "rows: expected at least one reflow and one flow-matching row")
+            raise ValueError(
+                f"batch of {B} rows with bootstrap_fraction={self.bootstrap_fraction} leaves {nb} reflow "
+                "rows: expected at least one reflow and one flow-matching row"
+            )
         x0 = torch.randn_like(x1) if x0 is None else x0
         if self.teacher == "online" or teacher is None:
             roll_model, roll_cond = net, cond
         else:
             roll_model, roll_cond = teacher, (cond if teacher_cond is None else teacher_cond)
         t_r = discrete_t(nb, self.m, dev).to(x1.dtype)
-        x_r, v_r = self.reflow_targets(roll_model, x0[:nb], t_r,
-                                       None if roll_cond is None else roll_cond[:nb].detach(), null_cond)
+        x_r, v_r = self.reflow_targets(
+            roll_model, x0[:nb], t_r, None if roll_cond is None else roll_cond[:nb].detach(), null_cond
+        )
         t_f = discrete_t(B - nb, self.m, dev).to(x1.dtype)
         x_f, v_f = interpolate(x0[nb:], x1[nb:], t_f), velocity_target(x0[nb:], x1[nb:])
         x_t, target, t = torch.cat([x_r, x_f]), torch.cat([v_r, v_f.to(v_r.dtype)]), torch.cat([t_r, t_f])
-        levels = torch.cat([torch.zeros(nb, device=dev, dtype=t.dtype),
-                            torch.full((B - nb,), float(self.log2_m), device=dev, dtype=t.dtype)])
+        levels = torch.cat(
+            [
+                torch.zeros(nb, device=dev, dtype=t.dtype),
+                torch.full((B - nb,), float(self.log2_m), device=dev, dtype=t.dtype),
+            ]
+        )
         if cond is not None:
             cond = torch.cat([cond[:nb], drop_cond(cond[nb:], null_cond, self.class_dropout_prob)])
         pred = net(x_t, t, levels, cond)
         rows = self.row_mse(pred, target)
         loss = self.check_loss(rows.mean())
-        return loss, {"loss": loss.item(), "loss_reflow": rows[:nb].mean().item(),
-                      "loss_flow": rows[nb:].mean().item(), "reflow_ratio": nb / B}
+        return loss, {
+            "loss": loss.item(),
+            "loss_reflow": rows[:nb].mean().item(),
+            "loss_flow": rows[nb:].mean().item(),
+            "reflow_ratio": nb / B,
+        }
 
     @torch.no_grad()
     def sample(self, net, x0, cond=None, *, steps: int, null_cond=None, cfg_scale=None):

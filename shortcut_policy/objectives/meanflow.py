@@ -16,6 +16,7 @@ t the smaller; a fraction `flow_fraction` of rows has d = 0 (plain flow matching
 The net needs a continuous step-size input (`net.step_input=continuous`): the third argument is d in [0, 1].
 Sampling: N Euler steps of the average velocity, x += (1/N) u(x, i/N, 1/N); any N >= 1.
 """
+
 from __future__ import annotations
 
 import torch
@@ -33,13 +34,25 @@ class MeanFlow(Objective):
     uses_step_size = True
     step_input = "continuous"
 
-    def __init__(self, m: int = M, flow_fraction: float = 0.75, time_dist: str = "logit_normal",
-                 logit_mean: float = 0.4, logit_std: float = 1.0, adaptive_p: float = 1.0, adaptive_c: float = 1e-3,
-                 jvp: str = "autograd", fd_eps: float = 1e-3, class_dropout_prob: float = 0.0,
-                 cfg_scale: float | None = None):
+    def __init__(
+        self,
+        m: int = M,
+        flow_fraction: float = 0.75,
+        time_dist: str = "logit_normal",
+        logit_mean: float = 0.4,
+        logit_std: float = 1.0,
+        adaptive_p: float = 1.0,
+        adaptive_c: float = 1e-3,
+        jvp: str = "autograd",
+        fd_eps: float = 1e-3,
+        class_dropout_prob: float = 0.0,
+        cfg_scale: float | None = None,
+    ):
         super().__init__(m)
         if not 0.0 <= flow_fraction < 1.0:
-            raise ValueError(f"objective.flow_fraction={flow_fraction}: expected a value in [0, 1) (share of d = 0 rows)")
+            raise ValueError(
+                f"objective.flow_fraction={flow_fraction}: expected a value in [0, 1) (share of d = 0 rows)"
+            )
         if time_dist not in ("logit_normal", "uniform"):
             raise ValueError(f"objective.time_dist={time_dist!r}: expected 'logit_normal' or 'uniform'")
         if jvp not in ("autograd", "finite_difference"):
@@ -47,7 +60,12 @@ class MeanFlow(Objective):
         self.flow_fraction, self.time_dist = float(flow_fraction), time_dist
         # logit_mean 0.4 here = the paper's -0.4 (its t = 1 is noise; ours is data)
         self.logit_mean, self.logit_std = float(logit_mean), float(logit_std)
-        self.adaptive_p, self.adaptive_c, self.jvp, self.fd_eps = float(adaptive_p), float(adaptive_c), jvp, float(fd_eps)
+        self.adaptive_p, self.adaptive_c, self.jvp, self.fd_eps = (
+            float(adaptive_p),
+            float(adaptive_c),
+            jvp,
+            float(fd_eps),
+        )
         self.class_dropout_prob, self.cfg_scale = class_dropout_prob, cfg_scale
 
     def check_steps(self, steps) -> int:
@@ -61,8 +79,10 @@ class MeanFlow(Objective):
         """Raises ValueError unless the net embeds a continuous step size (`step_input == 'continuous'`)."""
         mode = getattr(net, "step_input", None)
         if mode != "continuous":
-            raise ValueError(f"objective=meanflow needs a net with a continuous step-size input (net.step_input="
-                             f"continuous); {type(net).__name__} has step_input={mode!r}")
+            raise ValueError(
+                f"objective=meanflow needs a net with a continuous step-size input (net.step_input="
+                f"continuous); {type(net).__name__} has step_input={mode!r}"
+            )
 
     def sample_times(self, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """(t, d): start times t in [0, 1) and step sizes d >= 0 with t + d <= 1; flow_fraction of rows have d = 0."""
@@ -106,9 +126,12 @@ class MeanFlow(Objective):
         w = 1.0 / (err.detach() + self.adaptive_c) ** self.adaptive_p if self.adaptive_p > 0 else torch.ones_like(err)
         loss = self.check_loss((w * err).mean())
         flow = d == 0
-        return loss, {"loss": loss.item(), "mse": err.mean().item(),
-                      "mse_flow": err[flow].mean().item() if bool(flow.any()) else float("nan"),
-                      "mse_mean": err[~flow].mean().item() if bool((~flow).any()) else float("nan")}
+        return loss, {
+            "loss": loss.item(),
+            "mse": err.mean().item(),
+            "mse_flow": err[flow].mean().item() if bool(flow.any()) else float("nan"),
+            "mse_mean": err[~flow].mean().item() if bool((~flow).any()) else float("nan"),
+        }
 
     @torch.no_grad()
     def sample(self, net, x0, cond=None, *, steps: int, null_cond=None, cfg_scale=None):

@@ -4,6 +4,7 @@ The same nets serve it: the net is called as net(zeros, t=0, level=log2(M), cond
 plain behaviour-cloning regressor of the whole action chunk. It tells whether a generative one-step policy beats a
 deterministic one on a task (a multimodal demonstration set is where regression averages modes).
 """
+
 from __future__ import annotations
 
 import warnings
@@ -38,8 +39,9 @@ class Regression(Objective):
         if isinstance(steps, bool) or int(steps) != steps or int(steps) < 1:
             raise ValueError(f"steps={steps!r}: expected a positive integer (regression always uses 1 pass)")
         if int(steps) != 1:
-            warnings.warn(f"objective=regression ignores steps={steps}: it always makes one deterministic pass",
-                          stacklevel=3)
+            warnings.warn(
+                f"objective=regression ignores steps={steps}: it always makes one deterministic pass", stacklevel=3
+            )
         return 1
 
     def loss(self, net, x1, cond=None, *, teacher=None, null_cond=None, x0=None, teacher_cond=None):

@@ -11,6 +11,7 @@ A batch is split into bootstrap (self-consistency) rows first and flow-matching 
 Deviation, documented: the two parts use disjoint slices of the batch (the reference reuses the first rows
 and drops the last B/8: its issue #10).
 """
+
 from __future__ import annotations
 
 import torch
@@ -31,17 +32,32 @@ class Shortcut(Objective):
     ``target_depth`` teacher steps build a target (2 = the reference's two half steps); ``teacher`` "online" or
     "ema" picks the network that builds targets (read by the trainer). Raises ``ValueError`` for an invalid
     ``target_depth``, ``bootstrap_fraction`` or ``teacher``. Module docstring: the batch layout."""
+
     name = "shortcut"
     uses_step_size = True
 
-    def __init__(self, m: int = 128, bootstrap_fraction: float = 0.25, level_allocation: str = "reference",
-                 clip: float | None = CLIP_TARGET, class_dropout_prob: float = 0.0, bootstrap_cfg: bool = False,
-                 cfg_scale: float | None = None, teacher: str = "online", target_depth: int = 2):
+    def __init__(
+        self,
+        m: int = 128,
+        bootstrap_fraction: float = 0.25,
+        level_allocation: str = "reference",
+        clip: float | None = CLIP_TARGET,
+        class_dropout_prob: float = 0.0,
+        bootstrap_cfg: bool = False,
+        cfg_scale: float | None = None,
+        teacher: str = "online",
+        target_depth: int = 2,
+    ):
         super().__init__(m)
-        if isinstance(target_depth, bool) or int(target_depth) != target_depth or target_depth < 2 or (
-                int(target_depth) & (int(target_depth) - 1)):
-            raise ValueError(f"target_depth={target_depth!r}: expected a power of two >= 2 (2 = the reference's two "
-                             "half steps)")
+        if (
+            isinstance(target_depth, bool)
+            or int(target_depth) != target_depth
+            or target_depth < 2
+            or (int(target_depth) & (int(target_depth) - 1))
+        ):
+            raise ValueError(
+                f"target_depth={target_depth!r}: expected a power of two >= 2 (2 = the reference's two half steps)"
+            )
         self.target_depth = int(target_depth)
         if not 0.0 < bootstrap_fraction < 1.0:
             raise ValueError(f"bootstrap_fraction={bootstrap_fraction}: expected a value in (0, 1), e.g. 0.25 or 0.125")
@@ -101,8 +117,10 @@ class Shortcut(Objective):
         B, dev = x1.shape[0], x1.device
         nb = self.n_bootstrap(B)
         if nb < 1 or nb >= B:
-            raise ValueError(f"batch of {B} rows with bootstrap_fraction={self.bootstrap_fraction} leaves {nb} bootstrap "
-                             "rows: expected at least one bootstrap and one flow-matching row")
+            raise ValueError(
+                f"batch of {B} rows with bootstrap_fraction={self.bootstrap_fraction} leaves {nb} bootstrap "
+                "rows: expected at least one bootstrap and one flow-matching row"
+            )
         teacher = net if teacher is None else teacher
         x0 = torch.randn_like(x1) if x0 is None else x0
         lv_b = global_levels_for_rank(nb, self.log2_m, self.level_allocation).to(dev)
@@ -112,7 +130,9 @@ class Shortcut(Objective):
         levels = torch.cat([lv_b.float(), torch.full((B - nb,), float(self.log2_m), device=dev)])
         x_t = interpolate(x0, x1, t)
         tcond = cond if teacher_cond is None else teacher_cond
-        target_b = self.bootstrap_targets(teacher, x_t[:nb], t_b, lv_b, None if tcond is None else tcond[:nb], null_cond)
+        target_b = self.bootstrap_targets(
+            teacher, x_t[:nb], t_b, lv_b, None if tcond is None else tcond[:nb], null_cond
+        )
         target_f = velocity_target(x0[nb:], x1[nb:])
         target = torch.cat([target_b, target_f.to(target_b.dtype)])
         if cond is not None:
@@ -120,8 +140,12 @@ class Shortcut(Objective):
         pred = net(x_t, t, levels, cond)
         rows = self.row_mse(pred, target)
         loss = self.check_loss(rows.mean())
-        return loss, {"loss": loss.item(), "loss_bootstrap": rows[:nb].mean().item(),
-                      "loss_flow": rows[nb:].mean().item(), "bootstrap_ratio": nb / B}
+        return loss, {
+            "loss": loss.item(),
+            "loss_bootstrap": rows[:nb].mean().item(),
+            "loss_flow": rows[nb:].mean().item(),
+            "bootstrap_ratio": nb / B,
+        }
 
     @torch.no_grad()
     def sample(self, net, x0, cond=None, *, steps: int, null_cond=None, cfg_scale=None):

@@ -1,4 +1,5 @@
 """Time and step-level sampling shared by the objectives (reference: kvfrans/shortcut-models targets_shortcut.py)."""
+
 from __future__ import annotations
 
 import warnings
@@ -15,7 +16,7 @@ def discrete_t(n: int, m: int, device, generator=None) -> torch.Tensor:
 
 def t_on_level_grid(levels: torch.Tensor, generator=None) -> torch.Tensor:
     """For bootstrap rows at level k (d = 2^-k): t uniform over multiples of d in [0, 1 - d]."""
-    n_cells = (2.0 ** levels).to(torch.float32)
+    n_cells = (2.0**levels).to(torch.float32)
     u = torch.rand(levels.shape, device=levels.device, generator=generator)
     return torch.floor(u * n_cells) / n_cells
 
@@ -46,8 +47,11 @@ def allocate_levels(n: int, log2_m: int = LOG2_M, mode: str = "reference") -> to
         return order.repeat(n // log2_m + 1)[:n]
     if mode == "dt_bias":
         if n > 0 and (n // 2) // log2_m == 0:
-            warnings.warn(f"{n} bootstrap rows: the dt_bias allocation gives levels {log2_m - 1}..2 no rows below "
-                          f"{2 * log2_m} rows (only d=1 and d=1/2 are trained)", stacklevel=3)
+            warnings.warn(
+                f"{n} bootstrap rows: the dt_bias allocation gives levels {log2_m - 1}..2 no rows below "
+                f"{2 * log2_m} rows (only d=1 and d=1/2 are trained)",
+                stacklevel=3,
+            )
         fine = torch.arange(log2_m - 1, 1, -1).repeat_interleave((n // 2) // log2_m)
         ones = torch.ones(n // 4, dtype=torch.long)
         return torch.cat([fine, ones, torch.zeros(n - fine.numel() - ones.numel(), dtype=torch.long)])

@@ -1,5 +1,6 @@
 """Checkpoints: one file holds the resolved config, online + EMA weights (normaliser included, it is part of
 the model's state_dict), optimiser/scheduler state, step and metrics; written atomically (temp + rename)."""
+
 from __future__ import annotations
 
 import json

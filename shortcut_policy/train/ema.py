@@ -5,6 +5,7 @@ constant max_decay from step 0 (the reference's 0.999). A slow constant EMA used
 teacher delays one-step ability at short budgets (the 2-D toy benchmark, ``shortcut-policy bench``, shows it).
 Buffers (e.g. the normaliser) are copied, not averaged.
 """
+
 from __future__ import annotations
 
 import copy
@@ -19,14 +20,28 @@ class EMA:
     ``decay`` is the maximum decay; ``warmup="power"`` ramps it up as in the module docstring (``power``,
     ``inv_gamma``, floor ``min_decay``), ``"none"`` uses ``decay`` from the first step. Raises ``ValueError`` for an
     unknown ``warmup`` or a ``decay`` outside [0, 1)."""
-    def __init__(self, model: nn.Module, decay: float = 0.999, warmup: str = "power", power: float = 0.75,
-                 inv_gamma: float = 1.0, min_decay: float = 0.0):
+
+    def __init__(
+        self,
+        model: nn.Module,
+        decay: float = 0.999,
+        warmup: str = "power",
+        power: float = 0.75,
+        inv_gamma: float = 1.0,
+        min_decay: float = 0.0,
+    ):
         if warmup not in ("power", "none"):
             raise ValueError(f"ema.warmup={warmup!r}: expected 'power' or 'none'")
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"ema.decay={decay}: expected a value in [0, 1)")
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
-        self.max_decay, self.warmup, self.power, self.inv_gamma, self.min_decay = decay, warmup, power, inv_gamma, min_decay
+        self.max_decay, self.warmup, self.power, self.inv_gamma, self.min_decay = (
+            decay,
+            warmup,
+            power,
+            inv_gamma,
+            min_decay,
+        )
         self.step = 0
 
     def decay(self, step: int | None = None) -> float:

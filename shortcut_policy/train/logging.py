@@ -1,4 +1,5 @@
 """Metric logging: a JSON-lines file in the run directory, plus wandb (offline by default)."""
+
 from __future__ import annotations
 
 import json
@@ -15,6 +16,7 @@ class Logger:
     (offline unless ``WANDB_MODE`` / ``logger.mode`` say otherwise; the run id is the run directory's name, so a
     resumed run appends). ``enabled=False`` (non-zero DDP ranks) makes every method a no-op. Raises ``ValueError``
     for an unknown ``logger.kind``."""
+
     def __init__(self, run_dir, cfg=None, logger_cfg=None, enabled: bool = True):
         self.enabled = enabled
         self.path = Path(run_dir) / "logs.jsonl"
@@ -26,9 +28,13 @@ class Logger:
 
             os.environ.setdefault("WANDB_SILENT", "true")
             self.wandb = wandb.init(
-                project=logger_cfg.get("project", "shortcut_policy"), entity=logger_cfg.get("entity"), mode=mode,
-                dir=str(run_dir), config=OmegaConf.to_container(cfg, resolve=True) if cfg is not None else None,
-                resume="allow", id=Path(run_dir).name.replace("/", "_")[-64:] or None,
+                project=logger_cfg.get("project", "shortcut_policy"),
+                entity=logger_cfg.get("entity"),
+                mode=mode,
+                dir=str(run_dir),
+                config=OmegaConf.to_container(cfg, resolve=True) if cfg is not None else None,
+                resume="allow",
+                id=Path(run_dir).name.replace("/", "_")[-64:] or None,
             )
         elif enabled and kind not in ("none", "wandb"):
             raise ValueError(f"logger.kind={kind!r}: expected 'wandb' or 'none'")

@@ -6,6 +6,7 @@ teacher when `objective.teacher=ema`, and the evaluation weights), checkpoints (
 atomic, resumable), logging (JSON lines + wandb offline) and DDP under torchrun (rank-0-only logging and
 checkpointing, DistributedSampler; the batch size in the config is the GLOBAL batch).
 """
+
 from __future__ import annotations
 
 import json
@@ -55,8 +56,7 @@ def setup_distributed(device_name="auto"):
 
 
 def to_device(batch, device):
-    """Move every tensor in a (nested) dict / list / tuple batch to ``device`` (non-blocking); other values pass through.
-    """
+    """Move every tensor in a (nested) dict / list / tuple batch to ``device`` (non-blocking); other values pass through."""
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=True)
     if isinstance(batch, dict):
@@ -73,17 +73,20 @@ def make_lr_lambda(schedule: str, warmup: int, total: int):
     if schedule == "constant":
         return lambda s: min(1.0, (s + 1) / warmup) if warmup > 0 else 1.0
     if schedule == "cosine":
+
         def f(s):
             if s < warmup:
                 return (s + 1) / warmup
             p = min(1.0, (s - warmup) / max(1, total - warmup))
             return 0.5 * (1.0 + math.cos(math.pi * p))
+
         return f
     raise ValueError(f"train.lr_schedule={schedule!r}: expected 'cosine' or 'constant'")
 
 
-def infinite_loader(dataset, batch_size: int, rank: int, world: int, seed: int, num_workers: int = 0,
-                    start_step: int = 0):
+def infinite_loader(
+    dataset, batch_size: int, rank: int, world: int, seed: int, num_workers: int = 0, start_step: int = 0
+):
     """Yield batches forever, in an order that is a pure function of (seed, step): batch i of the run is the same
     whether the run was resumed or not. Epoch e shuffles with a generator seeded `seed + e` (DDP: a
     DistributedSampler with that seed, each rank gets batch_size // world rows); a run resumed at `start_step` skips
@@ -99,7 +102,9 @@ def infinite_loader(dataset, batch_size: int, rank: int, world: int, seed: int, 
 
     def epoch_indices(epoch: int) -> list[int]:
         if world > 1:
-            sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
+            sampler = DistributedSampler(
+                dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True
+            )
             sampler.set_epoch(epoch)
             return list(sampler)
         g = torch.Generator().manual_seed(seed + epoch)
@@ -110,20 +115,50 @@ def infinite_loader(dataset, batch_size: int, rank: int, world: int, seed: int, 
     while True:
         idx = epoch_indices(epoch)[skip * per_rank : per_epoch * per_rank]
         g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)  # worker seeds (augmentation in workers)
-        loader = DataLoader(dataset, batch_size=per_rank, sampler=idx, drop_last=True, num_workers=num_workers,
-                            persistent_workers=False, generator=g)
+        loader = DataLoader(
+            dataset,
+            batch_size=per_rank,
+            sampler=idx,
+            drop_last=True,
+            num_workers=num_workers,
+            persistent_workers=False,
+            generator=g,
+        )
         yield from loader
         epoch, skip = epoch + 1, 0
 
 
 # Settings a resumed run may change (they take effect and are logged); every other key of net / objective / task /
 # train must equal the checkpoint's, or the resume is refused before anything is written.
-RESUME_CHANGEABLE = ("train.num_steps", "train.lr", "train.lr_schedule", "train.warmup_steps", "train.weight_decay",
-                     "train.betas", "train.eps", "train.grad_clip", "train.eval_every", "train.eval_episodes",
-                     "train.eval_seed_start", "train.eval_steps", "train.eval_model", "train.checkpoint_every",
-                     "train.log_every", "train.topk", "train.topk_key", "train.threads", "train.device",
-                     "train.max_minutes", "train.num_workers", "train.amp", "train.resume", "train.init_weights",
-                     "train.init_normalizer", "train.deterministic", "task.eval")
+RESUME_CHANGEABLE = (
+    "train.num_steps",
+    "train.lr",
+    "train.lr_schedule",
+    "train.warmup_steps",
+    "train.weight_decay",
+    "train.betas",
+    "train.eps",
+    "train.grad_clip",
+    "train.eval_every",
+    "train.eval_episodes",
+    "train.eval_seed_start",
+    "train.eval_steps",
+    "train.eval_model",
+    "train.checkpoint_every",
+    "train.log_every",
+    "train.topk",
+    "train.topk_key",
+    "train.threads",
+    "train.device",
+    "train.max_minutes",
+    "train.num_workers",
+    "train.amp",
+    "train.resume",
+    "train.init_weights",
+    "train.init_normalizer",
+    "train.deterministic",
+    "task.eval",
+)
 RESUME_COMPARED = ("net", "objective", "task", "train")
 
 
@@ -143,6 +178,7 @@ def resume_diff(new_cfg, old_cfg) -> tuple[dict, dict]:
     Returns (fixed, changed): dicts mapping dotted keys to (checkpoint value, new value); `fixed` holds keys that
     may not change on resume (net, objective, task, data, seed, batch, EMA), `changed` the allowed changes.
     """
+
     def plain(c):
         return OmegaConf.to_container(c, resolve=True) if isinstance(c, DictConfig) else c
 
@@ -165,9 +201,11 @@ def check_resume(cfg, ckpt_cfg, ckpt_path) -> dict:
     if fixed:
         lines = "; ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in list(fixed.items())[:12])
         more = f" (+{len(fixed) - 12} more)" if len(fixed) > 12 else ""
-        raise ValueError(f"cannot resume {ckpt_path}: settings that cannot change on resume differ: {lines}{more}. "
-                         "Use a new run_dir (or train.init_weights=... to start a new run from these weights), or "
-                         "restore these settings")
+        raise ValueError(
+            f"cannot resume {ckpt_path}: settings that cannot change on resume differ: {lines}{more}. "
+            "Use a new run_dir (or train.init_weights=... to start a new run from these weights), or "
+            "restore these settings"
+        )
     return changed
 
 
@@ -177,8 +215,18 @@ class Trainer:
     last + top-k checkpoints in ``<run_dir>/checkpoints`` and logging. Batches come from ``batches`` (an iterator)
     or ``train_dataset`` (:func:`infinite_loader`). An existing ``checkpoints/last.ckpt`` is resumed (see
     :meth:`load`); ``train.init_weights`` starts from another run's weights. Raises ``ValueError`` without data."""
-    def __init__(self, model: nn.Module, cfg, run_dir, train_dataset=None, batches=None, evaluator=None,
-                 val_dataset=None, progress: bool = True):
+
+    def __init__(
+        self,
+        model: nn.Module,
+        cfg,
+        run_dir,
+        train_dataset=None,
+        batches=None,
+        evaluator=None,
+        val_dataset=None,
+        progress: bool = True,
+    ):
         self.cfg, self.tcfg = cfg, cfg.train
         self.run_dir = Path(run_dir)
         self.rank, self.world, self.device = setup_distributed(self.tcfg.get("device", "auto"))
@@ -192,12 +240,19 @@ class Trainer:
         self.evaluator, self.val_dataset, self.progress = evaluator, val_dataset, progress
         self.num_steps = int(self.tcfg.num_steps)
         self.opt = torch.optim.AdamW(
-            [p for p in self.model.parameters() if p.requires_grad], lr=float(self.tcfg.lr),
-            betas=tuple(self.tcfg.betas), eps=float(self.tcfg.eps), weight_decay=float(self.tcfg.weight_decay))
+            [p for p in self.model.parameters() if p.requires_grad],
+            lr=float(self.tcfg.lr),
+            betas=tuple(self.tcfg.betas),
+            eps=float(self.tcfg.eps),
+            weight_decay=float(self.tcfg.weight_decay),
+        )
         self.sched = torch.optim.lr_scheduler.LambdaLR(
-            self.opt, make_lr_lambda(self.tcfg.lr_schedule, int(self.tcfg.warmup_steps), self.num_steps))
+            self.opt, make_lr_lambda(self.tcfg.lr_schedule, int(self.tcfg.warmup_steps), self.num_steps)
+        )
         e = self.tcfg.ema
-        self.ema = EMA(self.model, decay=float(e.decay), warmup=e.warmup, power=float(e.power), inv_gamma=float(e.inv_gamma))
+        self.ema = EMA(
+            self.model, decay=float(e.decay), warmup=e.warmup, power=float(e.power), inv_gamma=float(e.inv_gamma)
+        )
         self.step, self.epoch = 0, 0
         self.resume_changes: dict = {}
         self.ckpt_dir = self.run_dir / "checkpoints"
@@ -214,8 +269,15 @@ class Trainer:
         if batches is None:
             if train_dataset is None:
                 raise ValueError("Trainer needs a train_dataset or a batch iterator")
-            batches = infinite_loader(train_dataset, int(self.tcfg.batch_size), self.rank, self.world,
-                                      int(self.tcfg.seed), int(self.tcfg.get("num_workers", 0)), start_step=self.step)
+            batches = infinite_loader(
+                train_dataset,
+                int(self.tcfg.batch_size),
+                self.rank,
+                self.world,
+                int(self.tcfg.seed),
+                int(self.tcfg.get("num_workers", 0)),
+                start_step=self.step,
+            )
         self.batches = batches
         self.logger = Logger(self.run_dir, cfg, cfg.get("logger"), enabled=self.is_main)
         if self.step and self.is_main:  # resumed: rows a killed attempt logged past the checkpoint are dropped
@@ -223,8 +285,9 @@ class Trainer:
             if self.topk is not None:
                 self.topk.drop_after(self.step)
             if self.resume_changes:
-                self.logger.log({"resume_changes": json.dumps({k: [a, b] for k, (a, b) in self.resume_changes.items()})},
-                                self.step)
+                self.logger.log(
+                    {"resume_changes": json.dumps({k: [a, b] for k, (a, b) in self.resume_changes.items()})}, self.step
+                )
         amp = self.tcfg.get("amp", "auto")
         self.autocast = self.device.type == "cuda" and amp in ("auto", "bf16", True)
 
@@ -234,9 +297,13 @@ class Trainer:
         ``metrics``, the best evaluation so far and the RNG states (torch, NumPy, Python)."""
         return {
             "cfg": OmegaConf.to_container(self.cfg, resolve=True),
-            "model": self.model.state_dict(), "ema": self.ema.state_dict(),
-            "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
-            "step": self.step, "metrics": metrics or {}, "best_metrics": self.best_metrics,
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(),
+            "step": self.step,
+            "metrics": metrics or {},
+            "best_metrics": self.best_metrics,
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
         }
 
@@ -259,8 +326,10 @@ class Trainer:
             g["weight_decay"] = float(self.tcfg.weight_decay)
             g["betas"], g["eps"] = tuple(self.tcfg.betas), float(self.tcfg.eps)
         self.sched.base_lrs = [lr for _ in self.opt.param_groups]
-        self.sched.lr_lambdas = [make_lr_lambda(self.tcfg.lr_schedule, int(self.tcfg.warmup_steps), self.num_steps)
-                                 for _ in self.opt.param_groups]
+        self.sched.lr_lambdas = [
+            make_lr_lambda(self.tcfg.lr_schedule, int(self.tcfg.warmup_steps), self.num_steps)
+            for _ in self.opt.param_groups
+        ]
         for g, base, f in zip(self.opt.param_groups, self.sched.base_lrs, self.sched.lr_lambdas):
             g["lr"] = base * f(self.sched.last_epoch)
         self.sched._last_lr = [g["lr"] for g in self.opt.param_groups]
@@ -292,16 +361,21 @@ class Trainer:
             try:
                 target.load_state_dict(sd)
             except RuntimeError as e:
-                raise ValueError(f"train.init_weights={path}: its {what} weights do not fit this run's network "
-                                 f"(net / task config differ?): {str(e).splitlines()[0]}") from None
+                raise ValueError(
+                    f"train.init_weights={path}: its {what} weights do not fit this run's network "
+                    f"(net / task config differ?): {str(e).splitlines()[0]}"
+                ) from None
         if keep_from == "data":
             if not fitted:
                 raise ValueError("train.init_normalizer=data: this run's model has no normaliser to keep")
             for m in (self.model, self.ema.model):
                 m.load_state_dict(fitted, strict=False)
         if self.is_main:
-            print(f"initialised weights from {path} (step {ck.get('step')}, normaliser from the {keep_from}); "
-                  "optimiser and schedule start fresh", flush=True)
+            print(
+                f"initialised weights from {path} (step {ck.get('step')}, normaliser from the {keep_from}); "
+                "optimiser and schedule start fresh",
+                flush=True,
+            )
 
     def save_last(self, metrics=None) -> None:
         """Write ``checkpoints/last.ckpt`` (rank 0 only) with ``metrics``."""
@@ -365,8 +439,14 @@ class Trainer:
         max_min = self.tcfg.get("max_minutes")
         log_every, eval_every = int(self.tcfg.log_every), int(self.tcfg.get("eval_every") or 0)
         ckpt_every = int(self.tcfg.checkpoint_every)
-        bar = tqdm(total=self.num_steps, initial=self.step, disable=not (self.is_main and self.progress),
-                   desc="train", dynamic_ncols=True, mininterval=1.0 if os.isatty(2) else 30.0)
+        bar = tqdm(
+            total=self.num_steps,
+            initial=self.step,
+            disable=not (self.is_main and self.progress),
+            desc="train",
+            dynamic_ncols=True,
+            mininterval=1.0 if os.isatty(2) else 30.0,
+        )
         last_info, losses, stopped_early = {}, [], False
         try:
             while self.step < self.num_steps:
@@ -396,7 +476,12 @@ class Trainer:
                 self.logger.log({f"eval/{k}": v for k, v in m.items()}, self.step)
         self.save_last(last_info)
         self.logger.finish()
-        result = {"steps": self.step, "train_loss": last_info.get("train_loss"), "minutes": (time.time() - t0) / 60.0,
-                  "stopped_early": stopped_early, "checkpoint": str(self.ckpt_dir / "last.ckpt")}
+        result = {
+            "steps": self.step,
+            "train_loss": last_info.get("train_loss"),
+            "minutes": (time.time() - t0) / 60.0,
+            "stopped_early": stopped_early,
+            "checkpoint": str(self.ckpt_dir / "last.ckpt"),
+        }
         result.update({f"best_{k}": v for k, v in self.best_metrics.items() if isinstance(v, (int, float))})
         return result
