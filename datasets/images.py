@@ -2,12 +2,13 @@
 
 - ``ImageFolderDataset``: CelebA-HQ style (unconditional, every image under the root, recursively) or ImageNet style
   (class-conditional, one sub-folder per class, classes sorted by folder name). Preprocessing as the reference
-  (kvfrans/shortcut-models utils/datasets.py): centre crop to the short side, resize to ``image_size`` with an antialiased
-  bilinear filter, random horizontal flip (train), scale to [-1, 1].
+  (kvfrans/shortcut-models utils/datasets.py): centre crop to the short side, resize to ``image_size`` with an
+  antialiased bilinear filter, random horizontal flip (train), scale to [-1, 1].
 - ``DigitsDataset``: scikit-learn's 8x8 digits (1,797 images, 10 classes, ships offline), upscaled.
 
 Items are ``{"x": float tensor (C, H, W) in [-1, 1], "label": long tensor ()}``. Unconditional datasets yield label 0;
-the image generator maps every label to the null label when the task is unconditional (kvfrans/shortcut-models train.py:214).
+the image generator maps every label to the null label when the task is unconditional (kvfrans/shortcut-models
+train.py:214).
 """
 
 from __future__ import annotations

@@ -374,7 +374,7 @@ class ReplayBuffer:
 
     # ---------------------------------------------------------------- episodes
     def _episode_index(self, i: int) -> int:
-        """Episode index ``i`` (negative counts from the end) as a non-negative int; ``IndexError`` when out of range."""
+        """Episode index ``i`` (negative: from the end) as a non-negative int; ``IndexError`` when out of range."""
         n = self.n_episodes
         j = int(i) + n if int(i) < 0 else int(i)
         if not 0 <= j < n:
@@ -382,7 +382,7 @@ class ReplayBuffer:
         return j
 
     def get_episode_slice(self, i: int) -> slice:
-        """The step range ``slice(start, end)`` of episode ``i`` in the flat data arrays (negative ``i`` from the end)."""
+        """The step range ``slice(start, end)`` of episode ``i`` (negative: from the end) in the flat data arrays."""
         j = self._episode_index(i)
         start = 0 if j == 0 else int(self._episode_ends[j - 1])
         return slice(start, int(self._episode_ends[j]))

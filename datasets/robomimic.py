@@ -396,8 +396,8 @@ class RobomimicHdf5Writer:
         return False
 
     def _write(self, g, key, arr):
-        """Create dataset ``key`` in group ``g``: uint8 image stacks (N, H, W, C) gzip-compressed (level 4, one chunk per
-        frame) when ``compress_images``, everything else uncompressed."""
+        """Create dataset ``key`` in group ``g``: uint8 image stacks (N, H, W, C) gzip-compressed (level 4, one chunk
+        per frame) when ``compress_images``, everything else uncompressed."""
         arr = np.asarray(arr)
         if arr.dtype == np.uint8 and arr.ndim == 4 and self._compress:
             g.create_dataset(key, data=arr, compression="gzip", compression_opts=4, chunks=(1,) + arr.shape[1:])

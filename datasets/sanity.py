@@ -242,8 +242,8 @@ def _frame_batches(a, n: int, max_frames: int, subsample: bool) -> Iterator[tupl
 
 
 def _stats(key: str, a, role: str, max_frames: int, max_full_bytes: int) -> KeyStats:
-    """:class:`KeyStats` of one array ``a`` (N, ...) with the given role: min / max / mean / std (per dim unless it is an
-    image), non-finite counts, constant dims, all-zero and image-range checks. Images and arrays larger than
+    """:class:`KeyStats` of one array ``a`` (N, ...) with the given role: min / max / mean / std (per dim unless it is
+    an image), non-finite counts, constant dims, all-zero and image-range checks. Images and arrays larger than
     ``max_full_bytes`` are checked on about ``max_frames`` frames."""
     shape = tuple(int(v) for v in a.shape)
     n = shape[0]

@@ -173,7 +173,8 @@ class SequenceDataset(Dataset):
                 img = load(srcs[0][0])
                 if img.ndim != 4 or img.shape[-1] not in (1, 3, 4):
                     raise ValueError(
-                        f"{source}: image source data/{srcs[0][0]} must be (N, H, W, C) with C in 1/3/4, got {tuple(img.shape)}"
+                        f"{source}: image source data/{srcs[0][0]} must be (N, H, W, C) with C in 1/3/4, "
+                        f"got {tuple(img.shape)}"
                     )
                 arrays["obs/" + name] = img
             else:
@@ -286,8 +287,8 @@ class SequenceDataset(Dataset):
             desc = ", ".join(f"{int(i)} ({int(lengths[i])} steps)" for i in short[:20])
             more = f", ... ({len(short)} in all)" if len(short) > 20 else ""
             warnings.warn(
-                f"{self.source}: {len(short)} of {len(selected)} {self.split!r} episode(s) are shorter than a window and "
-                f"are skipped ({window}): episode {desc}{more}",
+                f"{self.source}: {len(short)} of {len(selected)} {self.split!r} episode(s) are shorter than a window "
+                f"and are skipped ({window}): episode {desc}{more}",
                 DataSanityWarning,
                 stacklevel=3,
             )
@@ -359,7 +360,8 @@ class SequenceDataset(Dataset):
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(source={self.source!r}, split={self.split}, windows={len(self)}, "
-            f"episodes={int(self.episode_mask.sum())}/{self.n_episodes}, obs={self.obs_shapes}, action_dim={self.action_dim})"
+            f"episodes={int(self.episode_mask.sum())}/{self.n_episodes}, obs={self.obs_shapes}, "
+            f"action_dim={self.action_dim})"
         )
 
 

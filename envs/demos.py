@@ -24,7 +24,10 @@ from shortcut_policy.utils import atomic_path, cfg_get, check_int, to_plain
 
 
 def record_episode(env, expert, seed: int, max_steps: int) -> tuple[dict, bool]:
-    """Run ``expert`` on the bare ``env`` from ``seed``; returns ({key: (T, ...) float32, "action": (T, Da)}, success)."""
+    """Run ``expert`` on the bare ``env`` from ``seed``.
+
+    Returns ({key: (T, ...) float32, "action": (T, Da)}, success): the episode's observations and actions.
+    """
     obs, info = env.reset(seed=int(seed))
     expert.reset(env)
     rec: dict[str, list] = {k: [] for k in obs}

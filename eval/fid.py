@@ -11,8 +11,8 @@ Feature extractors (all give 2048-d pool3 features of the 2015-12-05 TF Inceptio
   ``return_features``; input in [0, 255]) or any TorchScript module mapping (B, 3, 299, 299) to (B, 2048).
 
 Images go in as (B, 3, H, W) in [-1, 1] (grayscale is repeated to 3 channels), are resized to 299x299 bilinear
-WITHOUT antialiasing and clipped to [-1, 1] (kvfrans/shortcut-models helper_eval.py:209-213), then mapped to the extractor's
-input range. Reference statistics are computed from an image folder by the same path after the training-data
+WITHOUT antialiasing and clipped to [-1, 1] (kvfrans/shortcut-models helper_eval.py:209-213), then mapped to the
+extractor's input range. Reference statistics are computed from an image folder by the same path after the training-data
 preprocessing (centre crop + resize to ``resolution``), and cached with their metadata; loading stats made at another
 resolution or with another extractor is an error. See docs/results/images.md for comparability with published FIDs.
 """
@@ -53,7 +53,8 @@ def feature_statistics(feats) -> tuple[np.ndarray, np.ndarray]:
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
-    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^{1/2}), with eps*I added to both covariances (the reference's utils/fid.py).
+    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^{1/2}), with eps*I added to both covariances (the reference's
+    utils/fid.py).
 
     tr((S1 S2)^{1/2}) = tr((S1^{1/2} S2 S1^{1/2})^{1/2}) = sum of the square roots of the eigenvalues of the
     symmetric PSD matrix S1^{1/2} S2 S1^{1/2}: two symmetric eigendecompositions, seconds for 2048-d features
@@ -450,7 +451,10 @@ def reference_stats(
     max_items=None,
     overwrite: bool = False,
 ):
-    """Load cached stats (validated) or compute them from ``ref_dir`` and cache them. Returns (mu, sigma, meta, path)."""
+    """Load cached stats (validated) or compute them from ``ref_dir`` and cache them; returns (mu, sigma, meta, path).
+
+    Raises ``ValueError`` when cached stats were made at another resolution or with another extractor.
+    """
     expect = {"resolution": int(resolution), **{k: v for k, v in extractor.meta.items() if k != "extractor"}}
     if ref_stats is None:
         if ref_dir is None:

@@ -345,10 +345,10 @@ def run_expert(
     startup_timeout: float = 120.0,
     progress: bool = True,
 ) -> list[dict]:
-    """Run the task's scripted expert (or ``expert_spec``) on ``seeds`` in ``n_workers`` processes, one episode per seed;
-    returns one row per seed (``max_reward``, ``success``, ``env_steps``, ``status``, ``error``, ``stages``,
-    ``frames`` for the video seeds). A worker that crashes or exceeds ``episode_timeout`` seconds loses its
-    remaining seeds as rows with status "crashed" / "timeout"."""
+    """Run the task's scripted expert (or ``expert_spec``) on ``seeds`` in ``n_workers`` processes, one episode per
+    seed; returns one row per seed (``max_reward``, ``success``, ``env_steps``, ``status``, ``error``, ``stages``,
+    ``frames`` for the video seeds). A worker that crashes or exceeds ``episode_timeout`` seconds loses its remaining
+    seeds as rows with status "crashed" / "timeout"."""
     expert_spec = expert_class(task_cfg, override=expert_spec)
     workers, lost = _start_workers(task_cfg, seeds, n_workers, video_seeds, expert_spec, startup_timeout)
     rows = [_lost_row(s, 1, *lost[s]) for s in lost]

@@ -425,7 +425,7 @@ def run_verb(verb: str, overrides: list[str] | None = None) -> dict:
 
 
 class _open_dict:
-    """``with _open_dict(cfg):`` OmegaConf's ``open_dict`` (new keys may be added to a struct config), imported on use."""
+    """``with _open_dict(cfg):`` OmegaConf's ``open_dict`` (new keys may be added to a struct config), lazily."""
 
     def __init__(self, cfg):
         from omegaconf import open_dict
@@ -557,7 +557,8 @@ class LineStream:
         self.raw, self._at_line_start = raw, True
 
     def write(self, s: str) -> int:
-        """Write ``s`` with every carriage return turned into a newline and blank lines dropped; returns the length written."""
+        """Write ``s`` with every carriage return turned into a newline and blank lines dropped; returns the length
+        written."""
         s = s.replace("\r", "\n")
         if self._at_line_start:
             s = s.lstrip("\n")

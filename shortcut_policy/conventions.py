@@ -65,6 +65,7 @@ def check_steps(n, max_steps: int = M) -> int:
     if n < 1 or n > max_steps or (n & (n - 1)) != 0:
         raise ValueError(
             f"steps={n}: expected a power of two between 1 and {max_steps} "
-            f"(valid: {[v for v in VALID_STEPS if v <= max_steps]}); shortcut models are only trained on dyadic step sizes"
+            f"(valid: {[v for v in VALID_STEPS if v <= max_steps]}); "
+            "shortcut models are only trained on dyadic step sizes"
         )
     return n

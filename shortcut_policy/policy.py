@@ -74,8 +74,8 @@ class Policy(nn.Module):
 
     # --- checks -----------------------------------------------------------------------------------------
     def _check_obs(self, obs: Mapping, min_steps: int, where: str) -> None:
-        """Validate an observation dict: every key the encoder needs present, shaped (B, T >= ``min_steps``, *obs_shape),
-        finite. Raises ``TypeError`` / ``KeyError`` / ``ValueError`` naming ``where`` and the key."""
+        """Validate an observation dict: every key the encoder needs present, shaped (B, T >= ``min_steps``,
+        *obs_shape), finite. Raises ``TypeError`` / ``KeyError`` / ``ValueError`` naming ``where`` and the key."""
         if not isinstance(obs, Mapping):
             raise TypeError(f"{where}: observations must be a dict of arrays, got {type(obs).__name__}")
         need = self.obs_encoder.lowdim_keys + self.obs_encoder.image_keys
@@ -148,8 +148,8 @@ class Policy(nn.Module):
 
         Samples a normalised window (B, H, Da) from noise (scaled by ``noise_scale``) in ``steps`` network evaluations
         (default ``default_steps``), clamps it to [-1, 1], unnormalises it and returns the Ta actions from step To - 1:
-        (B, Ta, Da) as a NumPy array (``return_numpy``) or a tensor. ``generator`` seeds the noise (and the re-noising of
-        DDPM / consistency samplers); ``sample_kw`` go to the objective's ``sample`` (e.g. ``sampler="ddim"``)."""
+        (B, Ta, Da) as a NumPy array (``return_numpy``) or a tensor. ``generator`` seeds the noise (and the re-noising
+        of DDPM / consistency samplers); ``sample_kw`` go to the objective's ``sample`` (e.g. ``sampler="ddim"``)."""
         steps = self.check_steps(self.default_steps if steps is None else steps)
         self._check_obs(obs, self.n_obs_steps, "predict_action")
         dev = self.device

@@ -21,7 +21,8 @@ NOT_LIBRARY_DIRS = ("shortcut_policy/commands/",)
 CLI_ALLOWED: set[str] = set()
 # function-local internal imports that stay, and why
 LOCAL_INTERNAL_ALLOWED = {
-    "datasets/robomimic.py",  # zarr_dataset (torch + numba) only when reading an hdf5 for training; env workers import robomimic
+    # zarr_dataset (torch + numba) only when reading an hdf5 for training; env workers import robomimic
+    "datasets/robomimic.py",
 }
 LOCAL_INTERNAL_ALLOWED_DIRS: tuple[str, ...] = ()
 

@@ -769,8 +769,9 @@ def _recorded_to_demo(rec: dict, image_keys) -> dict:
 
 def generate_transport_demos(cfg, run_dir) -> dict:
     """``shortcut-policy demos task=transport n_episodes=N out=DIR [workers=2] [seed=0] [overwrite=true]
-    [+expert.action_noise=0.1] [+expert.label=clean]`` (keys of configs/demos.yaml; ``+`` adds the Transport-only one). ``task=transport``
-    (alias of transport_lowdim) records low-dim obs, ``task=transport_image`` also the 4 cameras.
+    [+expert.action_noise=0.1] [+expert.label=clean]`` (keys of configs/demos.yaml; ``+`` adds the Transport-only
+    one). ``task=transport`` (alias of transport_lowdim) records low-dim obs, ``task=transport_image`` also the 4
+    cameras.
 
     Writes robomimic hdf5 files in the official layout - ``DIR/low_dim.hdf5`` (delta actions) and
     ``DIR/low_dim_abs.hdf5`` (absolute actions, ``control_delta=False``) or ``image*.hdf5`` - plus the zarr

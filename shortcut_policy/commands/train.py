@@ -1,4 +1,5 @@
-"""``shortcut-policy train task=<task> net=<net> objective=<objective> [logger=...] [train.*=...]`` (configs/train.yaml).
+"""``shortcut-policy train task=<task> net=<net> objective=<objective> [logger=...] [train.*=...]``
+(configs/train.yaml).
 
 ``train_command_preflight`` runs before the CLI writes anything into the run directory (the CLI looks up
 ``<fn>_preflight`` in the verb's module): an unknown objective key or a resume whose fixed settings differ from

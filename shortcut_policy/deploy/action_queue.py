@@ -43,9 +43,9 @@ class ActionQueue:
         return self.t0 + tick * self.dt
 
     def add_chunk(self, actions, obs_time: float, now: float) -> int:
-        """Queue a chunk (Ta, Da) predicted from the observation at ``obs_time``; returns how many were stale.
-        Over budget (every action already past, as Diffusion Policy's real-robot loop): the chunk's last action is
-        scheduled at the next grid tick after ``now`` instead, so a slow policy still moves (counted in n_over_budget)."""
+        """Queue a chunk (Ta, Da) predicted from the observation at ``obs_time``; returns how many were stale. Over
+        budget (every action already past, as Diffusion Policy's real-robot loop): the chunk's last action is scheduled
+        at the next grid tick after ``now`` instead, so a slow policy still moves (counted in n_over_budget)."""
         actions = np.asarray(actions, dtype=np.float64)
         if actions.ndim != 2:
             raise ValueError(f"action chunk must be (Ta, Da), got shape {actions.shape}")

@@ -10,9 +10,9 @@ actions dropped); send the action for T_j. Inference:
           dry; the robot keeps executing the current chunk meanwhile.
 Action k of a chunk is due at obs_time + k dt (Diffusion Policy). A deadline miss is a control tick at which no planned
 action was available in time (the queue ran dry, or the loop overran and skipped the tick; in sync mode the first
-action of a chunk computed within the period is dropped as stale, as DP, without counting a miss): the robot holds the last
-action sent (explicitly re-sent when the loop runs the cycle) and the miss is counted. The loop never tries to catch
-up a burst of skipped ticks. ``close()`` is always called on the robot (normal end, KeyboardInterrupt, errors).
+action of a chunk computed within the period is dropped as stale, as DP, without counting a miss): the robot holds the
+last action sent (explicitly re-sent when the loop runs the cycle) and the miss is counted. The loop never tries to
+catch up a burst of skipped ticks. ``close()`` is always called on the robot (normal end, KeyboardInterrupt, errors).
 
 Episode resets (:mod:`shortcut_policy.deploy.robot`, "Episode resets"): when the latest frame's "episode" id
 changes, nothing planned in the old episode is executed in the new one: the queued actions are discarded, a chunk
@@ -185,7 +185,7 @@ class _Worker(threading.Thread):
             return self._busy or self._request is not None
 
     def submit(self, obs, obs_time, episode=None):
-        """Request inference on ``obs`` (captured at ``obs_time``, in ``episode``); replaces a request not yet started."""
+        """Request inference on ``obs`` (captured at ``obs_time``, in ``episode``), replacing one not yet started."""
         with self._cv:
             self._request, self._busy = (obs, obs_time, episode), True
             self._cv.notify()
@@ -317,7 +317,8 @@ class ControlLoop:
         return stats
 
     def _infer(self, obs, stats):
-        """Run the policy on ``obs`` in the calling thread (sync mode), recording the latency; returns the chunk (Ta, Da)."""
+        """Run the policy on ``obs`` in the calling thread (sync mode), recording the latency; returns the chunk (Ta,
+        Da)."""
         t = time.perf_counter()
         chunk = self.policy_fn(self._policy_obs(obs))
         stats.inference_s.append(time.perf_counter() - t)
@@ -430,7 +431,8 @@ class ControlLoop:
         jit = 1e3 * stats.jitter_s[-1] if stats.jitter_s else float("nan")
         return (
             f"[{self.mode} {self.hz:g} Hz] step {j + 1:4d}  jitter {jit:5.2f} ms  infer {lat} ms  "
-            f"misses {stats.deadline_misses:3d}  reward {info.get('reward', 0.0):.3f}  max {info.get('max_reward', 0.0):.3f}"
+            f"misses {stats.deadline_misses:3d}  reward {info.get('reward', 0.0):.3f}  "
+            f"max {info.get('max_reward', 0.0):.3f}"
         )
 
 

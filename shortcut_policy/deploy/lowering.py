@@ -58,7 +58,7 @@ class MatmulConv1d(nn.Module):
 
 
 class MatmulConvTranspose1d(nn.Module):
-    """nn.ConvTranspose1d (groups=1, dilation 1) as zero insertion + padding + a stride-1 conv with the flipped kernel."""
+    """nn.ConvTranspose1d (groups=1, dilation 1) as zero insertion + padding + a stride-1 conv, kernel flipped."""
 
     def __init__(self, conv: nn.ConvTranspose1d):
         super().__init__()

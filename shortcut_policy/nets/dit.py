@@ -251,8 +251,8 @@ class DiT(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, d_level: torch.Tensor, cond=None) -> torch.Tensor:
         """Predict the velocity for x_t (B, C, H, W) at time t (B,) in [0, 1], step input ``d_level`` (B,) (the level
         log2(1/d) in 0..7, or the step size d in [0, 1] with ``step_input="continuous"``) and class labels ``cond`` (B,)
-        long (None: the null label ``num_classes``). Scalars broadcast over the batch. Returns (B, C, H, W) in x's dtype.
-        Raises ``ValueError`` when x's shape is not (B, in_channels, *input_size)."""
+        long (None: the null label ``num_classes``). Scalars broadcast over the batch. Returns (B, C, H, W) in x's
+        dtype. Raises ``ValueError`` when x's shape is not (B, in_channels, *input_size)."""
         if x.dim() != 4 or tuple(x.shape[1:]) != (self.in_channels, *self.input_size):
             raise ValueError(
                 f"DiT expects x of shape (B, {self.in_channels}, {self.input_size[0]}, {self.input_size[1]}), "

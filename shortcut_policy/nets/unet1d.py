@@ -114,8 +114,8 @@ class UNet1D(nn.Module):
         self, x: torch.Tensor, t: torch.Tensor, d_level: torch.Tensor | None = None, cond: torch.Tensor | None = None
     ):
         """x (B, T, Da) at time t (B,) in [0, 1], step input ``d_level`` (B,) (required when ``use_step_size``) and the
-        global condition ``cond`` (B, global_cond_dim) -> (B, T, Da). T must be a multiple of 2^(levels - 1); scalars t /
-        d_level broadcast. Raises ``ValueError`` for a wrong x or cond shape, a T that does not divide, or a missing
+        global condition ``cond`` (B, global_cond_dim) -> (B, T, Da). T must be a multiple of 2^(levels - 1); scalars t
+        / d_level broadcast. Raises ``ValueError`` for a wrong x or cond shape, a T that does not divide, or a missing
         d_level."""
         if x.dim() != 3 or x.shape[-1] != self.input_dim:
             raise ValueError(f"UNet1D: x must be (B, T, {self.input_dim}), got {tuple(x.shape)}")

@@ -79,10 +79,10 @@ class Objective(nn.Module):
         """Training loss on a data batch ``x1`` (B, ...): returns ``(loss, info)`` with ``loss`` a scalar tensor to
         back-propagate and ``info`` a dict of floats to log.
 
-        ``cond`` (B, ...) conditions the net (observation features, class labels); ``teacher`` is the network that builds
-        self-consistency targets (EMA or online); ``null_cond`` is the unconditional label for classifier-free guidance;
-        ``x0`` (B, ...) fixes the noise (tests); ``teacher_cond`` is the teacher's condition when it differs from ``cond``.
-        Subclasses implement it."""
+        ``cond`` (B, ...) conditions the net (observation features, class labels); ``teacher`` is the network that
+        builds self-consistency targets (EMA or online); ``null_cond`` is the unconditional label for classifier-free
+        guidance; ``x0`` (B, ...) fixes the noise (tests); ``teacher_cond`` is the teacher's condition when it differs
+        from ``cond``. Subclasses implement it."""
         raise NotImplementedError
 
     def sample(self, net, x0, cond=None, *, steps: int, null_cond=None, cfg_scale=None):

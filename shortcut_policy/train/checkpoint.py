@@ -49,8 +49,8 @@ class TopK:
         self.entries: list[dict] = json.loads(self.index_path.read_text()) if self.index_path.exists() else []
 
     def consider(self, step: int, score: float, payload: dict) -> Path | None:
-        """Save ``payload`` as ``step<step>-<key>_<score>.ckpt`` when ``score`` (higher is better) is among the k best so
-        far, delete the checkpoint it displaces and rewrite ``topk.json``. Returns the new file's path, or None when
+        """Save ``payload`` as ``step<step>-<key>_<score>.ckpt`` when ``score`` (higher is better) is among the k best
+        so far, delete the checkpoint it displaces and rewrite ``topk.json``. Returns the new file's path, or None when
         the score does not make the top k (or k = 0, or score is None)."""
         if self.k <= 0 or score is None:
             return None

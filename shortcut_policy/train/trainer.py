@@ -56,7 +56,8 @@ def setup_distributed(device_name="auto"):
 
 
 def to_device(batch, device):
-    """Move every tensor in a (nested) dict / list / tuple batch to ``device`` (non-blocking); other values pass through."""
+    """Move every tensor in a (nested) dict / list / tuple batch to ``device`` (non-blocking); other values pass
+    through."""
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=True)
     if isinstance(batch, dict):
@@ -210,10 +211,10 @@ def check_resume(cfg, ckpt_cfg, ckpt_path) -> dict:
 
 
 class Trainer:
-    """Trains ``model`` (forward(batch, teacher=None) -> (loss, info)) with the ``train`` section of ``cfg``: AdamW, the LR
-    schedule, EMA, bf16 autocast on CUDA, gradient clipping, periodic evaluation (``evaluator(model, step) -> dict``),
-    last + top-k checkpoints in ``<run_dir>/checkpoints`` and logging. Batches come from ``batches`` (an iterator)
-    or ``train_dataset`` (:func:`infinite_loader`). An existing ``checkpoints/last.ckpt`` is resumed (see
+    """Trains ``model`` (forward(batch, teacher=None) -> (loss, info)) with the ``train`` section of ``cfg``: AdamW, the
+    LR schedule, EMA, bf16 autocast on CUDA, gradient clipping, periodic evaluation (``evaluator(model, step) ->
+    dict``), last + top-k checkpoints in ``<run_dir>/checkpoints`` and logging. Batches come from ``batches`` (an
+    iterator) or ``train_dataset`` (:func:`infinite_loader`). An existing ``checkpoints/last.ckpt`` is resumed (see
     :meth:`load`); ``train.init_weights`` starts from another run's weights. Raises ``ValueError`` without data."""
 
     def __init__(
@@ -431,8 +432,8 @@ class Trainer:
         return metrics
 
     def fit(self) -> dict:
-        """Train until ``train.num_steps`` (or ``train.max_minutes``), logging every ``log_every`` steps, evaluating every
-        ``eval_every`` steps (and once at the end), checkpointing every ``checkpoint_every`` steps and at the end.
+        """Train until ``train.num_steps`` (or ``train.max_minutes``), logging every ``log_every`` steps, evaluating
+        every ``eval_every`` steps (and once at the end), checkpointing every ``checkpoint_every`` steps and at the end.
         Returns ``steps``, the last ``train_loss``, ``minutes``, ``stopped_early``, the ``checkpoint`` path and
         ``best_<metric>`` values."""
         t0 = time.time()
