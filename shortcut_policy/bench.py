@@ -15,9 +15,9 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
+from .checkpoint import load_checkpoint
 from .nets import build_net
 from .objectives import build_objective
-from .train.checkpoint import load_checkpoint
 from .train.trainer import Trainer
 from .utils import atomic_path, atomic_write_text
 

@@ -16,12 +16,12 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
+from .checkpoint import load_checkpoint
 from .conventions import VAE_LATENT_SCALE
 from .datasets.latents import decode as vae_decode
 from .datasets.latents import encode, load_vae
 from .nets import build_net
 from .objectives import build_objective
-from .train.checkpoint import load_checkpoint
 
 
 class _Shared:

@@ -20,11 +20,11 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
+from .checkpoint import load_checkpoint
 from .datasets.normalizer import LinearNormalizer
 from .nets import build_net
 from .nets.obs_encoders import ObsEncoder
 from .objectives import build_objective
-from .train.checkpoint import load_checkpoint
 from .utils import to_plain
 
 

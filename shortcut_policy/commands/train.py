@@ -12,8 +12,8 @@ import os
 from pathlib import Path
 
 from ..builders import build_training
+from ..checkpoint import load_checkpoint
 from ..objectives import build_objective
-from ..train.checkpoint import load_checkpoint
 from ..train.trainer import Trainer, check_resume, seed_everything
 
 __all__ = ["train_command", "train_command_preflight"]

@@ -1,42 +1,15 @@
-"""Checkpoints: one file holds the resolved config, online + EMA weights (normaliser included, it is part of
-the model's state_dict), optimiser/scheduler state, step and metrics; written atomically (temp + rename)."""
+"""The top-k checkpoints of a training run (:class:`TopK`). The checkpoint file format, :func:`save_checkpoint` and
+:func:`load_checkpoint` are in :mod:`shortcut_policy.checkpoint` (re-exported here)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-import torch
+from ..checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint
+from ..utils import atomic_write_text
 
-from ..utils import atomic_path, atomic_write_text
-
-FORMAT_VERSION = 1
-
-
-def save_checkpoint(path, payload: dict) -> Path:
-    """Write ``{"format_version": FORMAT_VERSION, **payload}`` with ``torch.save`` to ``path`` atomically (temp file
-    + rename; a killed write leaves the previous checkpoint intact). Returns ``path``."""
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        torch.save({"format_version": FORMAT_VERSION, **payload}, tmp)
-    return path
-
-
-def load_checkpoint(path, map_location="cpu") -> dict:
-    """Load a checkpoint written by :func:`save_checkpoint` onto ``map_location`` (default CPU).
-
-    Raises ``FileNotFoundError`` when ``path`` is not a file and ``ValueError`` when it is not a readable torch file
-    or lacks the ``cfg`` / ``model`` entries of a shortcut_policy checkpoint."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path}: no such file")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as e:  # noqa: BLE001
-        raise ValueError(f"checkpoint {path}: not a readable torch checkpoint ({e})") from e
-    if not isinstance(ckpt, dict) or "cfg" not in ckpt or "model" not in ckpt:
-        raise ValueError(f"checkpoint {path}: missing 'cfg'/'model' entries; not a shortcut_policy checkpoint")
-    return ckpt
+__all__ = ["FORMAT_VERSION", "TopK", "load_checkpoint", "save_checkpoint"]
 
 
 class TopK:

@@ -25,8 +25,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
+from ..checkpoint import load_checkpoint, save_checkpoint
 from ..utils import resolve_device
-from .checkpoint import TopK, load_checkpoint, save_checkpoint
+from .checkpoint import TopK
 from .ema import EMA
 from .logging import Logger
 
