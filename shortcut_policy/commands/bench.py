@@ -9,8 +9,8 @@ from pathlib import Path
 from ..bench import run_toy
 from ..bench_images import run_bench_images
 from ..bench_policies import run_bench_policies
-from ..cli import compose, run_verb
 from ..policy_bench import run_bench_policy
+from .runner import compose, run_verb
 
 __all__ = ["bench_command"]
 
