@@ -1,4 +1,4 @@
-# Two commands on a fresh machine: `make demo` and `make test`. Both create .venv if it is missing.
+# Two commands on a fresh machine: `make demo` and `make test`. Both create .venv if it is missing (so does `make lint`).
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -10,7 +10,14 @@ export MUJOCO_GL ?= egl
 export PYOPENGL_PLATFORM ?= egl
 export WANDB_MODE ?= offline
 
-.PHONY: venv sysdeps demo test test-slow clean-venv
+.PHONY: venv sysdeps demo test test-slow lint clean-venv
+
+# `make lint`: what the linters check (tests and scripts are formatted and linted too; docstring coverage is measured
+# on the installed package's sources)
+LINT_PATHS := shortcut_policy envs datasets eval tests scripts
+DOC_PATHS := shortcut_policy envs datasets eval
+INTERROGATE_OPTS := --ignore-init-method --ignore-init-module --ignore-magic --ignore-private \
+	--ignore-nested-functions --ignore-nested-classes --ignore-property-decorators
 
 $(BIN)/.installed: pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -34,6 +41,14 @@ test: venv
 
 test-slow: venv
 	$(BIN)/python -m pytest -q -m slow
+
+# Not part of `make test`. The tools are pinned in the `dev` extra; a venv built without it (EXTRAS=...) gets them here.
+lint: venv
+	@for t in ruff lint-imports interrogate; do test -x $(BIN)/$$t || { $(BIN)/python -m pip install -q -e ".[dev]" && break; }; done
+	$(BIN)/ruff check $(LINT_PATHS)
+	$(BIN)/ruff format --check $(LINT_PATHS)
+	$(BIN)/python scripts/lint_imports.py
+	$(BIN)/interrogate --fail-under 80 $(INTERROGATE_OPTS) $(DOC_PATHS)
 
 clean-venv:
 	rm -rf $(VENV)
