@@ -6,7 +6,7 @@ set -euo pipefail
 BIN=${BIN:-.venv/bin}
 OUT=${DEMO_DIR:-runs/demo}
 N_DEMOS=${N_DEMOS:-200}
-TRAIN_STEPS=${TRAIN_STEPS:-6000}
+TRAIN_STEPS=${TRAIN_STEPS:-8000}
 TRAIN_MIN=${TRAIN_MIN:-10}
 N_EVAL=${N_EVAL:-50}
 mkdir -p "$OUT"
@@ -16,7 +16,7 @@ if [ ! -e "$OUT/pusht_expert.zarr" ]; then
 fi
 echo "== 2/3 training a one-step shortcut policy (CPU recipe, M = 16, ${TRAIN_STEPS} steps, capped at ${TRAIN_MIN} min; resumes if interrupted)"
 "$BIN/shortcut-policy" train task=pusht_lowdim_cpu task.dataset.zarr_path="$OUT/pusht_expert.zarr" \
-  train.num_steps="$TRAIN_STEPS" train.max_minutes="$TRAIN_MIN" train.threads=2 train.eval_every=0 logger=none \
+  objective=shortcut_m16 train.num_steps="$TRAIN_STEPS" train.max_minutes="$TRAIN_MIN" train.threads=2 train.eval_every=0 logger=none \
   run_dir="$OUT/train" | tail -n 1
 echo "== 3/3 evaluating 1-step and 8-step sampling on $N_EVAL Push-T test seeds (from 100000)"
 "$BIN/shortcut-policy" eval checkpoint="$OUT/train/checkpoints/last.ckpt" steps=[1,8] n_episodes="$N_EVAL" \

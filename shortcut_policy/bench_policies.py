@@ -23,7 +23,6 @@ batch 1 (normalisation included, one thread).
 from __future__ import annotations
 
 import json
-import os
 import time
 import warnings
 from pathlib import Path
@@ -36,6 +35,7 @@ from .eval.report import wilson_interval
 from .eval.rollout import evaluate
 from .objectives import OBJECTIVES
 from .policy import load_policy
+from .utils import atomic_path, atomic_write_text
 
 NFE_SPECS = ("ddpm", "ddim")
 
@@ -52,10 +52,8 @@ def parse_nfe(spec) -> tuple[str | None, int]:
 
 
 def _atomic_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, default=float))
-    os.replace(tmp, path)
+    """Write `obj` as indented JSON to `path` through a temp file and a rename."""
+    atomic_write_text(path, json.dumps(obj, indent=1, default=float))
 
 
 def _entries(pc) -> dict[str, list[str]]:
@@ -280,7 +278,7 @@ def run_bench_policies(cfg, run_dir: Path, compose: Callable, run_train: Callabl
         }
     )
     _atomic_json(out / "results.json", {"summary": summary, "runs": per_run})
-    (out / "table.md").write_text(table_markdown(summary))
+    atomic_write_text(out / "table.md", table_markdown(summary))
     figs = plot(summary, out)
     return {
         "results": str(out / "results.json"),
@@ -384,9 +382,8 @@ def plot(summary: dict, out: Path) -> dict:
         ax.legend(fontsize=8)
         fig.tight_layout()
         path = out / fname
-        tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
+        with atomic_path(path, keep_suffix=True) as tmp:
+            fig.savefig(tmp, dpi=120)
         plt.close(fig)
         paths[fname.rsplit(".", 1)[0]] = str(path)
     return paths

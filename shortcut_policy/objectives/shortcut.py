@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ..conventions import CLIP_TARGET, interpolate, velocity_target
+from ..conventions import CLIP_TARGET, M, interpolate, velocity_target
 from .base import Objective
 from .guidance import drop_cond, guided
 from .timesteps import discrete_t, global_levels_for_rank, t_on_level_grid
@@ -38,7 +38,7 @@ class Shortcut(Objective):
 
     def __init__(
         self,
-        m: int = 128,
+        m: int = M,
         bootstrap_fraction: float = 0.25,
         level_allocation: str = "reference",
         clip: float | None = CLIP_TARGET,
