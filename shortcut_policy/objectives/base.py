@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ..conventions import M, check_steps
-from .guidance import guided
+from .guidance import drop_cond, guided
 
 
 class Objective(nn.Module):
@@ -74,6 +74,25 @@ class Objective(nn.Module):
             t = torch.full((B,), i / n, device=x.device, dtype=x.dtype)
             x = x + guided(net, x, t, sv, cond, null_cond, scale) / n
         return x
+
+    def split_batch_loss(
+        self, net, x_t, t, levels, target, cond, n_first: int, null_cond, first: str, class_dropout_prob: float
+    ):
+        """One unweighted MSE over a batch whose first `n_first` rows carry self-made targets (shortcut bootstrap
+        rows, live-reflow rows) and whose other rows are flow-matching rows. Class dropout hits only the
+        flow-matching rows (the reference's targets_shortcut.py / targets_livereflow.py). Shapes: x_t, target
+        (B, ...); t, levels (B,); cond (B, ...) or None. Returns (loss, info) with loss_<first>, loss_flow and
+        <first>_ratio."""
+        if cond is not None:
+            cond = torch.cat([cond[:n_first], drop_cond(cond[n_first:], null_cond, class_dropout_prob)])
+        rows = self.row_mse(net(x_t, t, levels, cond), target)
+        loss = self.check_loss(rows.mean())
+        return loss, {
+            "loss": loss.item(),
+            f"loss_{first}": rows[:n_first].mean().item(),
+            "loss_flow": rows[n_first:].mean().item(),
+            f"{first}_ratio": n_first / x_t.shape[0],
+        }
 
     def loss(self, net, x1, cond=None, *, teacher=None, null_cond=None, x0=None, teacher_cond=None):
         """Training loss on a data batch ``x1`` (B, ...): returns ``(loss, info)`` with ``loss`` a scalar tensor to

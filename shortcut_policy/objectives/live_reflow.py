@@ -37,7 +37,7 @@ import torch
 
 from ..conventions import M, interpolate, velocity_target
 from .base import Objective
-from .guidance import drop_cond, guided
+from .guidance import guided
 from .timesteps import discrete_t
 
 
@@ -132,17 +132,9 @@ class LiveReflow(Objective):
                 torch.full((B - nb,), float(self.log2_m), device=dev, dtype=t.dtype),
             ]
         )
-        if cond is not None:
-            cond = torch.cat([cond[:nb], drop_cond(cond[nb:], null_cond, self.class_dropout_prob)])
-        pred = net(x_t, t, levels, cond)
-        rows = self.row_mse(pred, target)
-        loss = self.check_loss(rows.mean())
-        return loss, {
-            "loss": loss.item(),
-            "loss_reflow": rows[:nb].mean().item(),
-            "loss_flow": rows[nb:].mean().item(),
-            "reflow_ratio": nb / B,
-        }
+        return self.split_batch_loss(
+            net, x_t, t, levels, target, cond, nb, null_cond, "reflow", self.class_dropout_prob
+        )
 
     @torch.no_grad()
     def sample(self, net, x0, cond=None, *, steps: int, null_cond=None, cfg_scale=None):

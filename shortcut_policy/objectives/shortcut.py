@@ -18,7 +18,7 @@ import torch
 
 from ..conventions import CLIP_TARGET, M, interpolate, velocity_target
 from .base import Objective
-from .guidance import drop_cond, guided
+from .guidance import guided
 from .timesteps import discrete_t, global_levels_for_rank, t_on_level_grid
 
 
@@ -135,17 +135,9 @@ class Shortcut(Objective):
         )
         target_f = velocity_target(x0[nb:], x1[nb:])
         target = torch.cat([target_b, target_f.to(target_b.dtype)])
-        if cond is not None:
-            cond = torch.cat([cond[:nb], drop_cond(cond[nb:], null_cond, self.class_dropout_prob)])
-        pred = net(x_t, t, levels, cond)
-        rows = self.row_mse(pred, target)
-        loss = self.check_loss(rows.mean())
-        return loss, {
-            "loss": loss.item(),
-            "loss_bootstrap": rows[:nb].mean().item(),
-            "loss_flow": rows[nb:].mean().item(),
-            "bootstrap_ratio": nb / B,
-        }
+        return self.split_batch_loss(
+            net, x_t, t, levels, target, cond, nb, null_cond, "bootstrap", self.class_dropout_prob
+        )
 
     @torch.no_grad()
     def sample(self, net, x0, cond=None, *, steps: int, null_cond=None, cfg_scale=None):
