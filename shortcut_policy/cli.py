@@ -155,13 +155,17 @@ BENCH_SHORTHAND = {
 
 def bench_shorthand(sub: str, overrides: list[str]) -> list[str]:
     """`bench toy dataset=moons objectives=[a,b]` -> ['what=toy', 'toy.dataset=moons', 'toy.select=[a,b]'];
-    `bench policies task=T objectives=[...] seeds=[...]` -> policies.task=..., policies.objectives=..., ..."""
+    `bench policies task=T objectives=[...] seeds=[...] eval.n_episodes=100` -> policies.task=...,
+    policies.objectives=..., policies.eval.n_episodes=100 (the first component of a dotted key is looked up)."""
     table = BENCH_SHORTHAND.get(sub, {})
     out = [f"what={sub}"]
     for o in overrides:
         key, eq, value = o.partition("=")
         bare = key.lstrip("+~")
-        out.append(f"{key[: len(key) - len(bare)]}{table[bare]}{eq}{value}" if eq and bare in table else o)
+        head, dot, rest = bare.partition(".")  # eval.n_episodes=100 -> policies.eval.n_episodes=100
+        if eq and head in table:
+            o = f"{key[: len(key) - len(bare)]}{table[head]}{dot}{rest}{eq}{value}"
+        out.append(o)
     return out
 
 

@@ -100,3 +100,17 @@ def test_parse_nfe():
     assert parse_nfe("ddpm100") == ("ddpm", 100) and parse_nfe(8) == (None, 8) and parse_nfe("ddim10") == ("ddim", 10)
     with pytest.raises(ValueError):
         parse_nfe("euler8")
+
+
+def test_bench_shorthand_maps_top_level_and_dotted_keys():
+    from shortcut_policy.cli import bench_shorthand
+
+    got = bench_shorthand("policies", ["task=T", "objectives=[a,b]", "eval.n_episodes=100", "train.seed=1"])
+    assert got == [
+        "what=policies",
+        "policies.task=T",
+        "policies.objectives=[a,b]",
+        "policies.eval.n_episodes=100",
+        "train.seed=1",
+    ]
+    assert bench_shorthand("toy", ["objectives=[a]"]) == ["what=toy", "toy.select=[a]"]
