@@ -399,7 +399,7 @@ def test_summary_and_crash_cause():
         (["train", "+task.foo=[[1,2]"], "error: cannot parse override '+task.foo=[[1,2]': "),
         (
             ["train", "train.nokey=1"],
-            "error: Could not override 'train.nokey'. To append to your config use +train.nokey=1",
+            "error: unknown config key 'train.nokey': train has no key 'nokey'; valid keys of train: ",
         ),
         (["eval", "policy=random"], "error: policy='random': expected 'expert' or 'checkpoint'"),
         (["frobnicate"], "error: unknown verb 'frobnicate'; expected one of train, eval,"),
@@ -472,3 +472,11 @@ def test_cli_process_prints_one_line_for_a_bad_override_and_an_opengl_failure(tm
     assert gl.returncode == 1, err
     line = _error_line(err)
     assert "MUJOCO_GL" in line and "nonexistent_backend" in line and "osmesa" in line, line
+
+
+def test_unknown_config_key_names_the_key_the_group_and_the_valid_keys(capsys):
+    """A typo such as objective.bootstrap_fracton fails before anything runs, listing the group's valid keys."""
+    assert cli.main(["train", "objective.bootstrap_fracton=0.5", "logger=none"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "objective.bootstrap_fracton" in err[0] and "bootstrap_fraction" in err[0]
+    assert "valid keys of objective" in err[0]

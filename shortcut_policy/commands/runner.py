@@ -69,11 +69,50 @@ def compose(verb: str, overrides: list[str] | None = None):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import ConfigCompositionException
 
+    overrides = list(overrides or [])
     if GlobalHydra.instance().is_initialized():
         GlobalHydra.instance().clear()
-    with initialize_config_module(config_module="shortcut_policy.configs", version_base="1.3"):
-        return hydra_compose(config_name=verb, overrides=list(overrides or []))
+    try:
+        with initialize_config_module(config_module="shortcut_policy.configs", version_base="1.3"):
+            return hydra_compose(config_name=verb, overrides=overrides)
+    except ConfigCompositionException as e:
+        unknown = _unknown_key_error(verb, overrides, e)
+        if unknown is None:
+            raise
+        raise unknown from None
+
+
+def _unknown_key_error(verb: str, overrides: list[str], e: Exception) -> ValueError | None:
+    """For Hydra's "Could not override 'a.b.c' ... not in struct": a ValueError naming the key, its group and the
+    group's valid keys (composed without the bad override); None for any other composition error."""
+    import re
+
+    from omegaconf import OmegaConf
+
+    m = re.search(r"Could not override '([^']+)'", str(e))
+    if not m or "not in struct" not in f"{e} {e.__cause__}":
+        return None
+    key = m.group(1)
+    rest = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") != key]
+    try:
+        cfg = compose(verb, rest)
+    except Exception:  # noqa: BLE001 - another override is broken too: report the first problem as Hydra did
+        return None
+    parts = key.split(".")
+    node, group = cfg, []
+    for p in parts[:-1]:
+        if not OmegaConf.is_dict(node) or p not in node:
+            break
+        node, group = node[p], group + [p]
+    where = ".".join(group) or "the top level"
+    valid = sorted(str(k) for k in node.keys()) if OmegaConf.is_dict(node) else []
+    name = f" ({node.get('name')})" if OmegaConf.is_dict(node) and node.get("name") else ""
+    return ValueError(
+        f"unknown config key {key!r}: {where}{name} has no key {parts[len(group)]!r}; valid keys of "
+        f"{where}: {valid} (to add a new key on purpose: +{key}=...)"
+    )
 
 
 def _jsonable(x):
