@@ -101,9 +101,8 @@ class MeanFlow(Objective):
         """du/dt along the trajectory with the end point fixed: JVP with tangents (v, 1, -1). No gradient."""
         if self.jvp == "finite_difference":
             h = self.fd_eps
-            hb = h
-            up = net(x_t + hb * v, t + h, d - h, cond)
-            dn = net(x_t - hb * v, t - h, d + h, cond)
+            up = net(x_t + h * v, t + h, d - h, cond)
+            dn = net(x_t - h * v, t - h, d + h, cond)
             return (up - dn) / (2.0 * h)
         ones = torch.ones_like(t)
         _, dudt = jvp(lambda x, tt, dd: net(x, tt, dd, cond), (x_t, t, d), (v, ones, -ones))
