@@ -86,27 +86,33 @@ class Shortcut(Objective):
         no-grad Euler steps of the teacher over [t, t + d] at level log2(n/d), n = `substeps` (the reference's
         targets_shortcut.py: n = 2, two half steps at level k + 1, the second at t + d/2; states and target clipped).
         Classifier-free guidance only for rows whose teacher sits at the flow-matching level."""
+        scale = self.cfg_scale if (self.bootstrap_cfg and null_cond is not None) else None
+        if self.target_depth == 2:  # the reference: every row takes two half steps (no grouping, no host sync)
+            return self._integrate(teacher, x_t, t, levels, cond, null_cond, scale, 2)
         target = torch.empty_like(x_t)
         n_sub = self.substeps(levels.long())
-        scale = self.cfg_scale if (self.bootstrap_cfg and null_cond is not None) else None
         for n in sorted(set(n_sub.tolist())):
             rows = (n_sub == n).nonzero().squeeze(1)
-            lv = levels[rows].float() + float(n.bit_length() - 1)  # level of the teacher's sub-steps
-            d = 2.0 ** -levels[rows].float()
-            sub_d = (d / n).reshape(-1, *([1] * (x_t.dim() - 1)))
             c = None if cond is None else cond[rows]
-            gidx = (lv == self.log2_m).nonzero().squeeze(1) if scale is not None else None
-            x, tt, acc = x_t[rows], t[rows], torch.zeros_like(x_t[rows])
-            for _ in range(n):
-                v = teacher(x, tt, lv, c)
-                if gidx is not None and gidx.numel():  # guided only where the teacher sits at the FM level
-                    v = v.clone()
-                    v[gidx] = guided(teacher, x[gidx], tt[gidx], lv[gidx], c[gidx], null_cond, scale)
-                acc = acc + v
-                x = self._clip(x + sub_d * v)
-                tt = tt + sub_d.reshape(-1)
-            target[rows] = self._clip(acc / n)
+            target[rows] = self._integrate(teacher, x_t[rows], t[rows], levels[rows], c, null_cond, scale, n)
         return target
+
+    def _integrate(self, teacher, x_t, t, levels, cond, null_cond, scale, n: int):
+        """Clipped mean velocity of n no-grad Euler steps of the teacher over [t, t + d], d = 2^-level, at level
+        level + log2 n (states clipped after each step); guided only where that level is the FM level."""
+        lv = levels.float() + float(n.bit_length() - 1)  # level of the teacher's sub-steps
+        sub_d = (2.0 ** -levels.float() / n).reshape(-1, *([1] * (x_t.dim() - 1)))
+        gidx = (lv == self.log2_m).nonzero().squeeze(1) if scale is not None else None
+        x, tt, acc = x_t, t, torch.zeros_like(x_t)
+        for _ in range(n):
+            v = teacher(x, tt, lv, cond)
+            if gidx is not None and gidx.numel():
+                v = v.clone()
+                v[gidx] = guided(teacher, x[gidx], tt[gidx], lv[gidx], cond[gidx], null_cond, scale)
+            acc = acc + v
+            x = self._clip(x + sub_d * v)
+            tt = tt + sub_d.reshape(-1)
+        return self._clip(acc / n)
 
     def loss(self, net, x1, cond=None, *, teacher=None, null_cond=None, x0=None, teacher_cond=None):
         """Shortcut loss on x1 (B, ...): bootstrap rows first (levels 0..log2 M - 1, targets from ``teacher``),
