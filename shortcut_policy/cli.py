@@ -169,6 +169,26 @@ def bench_shorthand(sub: str, overrides: list[str]) -> list[str]:
     return out
 
 
+def distill_shorthand(overrides: list[str]) -> list[str]:
+    """`distill teacher=T objective=ode_distillation train.lr=1e-4 objective.teacher_steps=8` -> the distill keys
+    as they are, every other override collected into ``student_overrides=['train.lr=1e-4', ...]`` (the student's
+    train config). ``objective=<name>`` stays a distill key (the student's objective preset)."""
+    from .commands.distill import DISTILL_KEYS
+
+    own, student = [], []
+    for o in overrides:
+        key, _, value = o.partition("=")
+        key = key.lstrip("+~")
+        if key == "objective":  # the student's objective preset (a plain key of distill.yaml, not a config group)
+            own.append(f"student_objective={value}")
+            continue
+        (own if key in DISTILL_KEYS else student).append(o)
+    if student:
+        quoted = ",".join("'" + s.replace("\\", "\\\\").replace("'", "\\'") + "'" for s in student)
+        own.append(f"student_overrides=[{quoted}]")
+    return own
+
+
 class LineStream:
     """Wraps stderr for a non-terminal log: a progress bar's carriage-return redraws become one line each."""
 
@@ -216,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     # `bench toy dataset=moons` -> what=toy toy.dataset=moons (positional sub-command for bench)
     if verb == "bench" and overrides and "=" not in overrides[0]:
         overrides = bench_shorthand(overrides.pop(0), overrides)
+    if verb == "distill":
+        overrides = distill_shorthand(overrides)
     if not sys.stderr.isatty():  # progress bars in a log file: one line per update, not carriage returns
         sys.stderr = LineStream(sys.stderr)
     try:

@@ -22,6 +22,7 @@ from .datasets.latents import decode as vae_decode
 from .datasets.latents import encode, load_vae
 from .nets import build_net
 from .objectives import build_objective
+from .objectives.distillation import FrozenTeacher
 
 
 class _Shared:
@@ -129,20 +130,39 @@ class ImageGenerator(nn.Module):
             raise ValueError(f"batch x has shape {tuple(x.shape[1:])}, the net expects {self.x_shape}")
         return x
 
-    def compute_loss(self, batch: dict, teacher=None):
+    def compute_loss(self, batch: dict, teacher=None, frozen: "ImageGenerator | None" = None):
         """Training loss on ``batch`` = {"x": (B, C, H, W), "label": (B,)}: the objective's loss with the null
-        label for classifier-free guidance (conditional models). ``teacher``: the EMA generator or net. Returns
+        label for classifier-free guidance (conditional models). ``teacher``: the EMA generator or net; ``frozen``: a
+        trained teacher generator (distillation objectives), passed on as a
+        :class:`~shortcut_policy.objectives.distillation.FrozenTeacher` with the same labels. Returns
         ``(loss, info)``."""
         x = self.prepare(batch)
         labels = self.labels_for(batch["label"].to(x.device))
         if isinstance(teacher, ImageGenerator):
             teacher = teacher.net
         null = self.null_label if self.class_conditional else None
-        return self.objective.loss(self.net, x, labels, teacher=teacher, null_cond=null)
+        if frozen is None:
+            return self.objective.loss(self.net, x, labels, teacher=teacher, null_cond=null)
+        ft = FrozenTeacher(frozen.net, labels, frozen.objective)
+        return self.objective.loss(self.net, x, labels, teacher=teacher, null_cond=null, frozen=ft)
 
-    def forward(self, batch: dict, teacher=None):
+    def forward(self, batch: dict, teacher=None, frozen=None):
         """The trainer's (and DDP's) entry point: :meth:`compute_loss`."""
-        return self.compute_loss(batch, teacher)
+        return self.compute_loss(batch, teacher, frozen)
+
+    @classmethod
+    def load_teacher(cls, path, like: "ImageGenerator") -> "ImageGenerator":
+        """A trained image model to distil from (:func:`load_generator`, evaluation weights), checked against the
+        student ``like``: same latent/image shape and number of classes. Raises ``ValueError`` naming what
+        differs."""
+        teacher, _ = load_generator(path)
+        for what, a, b in (
+            ("sample shape", teacher.x_shape, like.x_shape),
+            ("class conditioning", teacher.class_conditional, like.class_conditional),
+        ):
+            if a != b:
+                raise ValueError(f"teacher checkpoint {path}: its {what} {a} differs from this run's {b}")
+        return teacher
 
     # --- sampling ----------------------------------------------------------------------------------------
     @torch.no_grad()

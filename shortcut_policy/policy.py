@@ -25,6 +25,7 @@ from .datasets.normalizer import LinearNormalizer
 from .nets import build_net
 from .nets.obs_encoders import ObsEncoder
 from .objectives import build_objective
+from .objectives.distillation import FrozenTeacher
 from .utils import to_plain
 
 
@@ -96,11 +97,14 @@ class Policy(nn.Module):
                 raise ValueError(f"{where}: observation {k!r} contains NaN or inf")
 
     # --- training ---------------------------------------------------------------------------------------
-    def compute_loss(self, batch, teacher: "Policy | None" = None):
+    def compute_loss(self, batch, teacher: "Policy | None" = None, frozen: "Policy | None" = None):
         """Training loss on ``batch`` = {"obs": {key: (B, T, ...)}, "action": (B, H, Da)} in environment units:
         normalise, encode the first To observation steps, and call the objective on the normalised actions. A separate
         ``teacher`` policy (the EMA copy) encodes the observations for its own net. Raises ``ValueError`` for a wrong
-        action shape or non-finite values. Returns ``(loss, info)``."""
+        action shape or non-finite values. A ``frozen`` trained teacher policy (distillation objectives,
+        ``objective.teacher_checkpoint``) reaches the objective as a
+        :class:`~shortcut_policy.objectives.distillation.FrozenTeacher` with its own observation encoding.
+        Returns ``(loss, info)``."""
         obs, action = batch["obs"], batch["action"]
         self._check_obs(obs, self.n_obs_steps, "batch")
         if action.shape[1:] != (self.horizon, self.action_dim):
@@ -119,11 +123,31 @@ class Policy(nn.Module):
             t_net = teacher.net
             with torch.no_grad():
                 t_cond = teacher.obs_encoder(nobs)
-        return self.objective.loss(self.net, naction, cond, teacher=t_net, teacher_cond=t_cond)
+        if frozen is None:
+            return self.objective.loss(self.net, naction, cond, teacher=t_net, teacher_cond=t_cond)
+        with torch.no_grad():
+            f_cond = frozen.obs_encoder(nobs)
+        ft = FrozenTeacher(frozen.net, f_cond, frozen.objective)
+        return self.objective.loss(self.net, naction, cond, teacher=t_net, teacher_cond=t_cond, frozen=ft)
 
-    def forward(self, batch, teacher=None):  # the trainer's (and DDP's) entry point
+    def forward(self, batch, teacher=None, frozen=None):  # the trainer's (and DDP's) entry point
         """The trainer's (and DDP's) entry point: :meth:`compute_loss`."""
-        return self.compute_loss(batch, teacher)
+        return self.compute_loss(batch, teacher, frozen)
+
+    @classmethod
+    def load_teacher(cls, path, like: "Policy") -> "Policy":
+        """A trained policy to distil from (its EMA weights, :func:`load_policy`), checked against the student
+        ``like``: same task, observation keys and shapes, horizon and action dimension. Raises ``ValueError``
+        naming the checkpoint and what differs."""
+        teacher = load_policy(path, expect_task=like.task_name or None)
+        for what, a, b in (
+            ("observation shapes", dict(teacher.obs_encoder.obs_shapes), dict(like.obs_encoder.obs_shapes)),
+            ("horizon", teacher.horizon, like.horizon),
+            ("action_dim", teacher.action_dim, like.action_dim),
+        ):
+            if a != b:
+                raise ValueError(f"teacher checkpoint {path}: its {what} {a} differ from this run's {b}")
+        return teacher
 
     # --- inference --------------------------------------------------------------------------------------
     def check_steps(self, steps):

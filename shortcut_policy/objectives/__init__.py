@@ -1,5 +1,6 @@
 """One objective package for policies and images: Shortcut, FlowMatching, Diffusion, MeanFlow, Regression,
-ConsistencyTraining, LiveReflow (selected by `objective=<name>`).
+ConsistencyTraining, LiveReflow, and the teacher-checkpoint objectives ConsistencyDistillation, Progressive,
+OdeDistillation (selected by `objective=<name>`).
 
 Every objective has `loss(net, x1, cond=None, *, teacher=None, null_cond=None, x0=None, teacher_cond=None)
 -> (loss, info)` and `sample(net, x0, cond=None, *, steps, null_cond=None, cfg_scale=None) -> x1`.
@@ -12,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from .base import Objective
 from .consistency import ConsistencyTraining
 from .diffusion import Diffusion
+from .distillation import ConsistencyDistillation, FrozenTeacher, OdeDistillation, Progressive
 from .flow_matching import FlowMatching
 from .live_reflow import LiveReflow
 from .meanflow import MeanFlow
@@ -26,6 +28,9 @@ OBJECTIVES = {
     "regression": Regression,
     "consistency": ConsistencyTraining,
     "live_reflow": LiveReflow,
+    "consistency_distillation": ConsistencyDistillation,
+    "progressive": Progressive,
+    "ode_distillation": OdeDistillation,
 }
 
 
@@ -63,6 +68,10 @@ def build_objective(cfg) -> Objective:
 
 
 __all__ = [
+    "ConsistencyDistillation",
+    "Progressive",
+    "OdeDistillation",
+    "FrozenTeacher",
     "Objective",
     "Shortcut",
     "FlowMatching",

@@ -9,6 +9,7 @@ checkpointing, DistributedSampler; the batch size in the config is the GLOBAL ba
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -211,6 +212,19 @@ def check_resume(cfg, ckpt_cfg, ckpt_path) -> dict:
     return changed
 
 
+def _objective_state_from(sd: dict, target, what: str) -> dict:
+    """The state dict ``sd`` of a checkpoint (``what`` "model", or "ema" = {"model", "step"}) to load into ``target``
+    (the model or its EMA): its ``objective.*`` entries (schedule counters) are kept only when they have the same
+    names as the target's, else replaced by the target's own (a distillation student keeps its schedule)."""
+    inner = sd["model"] if what == "ema" else sd
+    mod = target.model if what == "ema" else target
+    mine = {k: v for k, v in mod.state_dict().items() if k.startswith("objective.")}
+    if set(mine) == {k for k in inner if k.startswith("objective.")}:
+        return sd
+    inner = {**{k: v for k, v in inner.items() if not k.startswith("objective.")}, **mine}
+    return {**sd, "model": inner} if what == "ema" else inner
+
+
 class Trainer:
     """Trains ``model`` (forward(batch, teacher=None) -> (loss, info)) with the ``train`` section of ``cfg``: AdamW, the
     LR schedule, EMA, bf16 autocast on CUDA, gradient clipping, periodic evaluation (``evaluator(model, step) ->
@@ -260,10 +274,17 @@ class Trainer:
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.topk = TopK(self.ckpt_dir, k=int(self.tcfg.topk), key=str(self.tcfg.topk_key)) if self.is_main else None
         self.best_metrics: dict = {}
+        self.frozen_teacher = None  # a trained teacher (objective.teacher_checkpoint): distillation objectives
+        self.frozen_teacher_kind = "checkpoint"  # or "student": progressive's copy of the student
+        obj = getattr(self.model, "objective", None)
+        if getattr(obj, "needs_teacher_checkpoint", False):
+            self.frozen_teacher = self._load_frozen_teacher(obj)
         if self.tcfg.get("resume", True) and (self.ckpt_dir / "last.ckpt").exists():
             self.load(self.ckpt_dir / "last.ckpt")
         elif self.tcfg.get("init_weights"):
             self.init_weights(self.tcfg.init_weights)
+        if self.frozen_teacher is not None:
+            self._check_teacher_normalizer(obj.teacher_checkpoint)
         if self.world > 1:
             self.net = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         else:
@@ -307,6 +328,11 @@ class Trainer:
             "metrics": metrics or {},
             "best_metrics": self.best_metrics,
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+            **(
+                {"frozen_teacher": self.frozen_teacher.state_dict(), "frozen_teacher_kind": self.frozen_teacher_kind}
+                if self.frozen_teacher is not None
+                else {}
+            ),
         }
 
     def load(self, path) -> None:
@@ -320,6 +346,13 @@ class Trainer:
         self.opt.load_state_dict(ck["optimizer"])
         self.sched.load_state_dict(ck["scheduler"])
         self.step = int(ck["step"])
+        if self.frozen_teacher is not None and "frozen_teacher" in ck:  # progressive: the stage's teacher, exactly
+            if ck.get("frozen_teacher_kind") == "student":
+                self.frozen_teacher = copy.deepcopy(self.model).eval()
+                for p in self.frozen_teacher.parameters():
+                    p.requires_grad_(False)
+                self.frozen_teacher_kind = "student"
+            self.frozen_teacher.load_state_dict(ck["frozen_teacher"])
         self.best_metrics = ck.get("best_metrics", {})
         # the schedule follows THIS command's lr / num_steps / warm-up (a new total re-shapes the cosine from here on)
         lr = float(self.tcfg.lr)
@@ -345,6 +378,54 @@ class Trainer:
             for k, (a, b) in self.resume_changes.items():
                 print(f"resume: {k} changed from {a!r} to {b!r} (takes effect now)", flush=True)
 
+    def _load_frozen_teacher(self, objective):
+        """The frozen teacher of a distillation objective: the model class's ``load_teacher(path, like=model)``
+        (Policy: a policy checkpoint of the same task and spaces; ImageGenerator: the same image space), in eval mode
+        without gradients. Raises ``ValueError`` (no path; a teacher the method cannot use; a model without
+        ``load_teacher``) or ``FileNotFoundError`` before training starts."""
+        path = objective.teacher_checkpoint
+        if not path:
+            raise ValueError(
+                f"objective={objective.name} needs a trained teacher: set objective.teacher_checkpoint=PATH (a "
+                f"checkpoint of the same task), or run `shortcut-policy distill teacher=PATH objective={objective.name}`"
+            )
+        if not Path(str(path)).is_file():
+            raise FileNotFoundError(f"objective.teacher_checkpoint={path}: no such checkpoint file")
+        loader = getattr(type(self.model), "load_teacher", None)
+        if loader is None:
+            raise ValueError(f"objective={objective.name}: {type(self.model).__name__} cannot load a teacher")
+        teacher = loader(str(path), like=self.model).to(self.device).eval()
+        objective.check_teacher(teacher.objective, f"objective.teacher_checkpoint={path}")
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        if self.is_main:
+            print(f"teacher: {path} (objective={teacher.objective.name}), frozen", flush=True)
+        return teacher
+
+    def _check_teacher_normalizer(self, path) -> None:
+        """Refuse a teacher whose normaliser differs from this run's (its targets would be in other units)."""
+        mine = {k: v for k, v in self.model.state_dict().items() if k.startswith("normalizer.")}
+        theirs = {k: v for k, v in self.frozen_teacher.state_dict().items() if k.startswith("normalizer.")}
+        for k, v in mine.items():
+            w = theirs.get(k)
+            if w is None or w.shape != v.shape or not torch.allclose(w.to(v), v, rtol=1e-4, atol=1e-5):
+                raise ValueError(
+                    f"objective.teacher_checkpoint={path}: the teacher's normaliser ({k}) differs from this run's: it "
+                    "was trained on other data. Distil on the teacher's data, or start from its weights "
+                    "(train.init_weights=<teacher> with train.init_normalizer=checkpoint)"
+                )
+
+    def refresh_teacher(self) -> None:
+        """Progressive distillation: the frozen teacher becomes a copy of the student (EMA weights when the
+        objective's ``teacher`` is "ema", the reference's ``bootstrap_ema``); called at the start of each stage."""
+        obj = self.model.objective
+        src = self.ema.model if getattr(obj, "teacher", "ema") == "ema" else self.model
+        self.frozen_teacher = copy.deepcopy(src).eval()
+        for p in self.frozen_teacher.parameters():
+            p.requires_grad_(False)
+        self.frozen_teacher_kind = "student"
+        obj.mark_refreshed()
+
     def init_weights(self, path) -> None:
         """Fine-tune / continue: online and EMA weights (normaliser included) from another run's checkpoint, with a
         fresh optimiser, schedule and step count. Resuming this run's own last.ckpt takes precedence."""
@@ -360,6 +441,9 @@ class Trainer:
         for what, target, sd in (("model", self.model, ck.get("model")), ("ema", self.ema, ck.get("ema"))):
             if sd is None:
                 raise KeyError(f"train.init_weights={path}: the checkpoint has no {what!r} entry")
+            # the objective's own state (schedule counters) comes from the checkpoint only when the objectives agree
+            # (a consistency run continues its schedule); a distillation student keeps its own
+            sd = _objective_state_from(sd, target, what)
             try:
                 target.load_state_dict(sd)
             except RuntimeError as e:
@@ -398,7 +482,11 @@ class Trainer:
         self.model.train()
         batch = to_device(batch, self.device)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
-            loss, info = self.net(batch, teacher=self.teacher())
+            obj = getattr(self.model, "objective", None)
+            if self.frozen_teacher is not None and obj.teacher_refresh_due():
+                self.refresh_teacher()
+            extra = {} if self.frozen_teacher is None else {"frozen": self.frozen_teacher}
+            loss, info = self.net(batch, teacher=self.teacher(), **extra)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         clip = self.tcfg.get("grad_clip")
