@@ -193,7 +193,7 @@ def build_policy(cfg, normalizer) -> Policy:
     )
     objective = build_objective(cfg["objective"])
     net = build_net(
-        cfg["net"], step_input=objective.step_input, input_dim=task["action_dim"], global_cond_dim=encoder.out_dim
+        cfg["net"], **objective.net_options(), input_dim=task["action_dim"], global_cond_dim=encoder.out_dim
     )
     policy = Policy(
         net,
