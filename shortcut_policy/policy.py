@@ -190,6 +190,8 @@ def build_policy(cfg, normalizer) -> Policy:
         crop_shape=task.get("crop_shape"),
         feature_dim=enc_cfg.get("feature_dim", 64),
         resnet_width=enc_cfg.get("resnet_width", 64),
+        num_kp=enc_cfg.get("num_kp", 32),
+        obs_order=task.get("obs_order"),
     )
     objective = build_objective(cfg["objective"])
     net = build_net(
