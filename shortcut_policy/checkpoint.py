@@ -39,24 +39,25 @@ def save_checkpoint(path, payload: dict) -> Path:
     return path
 
 
-def _migrate_1_to_2(ckpt: dict) -> list[str]:
-    """Pin format 1's behaviour in ``ckpt["cfg"]`` (in place); returns the settings written, as 'key: value'."""
+def _migrate_1_to_2(ckpt: dict) -> dict:
+    """Pin format 1's behaviour in ``ckpt["cfg"]`` (in place); returns {dotted key: value} of every setting that
+    carries it (written now or already explicit), so that a resumed format-1 run can keep them."""
     cfg = ckpt.get("cfg")
-    changes = []
+    pinned = {}
     if not isinstance(cfg, dict):
-        return changes
+        return pinned
     net, obj = cfg.get("net"), cfg.get("objective")
     if isinstance(net, dict) and net.get("kind") in ("unet1d", "mlp"):
         if net.get("use_step_size", "auto") in ("auto", None):  # format 1 nets always had the branch
             net["use_step_size"] = True
-            changes.append("net.use_step_size: true")
-        if net.get("kind") == "unet1d" and "embed_freqs" not in net:
-            net["embed_freqs"] = "legacy"
-            changes.append("net.embed_freqs: legacy")
-    if isinstance(obj, dict) and obj.get("name") == "diffusion" and "time_input" not in obj:
-        obj["time_input"] = "flipped"
-        changes.append("objective.time_input: flipped")
-    return changes
+        pinned["net.use_step_size"] = net["use_step_size"]
+        if net.get("kind") == "unet1d":
+            net.setdefault("embed_freqs", "legacy")
+            pinned["net.embed_freqs"] = net["embed_freqs"]
+    if isinstance(obj, dict) and obj.get("name") == "diffusion":
+        obj.setdefault("time_input", "flipped")
+        pinned["objective.time_input"] = obj["time_input"]
+    return pinned
 
 
 _MIGRATIONS = {1: _migrate_1_to_2}
@@ -64,7 +65,8 @@ _MIGRATIONS = {1: _migrate_1_to_2}
 
 def migrate(ckpt: dict, where="checkpoint") -> dict:
     """Bring a loaded checkpoint dict to :data:`FORMAT_VERSION` in place (see the module docstring); records the
-    original version in ``ckpt["migrated_from"]`` and the settings written in ``ckpt["migration"]``. Raises
+    original version in ``ckpt["migrated_from"]`` and the settings that keep its behaviour in ``ckpt["migration"]``
+    ({dotted key: value}; :func:`shortcut_policy.commands.train.keep_checkpoint_format` applies them on resume). Raises
     ``ValueError`` for a version newer than this code knows. Returns ``ckpt``."""
     version = ckpt.get("format_version", 1)
     if not isinstance(version, int) or version < 1:
@@ -76,10 +78,10 @@ def migrate(ckpt: dict, where="checkpoint") -> dict:
         )
     if version == FORMAT_VERSION:
         return ckpt
-    changes = []
+    pinned = {}
     for v in range(version, FORMAT_VERSION):
-        changes += _MIGRATIONS[v](ckpt)
-    ckpt["migrated_from"], ckpt["migration"], ckpt["format_version"] = version, changes, FORMAT_VERSION
+        pinned.update(_MIGRATIONS[v](ckpt))
+    ckpt["migrated_from"], ckpt["migration"], ckpt["format_version"] = version, pinned, FORMAT_VERSION
     return ckpt
 
 

@@ -107,8 +107,8 @@ def test_format1_checkpoint_loads_and_predicts_as_before(tmp_path, key):
     _write_format1(path, cfg, _policy(pinned), versioned=name != "flow_matching")  # a file without a version too
     ck = load_checkpoint(path)
     assert ck["format_version"] == FORMAT_VERSION and ck["migrated_from"] == 1
-    expect = {"net.embed_freqs: legacy"} | ({"objective.time_input: flipped"} if name == "diffusion" else set())
-    assert set(ck["migration"]) == expect
+    expect = {"net.use_step_size": True, "net.embed_freqs": "legacy"}
+    assert ck["migration"] == expect | ({"objective.time_input": "flipped"} if name == "diffusion" else {})
     policy = load_policy(path)
     assert policy.net.step_size_embed is not None  # the branch it was trained with
     assert policy.net.time_embed.freqs == "legacy"  # format 1's sinusoid rounding (changes outputs by ~3e-5 px)
@@ -158,3 +158,50 @@ def test_resume_of_a_format1_run_names_the_settings_to_restore():
     msg = str(e.value)
     for restore in ("objective.time_input=flipped", "net.use_step_size=true", "+net.embed_freqs=legacy"):
         assert restore in msg
+
+
+def test_resuming_a_format1_run_keeps_its_settings(pusht_lowdim_zarr, tmp_path):
+    """A run trained before format 2 and resumed with today's defaults continues with the settings it was trained
+    with (time input, step-size branch, sinusoid), noted in RESULT, instead of being refused."""
+    from shortcut_policy import cli
+
+    run = tmp_path / "run"
+    common = [
+        "task=pusht_lowdim",
+        f"task.dataset.zarr_path={pusht_lowdim_zarr}",
+        "net=unet1d_small",
+        "net.down_dims=[16,32]",
+        "net.step_embed_dim=16",
+        "objective=diffusion",
+        "logger=none",
+        "train.batch_size=8",
+        "train.eval_every=0",
+        "train.warmup_steps=1",
+        f"run_dir={run}",
+    ]
+    # a format-1 run: its config as format 1 stored it, weights of a net with the branch
+    cli.run_verb(
+        "train",
+        [
+            *common,
+            "train.num_steps=2",
+            "net.use_step_size=true",
+            "+net.embed_freqs=legacy",
+            "objective.time_input=flipped",
+        ],
+    )
+    last = run / "checkpoints" / "last.ckpt"
+    ck = torch.load(last, weights_only=False)
+    ck["format_version"] = 1
+    del ck["cfg"]["net"]["embed_freqs"], ck["cfg"]["objective"]["time_input"]
+    torch.save(ck, last)
+    res = cli.run_verb("train", [*common, "train.num_steps=3"])
+    assert res["steps"] == 3
+    assert res["preflight"]["kept_format_settings"] == {
+        "from_format": 1,
+        "net.use_step_size": True,
+        "net.embed_freqs": "legacy",
+        "objective.time_input": "flipped",
+    }
+    policy = load_policy(last)
+    assert policy.objective.time_input == "flipped" and policy.net.step_size_embed is not None

@@ -38,16 +38,36 @@ def pin_net_options(cfg) -> None:
             net[key] = float(objective.net_time_scale)
 
 
+def keep_checkpoint_format(cfg, ck) -> dict:
+    """A run resumed from a checkpoint of an older format keeps that format's behaviour: the settings its migration
+    pinned (``ck["migration"]``: e.g. ``objective.time_input: flipped``, ``net.embed_freqs: legacy``) are written
+    into ``cfg`` (in place). Returns them ({} for a current-format checkpoint)."""
+    from omegaconf import OmegaConf, open_dict
+
+    kept = dict(ck.get("migration") or {})
+    with open_dict(cfg):
+        for key, value in kept.items():
+            OmegaConf.update(cfg, key, value, force_add=True)
+    return kept
+
+
 def train_command_preflight(cfg, run_dir) -> dict:
     """Called by the CLI before it writes anything into run_dir: refuses a resume whose fixed settings differ from
-    the checkpoint's (ValueError naming the keys); returns {'resume_changes': {key: [old, new]}} otherwise."""
-    pin_net_options(cfg)  # an unknown or misspelt objective key fails here, before anything is written
+    the checkpoint's (ValueError naming the keys); returns {'resume_changes': {key: [old, new]}} otherwise, and
+    {'kept_format_settings': {...}} when the checkpoint is of an older format (:func:`keep_checkpoint_format`)."""
+    build_objective(cfg.objective)  # an unknown or misspelt objective key fails here, before anything is written
     last = Path(run_dir) / "checkpoints" / "last.ckpt"
     if not (cfg.train.get("resume", True) and last.exists()):
+        pin_net_options(cfg)
         return {}
     ck = load_checkpoint(last)
+    kept = keep_checkpoint_format(cfg, ck)
+    pin_net_options(cfg)
     changed = check_resume(cfg, ck["cfg"], last)
-    return {"resume_changes": {k: [a, b] for k, (a, b) in changed.items()}} if changed else {}
+    notes = {"resume_changes": {k: [a, b] for k, (a, b) in changed.items()}} if changed else {}
+    if kept:
+        notes["kept_format_settings"] = {"from_format": ck.get("migrated_from"), **kept}
+    return notes
 
 
 def train_command(cfg, run_dir):
