@@ -173,8 +173,10 @@ def coverage_of_pose(pos, angle) -> float:
 # ---------------------------------------------------------------------------------------------------------
 # Rendering, in the style of Diffusion Policy's pymunk debug-draw override (light fill, 2 px edges).
 def _light(color) -> tuple[int, int, int, int]:
-    """A fill colour 20 % lighter (each channel x1.2, capped at 255) for the shapes' interiors."""
-    return tuple(int(min(1.2 * float(c), 255.0)) for c in color)
+    """A fill colour 20 % lighter for the shapes' interiors, as Diffusion Policy computes it: each channel x1.2 in
+    float32, capped at 255, rounded to the nearest integer (LightSlateGray -> (143, 163, 184, 255))."""
+    lit = np.minimum(np.float32(1.2) * np.asarray(tuple(color), dtype=np.float32), np.float32(255.0))
+    return tuple(round(float(c)) for c in lit)
 
 
 class _DrawOptions(pymunk.pygame_util.DrawOptions):

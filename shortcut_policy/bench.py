@@ -126,7 +126,7 @@ def run_toy(cfg, run_dir: Path) -> dict:
         ocfg = tc.objectives[name]
         torch.manual_seed(int(cfg.seed))
         objective = build_objective(ocfg)
-        model = VectorModel(build_net(tc.net, step_input=objective.step_input), objective)
+        model = VectorModel(build_net(tc.net, **objective.net_options()), objective)
         sub = run_dir / name
         sub.mkdir(parents=True, exist_ok=True)
         t0 = time.time()
@@ -136,7 +136,7 @@ def run_toy(cfg, run_dir: Path) -> dict:
         if cfg.train.eval_model == "ema":
             ck = load_checkpoint(sub / "checkpoints" / "last.ckpt")
             ema_obj = build_objective(ocfg)
-            ema_model = VectorModel(build_net(tc.net, step_input=ema_obj.step_input), ema_obj)
+            ema_model = VectorModel(build_net(tc.net, **ema_obj.net_options()), ema_obj)
             ema_model.load_state_dict(ck["ema"]["model"])
         ema_model.eval()
         samples[name] = {}

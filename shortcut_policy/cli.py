@@ -89,7 +89,8 @@ def format_error(e: BaseException) -> str:
         reason = "; ".join(p for p in lines if not p.startswith("See ")) or "invalid syntax"
         return (
             f"cannot parse override {e.override!r}: {reason}; fix its syntax (key=value, +key=value adds a key, "
-            f"~key deletes one; quote values with spaces or brackets)" + (f", see {url}" if url else "")
+            f"~key deletes one; quote values with spaces, brackets or '=', e.g. \"checkpoint='epoch=0550.ckpt'\")"
+            + (f", see {url}" if url else "")
         )
     if (
         isinstance(e, MissingConfigException)

@@ -220,7 +220,7 @@ def build_generator(cfg, vae=None) -> ImageGenerator:
     objective = build_objective(cfg.objective)
     net = build_net(
         cfg.net,
-        step_input=objective.step_input,
+        **objective.net_options(),
         input_size=size,
         in_channels=channels,
         num_classes=int(task.num_classes),

@@ -214,10 +214,12 @@ def build_policy(cfg, normalizer) -> Policy:
         crop_shape=task.get("crop_shape"),
         feature_dim=enc_cfg.get("feature_dim", 64),
         resnet_width=enc_cfg.get("resnet_width", 64),
+        num_kp=enc_cfg.get("num_kp", 32),
+        obs_order=task.get("obs_order"),
     )
     objective = build_objective(cfg["objective"])
     net = build_net(
-        cfg["net"], step_input=objective.step_input, input_dim=task["action_dim"], global_cond_dim=encoder.out_dim
+        cfg["net"], **objective.net_options(), input_dim=task["action_dim"], global_cond_dim=encoder.out_dim
     )
     policy = Policy(
         net,

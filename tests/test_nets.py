@@ -82,3 +82,35 @@ def test_unet1d_step_branch_changes_output_and_rejects_bad_shapes():
         net(torch.randn(3, 5, 2), t, torch.zeros(3), c)
     with pytest.raises(ValueError, match="x must be"):
         net(torch.randn(3, 8, 3), t, torch.zeros(3), c)
+
+
+def test_composed_diffusion_config_builds_diffusion_policys_exact_net():
+    """`train task=pusht_lowdim objective=diffusion` composes the U-Net without the step-size branch: Diffusion
+    Policy's 65,783,298 parameters (the shortcut objective keeps the branch: +525,568)."""
+    from shortcut_policy.commands.runner import compose
+    from shortcut_policy.objectives import build_objective
+
+    counts = {}
+    for name in ("diffusion", "shortcut"):
+        cfg = compose("train", ["task=pusht_lowdim", f"objective={name}"])
+        obj = build_objective(cfg.objective)
+        with torch.device("meta"):
+            net = build_net(cfg.net, **obj.net_options(), input_dim=2, global_cond_dim=40)
+        counts[name] = sum(p.numel() for p in net.parameters())
+    assert counts == {"diffusion": 65_783_298, "shortcut": 66_308_866}
+
+
+def test_dp_frequency_rounding_is_bit_equal_and_legacy_is_kept():
+    import math
+
+    from shortcut_policy.nets.embeddings import sinusoidal
+
+    k = torch.arange(100)
+    for dim in (16, 128, 256):
+        half = dim // 2
+        freqs = torch.exp(torch.arange(half) * -(math.log(10000) / (half - 1)))  # Diffusion Policy's formula
+        ref = torch.cat([(k[:, None] * freqs).sin(), (k[:, None] * freqs).cos()], -1)
+        assert torch.equal(sinusoidal(k.float(), dim, order="sin_cos", freqs="dp"), ref)
+        old = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32) / (half - 1))
+        old_ref = torch.cat([(k[:, None] * old).sin(), (k[:, None] * old).cos()], -1)
+        assert torch.equal(sinusoidal(k.float(), dim, order="sin_cos", freqs="legacy"), old_ref)

@@ -214,6 +214,34 @@ def test_diffusion_ddpm_and_ddim_sampling():
     obj.sample(net, torch.randn(3, 8, 2), steps=100)
     assert len(net.calls) == 100
     ts = torch.stack([c["t"][0] for c in net.calls])
-    assert (ts[1:] >= ts[:-1]).all() and ts[0] < ts[-1]  # t runs from noise (0) toward data (1)
+    # Diffusion Policy's time input: the integer DDPM step k, from K - 1 (noise) down to 0
+    assert torch.equal(ts, torch.arange(99, -1, -1, dtype=torch.float32)) and obj.net_time_scale == 1.0
     with pytest.raises(ValueError, match="steps"):
         obj.sample(net, torch.randn(1, 8, 2), steps=101)
+    # checkpoint format 1: t = 1 - k/K (the net scales it by its own time scale), from noise (0) toward data
+    old = Diffusion(time_input="flipped")
+    net.calls.clear()
+    old.sample(net, torch.randn(3, 8, 2), steps=100)
+    ts = torch.stack([c["t"][0] for c in net.calls])
+    assert torch.allclose(ts, 1.0 - torch.arange(99, -1, -1).float() / 100) and old.net_time_scale is None
+    with pytest.raises(ValueError, match="time_input"):
+        Diffusion(time_input="reversed")
+
+
+def test_diffusion_net_sees_dp_timestep_and_has_no_step_branch():
+    from shortcut_policy.nets import build_net
+
+    cfg = {"kind": "unet1d", "step_embed_dim": 16, "down_dims": [16, 32], "use_step_size": "auto", "time_scale": 100}
+    obj = Diffusion()
+    net = build_net(cfg, **obj.net_options(), input_dim=2, global_cond_dim=6)
+    assert net.step_size_embed is None and net.time_scale == 1.0
+    shortcut_net = build_net(cfg, **Shortcut().net_options(), input_dim=2, global_cond_dim=6)
+    assert shortcut_net.step_size_embed is not None and shortcut_net.time_scale == 100.0
+    for name in ("regression", "flow_matching", "consistency"):  # objectives whose contract uses no step size
+        assert build_net(cfg, **build_objective({"name": name}).net_options(), input_dim=2).step_size_embed is None
+    # the training loss feeds k itself: with noise x0 fixed, record the t the net is called with
+    torch.manual_seed(0)
+    rec = Recorder(lambda x, t, l, c: torch.zeros_like(x))
+    obj.loss(rec, torch.randn(5, 8, 2), x0=torch.randn(5, 8, 2))
+    t = rec.calls[0]["t"]
+    assert t.dtype == torch.float32 and torch.equal(t, t.round()) and 0 <= t.min() and t.max() <= 99

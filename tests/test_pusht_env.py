@@ -223,3 +223,21 @@ def test_video_recorder_and_make_env(tmp_path):
     assert (tmp_path / path.split("/")[-1]).stat().st_size > 0
     with pytest.raises(ValueError, match="not Push-T"):
         P.make_env({"env": "transport"})
+
+
+def test_block_fill_colour_rounds_as_diffusion_policy():
+    # DP's light_color: 1.2 x LightSlateGray in float32, capped at 255, then SpaceDebugColor.as_int() ROUNDS:
+    # (142.8, 163.2, 183.6) -> (143, 163, 184) (format 1 truncated to (142, 163, 183): one level off in the block)
+    assert P._light(P.BLOCK_COLOR) == (143, 163, 184, 255)
+    assert P._light(P.AGENT_COLOR) == (78, 126, 255, 255)
+    env = PushTEnv(obs_type="image")
+    env.reset(seed=0)
+    env.set_state([450.0, 450.0, 120.0, 120.0, 0.0])  # block far from the goal and the agent, upright
+    for body in (env.block, env.agent):  # set_state does not step: refresh the shapes' cached world vertices
+        env.space.reindex_shapes_for_body(body)
+    full = env._render_array(P.WINDOW_SIZE, draw_action=False)
+    # interior of the stem (local (0, 60)) and of the bar (local (0, 15)) at angle 0: world = local + position
+    assert tuple(full[180, 120]) == (143, 163, 184) and tuple(full[135, 100]) == (143, 163, 184)
+    obs = env._get_obs()["image"]  # (3, 96, 96) in [0, 1]: the bar's centre, far from its 2 px edges
+    y, x = round(135 * 96 / 512), round(120 * 96 / 512)
+    assert tuple(np.round(obs[:, y, x] * 255).astype(int)) == (143, 163, 184)

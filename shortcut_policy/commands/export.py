@@ -43,6 +43,17 @@ def export_command(cfg, run_dir) -> dict:
     threads = int(cfg.get("threads") or 1)
     torch.set_num_threads(threads)
     policy = load_policy(cfg.checkpoint, device="cpu", weights=cfg.get("weights"))
+    sampler = cfg.get("sampler")
+    if hasattr(policy.objective, "sampler"):  # diffusion: only DDIM is deterministic given the initial noise
+        sampler = str(sampler or "ddim")
+        if sampler != "ddim":
+            raise ValueError(
+                f"sampler={sampler!r}: DDPM draws fresh noise at every step, so its graph would not be deterministic; "
+                "export sampler=ddim (the default for diffusion checkpoints)"
+            )
+        policy.objective.sampler = sampler
+    elif sampler is not None:
+        raise ValueError(f"sampler={sampler!r}: only diffusion checkpoints have a sampler choice")
     steps = policy.check_steps(int(cfg.steps))
     module = ExportablePolicy(policy, steps).eval()
     ref_policy, graph, dtype = policy, module, np.float32
@@ -83,6 +94,7 @@ def export_command(cfg, run_dir) -> dict:
         "checkpoint": str(ckpt),
         "task": policy.task_name,
         "steps": steps,
+        **({"sampler": sampler} if sampler else {}),
         "precision": precision,
         "inputs": {k: ["B", policy.n_obs_steps, *policy.obs_encoder.obs_shapes[k]] for k in module.keys}
         | {"noise": ["B", policy.horizon, policy.action_dim]},
@@ -96,6 +108,7 @@ def export_command(cfg, run_dir) -> dict:
         "format": fmt,
         "file": str(out),
         "steps": steps,
+        **({"sampler": sampler} if sampler else {}),
         "precision": precision,
         "max_abs_diff": diff,
         "max_abs_diff_normalized": ndiff,

@@ -44,6 +44,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "deploy": ("shortcut_policy.commands.deploy", "deploy_command"),
     "export": ("shortcut_policy.commands.export", "export_command"),
     "distill": ("shortcut_policy.commands.distill", "distill_command"),
+    "import": ("shortcut_policy.commands.import_", "import_command"),
 }
 
 USAGE = (

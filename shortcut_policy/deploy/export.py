@@ -1,7 +1,8 @@
 """Export a policy for deployment without PyTorch: the ``export`` verb (:mod:`shortcut_policy.commands.export`,
 ``shortcut-policy export checkpoint=PATH format=onnx|torchscript [steps=1 out=PATH overwrite=false]``).
 
-Exports the N-step (default 1-step) policy, normalisation included, as ONE graph:
+Exports the N-step (default 1-step) policy, normalisation included, as ONE graph (diffusion checkpoints: their
+deterministic DDIM-N sampler, the DDPM sampler draws noise at every step):
   inputs  = the observation tensors (B, To, ...) in the encoder's key order, then ``noise`` (B, horizon, Da)
   output  = ``action`` (B, Ta, Da), unnormalised, exactly Policy.predict_action's executed slice.
 The noise is an input so the graph is deterministic: pass a fixed noise (the metadata records the seed used for the
@@ -37,10 +38,10 @@ class ExportablePolicy(nn.Module):
 
     def __init__(self, policy, steps: int = 1):
         super().__init__()
-        if isinstance(policy.objective, Diffusion):
+        if isinstance(policy.objective, Diffusion) and policy.objective.sampler != "ddim":
             raise ValueError(
-                "export: the checkpoint uses the diffusion objective (scheduler loop with stochastic steps); "
-                "export supports shortcut and flow-matching checkpoints"
+                f"export: the checkpoint's diffusion sampler is {policy.objective.sampler!r}, which draws fresh noise "
+                "at every step; export the deterministic DDIM sampler instead (sampler=ddim steps=N)"
             )
         self.policy = policy
         self.steps = policy.check_steps(steps)

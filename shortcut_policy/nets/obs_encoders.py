@@ -108,8 +108,10 @@ class ImageEncoder(nn.Module):
 class ObsEncoder(nn.Module):
     """Encodes the first To steps of a normalised observation dict into the flat global condition.
 
-    Per step: [image features per camera (in `image_keys` order), low-dim keys (in `lowdim_keys` order)];
-    steps concatenated (To major), as Diffusion Policy.
+    Per step: [image features per camera (in `image_keys` order), low-dim keys (in `lowdim_keys` order)], or the
+    features in `obs_order` (every key once; Diffusion Policy concatenates in its shape_meta order, which may
+    interleave cameras and low-dim keys); steps concatenated (To major), as Diffusion Policy. Raises ``ValueError``
+    for a key without a shape or an `obs_order` that is not a permutation of the keys.
     """
 
     def __init__(
@@ -121,6 +123,8 @@ class ObsEncoder(nn.Module):
         crop_shape=None,
         feature_dim: int = 64,
         resnet_width: int = 64,
+        num_kp: int = 32,
+        obs_order: Sequence[str] | None = None,
     ):
         super().__init__()
         self.obs_shapes = {k: tuple(v) for k, v in obs_shapes.items()}
@@ -128,8 +132,15 @@ class ObsEncoder(nn.Module):
         missing = [k for k in self.lowdim_keys + self.image_keys if k not in self.obs_shapes]
         if missing:
             raise ValueError(f"observation keys {missing} have no entry in obs_shapes {sorted(self.obs_shapes)}")
+        keys = self.image_keys + self.lowdim_keys
+        self.obs_order = list(obs_order) if obs_order else keys
+        if sorted(self.obs_order) != sorted(keys):
+            raise ValueError(f"obs_order {self.obs_order} must list every observation key {keys} once")
         self.cams = nn.ModuleDict(
-            {k: ImageEncoder(self.obs_shapes[k], crop_shape, feature_dim, width=resnet_width) for k in self.image_keys}
+            {
+                k: ImageEncoder(self.obs_shapes[k], crop_shape, feature_dim, num_kp=num_kp, width=resnet_width)
+                for k in self.image_keys
+            }
         )
         per_step = sum(feature_dim for _ in self.image_keys) + sum(
             int(torch.tensor(self.obs_shapes[k]).prod()) for k in self.lowdim_keys
@@ -140,13 +151,11 @@ class ObsEncoder(nn.Module):
         """Normalised observations {key: (B, T >= To, ...)} -> global condition (B, out_dim); only the first
         ``n_obs_steps`` (To) steps are used."""
         feats = []
-        B = None
-        for k in self.image_keys:
+        for k in self.obs_order:
             x = nobs[k][:, : self.n_obs_steps]
-            B = x.shape[0]
-            f = self.cams[k](rearrange(x, "b t c h w -> (b t) c h w"))
-            feats.append(rearrange(f, "(b t) d -> b t d", b=B))
-        for k in self.lowdim_keys:
-            x = nobs[k][:, : self.n_obs_steps]
-            feats.append(x.reshape(x.shape[0], x.shape[1], -1))
+            if k in self.cams:
+                f = self.cams[k](rearrange(x, "b t c h w -> (b t) c h w"))
+                feats.append(rearrange(f, "(b t) d -> b t d", b=x.shape[0]))
+            else:
+                feats.append(x.reshape(x.shape[0], x.shape[1], -1))
         return torch.cat(feats, dim=-1).flatten(1)

@@ -8,7 +8,9 @@ input width and, with `use_step_size=False`, the parameter count equal Diffusion
 
 t in [0,1] is multiplied by `time_scale` (default 100, Diffusion Policy's DDPM step range) before the
 sinusoid: DP's embedding frequencies lie in [1e-4, 1], so a raw t in [0,1] would be almost constant.
-The level (0..7) is fed raw, like DP's integer steps.
+The level (0..7) is fed raw, like DP's integer steps. The diffusion objective feeds DP's integer step k with
+`time_scale` 1 (the objective sets it), so DP's weights predict exactly as in DP. `embed_freqs="dp"` evaluates the
+sinusoid's frequencies with DP's floating-point rounding (bit-equal); "legacy" is checkpoint format 1's rounding.
 """
 
 from __future__ import annotations
@@ -61,6 +63,8 @@ class UNet1D(nn.Module):
 
     `step_input="level"`: d_level is the dyadic level log2(1/d) (0..7), fed raw; `"continuous"`: it is the step
     size d in [0, 1] (MeanFlow's t - r), scaled by `time_scale` like t. Same parameters either way.
+    `use_step_size=False` drops the step-size branch (Diffusion Policy's exact net); `embed_freqs` ("dp" | "legacy")
+    is the sinusoid's frequency rounding (module docstring).
     """
 
     def __init__(
@@ -75,6 +79,7 @@ class UNet1D(nn.Module):
         use_step_size: bool = True,
         time_scale: float = 100.0,
         step_input: str = "level",
+        embed_freqs: str = "dp",
     ):
         super().__init__()
         if step_input not in ("level", "continuous"):
@@ -86,8 +91,8 @@ class UNet1D(nn.Module):
         dsed = step_embed_dim
         self.input_dim, self.global_cond_dim = input_dim, global_cond_dim
         self.down_dims = list(down_dims)
-        self.time_embed = SinusoidalMLPEmbedder(dsed, scale=time_scale)
-        self.step_size_embed = SinusoidalMLPEmbedder(dsed, scale=1.0) if use_step_size else None
+        self.time_embed = SinusoidalMLPEmbedder(dsed, scale=time_scale, freqs=embed_freqs)
+        self.step_size_embed = SinusoidalMLPEmbedder(dsed, scale=1.0, freqs=embed_freqs) if use_step_size else None
         cond_dim = dsed + (global_cond_dim or 0)
         dims = [input_dim] + self.down_dims
         in_out = list(zip(dims[:-1], dims[1:]))

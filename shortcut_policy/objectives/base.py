@@ -16,6 +16,17 @@ class Objective(nn.Module):
     uses_step_size = False
     step_input = "level"  # what the net's third argument means: "level" log2(1/d) or "continuous" d (MeanFlow)
     takes_generator = False  # sample(..., generator=) draws fresh noise between steps (DDPM, consistency)
+    # uses_step_size: whether the net's step-size input carries information; nets built for an objective that does
+    # not use it get no step-size branch (net.use_step_size: auto). net_time_scale: None keeps the net's configured
+    # time scale; a number replaces it (diffusion feeds integer DDPM steps, embedded unscaled: 1.0)
+    net_time_scale: float | None = None
+
+    def net_options(self) -> dict:
+        """What a net built for this objective must know (keyword arguments of
+        :func:`shortcut_policy.nets.build_net`): the step-size input's meaning, whether it is used at all (``auto``
+        nets get no step-size branch otherwise) and the time scale the objective's time input needs (None: the net's
+        own)."""
+        return {"step_input": self.step_input, "use_step_size": self.uses_step_size, "time_scale": self.net_time_scale}
 
     def __init__(self, m: int = M):
         super().__init__()

@@ -1,8 +1,13 @@
 """DDPM training with epsilon prediction and DDPM / DDIM sampling through diffusers schedulers,
 configured as Diffusion Policy (100 train steps, squaredcos_cap_v2, clip_sample, fixed_small variance).
 
-The network sees t = 1 - k/K for DDPM step k (t = 0 noise, t = 1 data, the project convention) and the
-step-size input held at the flow-matching level, so the same nets serve every objective.
+Time input (``time_input``): ``"step"`` (default) feeds the net Diffusion Policy's integer DDPM step k (0 = least
+noise, K - 1 = most), embedded as it is (the objective sets the net's time scale to 1, ``net_time_scale``), so a
+Diffusion Policy checkpoint predicts exactly as in Diffusion Policy. ``"flipped"`` is the behaviour of checkpoint
+format 1: t = 1 - k/K in the project's flow convention (t = 0 noise, t = 1 data), scaled by the net's own
+``time_scale`` (100 - k for the U-Net); checkpoints of that format are migrated to it
+(:mod:`shortcut_policy.checkpoint`). The step-size input is held at the flow-matching level; the objective does
+not use a step size (``uses_step_size = False``), so nets built for it have no step-size branch.
 """
 
 from __future__ import annotations
@@ -20,10 +25,13 @@ class Diffusion(Objective):
     K = ``num_train_timesteps`` training steps, ``squaredcos_cap_v2`` betas, clipped samples, fixed-small variance.
 
     Sampling runs diffusers' ``DDPMScheduler`` or ``DDIMScheduler`` (``sampler``) over ``steps`` <= K steps. The
-    net is called as net(x_k (B, ...), t = 1 - k/K (B,), level = log2(M) (B,), cond)."""
+    net is called as net(x_k (B, ...), t (B,), level = log2(M) (B,), cond) with t = k (``time_input="step"``,
+    Diffusion Policy's input; the net embeds it unscaled) or t = 1 - k/K (``"flipped"``, checkpoint format 1).
+    Raises ``ValueError`` for an unknown ``sampler`` or ``time_input``."""
 
     name = "diffusion"
     takes_generator = True
+    TIME_INPUTS = ("step", "flipped")
 
     def __init__(
         self,
@@ -37,10 +45,17 @@ class Diffusion(Objective):
         class_dropout_prob: float = 0.0,
         cfg_scale: float | None = None,
         m: int = M,
+        time_input: str = "step",
     ):
         super().__init__(m)
         if sampler not in ("ddpm", "ddim"):
             raise ValueError(f"sampler={sampler!r}: expected 'ddpm' or 'ddim'")
+        if time_input not in self.TIME_INPUTS:
+            raise ValueError(
+                f"objective.time_input={time_input!r}: expected 'step' (Diffusion Policy's DDPM step k) or "
+                "'flipped' (t = 1 - k/K, checkpoint format 1)"
+            )
+        self.time_input = time_input
         kw = dict(
             num_train_timesteps=num_train_timesteps,
             beta_schedule=beta_schedule,
@@ -54,9 +69,17 @@ class Diffusion(Objective):
         self.K, self.sampler = num_train_timesteps, sampler
         self.prediction_type, self.class_dropout_prob, self.cfg_scale = prediction_type, class_dropout_prob, cfg_scale
 
+    @property
+    def net_time_scale(self) -> float | None:
+        """1.0 with ``time_input="step"``: the net embeds the integer step k as it is (Diffusion Policy); None
+        (``"flipped"``): the net's configured time scale."""
+        return 1.0 if self.time_input == "step" else None
+
     def net_t(self, k: torch.Tensor) -> torch.Tensor:
-        """The net's time input for DDPM steps k (B,) long: t = 1 - k/K (float), so that t = 0 is pure noise and t = 1
-        data, as for the flow objectives."""
+        """The net's time input for DDPM steps k (B,) long: k as a float (``time_input="step"``, Diffusion Policy),
+        or t = 1 - k/K (``"flipped"``: t = 0 pure noise, t = 1 data, checkpoint format 1)."""
+        if self.time_input == "step":
+            return k.float()
         return 1.0 - k.float() / self.K
 
     def check_steps(self, steps) -> int:
@@ -68,8 +91,8 @@ class Diffusion(Objective):
 
     def loss(self, net, x1, cond=None, *, teacher=None, null_cond=None, x0=None, teacher_cond=None):
         """DDPM loss on x1 (B, ...): k ~ U{0..K-1}, x_k = sqrt(abar_k) x1 + sqrt(1 - abar_k) eps, and the MSE of
-        net(x_k, 1 - k/K, log2 M, cond) against eps (``prediction_type="epsilon"``) or x1 (``"sample"``). Class dropout
-        with ``class_dropout_prob``. Returns ``(loss, {"loss": float})``."""
+        net(x_k, :meth:`net_t` (k), log2 M, cond) against eps (``prediction_type="epsilon"``) or x1 (``"sample"``).
+        Class dropout with ``class_dropout_prob``. Returns ``(loss, {"loss": float})``."""
         self.check_data(x1)
         B = x1.shape[0]
         noise = torch.randn_like(x1) if x0 is None else x0

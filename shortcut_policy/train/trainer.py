@@ -204,10 +204,16 @@ def check_resume(cfg, ckpt_cfg, ckpt_path) -> dict:
     if fixed:
         lines = "; ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in list(fixed.items())[:12])
         more = f" (+{len(fixed) - 12} more)" if len(fixed) > 12 else ""
+        restore = [
+            f"{'+' if b == '<absent>' else ''}{k}={a if isinstance(a, str) else json.dumps(a, separators=(',', ':'))}"
+            for k, (a, b) in fixed.items()
+            if a != "<absent>"
+        ]
+        hint = f" ({' '.join(restore)})" if restore and len(restore) <= 6 else ""
         raise ValueError(
             f"cannot resume {ckpt_path}: settings that cannot change on resume differ: {lines}{more}. "
             "Use a new run_dir (or train.init_weights=... to start a new run from these weights), or "
-            "restore these settings"
+            f"restore these settings{hint}"
         )
     return changed
 
