@@ -43,6 +43,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "latents": ("shortcut_policy.commands.latents", "latents_command"),
     "deploy": ("shortcut_policy.commands.deploy", "deploy_command"),
     "export": ("shortcut_policy.commands.export", "export_command"),
+    "convert": ("shortcut_policy.commands.convert", "convert_command"),
 }
 
 USAGE = (
