@@ -39,6 +39,10 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from shortcut_policy.utils import atomic_path
+
+from .replay_buffer import ReplayBuffer
+
 __all__ = [
     "LeRobotFormatError",
     "LeRobotSource",
@@ -769,10 +773,6 @@ def convert_lerobot_to_zarr(
     uint8 (N, H, W, 3), ``meta/episode_ends``; root attribute ``lerobot`` = fps, version, features, source),
     episode by episode with a progress bar, into a temporary sibling renamed onto ``out`` when complete.
     ``keys``: the features to copy (default all). Returns a summary dict."""
-    from shortcut_policy.utils import atomic_path
-
-    from .replay_buffer import ReplayBuffer
-
     out = Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; pass overwrite=true to replace it")
