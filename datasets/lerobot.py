@@ -866,6 +866,15 @@ def write_video(path, frames: np.ndarray, fps: float, codec: str = "libx264", go
     return path
 
 
+def _png(frame: np.ndarray) -> bytes:
+    """PNG bytes of an (H, W, 3) uint8 frame."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.asarray(frame, dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def write_lerobot_dataset(
     root,
     episodes: Sequence[Mapping[str, np.ndarray]],
@@ -873,10 +882,12 @@ def write_lerobot_dataset(
     video_keys: Sequence[str] = (),
     version: str = "v3.0",
     episodes_per_file: int | None = None,
+    image_keys: Sequence[str] = (),
     codec: str = "libx264",
     task: str = "do the task",
 ) -> Path:
-    """Write ``episodes`` (each {feature: (T, ...) array}; video features (T, H, W, 3) uint8) as a LeRobot folder:
+    """Write ``episodes`` (each {feature: (T, ...) array}; video and image features (T, H, W, 3) uint8; image
+    features are stored as PNG bytes in the parquet files, ``{"bytes", "path"}`` as LeRobot does) as a LeRobot folder:
     v3.0 (``episodes_per_file`` episodes per data / video file, default all in one) or v2.1 (one file per episode).
     Index columns (timestamp = frame/fps, frame_index, episode_index, index, task_index) are added. For tests and
     examples: the layout LeRobot writes, not its statistics (no meta/stats.json)."""
@@ -900,6 +911,8 @@ def write_lerobot_dataset(
                 "names": ["height", "width", "channel"],
                 "info": {"video.fps": fps, "video.codec": codec, "video.pix_fmt": "yuv420p", "has_audio": False},
             }
+        elif k in image_keys:
+            features[k] = {"dtype": "image", "shape": list(v.shape[1:]), "names": ["height", "width", "channel"]}
         else:
             shape = list(v.shape[1:]) or [1]
             features[k] = {"dtype": str(v.dtype), "shape": shape, "names": None}
@@ -912,6 +925,9 @@ def write_lerobot_dataset(
         cols: dict[str, Any] = {}
         for k in episodes[0]:
             if k in video_keys:
+                continue
+            if k in image_keys:
+                cols[k] = pa.array([{"bytes": _png(f), "path": None} for e in ep_ids for f in episodes[e][k]])
                 continue
             vals = np.concatenate([np.asarray(episodes[e][k]) for e in ep_ids])
             if vals.ndim == 1:

@@ -93,6 +93,18 @@ def test_reader_maps_frames_episodes_and_timestamps(folder):
     assert 0 <= round(b / 4) < LENGTHS[2]
 
 
+def test_image_features_stored_as_png_in_parquet(tmp_path):
+    eps = [
+        {"observation.image": frames_for(e, n), "action": np.zeros((n, 2), np.float32) + e}
+        for e, n in enumerate((5, 4))
+    ]
+    src = LeRobotSource(write_lerobot_dataset(tmp_path / "img", eps, image_keys=["observation.image"]))
+    assert src.features["observation.image"]["dtype"] == "image"
+    np.testing.assert_array_equal(
+        src["observation.image"][[0, 6, 8]], np.concatenate([e["observation.image"] for e in eps])[[0, 6, 8]]
+    )
+
+
 def test_video_windows_are_decoded_in_loader_workers(folder):
     root, _ = folder
     ds = SequenceDataset(
