@@ -129,6 +129,9 @@ class _LazyFrames:
         raise NotImplementedError
 
 
+_INHERITED: list = []  # containers a forked process inherited: kept referenced, never closed there
+
+
 class VideoFrames(_LazyFrames):
     """Frames of one video feature: row r is the frame at ``times[r]`` seconds of ``paths[file_id[r]]``, decoded
     with PyAV when read (random access by timestamp; see the module docstring). Open containers are cached per
@@ -172,7 +175,8 @@ class VideoFrames(_LazyFrames):
 
     def _container(self, fid: int):
         """The open container of file ``fid`` (reopened in a new process, least recently used closed first)."""
-        if self._pid != os.getpid():  # a forked worker: never use the parent's demuxer state
+        if self._pid != os.getpid():  # a forked worker: never use (nor free) the parent's demuxer/decoder state
+            _INHERITED.extend(self._open.values())  # freeing them here could wait on threads that do not exist
             self._open, self._pid = {}, os.getpid()
         c = self._open.pop(fid, None)
         if c is None:
@@ -185,7 +189,8 @@ class VideoFrames(_LazyFrames):
             if not c.streams.video:
                 c.close()
                 raise LeRobotFormatError(f"{self.paths[fid]}: no video stream (feature {self.key!r})")
-            c.streams.video[0].thread_type = "SLICE"
+            c.streams.video[0].thread_type = "NONE"  # no decoder threads: one decoder per loader worker, fork-safe
+            c.streams.video[0].codec_context.thread_count = 1
             while len(self._open) >= self.max_open:
                 old = next(iter(self._open))
                 self._open.pop(old).close()
@@ -406,18 +411,24 @@ class LeRobotSource:
                 )
             recs: list[dict] = []
             srcs: list[str] = []
-            need = ["episode_index", "length", "data/chunk_index", "data/file_index"]
+            need = ["episode_index", "data/chunk_index", "data/file_index"]
             for f in files:
-                t = _pq().read_table(f)
-                missing = [c for c in need if c not in t.column_names]
+                columns = _pq().read_schema(f).names  # only the columns used (the per-episode stats can be large)
+                missing = [c for c in need if c not in columns]
+                if "length" not in columns and not {"dataset_from_index", "dataset_to_index"} <= set(columns):
+                    missing.append("length")
                 if missing:
                     raise LeRobotFormatError(f"{f}: episodes metadata has no column(s) {missing}")
                 keep = [
                     c
-                    for c in t.column_names
-                    if c in need or c.startswith("videos/") or c in ("dataset_from_index", "dataset_to_index")
+                    for c in columns
+                    if c in need or c.startswith("videos/") or c in ("length", "dataset_from_index", "dataset_to_index")
                 ]
-                recs.extend(t.select(keep).to_pylist())
+                t = _pq().read_table(f, columns=keep)
+                for r in t.to_pylist():
+                    if r.get("length") is None and r.get("dataset_to_index") is not None:
+                        r["length"] = int(r["dataset_to_index"]) - int(r["dataset_from_index"])
+                    recs.append(r)
                 srcs.extend([str(f)] * t.num_rows)
             names = {c for r in recs for c in r}
             ep = {c: [r.get(c) for r in recs] for c in names}
@@ -437,6 +448,10 @@ class LeRobotSource:
                     raise LeRobotFormatError(f"{f}: line {n}: expected episode_index and length ({e!r})") from None
             ep = {"episode_index": idx, "length": length}
             srcs = [str(f)] * len(idx)
+        for k in ("episode_index", "length"):
+            bad = [i for i, v in enumerate(ep[k]) if not isinstance(v, (int, np.integer))]
+            if bad:
+                raise LeRobotFormatError(f"{srcs[bad[0]]}: row {bad[0]} has {k}={ep[k][bad[0]]!r}; expected an integer")
         index = np.asarray(ep["episode_index"], dtype=np.int64)
         if len(index) == 0:
             raise LeRobotFormatError(f"{srcs[0] if srcs else meta}: no episodes")
