@@ -119,6 +119,8 @@ def deploy_command(cfg, run_dir) -> dict:
     kind = str(pcfg.get("kind") or "local")
     if kind not in ("local", "remote"):
         raise ValueError(f"policy={kind!r}: expected local (checkpoint=PATH) or remote (policy.address=HOST:PORT)")
+    if kind == "remote" and cfg.get("checkpoint"):
+        print("warning: policy=remote: checkpoint= is ignored (the server holds the policy)", file=sys.stderr)
     source = _Remote(pcfg) if kind == "remote" else _Local(cfg)
     try:
         with sigterm_as_interrupt():
