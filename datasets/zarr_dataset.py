@@ -8,6 +8,11 @@ Each output field is built from a list of *source specs* naming ``data/<key>`` a
 Low-dim fields concatenate their sources in order (float32). Image fields take exactly one source stored
 HWC (uint8 or float 0..255) and come out as float32 (T, C, H, W) in [0, 1] (``x / 255``, HWC -> CHW).
 
+The buffer is a zarr ReplayBuffer, or any object with the same read interface (``replay_buffer=``): a robomimic
+hdf5 read into memory, a LeRobot folder (:class:`~.lerobot.LeRobotSource`, whose videos are decoded on read: an
+image field backed by such an array stays on disk under ``images_in_memory="auto"`` and only its first
+``n_obs_steps`` frames of a window are decoded and returned, shape (n_obs_steps, C, H, W)).
+
 Samples are ``{"obs": {name: (horizon, ...) float32 tensor}, "action": (horizon, Da) float32 tensor}``, windows
 as in Diffusion Policy (pad_before = n_obs_steps - 1 + n_latency_steps, pad_after = n_action_steps - 1, edge
 padding, never across episodes). Split: ``get_val_mask(n, val_ratio, seed)``, train = the rest downsampled to
@@ -182,13 +187,14 @@ class SequenceDataset(Dataset):
         arrays["action"] = self._concat(load, self.action_sources, source, "action")
         self._episode_ends = np.asarray(disk.episode_ends, dtype=np.int64)
         # ---- sanity pass over the data/<key> arrays used (images: at most 2000 frames) -> self.sanity_report
+        lazy = any(getattr(a, "decoded_on_read", False) for a in loaded.values())
         self.sanity_report = check_dataset(
             loaded,
             self._episode_ends,
             source,
             image_keys=image_src,
             action_keys={k for k, _ in self.action_sources},
-            max_frames=2000,
+            max_frames=256 if lazy else 2000,  # frames decoded on read (video): a smaller sample at load
         )
         for key in sorted(image_src):
             st = self.sanity_report.keys.get(key)
@@ -200,6 +206,9 @@ class SequenceDataset(Dataset):
                 self.sanity_report.warnings.append(msg)
                 warnings.warn(msg, DataSanityWarning, stacklevel=2)
         self._fields = _Fields(arrays, self._episode_ends)
+        # image fields decoded on read (LeRobot videos / encoded images): only the To observation frames of a window
+        # are decoded and returned (as Diffusion Policy's image datasets do); the policy encodes no later frame
+        self.lazy_image_keys = [n for n in image_keys if getattr(arrays["obs/" + n], "decoded_on_read", False)]
 
         # ---- split and windows
         n_ep = len(self._episode_ends)
@@ -218,6 +227,8 @@ class SequenceDataset(Dataset):
             return images_in_memory
         if images_in_memory != "auto":
             raise ValueError(f"images_in_memory={images_in_memory!r}: expected True, False or 'auto'")
+        if any(getattr(disk[k], "decoded_on_read", False) for k in image_src):
+            return False  # videos: decoded per window in the loader workers, never copied whole
         if disk.backend == "numpy":
             return True
         total = sum(int(np.prod(disk[k].shape)) * np.dtype(disk[k].dtype).itemsize for k in image_src)
@@ -247,6 +258,7 @@ class SequenceDataset(Dataset):
             sequence_length=self.horizon,
             pad_before=pad_before,
             pad_after=pad_after,
+            key_first_k={"obs/" + n: self.n_obs_steps for n in self.lazy_image_keys},
             episode_mask=self.episode_mask,
         )
         self._check_windows(pad_before, pad_after)
@@ -348,6 +360,8 @@ class SequenceDataset(Dataset):
         for name in self.obs_sources:
             x = sample["obs/" + name]
             if name in self.image_keys:
+                if name in self.lazy_image_keys:
+                    x = x[: self.n_obs_steps]  # only these frames were decoded
                 hwc = np.moveaxis(x, -1, -3)  # (T, C, H, W) view
                 x = np.empty(hwc.shape, dtype=np.float32)
                 np.divide(hwc, np.float32(255.0), out=x, casting="unsafe")  # one pass: cast, transpose, scale

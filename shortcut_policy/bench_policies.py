@@ -198,7 +198,7 @@ def check_inputs(pc, compose: Callable) -> tuple[dict, list[int], str]:
     for label, ov in entries.items():
         cfg = compose("train", [f"task={task}", *list(pc.get("train_overrides") or []), *ov])
         ds = cfg.task.dataset
-        path = ds.get("hdf5_path") or ds.get("zarr_path")
+        path = ds.get("lerobot_path") or ds.get("hdf5_path") or ds.get("zarr_path")
         if not path or not Path(str(path)).exists():
             raise FileNotFoundError(
                 f"bench policies: task {task}'s data file {path!r} does not exist (entry {label}); "

@@ -20,6 +20,7 @@ from pathlib import Path
 from .conventions import TEST_SEED_START
 from .datasets.images import DigitsDataset, ImageFolderDataset
 from .datasets.latents import LatentDataset
+from .datasets.lerobot import LeRobotSource, converted_lerobot_meta, lerobot_obs_keys
 from .datasets.robomimic import replay_buffer_from_hdf5
 from .datasets.zarr_dataset import SequenceDataset
 from .eval.rollout import evaluate
@@ -44,27 +45,48 @@ __all__ = [
 # ---------------------------------------------------------------------------------------------------------
 # datasets
 def build_dataset(cfg, split: str = "train") -> SequenceDataset:
-    """The window dataset of a policy task (``task.dataset``: a zarr replay buffer, or a robomimic hdf5 read
-    directly); its observation shapes and action dim must match the task's."""
+    """The window dataset of a policy task (``task.dataset``: a zarr replay buffer, a robomimic hdf5 read directly,
+    or a LeRobot folder ``lerobot_path`` read directly); its observation shapes and action dim must match the task's.
+
+    LeRobot data (a folder, or a zarr written by ``shortcut-policy convert``) is mapped onto the task's observation
+    fields by LeRobot's feature names (:func:`~shortcut_policy.datasets.lerobot.lerobot_obs_keys`), or by
+    ``task.dataset.lerobot_obs_keys`` when set; its fps must equal ``task.control_hz``."""
     task = to_plain(cfg["task"])
     dcfg = dict(task["dataset"])
     hdf5 = dcfg.pop("hdf5_path", None)
     filter_key = dcfg.pop("hdf5_filter_key", None)
     zarr_path = dcfg.pop("zarr_path", None)
-    path = Path(hdf5 or zarr_path or "")
-    if not (hdf5 or zarr_path) or not path.exists():
-        key = "hdf5_path" if hdf5 else "zarr_path"
-        raise FileNotFoundError(
-            f"task.dataset.{key}={str(path)!r}: no such dataset. Generate demonstrations with "
-            f"`shortcut-policy demos task={task.get('env', '?')} out=...` or point {key} at a file"
-        )
-    source = {"zarr_path": path}
-    if hdf5:  # a robomimic hdf5 (official layout) read directly, no conversion by hand
-        source = {
-            "replay_buffer": replay_buffer_from_hdf5(
-                path, dcfg["obs_keys"], bool(task.get("abs_action", False)), dcfg.get("image_keys", ()), filter_key
+    lerobot = dcfg.pop("lerobot_path", None)
+    lerobot_keys = dcfg.pop("lerobot_obs_keys", None)
+    if lerobot:
+        path = Path(lerobot)
+        if not path.is_dir():
+            raise FileNotFoundError(
+                f"task.dataset.lerobot_path={str(path)!r}: no such folder (a local LeRobot dataset: meta/info.json, "
+                "meta/episodes/, data/, videos/)"
             )
-        }
+        src = LeRobotSource(path)
+        _map_lerobot(dcfg, task, src.features, src.fps, lerobot_keys, path)
+        source = {"replay_buffer": src}
+    else:
+        path = Path(hdf5 or zarr_path or "")
+        if not (hdf5 or zarr_path) or not path.exists():
+            key = "hdf5_path" if hdf5 else "zarr_path"
+            raise FileNotFoundError(
+                f"task.dataset.{key}={str(path)!r}: no such dataset. Generate demonstrations with "
+                f"`shortcut-policy demos task={task.get('env', '?')} out=...` or point {key} at a file"
+            )
+        source = {"zarr_path": path}
+        if hdf5:  # a robomimic hdf5 (official layout) read directly, no conversion by hand
+            source = {
+                "replay_buffer": replay_buffer_from_hdf5(
+                    path, dcfg["obs_keys"], bool(task.get("abs_action", False)), dcfg.get("image_keys", ()), filter_key
+                )
+            }
+        else:
+            meta = converted_lerobot_meta(path)  # a zarr written by `shortcut-policy convert`
+            if meta is not None:
+                _map_lerobot(dcfg, task, meta.get("features", {}), float(meta["fps"]), lerobot_keys, path)
     ds = SequenceDataset(
         **source,
         horizon=task["horizon"],
@@ -82,6 +104,24 @@ def build_dataset(cfg, split: str = "train") -> SequenceDataset:
             f"{path}: dataset action dim {ds.action_dim} does not match task.action_dim={task['action_dim']}"
         )
     return ds
+
+
+def _map_lerobot(dcfg: dict, task: dict, features, fps: float, explicit, path) -> None:
+    """Point ``dcfg["obs_keys"]`` at LeRobot features (``explicit`` {field: feature(s)} or by name) and check the
+    data's fps against ``task.control_hz`` (ValueError naming both)."""
+    hz = task.get("control_hz")
+    if hz is not None and abs(float(hz) - float(fps)) > 1e-6:
+        raise ValueError(
+            f"{path}: the data was recorded at {fps:g} fps (meta/info.json), but the task runs at "
+            f"task.control_hz={hz}; set task.control_hz={fps:g} so that the policy's action chunks keep the data's "
+            "timing"
+        )
+    if explicit:
+        dcfg["obs_keys"] = {k: ([v] if isinstance(v, str) else list(v)) for k, v in dict(explicit).items()}
+    else:
+        dcfg["obs_keys"] = lerobot_obs_keys(
+            features, list(dcfg["obs_keys"]), list(dcfg.get("image_keys") or []), str(path)
+        )
 
 
 def build_image_dataset(cfg, split: str | None = None):

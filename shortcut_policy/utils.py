@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib
 import os
@@ -211,3 +212,24 @@ def limit_opencv_threads() -> None:
         cv2.setNumThreads(1)
     except Exception:  # noqa: BLE001 - a missing or broken OpenCV only costs speed
         pass
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """Within the block, SIGTERM raises KeyboardInterrupt in the main thread (so ``kill`` stops a long-running
+    command as gracefully as Ctrl-C); the previous handler is restored after. A no-op outside the main thread."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _term(signum, frame):
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, _term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)

@@ -183,6 +183,7 @@ def test_zarr_feeds_sequence_dataset_with_task_config(tmp_path):
     d = OmegaConf.to_container(task.dataset, resolve=True)
     d["zarr_path"] = str(out)
     assert d.pop("hdf5_path") is None and d.pop("hdf5_filter_key") is None  # read by policy.build_dataset only
+    assert d.pop("lerobot_path") is None and d.pop("lerobot_obs_keys") is None  # likewise
     ds = SequenceDataset(
         horizon=task.horizon,
         n_obs_steps=task.n_obs_steps,

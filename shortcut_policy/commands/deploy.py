@@ -1,6 +1,8 @@
 """``shortcut-policy deploy checkpoint=PATH robot=sim_pusht hz=10 steps=1 mode=async [n_steps=300 seed=100000]``
 (configs/deploy.yaml): a checkpoint driving a robot in real time through the fixed-rate control loop
-(:mod:`shortcut_policy.deploy.loop`). The simulated robot comes from the env registry (``robot.env``)."""
+(:mod:`shortcut_policy.deploy.loop`). The simulated robot comes from the env registry (``robot.env``).
+``policy=remote policy.address=HOST:PORT`` takes the actions from a policy server (``shortcut-policy serve``,
+:mod:`shortcut_policy.deploy.server`) through the same loop instead of a checkpoint loaded here."""
 
 from __future__ import annotations
 
@@ -14,19 +16,97 @@ import torch
 from omegaconf import OmegaConf
 
 from ..deploy.loop import ControlLoop, make_policy_fn, measure_latency, status_printer, sustainable
-from ..deploy.robot import check_spec, validate_observation
+from ..deploy.robot import TIMESTAMP_KEY, check_spec, validate_observation
+from ..deploy.server import DEFAULT_MAX_MESSAGE_BYTES, RemotePolicy, RemotePolicyError
 from ..deploy.sim_robot import make_sim_robot
 from ..policy import load_policy
-from ..utils import atomic_write_text
+from ..utils import atomic_write_text, sigterm_as_interrupt
 
 __all__ = ["deploy_command"]
 
 
+class _Local:
+    """The checkpoint loaded in this process (``policy.kind=local``)."""
+
+    kind = "local"
+
+    def __init__(self, cfg):
+        if not cfg.get("checkpoint"):
+            raise ValueError("deploy: checkpoint=PATH is required (or policy=remote policy.address=HOST:PORT)")
+        self.policy = load_policy(cfg.checkpoint, device=cfg.get("device", "cpu"), weights=cfg.get("weights"))
+        self.task = dict(self.policy.task_cfg)
+        self.n_obs_steps, self.n_action_steps = self.policy.n_obs_steps, self.policy.n_action_steps
+        self.name, self.checkpoint = f"checkpoint ({self.task.get('name')})", str(cfg.checkpoint)
+        self.objective = type(self.policy.objective).__name__
+
+    def policy_fn(self, steps, seed):
+        """``policy_fn(obs) -> (Ta, Da)`` running the checkpoint in this process."""
+        return make_policy_fn(self.policy, steps, seed=seed)
+
+    def close(self):
+        """Nothing to release."""
+
+    def result(self) -> dict:
+        """No remote figures."""
+        return {}
+
+
+class _Remote:
+    """A policy server (``policy=remote policy.address=HOST:PORT``, started with ``shortcut-policy serve``)."""
+
+    kind = "remote"
+
+    def __init__(self, pcfg):
+        if not pcfg.get("address"):
+            raise ValueError("deploy policy=remote: policy.address=HOST:PORT is required (a `shortcut-policy serve`)")
+        self.client = RemotePolicy(
+            str(pcfg["address"]),
+            timeout_s=float(pcfg.get("timeout_s") or 2.0),
+            connect_timeout_s=float(pcfg.get("connect_timeout_s") or 10.0),
+            queue_size=int(pcfg.get("queue_size") or 4),
+            max_message_bytes=int(pcfg.get("max_message_bytes") or DEFAULT_MAX_MESSAGE_BYTES),
+        )
+        try:
+            spec = self.client.hello()
+        except BaseException:
+            self.client.close()
+            raise
+        self.task = {
+            "name": spec.get("task"),
+            "obs_shapes": spec["obs_shapes"],
+            "action_dim": spec["action_dim"],
+            "control_hz": spec.get("control_hz"),
+        }
+        self.n_obs_steps, self.n_action_steps = int(spec["n_obs_steps"]), int(spec["n_action_steps"])
+        self.name = f"policy server {self.client.address} ({spec.get('task')})"
+        self.checkpoint, self.objective = spec.get("checkpoint"), spec.get("objective")
+
+    def policy_fn(self, steps, seed):
+        """``policy_fn(obs) -> (Ta, Da)`` asking the server (``steps`` sampling steps; the server seeds the noise)."""
+        return self.client.policy_fn(steps)
+
+    def close(self):
+        """Close the client socket."""
+        self.client.close()
+
+    def result(self) -> dict:
+        """Round trip vs the server's own inference time (ms), as measured during the run."""
+        rt, inf = list(self.client.round_trip_s), list(self.client.server_inference_s)
+        pct = lambda x, q: 1e3 * float(np.percentile(x, q)) if len(x) else float("nan")  # noqa: E731
+        return {
+            "policy_address": self.client.address,
+            "round_trip_p50_ms": pct(rt, 50),
+            "round_trip_p99_ms": pct(rt, 99),
+            "server_inference_p50_ms": pct(inf, 50),
+            "server_inference_p99_ms": pct(inf, 99),
+        }
+
+
 def deploy_command(cfg, run_dir) -> dict:
-    """Load the checkpoint, build the robot (``robot=``: a simulated robot of a registered env), check the specs,
-    warm up, run the control loop; RESULT: loop statistics, latency, score, timeline.json in run_dir."""
-    if not cfg.get("checkpoint"):
-        raise ValueError("deploy: checkpoint=PATH is required")
+    """Load the checkpoint (or connect to a policy server: ``policy=remote``), build the robot (``robot=``: a
+    simulated robot of a registered env), check the specs, warm up, run the control loop; RESULT: loop statistics,
+    latency, score, timeline.json in run_dir. SIGTERM stops the loop like Ctrl-C (the robot is stopped, the result
+    written)."""
     robot_cfg = OmegaConf.to_container(cfg.robot, resolve=True)
     if robot_cfg.get("kind", "sim") != "sim":
         raise ValueError(
@@ -35,14 +115,29 @@ def deploy_command(cfg, run_dir) -> dict:
         )
     if cfg.get("torch_threads"):
         torch.set_num_threads(int(cfg.torch_threads))
-    policy = load_policy(cfg.checkpoint, device=cfg.get("device", "cpu"), weights=cfg.get("weights"))
-    task = policy.task_cfg
-    hz = float(cfg.hz or robot_cfg.get("control_hz", task.get("control_hz", 10)))
+    pcfg = OmegaConf.to_container(cfg.policy, resolve=True) if cfg.get("policy") is not None else {"kind": "local"}
+    kind = str(pcfg.get("kind") or "local")
+    if kind not in ("local", "remote"):
+        raise ValueError(f"policy={kind!r}: expected local (checkpoint=PATH) or remote (policy.address=HOST:PORT)")
+    if kind == "remote" and cfg.get("checkpoint"):
+        print("warning: policy=remote: checkpoint= is ignored (the server holds the policy)", file=sys.stderr)
+    source = _Remote(pcfg) if kind == "remote" else _Local(cfg)
+    try:
+        with sigterm_as_interrupt():
+            return _deploy(cfg, run_dir, robot_cfg, source)
+    finally:
+        source.close()
+
+
+def _deploy(cfg, run_dir, robot_cfg, source) -> dict:
+    """The body of :func:`deploy_command` for one policy source (local checkpoint or server)."""
+    task = source.task
+    hz = float(cfg.hz or robot_cfg.get("control_hz", task.get("control_hz") or 10))
     mode, steps, n_steps = str(cfg.mode), int(cfg.steps), int(cfg.n_steps)
     if task.get("control_hz") and abs(float(task["control_hz"]) - hz) > 1e-9:
         print(f"warning: the policy was trained at {task['control_hz']} Hz, deploying at {hz:g} Hz", file=sys.stderr)
     robot = make_sim_robot(
-        robot_cfg, n_obs_steps=policy.n_obs_steps, hz=hz, auto_reset=bool(cfg.get("auto_reset", False))
+        robot_cfg, n_obs_steps=source.n_obs_steps, hz=hz, auto_reset=bool(cfg.get("auto_reset", False))
     )
     try:
         # 1. spec check before anything moves
@@ -51,21 +146,22 @@ def deploy_command(cfg, run_dir) -> dict:
             task["action_dim"],
             robot.obs_shapes,
             robot.action_dim,
-            policy_name=f"checkpoint ({task.get('name')})",
+            policy_name=source.name,
             robot_name=robot.name,
         )
-        policy_fn = make_policy_fn(policy, steps, seed=cfg.get("seed"))
+        policy_fn = source.policy_fn(steps, cfg.get("seed"))
         # 2. warm-up inferences on a real observation of the robot at rest
         robot.start(int(cfg.seed))
         obs0 = robot.get_observation()
-        validate_observation(obs0, task["obs_shapes"], policy.n_obs_steps)
-        pobs = {k: obs0[k][-policy.n_obs_steps :] for k in task["obs_shapes"]}
+        validate_observation(obs0, task["obs_shapes"], source.n_obs_steps)
+        keys = list(task["obs_shapes"]) + ([TIMESTAMP_KEY] if getattr(policy_fn, "accepts_timestamps", False) else [])
+        pobs = {k: np.asarray(obs0[k])[-source.n_obs_steps :] for k in keys}
         warm = measure_latency(policy_fn, pobs, int(cfg.warmup))
         lat = float(np.median(warm[1:] if len(warm) > 2 else warm))
-        ok, rate = sustainable(lat, mode, policy.n_action_steps, hz)
+        ok, rate = sustainable(lat, mode, source.n_action_steps, hz)
         print(
             f"warm-up: {len(warm)} inferences ({steps} step{'s' if steps > 1 else ''}), median latency "
-            f"{1e3 * lat:.1f} ms; {mode} budget {1e3 * (1 if mode == 'sync' else policy.n_action_steps) / hz:.0f} ms",
+            f"{1e3 * lat:.1f} ms; {mode} budget {1e3 * (1 if mode == 'sync' else source.n_action_steps) / hz:.0f} ms",
             file=sys.stderr,
         )
         if not ok:
@@ -81,7 +177,7 @@ def deploy_command(cfg, run_dir) -> dict:
         robot,
         policy_fn,
         task["obs_shapes"],
-        policy.n_obs_steps,
+        source.n_obs_steps,
         hz=hz,
         mode=mode,
         ensemble_k=cfg.get("ensemble_k"),
@@ -92,7 +188,12 @@ def deploy_command(cfg, run_dir) -> dict:
         rt_priority=int(cfg.get("rt_priority") or 0),
         status=status_printer() if cfg.get("status", True) else None,
     )
-    stats = loop.run(n_steps, seed=int(cfg.seed))
+    try:
+        stats = loop.run(n_steps, seed=int(cfg.seed))
+    except RuntimeError as e:  # the inference thread failed: a remote policy's timeout / error reaches the user as is
+        if isinstance(e.__cause__, (TimeoutError, RemotePolicyError, ConnectionError)):
+            raise e.__cause__ from None
+        raise
     # per-cycle timeline (ms) for diagnosing stalls: jitter and work time per cycle, latency per inference
     # and one entry per episode reset (auto_reset): cycle, new episode id, chunks/actions discarded because of it
     timeline = {
@@ -113,8 +214,9 @@ def deploy_command(cfg, run_dir) -> dict:
     res.update(
         {
             "steps": steps,
-            "checkpoint": str(cfg.checkpoint),
-            "objective": type(policy.objective).__name__,
+            "policy": source.kind,
+            "checkpoint": source.checkpoint,
+            "objective": source.objective,
             "warmup_latency_ms": 1e3 * lat,
             "sustainable_hz": rate,
             "can_sustain": ok,
@@ -127,6 +229,7 @@ def deploy_command(cfg, run_dir) -> dict:
             "seed": int(cfg.seed),
             "rt_priority": int(cfg.get("rt_priority") or 0) if loop.rt_applied else 0,
             "load_avg_1min": os.getloadavg()[0],
+            **source.result(),
         }
     )
     return res

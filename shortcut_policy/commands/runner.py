@@ -45,7 +45,12 @@ VERBS: dict[str, tuple[str, str]] = {
     "export": ("shortcut_policy.commands.export", "export_command"),
     "distill": ("shortcut_policy.commands.distill", "distill_command"),
     "import": ("shortcut_policy.commands.import_", "import_command"),
+    "convert": ("shortcut_policy.commands.convert", "convert_command"),
+    "serve": ("shortcut_policy.commands.serve", "serve_command"),
 }
+
+# per verb, `key=value` shorthands for a nested key: `deploy policy=remote` means policy.kind=remote
+SHORTHANDS: dict[str, dict[str, str]] = {"deploy": {"policy": "policy.kind"}}
 
 USAGE = (
     "usage: shortcut-policy [--debug] {" + "|".join(VERBS) + "} [hydra overrides ...]\n"
@@ -402,6 +407,19 @@ def _check_empty_overrides(verb: str, overrides: list[str]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
+def apply_shorthands(verb: str, overrides: list[str]) -> list[str]:
+    """Rewrite the verb's :data:`SHORTHANDS`: ``deploy policy=remote`` -> ``policy.kind=remote`` (only a plain
+    ``key=value`` with that exact key; ``policy.address=...`` and the like pass unchanged)."""
+    table = SHORTHANDS.get(verb, {})
+    out = []
+    for o in overrides:
+        key, eq, value = o.partition("=")
+        if eq and key in table and not value.lstrip().startswith("{"):
+            o = f"{table[key]}={value}"
+        out.append(o)
+    return out
+
+
 def run_verb(verb: str, overrides: list[str] | None = None) -> dict:
     """Run one verb: compose its config, lock and claim the run directory, call the verb's preflight hook, save
     config.yaml, run the command, save metrics.json; returns the (JSON-able) result.
@@ -414,7 +432,7 @@ def run_verb(verb: str, overrides: list[str] | None = None) -> dict:
 
     if verb not in VERBS:
         raise SystemExit(f"unknown verb {verb!r}; expected one of {', '.join(VERBS)}. {USAGE.splitlines()[0]}")
-    overrides = list(overrides or [])
+    overrides = apply_shorthands(verb, list(overrides or []))
     _check_empty_overrides(verb, overrides)
     cfg = compose(verb, overrides)
     OmegaConf.to_yaml(cfg, resolve=True)  # an interpolation that does not resolve fails before anything is made

@@ -14,6 +14,10 @@ action of a chunk computed within the period is dropped as stale, as DP, without
 last action sent (explicitly re-sent when the loop runs the cycle) and the miss is counted. The loop never tries to
 catch up a burst of skipped ticks. ``close()`` is always called on the robot (normal end, KeyboardInterrupt, errors).
 
+The policy may run in another process or machine (``deploy policy=remote``: :mod:`shortcut_policy.deploy.server`):
+its ``policy_fn`` then also receives the window's capture times and the loop is otherwise unchanged (a network delay
+is inference latency: absorbed by the stale-action drop, or a deadline miss with the last action held).
+
 Episode resets (:mod:`shortcut_policy.deploy.robot`, "Episode resets"): when the latest frame's "episode" id
 changes, nothing planned in the old episode is executed in the new one: the queued actions are discarded, a chunk
 still in flight (async) is discarded when it lands, the held action is forgotten (no deadline-miss hold until the
@@ -266,8 +270,12 @@ class ControlLoop:
         return obs
 
     def _policy_obs(self, obs):
-        """The policy's input window {key: (To, ...)} from an observation (frames of the latest episode only)."""
-        return episode_window(obs, self.obs_shapes, self.n_obs_steps)
+        """The policy's input window {key: (To, ...)} from an observation (frames of the latest episode only), plus
+        the frames' "timestamp" (To,) for a ``policy_fn`` with ``accepts_timestamps`` (a remote policy sends them)."""
+        window = episode_window(obs, self.obs_shapes, self.n_obs_steps)
+        if getattr(self.policy_fn, "accepts_timestamps", False):
+            window[TIMESTAMP_KEY] = np.asarray(obs[TIMESTAMP_KEY], dtype=np.float64)[-self.n_obs_steps :]
+        return window
 
     def _send(self, action, t_exec, episode):
         """Send ``action`` for time ``t_exec`` (s), tagged with ``episode`` when the robot reports episodes."""
