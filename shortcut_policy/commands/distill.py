@@ -3,6 +3,7 @@
 
 The student's train config is composed like ``train``'s with the teacher's task name, then the teacher's resolved
 ``task`` and ``net`` sections replace the composed ones (same data files, same spaces, same net), and:
+the teacher's ``train`` settings (batch, lr, EMA, threads, evaluation; not its steps or warm-up);
 ``objective.teacher_checkpoint`` = the teacher; ``train.init_weights`` = the teacher when ``init_from_teacher`` (the
 reference's ``--load_dir``); ``train.num_steps`` = round(``fraction`` x the teacher's steps) unless given. Overrides on
 the command line other than ``teacher``, ``objective``, ``fraction``, ``init_from_teacher`` and ``run_dir`` are the
@@ -23,6 +24,10 @@ from .train import train_command, train_command_preflight
 __all__ = ["distill_command", "distill_command_preflight", "student_config", "DISTILL_KEYS"]
 
 DISTILL_KEYS = ("teacher", "student_objective", "fraction", "init_from_teacher", "run_dir", "student_overrides")
+
+
+# train keys of the teacher's config that a student does not inherit (its own budget and starting point)
+_NOT_INHERITED = ("num_steps", "init_weights", "init_normalizer", "resume", "max_minutes", "warmup_steps")
 
 
 def _teacher_payload(path) -> dict:
@@ -58,6 +63,10 @@ def student_config(cfg):
         scfg.task = tcfg.task
     if not any(k == "net" or k.startswith("net.") for k in user_keys):
         scfg.net = tcfg.net
+    # the teacher's recipe (batch, lr, EMA, threads, evaluation) unless the command line says otherwise
+    for key, value in (tcfg.get("train") or {}).items():
+        if key not in _NOT_INHERITED and f"train.{key}" not in user_keys and key in scfg.train:
+            scfg.train[key] = value
     teacher = str(Path(str(cfg.teacher)).resolve())
     scfg.objective.teacher_checkpoint = teacher
     if bool(cfg.init_from_teacher) and "train.init_weights" not in user_keys:

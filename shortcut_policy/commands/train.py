@@ -55,7 +55,15 @@ def train_command_preflight(cfg, run_dir) -> dict:
     """Called by the CLI before it writes anything into run_dir: refuses a resume whose fixed settings differ from
     the checkpoint's (ValueError naming the keys); returns {'resume_changes': {key: [old, new]}} otherwise, and
     {'kept_format_settings': {...}} when the checkpoint is of an older format (:func:`keep_checkpoint_format`)."""
-    build_objective(cfg.objective)  # an unknown or misspelt objective key fails here, before anything is written
+    obj = build_objective(cfg.objective)  # an unknown or misspelt objective key fails here, before anything is written
+    if getattr(obj, "needs_teacher_checkpoint", False):
+        if not obj.teacher_checkpoint:
+            raise ValueError(
+                f"objective={obj.name} needs a trained teacher: set objective.teacher_checkpoint=PATH (a checkpoint "
+                f"of the same task), or run `shortcut-policy distill teacher=PATH objective={obj.name}`"
+            )
+        if not Path(str(obj.teacher_checkpoint)).is_file():
+            raise FileNotFoundError(f"objective.teacher_checkpoint={obj.teacher_checkpoint}: no such checkpoint file")
     last = Path(run_dir) / "checkpoints" / "last.ckpt"
     if not (cfg.train.get("resume", True) and last.exists()):
         pin_net_options(cfg)

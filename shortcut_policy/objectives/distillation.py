@@ -73,7 +73,8 @@ class FrozenTeacher:
         if not self.is_flow:
             raise ValueError(
                 f"the teacher's objective is {self.objective.name!r}, which has no velocity field; this distillation "
-                "needs a flow teacher (flow_matching or shortcut). For a diffusion teacher use objective=ode_distillation"
+                "needs a flow teacher (flow_matching or shortcut). For a diffusion teacher use "
+                "objective=ode_distillation"
             )
         level = torch.full_like(t, float(self.objective.log2_m))
         return self.net(x, t, level, self.cond)
@@ -204,8 +205,9 @@ class Progressive(_TeacherObjective):
         if total_steps is not None and (
             isinstance(total_steps, bool) or int(total_steps) != total_steps or int(total_steps) < 1
         ):
-            raise ValueError(f"objective.total_steps={total_steps!r}: expected a positive integer (normally "
-                             "${train.num_steps})")
+            raise ValueError(
+                f"objective.total_steps={total_steps!r}: expected a positive integer (normally ${{train.num_steps}})"
+            )
         self.total_steps = None if total_steps is None else int(total_steps)
         self.clip = clip
         self.register_buffer("step_count", torch.zeros((), dtype=torch.long))
@@ -215,8 +217,10 @@ class Progressive(_TeacherObjective):
         """The stage s (0-based) of the next loss() call: floor(step_count * log2 M / total_steps), at most
         log2(M) - 1. Raises ``ValueError`` without ``total_steps``."""
         if self.total_steps is None:
-            raise ValueError("objective=progressive: its stage schedule needs objective.total_steps (the number of "
-                             "training steps, normally ${train.num_steps})")
+            raise ValueError(
+                "objective=progressive: its stage schedule needs objective.total_steps (the number of "
+                "training steps, normally ${train.num_steps})"
+            )
         return min(int(self.step_count) * self.log2_m // self.total_steps, self.log2_m - 1)
 
     def teacher_refresh_due(self) -> bool:
@@ -235,7 +239,7 @@ class Progressive(_TeacherObjective):
         s = self.current_stage()
         if torch.is_grad_enabled():
             self.step_count += 1
-        B, shape = x1.shape[0], (-1, *([1] * (x1.dim() - 1)))
+        B = x1.shape[0]
         n_cells = self.m // 2 ** (s + 1)  # d = 1 / n_cells
         x0 = torch.randn_like(x1) if x0 is None else x0
         t = torch.randint(0, n_cells, (B,), device=x1.device).to(x1.dtype) / n_cells
@@ -262,12 +266,15 @@ class OdeDistillation(_TeacherObjective):
 
     name = "ode_distillation"
 
-    def __init__(self, m: int = M, teacher_checkpoint: str | None = None, teacher_steps: int = 10,
-                 teacher: str = "ema"):
+    def __init__(
+        self, m: int = M, teacher_checkpoint: str | None = None, teacher_steps: int = 10, teacher: str = "ema"
+    ):
         super().__init__(m, teacher_checkpoint, teacher)
         if isinstance(teacher_steps, bool) or int(teacher_steps) != teacher_steps or int(teacher_steps) < 1:
-            raise ValueError(f"objective.teacher_steps={teacher_steps!r}: expected a positive integer (the teacher's "
-                             "sampling steps that make the target, e.g. 10 for DDIM-10)")
+            raise ValueError(
+                f"objective.teacher_steps={teacher_steps!r}: expected a positive integer (the teacher's "
+                "sampling steps that make the target, e.g. 10 for DDIM-10)"
+            )
         self.teacher_steps = int(teacher_steps)
 
     def check_teacher(self, teacher_objective: Objective, where: str) -> None:
@@ -304,4 +311,3 @@ class OdeDistillation(_TeacherObjective):
         self.check_steps(steps)
         t = torch.zeros(x0.shape[0], device=x0.device, dtype=x0.dtype)
         return x0 + net(x0, t, torch.zeros_like(t), cond)
-

@@ -393,7 +393,8 @@ class Trainer:
         if not path:
             raise ValueError(
                 f"objective={objective.name} needs a trained teacher: set objective.teacher_checkpoint=PATH (a "
-                f"checkpoint of the same task), or run `shortcut-policy distill teacher=PATH objective={objective.name}`"
+                "checkpoint of the same task), or run `shortcut-policy distill teacher=PATH "
+                f"objective={objective.name}`"
             )
         if not Path(str(path)).is_file():
             raise FileNotFoundError(f"objective.teacher_checkpoint={path}: no such checkpoint file")
