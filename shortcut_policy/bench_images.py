@@ -59,7 +59,12 @@ DEFAULTS = {
             "class_dropout_prob": 0.0,
         },
         "flow_matching": {"name": "flow_matching", "m": M, "t_sampling": "discrete", "class_dropout_prob": 0.0},
+        "meanflow": {"name": "meanflow", "m": M, "flow_fraction": 0.75, "time_dist": "logit_normal", "jvp": "autograd"},
+        "consistency": {"name": "consistency", "m": M, "teacher": "ema"},  # total_steps = num_steps (set below)
+        "live_reflow": {"name": "live_reflow", "m": M, "bootstrap_fraction": 0.125, "euler_steps": 8},
+        "regression": {"name": "regression", "m": M},
     },
+    "select": ["shortcut", "flow_matching"],  # which presets run (`bench images objectives=[...]`), in this order
     "steps": list(VALID_STEPS),  # 1, 2, 4, ..., M
     "n_eval": 400,
     "classifier_cache": "data/bench_images/digits_classifier_{size}px.pt",
@@ -172,6 +177,31 @@ def bench_settings(cfg) -> dict:
     over = cfg.get("images") if cfg is not None else None
     over = OmegaConf.to_container(over, resolve=True) if over is not None and not isinstance(over, dict) else over
     return _merge(DEFAULTS, over)
+
+
+def image_selection(s: dict) -> list[tuple[str, dict]]:
+    """(name, objective config) of the presets to run: ``s["select"]`` (a list or a comma-separated string of names
+    of ``s["objectives"]``; None = all), in order. Raises ``ValueError`` for an empty selection or an unknown name,
+    listing the valid ones. A consistency preset gets ``total_steps`` = the bench's ``num_steps``."""
+    valid = list(s["objectives"])
+    sel = s.get("select")
+    if sel is None:
+        sel = valid
+    elif isinstance(sel, str):
+        sel = [x.strip() for x in sel.split(",") if x.strip()]
+    names = list(dict.fromkeys(str(x) for x in sel))
+    if not names:
+        raise ValueError(f"bench images: objectives=[] is empty; pick one or more of {valid}")
+    unknown = [n for n in names if n not in s["objectives"]]
+    if unknown:
+        raise ValueError(f"bench images: unknown objective(s) {unknown}; valid: {valid}")
+    out = []
+    for n in names:
+        o = s["objectives"][n]
+        if o and o.get("name") == "consistency" and o.get("total_steps") is None:
+            o = {**o, "total_steps": int(s["num_steps"])}
+        out.append((n, o))
+    return out
 
 
 def make_model_cfg(s: dict, objective: dict, run_seed: int):
@@ -287,7 +317,7 @@ def run_bench_images(cfg, run_dir) -> dict:
         "classifier_test_acc": clf_acc,
         "fid@real_test": frechet_distance(*feature_statistics(f_test), *feature_statistics(f_train)),
     }
-    objs = [(n, o) for n, o in s["objectives"].items() if o]  # an objective set to null is skipped
+    objs = [(n, o) for n, o in image_selection(s) if o]  # an objective set to null is skipped
     if not objs:
         raise ValueError("bench images: every objective in images.objectives is null; expected at least one")
     if s.get("parallel", True) and len(objs) > 1:

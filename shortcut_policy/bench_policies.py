@@ -64,17 +64,27 @@ def _entries(pc) -> dict[str, list[str]]:
             "bench policies: objectives=[] is empty; give at least one, e.g. objectives=[shortcut,diffusion]"
         )
     variants = {k: list(v) for k, v in (pc.get("variants") or {}).items()}
+    distilled = dict(pc.get("distill") or {})
     out = {}
     for label in labels:
         label = str(label)
-        if label in variants:
+        if label in distilled:
+            teacher = str(distilled[label].get("teacher"))
+            if teacher not in out:
+                raise ValueError(
+                    f"bench policies: entry {label!r} is distilled from {teacher!r}, which must come before it in "
+                    f"objectives=[...] (e.g. objectives=[{teacher},{label}])"
+                )
+            out[label] = list(distilled[label].get("overrides") or [])
+        elif label in variants:
             out[label] = variants[label]
         elif label in OBJECTIVES:
             out[label] = [f"objective={label}"]
         else:
             raise ValueError(
-                f"bench policies: objective {label!r} does not exist; valid: {sorted(OBJECTIVES)} or a "
-                f"variant of policies.variants {sorted(variants)}"
+                f"bench policies: objective {label!r} does not exist; valid: {sorted(OBJECTIVES)}, a "
+                f"variant of policies.variants {sorted(variants)} or a distilled entry of policies.distill "
+                f"{sorted(distilled)}"
             )
     return out
 
@@ -195,7 +205,12 @@ def check_inputs(pc, compose: Callable) -> tuple[dict, list[int], str]:
     if any(not isinstance(s, int) or isinstance(s, bool) or s < 0 for s in seeds):
         raise ValueError(f"bench policies: seeds={seeds}: expected non-negative integers")
     task = str(pc.task)
+    distilled = dict(pc.get("distill") or {})
     for label, ov in entries.items():
+        if label in distilled:  # trained on its teacher entry's data (checked there)
+            for spec in (pc.get("nfe") or {}).get(_objective_of(ov), [1]):
+                parse_nfe(spec)
+            continue
         cfg = compose("train", [f"task={task}", *list(pc.get("train_overrides") or []), *ov])
         ds = cfg.task.dataset
         path = ds.get("lerobot_path") or ds.get("hdf5_path") or ds.get("zarr_path")
@@ -210,11 +225,15 @@ def check_inputs(pc, compose: Callable) -> tuple[dict, list[int], str]:
     return entries, seeds, task
 
 
-def run_bench_policies(cfg, run_dir: Path, compose: Callable, run_train: Callable) -> dict:
+def run_bench_policies(
+    cfg, run_dir: Path, compose: Callable, run_train: Callable, run_distill: Callable | None = None
+) -> dict:
     """Train (or resume) every (entry, seed), evaluate each chosen checkpoint at its NFEs, write the table.
 
-    `compose(verb, overrides) -> DictConfig` and `run_train(overrides)` (the train verb, with its run directory,
-    lock and resume rules) come from the command layer: this module never composes configs itself.
+    `compose(verb, overrides) -> DictConfig`, `run_train(overrides)` (the train verb, with its run directory,
+    lock and resume rules) and `run_distill(overrides)` (the distill verb, for entries of ``policies.distill``:
+    a student of the teacher entry's chosen checkpoint of the same seed) come from the command layer: this module
+    never composes configs itself.
     """
     pc = cfg.policies
     entries, seeds, task = check_inputs(pc, compose)
@@ -222,16 +241,38 @@ def run_bench_policies(cfg, run_dir: Path, compose: Callable, run_train: Callabl
     out.mkdir(parents=True, exist_ok=True)
     num_steps = None
     per_run = []
+    distilled = dict(pc.get("distill") or {})
     for label, ov in entries.items():
         objective = _objective_of(ov)
         for seed in seeds:
             rdir = out / label / f"seed{seed}"
             train_dir = rdir / "train"
-            overrides = _train_overrides(pc, task, ov, seed, train_dir)
-            tcfg = compose("train", overrides)
-            num_steps = int(tcfg.train.num_steps)
             metrics = train_dir / "metrics.json"
-            done = metrics.exists() and json.loads(metrics.read_text()).get("steps") == num_steps
+            teacher_minutes = None
+            if label in distilled:
+                spec = distilled[label]
+                t_dir = out / str(spec.teacher) / f"seed{seed}" / "train"
+                if not (t_dir / "metrics.json").exists():
+                    print(
+                        f"[bench policies] skipping {label} seed {seed}: teacher {spec.teacher} not trained", flush=True
+                    )
+                    continue
+                t_ckpt, _ = _pick_checkpoint(t_dir)
+                teacher_minutes = json.loads((t_dir / "metrics.json").read_text()).get("minutes")
+                overrides = [
+                    f"teacher={t_ckpt}",
+                    f"fraction={float(spec.get('fraction', 0.1))}",
+                    *ov,
+                    f"train.seed={seed}",
+                    f"run_dir={train_dir}",
+                ]
+                tcfg = None
+                done = metrics.exists() and not json.loads(metrics.read_text()).get("stopped_early", False)
+            else:
+                overrides = _train_overrides(pc, task, ov, seed, train_dir)
+                tcfg = compose("train", overrides)
+                num_steps = int(tcfg.train.num_steps)
+                done = metrics.exists() and json.loads(metrics.read_text()).get("steps") == num_steps
             if not done and pc.get("only_finished", False):
                 print(
                     f"[bench policies] skipping {label} seed {seed}: its training is not finished "
@@ -241,10 +282,15 @@ def run_bench_policies(cfg, run_dir: Path, compose: Callable, run_train: Callabl
                 continue
             if not done:
                 print(f"[bench policies] training {label} seed {seed} -> {train_dir}", flush=True)
-                run_train(overrides)
+                if label in distilled:
+                    if run_distill is None:
+                        raise ValueError(f"bench policies: entry {label!r} needs the distill verb (run_distill)")
+                    run_distill(overrides)
+                else:
+                    run_train(overrides)
             tres = json.loads(metrics.read_text())
             ckpt, how = _pick_checkpoint(train_dir)
-            m = int(tcfg.objective.get("m", 0) or 0) or None
+            m = int(tcfg.objective.get("m", 0) or 0) or None if tcfg is not None else None
             for key in _nfes(pc, objective, m):
                 res_path = rdir / f"eval_{key}.json"
                 if not res_path.exists():
@@ -262,6 +308,7 @@ def run_bench_policies(cfg, run_dir: Path, compose: Callable, run_train: Callabl
                             "checkpoint_choice": how,
                             "train_minutes": tres.get("minutes"),
                             "train_steps": tres.get("steps"),
+                            **({"teacher_train_minutes": teacher_minutes} if teacher_minutes is not None else {}),
                         }
                     )
                     _atomic_json(res_path, res)

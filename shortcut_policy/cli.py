@@ -136,6 +136,7 @@ BENCH_SHORTHAND = {
         "batch_size": "toy.batch_size",
         "objectives": "toy.select",
     },
+    "images": {"objectives": "images.select", "num_steps": "images.num_steps", "seed": "images.seed"},
     "policies": {
         k: f"policies.{k}"
         for k in (
@@ -149,6 +150,8 @@ BENCH_SHORTHAND = {
             "train_overrides",
             "latency_rounds",
             "only_finished",
+            "num_steps",
+            "distill",
         )
     },
 }
@@ -171,23 +174,11 @@ def bench_shorthand(sub: str, overrides: list[str]) -> list[str]:
 
 
 def distill_shorthand(overrides: list[str]) -> list[str]:
-    """`distill teacher=T objective=ode_distillation train.lr=1e-4 objective.teacher_steps=8` -> the distill keys
-    as they are, every other override collected into ``student_overrides=['train.lr=1e-4', ...]`` (the student's
-    train config). ``objective=<name>`` stays a distill key (the student's objective preset)."""
-    from .commands.distill import DISTILL_KEYS
+    """`distill teacher=T objective=ode_distillation train.lr=1e-4` -> distill keys plus ``student_overrides=[...]``
+    (see :func:`shortcut_policy.commands.distill.distill_shorthand`)."""
+    from .commands.distill import distill_shorthand as _shorthand
 
-    own, student = [], []
-    for o in overrides:
-        key, _, value = o.partition("=")
-        key = key.lstrip("+~")
-        if key == "objective":  # the student's objective preset (a plain key of distill.yaml, not a config group)
-            own.append(f"student_objective={value}")
-            continue
-        (own if key in DISTILL_KEYS else student).append(o)
-    if student:
-        quoted = ",".join("'" + s.replace("\\", "\\\\").replace("'", "\\'") + "'" for s in student)
-        own.append(f"student_overrides=[{quoted}]")
-    return own
+    return _shorthand(overrides)
 
 
 class LineStream:

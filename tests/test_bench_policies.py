@@ -114,3 +114,28 @@ def test_bench_shorthand_maps_top_level_and_dotted_keys():
         "train.seed=1",
     ]
     assert bench_shorthand("toy", ["objectives=[a]"]) == ["what=toy", "toy.select=[a]"]
+
+
+def test_distilled_entry_trains_from_its_teacher_entry_and_needs_it_first(zarr_path, tmp_path):
+    out = tmp_path / "bench"
+    args = _args(
+        zarr_path,
+        out,
+        "policies.objectives=[diffusion,ddpm_ode1]",
+        "policies.seeds=[0]",
+        "policies.nfe.diffusion=[ddim2]",
+        "policies.distill.ddpm_ode1.fraction=0.5",
+        "policies.distill.ddpm_ode1.overrides=['objective=ode_distillation','objective.teacher_steps=2']",
+    )
+    cli.run_verb("bench", args + [f"run_dir={tmp_path / 'r1'}"])
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    student = [r for r in runs if r["entry"] == "ddpm_ode1"]
+    assert len(student) == 1 and student[0]["objective"] == "ode_distillation" and student[0]["nfe"] == 1
+    assert student[0]["train_steps"] == 2  # half of the teacher's 4 steps
+    assert student[0]["teacher_train_minutes"] > 0
+    with pytest.raises(ValueError, match="must come before it"):
+        cli.run_verb(
+            "bench",
+            _args(zarr_path, out, "policies.objectives=[ddpm_ode1,diffusion]", "policies.seeds=[0]")
+            + [f"run_dir={tmp_path / 'r2'}"],
+        )

@@ -10,6 +10,7 @@ from ..bench import run_toy
 from ..bench_images import run_bench_images
 from ..bench_policies import run_bench_policies
 from ..policy_bench import run_bench_policy
+from .distill import distill_shorthand
 from .runner import compose, run_verb
 
 __all__ = ["bench_command"]
@@ -30,5 +31,11 @@ def bench_command(cfg, run_dir):
     if what == "images":
         return run_bench_images(cfg, Path(run_dir))
     if what == "policies":
-        return run_bench_policies(cfg, Path(run_dir), compose, lambda overrides: run_verb("train", overrides))
+        return run_bench_policies(
+            cfg,
+            Path(run_dir),
+            compose,
+            lambda overrides: run_verb("train", overrides),
+            lambda overrides: run_verb("distill", distill_shorthand(overrides)),
+        )
     raise ValueError(f"bench {what!r}: expected one of toy, policy, images, policies")

@@ -21,13 +21,13 @@ from ..objectives import OBJECTIVES
 from .runner import compose
 from .train import train_command, train_command_preflight
 
-__all__ = ["distill_command", "distill_command_preflight", "student_config", "DISTILL_KEYS"]
+__all__ = ["distill_command", "distill_command_preflight", "distill_shorthand", "student_config", "DISTILL_KEYS"]
 
 DISTILL_KEYS = ("teacher", "student_objective", "fraction", "init_from_teacher", "run_dir", "student_overrides")
 
 
 # train keys of the teacher's config that a student does not inherit (its own budget and starting point)
-_NOT_INHERITED = ("num_steps", "init_weights", "init_normalizer", "resume", "max_minutes", "warmup_steps")
+_NOT_INHERITED = ("num_steps", "init_weights", "init_normalizer", "resume", "max_minutes", "warmup_steps", "eval_steps")
 
 
 def _teacher_payload(path) -> dict:
@@ -98,3 +98,21 @@ def distill_command(cfg, run_dir):
         student_fraction=(int(scfg.train.num_steps) / t_steps) if t_steps else None,
     )
     return res
+
+
+def distill_shorthand(overrides: list[str]) -> list[str]:
+    """`distill teacher=T objective=ode_distillation train.lr=1e-4 objective.teacher_steps=8` -> the distill keys
+    as they are, every other override collected into ``student_overrides=['train.lr=1e-4', ...]`` (the student's
+    train config). ``objective=<name>`` stays a distill key (the student's objective preset)."""
+    own, student = [], []
+    for o in overrides:
+        key, _, value = o.partition("=")
+        key = key.lstrip("+~")
+        if key == "objective":  # the student's objective preset (a plain key of distill.yaml, not a config group)
+            own.append(f"student_objective={value}")
+            continue
+        (own if key in DISTILL_KEYS else student).append(o)
+    if student:
+        quoted = ",".join("'" + s.replace("\\", "\\\\").replace("'", "\\'") + "'" for s in student)
+        own.append(f"student_overrides=[{quoted}]")
+    return own
