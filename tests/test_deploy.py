@@ -6,6 +6,7 @@ import time
 
 import numpy as np
 import pytest
+from tiny import tiny_train
 
 from shortcut_policy import cli
 from shortcut_policy.deploy import ActionQueue, ObservationError, SimRobot, check_spec, validate_observation
@@ -14,14 +15,7 @@ from shortcut_policy.envs.pusht import make_env
 from shortcut_policy.policy import load_policy
 
 TINY = [
-    "net=unet1d_small",
-    "net.down_dims=[16,32]",
-    "net.step_embed_dim=16",
-    "logger=none",
-    "train.batch_size=4",
-    "train.eval_every=0",
-    "train.log_every=1",
-    "train.warmup_steps=1",
+    *tiny_train(batch_size=4, warmup_steps=1),
     "train.num_steps=1",
 ]
 TASK = {"env": "pusht", "obs_type": "keypoints", "max_steps": 300}

@@ -11,6 +11,7 @@ import json
 
 import pytest
 import torch
+from tiny import tiny_train
 from torch import nn
 
 from shortcut_policy import cli
@@ -95,14 +96,7 @@ def test_without_a_teacher_or_with_an_unusable_one_is_a_clear_error():
 
 TINY = [
     "task=pusht_lowdim",
-    "net=unet1d_small",
-    "net.down_dims=[16,32]",
-    "net.step_embed_dim=16",
-    "logger=none",
-    "train.batch_size=8",
-    "train.eval_every=0",
-    "train.log_every=1",
-    "train.warmup_steps=0",
+    *tiny_train(batch_size=8, warmup_steps=0),
     "train.threads=1",
     "train.deterministic=true",
 ]

@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from tiny import tiny_train
 
 from shortcut_policy import cli
 from shortcut_policy.datasets.lerobot import (
@@ -21,14 +22,7 @@ from shortcut_policy.datasets.lerobot import (
 from shortcut_policy.datasets.zarr_dataset import SequenceDataset
 
 TINY = [
-    "net=unet1d_small",
-    "net.down_dims=[16,32]",
-    "net.step_embed_dim=16",
-    "logger=none",
-    "train.batch_size=4",
-    "train.eval_every=0",
-    "train.log_every=1",
-    "train.warmup_steps=1",
+    *tiny_train(batch_size=4, warmup_steps=1),
     "train.checkpoint_every=1000",
 ]
 LENGTHS = (14, 9, 17)

@@ -10,20 +10,14 @@ import time
 import numpy as np
 import pytest
 import torch
+from tiny import tiny_train
 
 from shortcut_policy import cli
 from shortcut_policy.datasets.pusht import write_synthetic_pusht_zarr
 from shortcut_policy.policy import load_policy
 
 TINY = [
-    "net=unet1d_small",
-    "net.down_dims=[16,32]",
-    "net.step_embed_dim=16",
-    "logger=none",
-    "train.batch_size=8",
-    "train.eval_every=0",
-    "train.log_every=1",
-    "train.warmup_steps=1",
+    *tiny_train(batch_size=8, warmup_steps=1),
 ]
 
 

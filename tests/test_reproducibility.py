@@ -17,19 +17,13 @@ import time
 
 import pytest
 import torch
+from tiny import tiny_train
 
 from shortcut_policy import cli
 
 TINY = [
     "task=pusht_lowdim",
-    "net=unet1d_small",
-    "net.down_dims=[16,32]",
-    "net.step_embed_dim=16",
-    "logger=none",
-    "train.batch_size=8",
-    "train.eval_every=0",
-    "train.log_every=1",
-    "train.warmup_steps=2",
+    *tiny_train(batch_size=8, warmup_steps=2),
     "train.threads=1",
     "train.deterministic=true",
 ]

@@ -15,6 +15,8 @@ os.environ.setdefault("PYOPENGL_PLATFORM", os.environ["MUJOCO_GL"])
 
 pytest.importorskip("robosuite", reason="robosuite is in the 'sim' extra")
 
+from tiny import tiny_train
+
 from shortcut_policy import cli  # noqa: E402
 from shortcut_policy.datasets.robomimic import RobomimicHdf5Writer, read_env_meta  # noqa: E402
 from shortcut_policy.envs import transport as T  # noqa: E402
@@ -22,14 +24,7 @@ from shortcut_policy.envs.experts.transport import _recorded_to_demo, run_expert
 from shortcut_policy.policy import load_policy  # noqa: E402
 
 TINY = [
-    "net=unet1d_small",
-    "net.down_dims=[16,32]",
-    "net.step_embed_dim=16",
-    "logger=none",
-    "train.batch_size=4",
-    "train.eval_every=0",
-    "train.log_every=1",
-    "train.warmup_steps=1",
+    *tiny_train(batch_size=4, warmup_steps=1),
     "train.num_steps=2",
 ]
 
