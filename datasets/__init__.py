@@ -9,9 +9,6 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "CropRandomizer": "augment",
-    "center_crop": "augment",
-    "random_crop": "augment",
     "LinearNormalizer": "normalizer",
     "NormalizerError": "normalizer",
     "SingleFieldLinearNormalizer": "normalizer",

@@ -216,6 +216,8 @@ def build_policy(cfg, normalizer) -> Policy:
         resnet_width=enc_cfg.get("resnet_width", 64),
         num_kp=enc_cfg.get("num_kp", 32),
         obs_order=task.get("obs_order"),
+        share_encoder=bool(enc_cfg.get("share", False)),
+        color_jitter=enc_cfg.get("color_jitter"),
     )
     objective = build_objective(cfg["objective"])
     net = build_net(

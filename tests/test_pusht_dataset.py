@@ -5,11 +5,11 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from shortcut_policy.datasets.augment import CropRandomizer, center_crop, random_crop
 from shortcut_policy.datasets.pusht import PushTDataset, write_synthetic_pusht_zarr
 from shortcut_policy.datasets.replay_buffer import ReplayBuffer
 from shortcut_policy.datasets.sampler import downsample_mask, get_val_mask
 from shortcut_policy.datasets.zarr_dataset import SequenceDataset, parse_source
+from shortcut_policy.nets.augment import CropRandomizer, center_crop, random_crop
 
 LENGTHS = (30, 17, 41, 12, 25, 20)
 

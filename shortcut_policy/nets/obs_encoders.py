@@ -12,7 +12,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from shortcut_policy.conventions import N_OBS_STEPS
-from shortcut_policy.datasets.augment import CropRandomizer
+
+from .augment import ColorJitter, CropRandomizer
 
 
 class BasicBlock(nn.Module):
@@ -81,8 +82,9 @@ class SpatialSoftmax(nn.Module):
 
 class ImageEncoder(nn.Module):
     """One camera's encoder (Diffusion Policy's robomimic ResNet18 variant): random crop in training / centre crop in
-    eval (``crop_shape``), ResNet18 trunk with GroupNorm, spatial softmax over ``num_kp`` keypoints, Linear to
-    ``feature_dim``, ReLU."""
+    eval (``crop_shape``; None = no crop), optional colour jitter in training (``color_jitter`` = {brightness,
+    contrast, saturation} strengths), ResNet18 trunk with GroupNorm, spatial softmax over ``num_kp`` keypoints,
+    Linear to ``feature_dim``, ReLU."""
 
     def __init__(
         self,
@@ -91,10 +93,12 @@ class ImageEncoder(nn.Module):
         feature_dim: int = 64,
         num_kp: int = 32,
         width: int = 64,
+        color_jitter: Mapping[str, float] | None = None,
     ):
         super().__init__()
         self.image_shape = tuple(image_shape)
         self.crop = CropRandomizer(crop_shape) if crop_shape else nn.Identity()
+        self.jitter = ColorJitter(**dict(color_jitter)) if color_jitter else nn.Identity()
         self.backbone = ResNet18Conv(self.image_shape[0], width)
         self.pool = SpatialSoftmax(self.backbone.out_channels, num_kp)
         self.proj = nn.Linear(2 * num_kp, feature_dim)
@@ -102,7 +106,7 @@ class ImageEncoder(nn.Module):
 
     def forward(self, img):  # (B, C, H, W) in the normaliser's [-1, 1]
         """Images (B, C, H, W) in the normaliser's [-1, 1] -> features (B, feature_dim)."""
-        return F.relu(self.proj(self.pool(self.backbone(self.crop(img)))))
+        return F.relu(self.proj(self.pool(self.backbone(self.crop(self.jitter(img))))))
 
 
 class ObsEncoder(nn.Module):
@@ -111,7 +115,9 @@ class ObsEncoder(nn.Module):
     Per step: [image features per camera (in `image_keys` order), low-dim keys (in `lowdim_keys` order)], or the
     features in `obs_order` (every key once; Diffusion Policy concatenates in its shape_meta order, which may
     interleave cameras and low-dim keys); steps concatenated (To major), as Diffusion Policy. Raises ``ValueError``
-    for a key without a shape or an `obs_order` that is not a permutation of the keys.
+    for a key without a shape, an `obs_order` that is not a permutation of the keys, or ``share_encoder`` with
+    cameras of different shapes. ``share_encoder``: one image encoder for all cameras (default: one per camera, as
+    Diffusion Policy); ``color_jitter``: training-time colour jitter strengths (see :class:`.augment.ColorJitter`).
     """
 
     def __init__(
@@ -125,6 +131,8 @@ class ObsEncoder(nn.Module):
         resnet_width: int = 64,
         num_kp: int = 32,
         obs_order: Sequence[str] | None = None,
+        share_encoder: bool = False,
+        color_jitter: Mapping[str, float] | None = None,
     ):
         super().__init__()
         self.obs_shapes = {k: tuple(v) for k, v in obs_shapes.items()}
@@ -136,12 +144,26 @@ class ObsEncoder(nn.Module):
         self.obs_order = list(obs_order) if obs_order else keys
         if sorted(self.obs_order) != sorted(keys):
             raise ValueError(f"obs_order {self.obs_order} must list every observation key {keys} once")
-        self.cams = nn.ModuleDict(
-            {
-                k: ImageEncoder(self.obs_shapes[k], crop_shape, feature_dim, num_kp=num_kp, width=resnet_width)
-                for k in self.image_keys
-            }
-        )
+        self.share_encoder = bool(share_encoder)
+
+        def make(k):
+            return ImageEncoder(
+                self.obs_shapes[k],
+                crop_shape,
+                feature_dim,
+                num_kp=num_kp,
+                width=resnet_width,
+                color_jitter=color_jitter,
+            )
+
+        if self.share_encoder and self.image_keys:
+            shapes = {k: self.obs_shapes[k] for k in self.image_keys}
+            if len(set(shapes.values())) > 1:
+                raise ValueError(f"encoder.share=true needs cameras of one image shape, got {shapes}")
+            shared = make(self.image_keys[0])  # one trunk for every camera (robomimic's share option)
+            self.cams = nn.ModuleDict({k: shared for k in self.image_keys})
+        else:
+            self.cams = nn.ModuleDict({k: make(k) for k in self.image_keys})  # one per camera (Diffusion Policy)
         per_step = sum(feature_dim for _ in self.image_keys) + sum(
             int(torch.tensor(self.obs_shapes[k]).prod()) for k in self.lowdim_keys
         )
