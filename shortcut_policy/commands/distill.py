@@ -63,6 +63,8 @@ def student_config(cfg):
         scfg.task = tcfg.task
     if not any(k == "net" or k.startswith("net.") for k in user_keys):
         scfg.net = tcfg.net
+    if "logger" not in user_keys and "logger" in tcfg:  # log where the teacher logged (e.g. none in a benchmark)
+        scfg.logger = tcfg.logger
     # the teacher's recipe (batch, lr, EMA, threads, evaluation) unless the command line says otherwise
     for key, value in (tcfg.get("train") or {}).items():
         if key not in _NOT_INHERITED and f"train.{key}" not in user_keys and key in scfg.train:
