@@ -185,20 +185,26 @@ class Policy(nn.Module):
             for k, v in obs.items()
             if k in self.obs_encoder.obs_shapes
         }
-        nobs = self.normalizer.normalize(obs_t)
-        cond = self.obs_encoder(nobs)
-        B = cond.shape[0]
+        B = next(iter(obs_t.values())).shape[0]
         # noise_scale < 1 samples closer to the flow's mode (a temperature; 1.0 = the trained distribution)
         x0 = (torch.randn(B, self.horizon, self.action_dim, device=dev, generator=generator) * self.noise_scale).to(
             dtype
         )
         if self.objective.takes_generator:  # samplers that re-noise between steps draw from the same generator
             sample_kw.setdefault("generator", generator)
+        out = self.actions_from_noise(obs_t, x0, steps, **sample_kw)
+        return out.cpu().numpy() if return_numpy else out
+
+    def actions_from_noise(self, obs: Mapping[str, torch.Tensor], x0: torch.Tensor, steps: int, **sample_kw):
+        """The tensor-in / tensor-out core of :meth:`predict_action`, also the body of the exported graph
+        (:class:`shortcut_policy.deploy.export.ExportablePolicy`): observations {key: (B, To, ...)} tensors in
+        environment units and initial noise x0 (B, H, Da) -> executed actions (B, Ta, Da) in environment units
+        (normalise, encode, ``steps``-step sampling, clamp to [-1, 1], unnormalise, slice from To - 1)."""
+        cond = self.obs_encoder(self.normalizer.normalize(dict(obs)))
         naction = self.objective.sample(self.net, x0, cond, steps=steps, **sample_kw).clamp(-1.0, 1.0)
         action = self.normalizer.unnormalize({"action": naction})["action"]
         start = self.n_obs_steps - 1
-        out = action[:, start : start + self.n_action_steps]
-        return out.cpu().numpy() if return_numpy else out
+        return action[:, start : start + self.n_action_steps]
 
 
 # -------------------------------------------------------------------------------------------------------------

@@ -27,7 +27,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from shortcut_policy.objectives import Diffusion
 from shortcut_policy.utils import atomic_path
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".ts.pt"}
@@ -38,10 +37,16 @@ class ExportablePolicy(nn.Module):
 
     def __init__(self, policy, steps: int = 1):
         super().__init__()
-        if isinstance(policy.objective, Diffusion) and policy.objective.sampler != "ddim":
+        if not policy.objective.deterministic():
+            hint = (
+                " (sampler=ddim steps=N exports diffusion's deterministic DDIM sampler)"
+                if hasattr(policy.objective, "sampler")
+                else ""
+            )
             raise ValueError(
-                f"export: the checkpoint's diffusion sampler is {policy.objective.sampler!r}, which draws fresh noise "
-                "at every step; export the deterministic DDIM sampler instead (sampler=ddim steps=N)"
+                f"export: objective={policy.objective.name}"
+                f"{f' with sampler={policy.objective.sampler}' if hasattr(policy.objective, 'sampler') else ''} draws "
+                f"fresh noise between steps, which a noise-in / actions-out graph cannot reproduce{hint}"
             )
         self.policy = policy
         self.steps = policy.check_steps(steps)
@@ -54,11 +59,7 @@ class ExportablePolicy(nn.Module):
         N-step sampling, clamp to [-1, 1], unnormalise, slice from To - 1)."""
         p = self.policy
         obs = {k: x[:, -p.n_obs_steps :] for k, x in zip(self.keys, inputs[:-1])}
-        noise = inputs[-1]
-        cond = p.obs_encoder(p.normalizer.normalize(obs))
-        naction = p.objective.sample(p.net, noise, cond, steps=self.steps).clamp(-1.0, 1.0)
-        action = p.normalizer.unnormalize({"action": naction})["action"]
-        return action[:, self.start : self.start + self.n_act]
+        return p.actions_from_noise(obs, inputs[-1], self.steps)
 
 
 def random_observations(policy, n: int, seed: int = 0) -> dict[str, np.ndarray]:

@@ -66,6 +66,11 @@ class Objective(nn.Module):
         """Per-row mean squared error in float32: pred, target (B, ...) -> (B,) (mean over all non-batch dims)."""
         return ((pred.float() - target.float()) ** 2).flatten(1).mean(1)
 
+    def deterministic(self) -> bool:
+        """True when :meth:`sample` is a deterministic function of its initial noise (no fresh noise between
+        steps): what an exported graph (noise in, actions out) can reproduce. Default: not ``takes_generator``."""
+        return not self.takes_generator
+
     def check_steps(self, steps) -> int:
         """Validate a sampling step count for this objective: a power of two in 1..M (see
         :func:`shortcut_policy.conventions.check_steps`); returns it as an int, raises ``ValueError`` otherwise."""

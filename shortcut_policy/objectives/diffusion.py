@@ -82,6 +82,10 @@ class Diffusion(Objective):
             return k.float()
         return 1.0 - k.float() / self.K
 
+    def deterministic(self) -> bool:
+        """DDIM (eta 0) is deterministic given the initial noise; DDPM draws fresh noise at every step."""
+        return self.sampler == "ddim"
+
     def check_steps(self, steps) -> int:
         """Validate a sampling step count: an integer in 1..K (any count, not only powers of two); raises
         ``ValueError`` otherwise."""
