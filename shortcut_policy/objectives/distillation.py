@@ -44,6 +44,7 @@ from dataclasses import dataclass
 import torch
 
 from ..conventions import CLIP_TARGET, M, interpolate
+from ..utils import check_int
 from .base import Objective
 from .timesteps import discrete_t
 
@@ -202,13 +203,7 @@ class Progressive(_TeacherObjective):
         super().__init__(m, teacher_checkpoint, teacher)
         if self.log2_m < 1:
             raise ValueError(f"objective.m={m}: progressive distillation needs M >= 2")
-        if total_steps is not None and (
-            isinstance(total_steps, bool) or int(total_steps) != total_steps or int(total_steps) < 1
-        ):
-            raise ValueError(
-                f"objective.total_steps={total_steps!r}: expected a positive integer (normally ${{train.num_steps}})"
-            )
-        self.total_steps = None if total_steps is None else int(total_steps)
+        self.total_steps = None if total_steps is None else check_int("objective.total_steps", total_steps, 1)
         self.clip = clip
         self.register_buffer("step_count", torch.zeros((), dtype=torch.long))
         self.register_buffer("teacher_stage", torch.zeros((), dtype=torch.long))
@@ -270,12 +265,7 @@ class OdeDistillation(_TeacherObjective):
         self, m: int = M, teacher_checkpoint: str | None = None, teacher_steps: int = 10, teacher: str = "ema"
     ):
         super().__init__(m, teacher_checkpoint, teacher)
-        if isinstance(teacher_steps, bool) or int(teacher_steps) != teacher_steps or int(teacher_steps) < 1:
-            raise ValueError(
-                f"objective.teacher_steps={teacher_steps!r}: expected a positive integer (the teacher's "
-                "sampling steps that make the target, e.g. 10 for DDIM-10)"
-            )
-        self.teacher_steps = int(teacher_steps)
+        self.teacher_steps = check_int("objective.teacher_steps", teacher_steps, 1)
 
     def check_teacher(self, teacher_objective: Objective, where: str) -> None:
         """Any teacher with a sampler works (flow, shortcut, diffusion via DDIM); regression is refused (it has no
