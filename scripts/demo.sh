@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # `make demo`: the main job end to end on built-in data, on a CPU, in at most 15 minutes on 2 idle cores:
 # scripted-expert demonstrations -> one-step shortcut policy -> rollouts in simulation (success rate + video),
-# printed next to the DDPM-100 policy's success rate from the shipped comparison (docs/results/pusht_policies).
+# printed next to the shipped 1-step policy evaluated on the same seeds and the DDPM-100 policy's success rate from
+# the shipped comparison (docs/results/pusht_policies_60min).
 set -euo pipefail
 BIN=${BIN:-.venv/bin}
 OUT=${DEMO_DIR:-runs/demo}
@@ -21,22 +22,34 @@ echo "== 2/3 training a one-step shortcut policy (CPU recipe, M = 16, ${TRAIN_ST
 echo "== 3/3 evaluating 1-step and 8-step sampling on $N_EVAL Push-T test seeds (from 100000)"
 "$BIN/shortcut-policy" eval checkpoint="$OUT/train/checkpoints/last.ckpt" steps=[1,8] n_episodes="$N_EVAL" \
   run_dir="$OUT/eval" progress=false | tail -n 1 > "$OUT/eval_result.txt"
+SHIPPED=${SHIPPED_POLICY:-assets/pusht_shortcut_m16_25k.ckpt}
+if [ -f "$SHIPPED" ]; then
+  echo "== also: the shipped 1-step policy $SHIPPED (trained by the 60-minute bench policies run, not in this demo) on the same $N_EVAL test seeds"
+  "$BIN/shortcut-policy" eval checkpoint="$SHIPPED" steps=[1] n_episodes="$N_EVAL" n_videos=1 \
+    run_dir="$OUT/eval_shipped" progress=false | tail -n 1 > "$OUT/eval_shipped.txt"
+fi
 "$BIN/python" - "$OUT" <<'PY'
 import json, sys
 from pathlib import Path
 out = sys.argv[1]
 res = json.loads(open(f"{out}/eval_result.txt").read().split("RESULT ", 1)[1])
 lo, hi = res["success_ci95@1"]
-print(f"\n1-step shortcut policy (this demo): success rate {res['success_rate@1']:.2f} [{lo:.2f}, {hi:.2f}] "
+print(f"\n1-step shortcut policy trained in this demo: success rate {res['success_rate@1']:.2f} [{lo:.2f}, {hi:.2f}] "
       f"(mean score {res['mean_score@1']:.3f}) on {res['n_episodes']} Push-T test seeds; 8 steps: success "
       f"{res['success_rate@8']:.2f}")
-shipped = Path("docs/results/pusht_policies/results.json")
-if shipped.exists():
-    rows = json.loads(shipped.read_text())["summary"]["rows"]
-    for r in rows:
-        if r["sampler"] == "ddpm" or (r["entry"].startswith("shortcut") and r["nfe"] == 1):
-            print(f"shipped comparison (15k steps, {r['n_episodes']} test episodes over seeds {r['train_seeds']}; not "
-                  f"trained in this demo): {r['entry']} NFE {r['nfe']}: success {r['success_rate']:.2f} "
+shipped_eval = Path(f"{out}/eval_shipped.txt")
+if shipped_eval.exists():
+    s = json.loads(shipped_eval.read_text().split("RESULT ", 1)[1])
+    lo, hi = s["success_ci95@1"]
+    print(f"1-step shipped policy (25,000 steps, evaluated now on the same seeds): success rate "
+          f"{s['success_rate@1']:.2f} [{lo:.2f}, {hi:.2f}] (mean score {s['mean_score@1']:.3f})")
+table = Path("docs/results/pusht_policies_60min/results.json")
+if table.exists():
+    for r in json.loads(table.read_text())["summary"]["rows"]:
+        if r["sampler"] == "ddpm" or (r["entry"] == "shortcut_m16" and r["nfe"] == 1):
+            print(f"shipped comparison (25,000 steps, {r['n_episodes']} test episodes, training seeds "
+                  f"{r['train_seeds']}; not trained in this demo): {r['entry']} NFE {r['nfe']}"
+                  f"{' (DDPM)' if r['sampler'] == 'ddpm' else ''}: success {r['success_rate']:.2f} "
                   f"[{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}], {r['latency_ms']:.1f} ms per action chunk")
 print("videos:", ", ".join(res.get("videos") or []) or "none")
 print("plot:", res.get("plot"))
