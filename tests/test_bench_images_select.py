@@ -3,7 +3,7 @@
 import pytest
 
 from shortcut_policy import cli
-from shortcut_policy.bench_images import DEFAULTS, image_selection
+from shortcut_policy.bench.images import DEFAULTS, image_selection
 
 
 def test_selection_order_unknown_and_empty():

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from shortcut_policy import cli
-from shortcut_policy.bench_policies import parse_nfe
+from shortcut_policy.bench.policies import parse_nfe
 
 
 @pytest.fixture(scope="module")

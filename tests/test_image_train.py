@@ -170,7 +170,7 @@ def test_bench_images_smoke(tmp_path):
     """`bench images` end to end at a toy budget: RESULT keys, grid, classifier cache, re-evaluation."""
     from omegaconf import OmegaConf
 
-    from shortcut_policy.bench_images import run_bench_images
+    from shortcut_policy.bench.images import run_bench_images
 
     over = {
         "num_steps": 2,

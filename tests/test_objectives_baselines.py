@@ -284,7 +284,7 @@ def test_toy_selection_by_name():
 
     from omegaconf import OmegaConf
 
-    from shortcut_policy.bench import toy_selection
+    from shortcut_policy.bench.toy import toy_selection
 
     tc = OmegaConf.load(Path(__file__).resolve().parents[1] / "configs" / "bench.yaml").toy
     assert list(tc.select) == ["shortcut", "flow_matching"]

@@ -1,15 +1,15 @@
 """``shortcut-policy bench toy|policy|images|policies ...`` (configs/bench.yaml, ``what=``): benchmarks that measure
-quality and speed side by side. The implementations stay in the library: bench.py (toy), policy_bench.py
-(policy), bench_images.py (images), bench_policies.py (policies: trains through the train verb handed to it here)."""
+quality and speed side by side. The implementations stay in the library package :mod:`shortcut_policy.bench`:
+toy, policy_latency, images, policies (trains through the train and distill verbs handed to it here)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from ..bench import run_toy
-from ..bench_images import run_bench_images
-from ..bench_policies import run_bench_policies
-from ..policy_bench import run_bench_policy
+from ..bench.images import run_bench_images
+from ..bench.policies import run_bench_policies
+from ..bench.policy_latency import run_bench_policy
+from ..bench.toy import run_toy
 from .distill import distill_shorthand
 from .runner import compose, run_verb
 

@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .datasets.normalizer import LinearNormalizer
-from .objectives import Diffusion, FlowMatching, Shortcut
-from .policy import build_policy
-from .utils import atomic_write_text
+from ..datasets.normalizer import LinearNormalizer
+from ..objectives import Diffusion, FlowMatching, Shortcut
+from ..policy import build_policy
+from ..utils import atomic_write_text
 
 
 def _median_ms(fn, rounds: int) -> list[float]:

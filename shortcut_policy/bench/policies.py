@@ -31,11 +31,11 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .eval.report import wilson_interval
-from .eval.rollout import evaluate
-from .objectives import OBJECTIVES
-from .policy import load_policy
-from .utils import atomic_path, atomic_write_text
+from ..eval.report import wilson_interval
+from ..eval.rollout import evaluate
+from ..objectives import OBJECTIVES
+from ..policy import load_policy
+from ..utils import atomic_path, atomic_write_text
 
 NFE_SPECS = ("ddpm", "ddim")
 

@@ -27,13 +27,13 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
 
-from .builders import build_generator, build_image_dataset
-from .conventions import CLIP_TARGET, VALID_STEPS, M
-from .datasets.images import DigitsDataset, make_grid, write_image
-from .eval.fid import feature_statistics, frechet_distance
-from .generator import sample_images
-from .train.trainer import Trainer
-from .utils import atomic_path, atomic_write_text
+from ..builders import build_generator, build_image_dataset
+from ..conventions import CLIP_TARGET, VALID_STEPS, M
+from ..datasets.images import DigitsDataset, make_grid, write_image
+from ..eval.fid import feature_statistics, frechet_distance
+from ..generator import sample_images
+from ..train.trainer import Trainer
+from ..utils import atomic_path, atomic_write_text
 
 DEFAULTS = {
     "image_size": 16,

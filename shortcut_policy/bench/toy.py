@@ -1,6 +1,5 @@
 """The 2-D toy benchmark (``shortcut-policy bench toy``: objectives side by side, sliced W2 vs sampling steps); the
-``bench`` verb (:mod:`shortcut_policy.commands.bench`) dispatches to it and to policy_bench / bench_images /
-bench_policies."""
+``bench`` verb (:mod:`shortcut_policy.commands.bench`) dispatches to it and to the other modules of this package."""
 
 from __future__ import annotations
 
@@ -15,11 +14,11 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from .checkpoint import load_checkpoint
-from .nets import build_net
-from .objectives import build_objective
-from .train.trainer import Trainer
-from .utils import atomic_path, atomic_write_text
+from ..checkpoint import load_checkpoint
+from ..nets import build_net
+from ..objectives import build_objective
+from ..train.trainer import Trainer
+from ..utils import atomic_path, atomic_write_text
 
 
 # ---------------------------------------------------------------------------------------------------------
