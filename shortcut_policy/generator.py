@@ -20,6 +20,7 @@ from .checkpoint import load_checkpoint
 from .conventions import VAE_LATENT_SCALE
 from .datasets.latents import decode as vae_decode
 from .datasets.latents import encode, load_vae
+from .model import TrainableModel
 from .nets import build_net
 from .objectives import build_objective
 from .objectives.distillation import FrozenTeacher
@@ -35,7 +36,7 @@ class _Shared:
         return self
 
 
-class ImageGenerator(nn.Module):
+class ImageGenerator(TrainableModel):
     """Class-conditional or unconditional image model: a DiT ``net`` and an ``objective`` over pixels in [-1, 1] or
     VAE latents (``space="latent"``: scaled by ``latent_scale``, the VAE loaded lazily from ``vae_path``).
 
@@ -145,10 +146,6 @@ class ImageGenerator(nn.Module):
             return self.objective.loss(self.net, x, labels, teacher=teacher, null_cond=null)
         ft = FrozenTeacher(frozen.net, labels, frozen.objective)
         return self.objective.loss(self.net, x, labels, teacher=teacher, null_cond=null, frozen=ft)
-
-    def forward(self, batch: dict, teacher=None, frozen=None):
-        """The trainer's (and DDP's) entry point: :meth:`compute_loss`."""
-        return self.compute_loss(batch, teacher, frozen)
 
     @classmethod
     def load_teacher(cls, path, like: "ImageGenerator") -> "ImageGenerator":

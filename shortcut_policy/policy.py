@@ -22,6 +22,7 @@ from torch import nn
 
 from .checkpoint import load_checkpoint
 from .datasets.normalizer import LinearNormalizer
+from .model import TrainableModel
 from .nets import build_net
 from .nets.obs_encoders import ObsEncoder
 from .objectives import build_objective
@@ -34,7 +35,7 @@ def _shape_str(s):
     return "(" + ", ".join(str(int(v)) for v in s) + ")"
 
 
-class Policy(nn.Module):
+class Policy(TrainableModel):
     """A visuomotor policy in Diffusion Policy's receding-horizon form, trained with any objective.
 
     ``net(x (B, H, Da), t, level, cond (B, Dc))`` predicts the action window; ``obs_encoder`` maps the first To
@@ -129,10 +130,6 @@ class Policy(nn.Module):
             f_cond = frozen.obs_encoder(nobs)
         ft = FrozenTeacher(frozen.net, f_cond, frozen.objective)
         return self.objective.loss(self.net, naction, cond, teacher=t_net, teacher_cond=t_cond, frozen=ft)
-
-    def forward(self, batch, teacher=None, frozen=None):  # the trainer's (and DDP's) entry point
-        """The trainer's (and DDP's) entry point: :meth:`compute_loss`."""
-        return self.compute_loss(batch, teacher, frozen)
 
     @classmethod
     def load_teacher(cls, path, like: "Policy") -> "Policy":

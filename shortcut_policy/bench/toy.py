@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from omegaconf import OmegaConf
-from torch import nn
 
 from ..checkpoint import load_checkpoint
+from ..model import TrainableModel
 from ..nets import build_net
 from ..objectives import build_objective
 from ..train.trainer import Trainer
@@ -57,16 +57,16 @@ def sliced_w2(a: np.ndarray, b: np.ndarray, n_proj: int = 512, seed: int = 0) ->
     return float(np.sqrt(np.mean((pa - pb) ** 2)))
 
 
-class VectorModel(nn.Module):
-    """net + objective for unconditional vector data; forward(batch, teacher) = loss (the trainer's contract)."""
+class VectorModel(TrainableModel):
+    """net + objective for unconditional vector data (the trainer's contract, :class:`TrainableModel`)."""
 
     def __init__(self, net, objective):
         super().__init__()
         self.net, self.objective = net, objective
 
-    def forward(self, batch, teacher=None):
-        """The trainer's contract: ``(loss, info)`` of the objective on ``batch["x"]`` (B, D), the teacher's net when
-        given."""
+    def compute_loss(self, batch, teacher=None, frozen=None):
+        """``(loss, info)`` of the objective on ``batch["x"]`` (B, D), the teacher's net when given (no distillation
+        objectives here: ``frozen`` must be None)."""
         return self.objective.loss(self.net, batch["x"], teacher=None if teacher is None else teacher.net)
 
     @torch.no_grad()
