@@ -28,7 +28,7 @@ if [ -f "$SHIPPED" ]; then
   "$BIN/shortcut-policy" eval checkpoint="$SHIPPED" steps=[1] n_episodes="$N_EVAL" n_videos=1 \
     run_dir="$OUT/eval_shipped" progress=false | tail -n 1 > "$OUT/eval_shipped.txt"
 fi
-"$BIN/python" - "$OUT" <<'PY'
+"$BIN/python" - "$OUT" "$SHIPPED" <<'PY'
 import json, sys
 from pathlib import Path
 out = sys.argv[1]
@@ -41,7 +41,10 @@ shipped_eval = Path(f"{out}/eval_shipped.txt")
 if shipped_eval.exists():
     s = json.loads(shipped_eval.read_text().split("RESULT ", 1)[1])
     lo, hi = s["success_ci95@1"]
-    print(f"1-step shipped policy (25,000 steps, evaluated now on the same seeds): success rate "
+    import torch
+
+    step = torch.load(sys.argv[2], map_location="cpu", weights_only=False).get("step")
+    print(f"1-step shipped policy ({sys.argv[2]}, {step} training steps; evaluated now on the same seeds): success rate "
           f"{s['success_rate@1']:.2f} [{lo:.2f}, {hi:.2f}] (mean score {s['mean_score@1']:.3f})")
 table = Path("docs/results/pusht_policies_60min/results.json")
 if table.exists():
