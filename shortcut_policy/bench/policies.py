@@ -290,7 +290,7 @@ def run_bench_policies(
                     run_train(overrides)
             tres = json.loads(metrics.read_text())
             ckpt, how = _pick_checkpoint(train_dir)
-            m = int(tcfg.objective.get("m", 0) or 0) or None if tcfg is not None else None
+            m = None if tcfg is None else (int(tcfg.objective.get("m", 0) or 0) or None)
             for key in _nfes(pc, objective, m):
                 res_path = rdir / f"eval_{key}.json"
                 if not res_path.exists():

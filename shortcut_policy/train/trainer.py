@@ -387,8 +387,8 @@ class Trainer:
     def _load_frozen_teacher(self, objective):
         """The frozen teacher of a distillation objective: the model class's ``load_teacher(path, like=model)``
         (Policy: a policy checkpoint of the same task and spaces; ImageGenerator: the same image space), in eval mode
-        without gradients. Raises ``ValueError`` (no path; a teacher the method cannot use; a model without
-        ``load_teacher``) or ``FileNotFoundError`` before training starts."""
+        without gradients. Raises ``ValueError`` (no path; a teacher the method cannot use; a model class
+        that cannot distil, :meth:`TrainableModel.load_teacher`) or ``FileNotFoundError`` before training starts."""
         path = objective.teacher_checkpoint
         if not path:
             raise ValueError(
@@ -398,10 +398,7 @@ class Trainer:
             )
         if not Path(str(path)).is_file():
             raise FileNotFoundError(f"objective.teacher_checkpoint={path}: no such checkpoint file")
-        loader = getattr(type(self.model), "load_teacher", None)
-        if loader is None:
-            raise ValueError(f"objective={objective.name}: {type(self.model).__name__} cannot load a teacher")
-        teacher = loader(str(path), like=self.model).to(self.device).eval()
+        teacher = type(self.model).load_teacher(str(path), like=self.model).to(self.device).eval()  # TrainableModel
         objective.check_teacher(teacher.objective, f"objective.teacher_checkpoint={path}")
         for p in teacher.parameters():
             p.requires_grad_(False)
