@@ -68,3 +68,8 @@ def test_color_jitter_only_in_training_and_within_range():
 def test_no_crop_switch_keeps_the_full_image():
     enc = ObsEncoder(SHAPES, ["pos"], ["cam0", "cam1"], 2, crop_shape=None, feature_dim=8, resnet_width=16, num_kp=4)
     assert isinstance(enc.cams["cam0"].crop, torch.nn.Identity)
+
+
+def test_resnet_width_must_be_a_multiple_of_16():
+    with pytest.raises(ValueError, match=r"resnet_width=8: expected a positive multiple of 16"):
+        ObsEncoder(SHAPES, ["pos"], ["cam0"], 2, resnet_width=8)

@@ -777,8 +777,11 @@ def generate_transport_demos(cfg, run_dir) -> dict:
     ``DIR/low_dim_abs.hdf5`` (absolute actions, ``control_delta=False``) or ``image*.hdf5`` - plus the zarr
     ReplayBuffers the training configs read (``DIR/low_dim.zarr``, ``DIR/low_dim_abs.zarr``; for images also the
     camera keys). Only successful episodes are kept (each recorded until 10 steps after success); seeds start at
-    ``seed`` (default 0, disjoint from the test seeds 100000+); episodes run up to 700 steps (demos.yaml's
-    ``max_steps`` is Push-T's). RESULT keys: n_episodes, n_dropped, seconds, out, the four file paths.
+    ``seed`` (default 0, disjoint from the test seeds 100000+); episodes run up to ``+expert.max_steps`` steps
+    (default 700; demos.yaml's ``max_steps`` is Push-T's). ``+expert.keep_failed=true`` also keeps episodes that
+    did not succeed (truncated smoke-test data, e.g. a few dozen camera steps; never for training a real policy:
+    RESULT's ``n_unsuccessful_kept`` counts them). RESULT keys: n_episodes, n_dropped, n_unsuccessful_kept,
+    seconds, out, the four file paths.
     """
 
     def get(key, default=None):
@@ -799,6 +802,10 @@ def generate_transport_demos(cfg, run_dir) -> dict:
     label = str(get("expert.label", "executed"))
     if label not in ("executed", "clean"):
         raise ValueError(f"demos task=transport: expert.label={label!r}, expected 'executed' or 'clean'")
+    ep_steps = int(get("expert.max_steps", 700))
+    keep_failed = bool(get("expert.keep_failed", False))
+    if ep_steps < 1:
+        raise ValueError(f"demos task=transport: expert.max_steps={ep_steps}, expected a positive step count")
     n_workers = int(get("workers", None) or get("n_workers", None) or 2)
     seed_start = int(get("seed", get("seed_start", 0)))
     # robosuite's lite_physics only drops redundant mj_forward calls: measured bit-identical observations and
@@ -827,7 +834,7 @@ def generate_transport_demos(cfg, run_dir) -> dict:
             meta_w._env_meta["env_kwargs"].update(
                 {"use_camera_obs": True, "has_offscreen_renderer": True, "camera_names": [k[:-6] for k in image_keys]}
             )
-    n_ok, n_fail, tried, errors = 0, 0, 0, []
+    n_ok, n_fail, tried, errors, n_kept_failed = 0, 0, 0, [], 0
     t0 = time.time()
     seeds = iter(range(seed_start, seed_start + max_tries))
     ctx = mp.get_context("spawn")
@@ -844,14 +851,15 @@ def generate_transport_demos(cfg, run_dir) -> dict:
                 if s is None:
                     return False
                 tried += 1
-                pending.append(pool.apply_async(_episode_worker, ((s, noise, 700, True, image_keys, 10, lite, label),)))
+                pending.append(pool.apply_async(_episode_worker, ((s, noise, ep_steps, True, image_keys, 10, lite, label),)))
                 return True
 
             for _ in range(min(n_workers * 2, n_eps)):
                 submit()
             while pending and n_ok < n_eps:
                 res = pending.pop(0).get()
-                if res.get("success"):
+                if res.get("success") or (keep_failed and "record" in res):
+                    n_kept_failed += 0 if res.get("success") else 1
                     d = _recorded_to_demo(res["record"], image_keys)
                     for writer, key in ((w, "actions"), (w_abs, "actions_abs")):
                         writer.add_demo(obs=d["obs"], actions=d[key], states=d["states"], rewards=d["rewards"])
@@ -891,9 +899,11 @@ def generate_transport_demos(cfg, run_dir) -> dict:
         "n_episodes": n_ok,
         "n_dropped": n_fail,
         "seeds_tried": tried,
-        "expert_success_rate": n_ok / max(n_ok + n_fail, 1),
+        "expert_success_rate": (n_ok - n_kept_failed) / max(n_ok + n_fail, 1),
         "action_noise": noise,
         "label": label,
+        "max_steps": ep_steps,
+        "n_unsuccessful_kept": n_kept_failed,
         "seconds": time.time() - t0,
         "out": str(out),
         **{k: str(v) for k, v in files.items()},

@@ -37,11 +37,17 @@ class BasicBlock(nn.Module):
 
 
 class ResNet18Conv(nn.Module):
-    """ResNet18 without avgpool/fc: (B, 3, H, W) -> (B, 512, H/32, W/32)."""
+    """ResNet18 without avgpool/fc: (B, 3, H, W) -> (B, 512, H/32, W/32). GroupNorm with width // 16 groups
+    (Diffusion Policy's BatchNorm replacement), so ``width`` must be a positive multiple of 16 (ValueError)."""
 
     def __init__(self, in_channels: int = 3, width: int = 64):
         super().__init__()
-        w = width
+        w = int(width)
+        if w < 16 or w % 16:
+            raise ValueError(
+                f"task.encoder.resnet_width={width}: expected a positive multiple of 16 (GroupNorm uses width // 16 "
+                "groups of 16 channels; Diffusion Policy's ResNet18 is 64)"
+            )
         self.stem = nn.Sequential(
             nn.Conv2d(in_channels, w, 7, 2, 3, bias=False), nn.GroupNorm(w // 16, w), nn.ReLU(), nn.MaxPool2d(3, 2, 1)
         )
