@@ -1,8 +1,12 @@
 #!/usr/bin/env python
-"""Env steps per second of TwoArmTransport (robosuite 1.5.1 + MuJoCo), low-dim and with the 4 cameras.
+"""Env steps per second of TwoArmTransport (robosuite 1.5.1 + MuJoCo), low-dim and with 1, 2 and 4 cameras.
 
     MUJOCO_GL=egl PYOPENGL_PLATFORM=egl nice python scripts/bench_transport_env.py [--lowdim-steps 400]
-        [--image-steps 60] [--out data/transport_logs/bench_env.json]
+        [--image-steps 60] [--cameras 1,2,4] [--out data/transport_logs/bench_env.json]
+
+The camera counts take the first n of the image task's cameras (shouldercamera0, robot0_eye_in_hand,
+shouldercamera1, robot1_eye_in_hand), 84x84, plus the 6 robot low-dim keys: the env renders only the cameras a
+policy's observation keys name, so this is the evaluation cost of a policy that uses n cameras.
 
 Actions are small random world-frame deltas (the arms wander, objects stay put), one env, one process; the
 first 20 steps are warm-up (numba JIT of robosuite, GL context). Also times ``reset()`` (hard reset rebuilds
@@ -62,6 +66,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--lowdim-steps", type=int, default=400)
     ap.add_argument("--image-steps", type=int, default=60)
+    ap.add_argument("--cameras", default="1,2,4", help="camera counts to time (comma-separated, each 1..4)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     from shortcut_policy.envs.transport import IMAGE_KEYS, LOWDIM_SHAPES
@@ -71,8 +76,14 @@ def main():
         "MUJOCO_GL": os.environ.get("MUJOCO_GL"),
         "lowdim": bench(["obs"], args.lowdim_steps, enable_render=True),
     }
+    robot_keys = [k for k in LOWDIM_SHAPES if k != "object"]
+    counts = [int(c) for c in str(args.cameras).split(",") if c.strip()]
+    bad = [c for c in counts if not 1 <= c <= len(IMAGE_KEYS)]
+    if bad:
+        ap.error(f"--cameras {args.cameras}: counts must be between 1 and {len(IMAGE_KEYS)}, got {bad}")
     if args.image_steps > 0:
-        res["image_4cams"] = bench(list(IMAGE_KEYS) + [k for k in LOWDIM_SHAPES if k != "object"], args.image_steps)
+        for n in counts:
+            res[f"image_{n}cams"] = bench(list(IMAGE_KEYS[:n]) + robot_keys, args.image_steps)
     import mujoco
     import robosuite
 
