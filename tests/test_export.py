@@ -93,3 +93,22 @@ def test_eval_n_action_steps_override(ckpt, tmp_path):
     assert res["n_action_steps"] == 3 and res["n_episodes"] == 1
     with pytest.raises(ValueError, match="n_action_steps=16: .* at most 15"):
         cli.run_verb("eval", [f"checkpoint={ckpt}", "n_action_steps=16", "n_episodes=1", f"run_dir={tmp_path / 'f'}"])
+
+
+def test_eval_weights_choice(ckpt, tmp_path):
+    """eval weights=online evaluates the online weights instead of the EMA (reported); other values are an error."""
+    res = cli.run_verb(
+        "eval",
+        [
+            f"checkpoint={ckpt}",
+            "weights=online",
+            "n_episodes=1",
+            "workers=1",
+            "n_videos=0",
+            "progress=false",
+            f"run_dir={tmp_path / 'e'}",
+        ],
+    )
+    assert res["weights"] == "online" and res["n_episodes"] == 1
+    with pytest.raises(ValueError, match="weights='best': expected 'ema', 'online'"):
+        cli.run_verb("eval", [f"checkpoint={ckpt}", "weights=best", "n_episodes=1", f"run_dir={tmp_path / 'f'}"])

@@ -15,11 +15,14 @@ from ..utils import available_cores, cfg_get, check_int, resolve_device, to_plai
 __all__ = ["eval_command", "EvalCrashError"]
 
 
-def _load_checkpoint_policy(path: str, device: str):
-    """The policy in checkpoint ``path`` on ``device``; ``FileNotFoundError`` when the file does not exist."""
+def _load_checkpoint_policy(path: str, device: str, weights: str | None = None):
+    """The policy in checkpoint ``path`` on ``device`` with its EMA or online ``weights`` (None: the checkpoint's
+    ``train.eval_model``); ``FileNotFoundError`` when the file does not exist, ``ValueError`` for other weights."""
     if not Path(path).exists():
         raise FileNotFoundError(f"checkpoint={path!r}: no such file")
-    return load_policy(path, device)
+    if weights not in (None, "ema", "online"):
+        raise ValueError(f"weights={weights!r}: expected 'ema', 'online' or null (the checkpoint's train.eval_model)")
+    return load_policy(path, device, weights=weights)
 
 
 def _set_torch_threads(threads, device: str, workers) -> None:
@@ -65,7 +68,7 @@ def eval_command(cfg, run_dir) -> dict:
         if device == "auto":
             device = str(resolve_device(device))
         _set_torch_threads(cfg_get(cfg, "torch_threads"), device, cfg_get(cfg, "workers"))
-        policy = _load_checkpoint_policy(str(ckpt), device)
+        policy = _load_checkpoint_policy(str(ckpt), device, cfg_get(cfg, "weights", None))
         if bool(cfg_get(cfg, "use_checkpoint_task", True)):
             task_cfg = _policy_task_cfg(policy) or task_cfg
         n_act = cfg_get(cfg, "n_action_steps", None)
@@ -115,6 +118,7 @@ def eval_command(cfg, run_dir) -> dict:
         max_crash_fraction=max_crash,
     )
     if policy is not None:
+        res["weights"] = cfg_get(cfg, "weights", None) or str(policy.cfg.train.get("eval_model", "ema"))
         res["n_action_steps"] = policy.n_action_steps
         res["noise_scale"] = policy.noise_scale
         if hasattr(policy.objective, "sampler"):
