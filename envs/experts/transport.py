@@ -851,7 +851,9 @@ def generate_transport_demos(cfg, run_dir) -> dict:
                 if s is None:
                     return False
                 tried += 1
-                pending.append(pool.apply_async(_episode_worker, ((s, noise, ep_steps, True, image_keys, 10, lite, label),)))
+                pending.append(
+                    pool.apply_async(_episode_worker, ((s, noise, ep_steps, True, image_keys, 10, lite, label),))
+                )
                 return True
 
             for _ in range(min(n_workers * 2, n_eps)):
