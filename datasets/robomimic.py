@@ -255,6 +255,7 @@ def robomimic_to_replay_buffer(
     needed = list(dict.fromkeys(list(obs_keys) + [c for v in concat_obs.values() for c in v]))
     rb = ReplayBuffer.create_empty_numpy()
     skipped: list[tuple[str, str, str]] = []  # (demo, kind, why)
+    image_dtypes: dict[str, tuple] = {}  # image key -> (first demo, its dtype)
     first_missing: RobomimicFormatError | None = None
     with _open(path) as f:
         demos = list_demos(f, path, filter_key)
@@ -289,6 +290,13 @@ def robomimic_to_replay_buffer(
             ep = {}
             for k in obs_keys:
                 a = d[k]
+                if a.ndim == 4:  # images: one dtype kind across demonstrations (uint8 0..255 vs float)
+                    first = image_dtypes.setdefault(k, (name, a.dtype))
+                    if (first[1] == np.uint8) != (a.dtype == np.uint8):
+                        raise ValueError(
+                            f"{path}: data/{name}/obs/{k} is {a.dtype} but data/{first[0]}/obs/{k} is {first[1]}: "
+                            "image dtypes are mixed across demonstrations (expected all uint8 0..255 or all float)"
+                        )
                 ep[k] = a if a.dtype == np.uint8 else a.astype(np.float32)
             for ck, parts in concat_obs.items():
                 ep[ck] = np.concatenate([d[c].reshape(n, -1).astype(np.float32) for c in parts], axis=1)

@@ -73,3 +73,8 @@ def test_no_crop_switch_keeps_the_full_image():
 def test_resnet_width_must_be_a_multiple_of_16():
     with pytest.raises(ValueError, match=r"resnet_width=8: expected a positive multiple of 16"):
         ObsEncoder(SHAPES, ["pos"], ["cam0"], 2, resnet_width=8)
+
+
+def test_crop_larger_than_the_image_names_both_shapes():
+    with pytest.raises(ValueError, match=r"crop_shape=\[72, 72\] does not fit image 'cam0' of shape \[3, 64, 64\]"):
+        ObsEncoder(SHAPES, ["pos"], ["cam0"], 2, crop_shape=(72, 72), resnet_width=16)

@@ -180,3 +180,27 @@ def test_crop_augmentation():
     torch.testing.assert_close(m(x), c)
     with pytest.raises(ValueError, match="does not fit"):
         center_crop(x, (100, 84))
+
+
+def test_image_resolution_other_than_the_task_names_both_shapes(tmp_path):
+    from tiny import tiny_train
+
+    from shortcut_policy import cli
+
+    path = tmp_path / "small_img.zarr"
+    write_synthetic_pusht_zarr(path, episode_lengths=(20, 20), seed=3, image_size=64)
+    with pytest.raises(
+        ValueError,
+        match=r"small_img\.zarr: dataset observation shapes .*\(3, 64, 64\).* do not "
+        r"match task\.obs_shapes .*\(3, 96, 96\)",
+    ):
+        cli.run_verb(
+            "train",
+            [
+                "task=pusht_image",
+                f"task.dataset.zarr_path={path}",
+                *tiny_train(),
+                "train.num_steps=1",
+                f"run_dir={tmp_path / 'run'}",
+            ],
+        )

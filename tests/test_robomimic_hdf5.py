@@ -250,3 +250,22 @@ def test_clear_errors_name_file_and_key(tmp_path):
     with pytest.raises(ValueError, match="rows"):
         w.add_demo(obs={"object": np.zeros((9, 41))}, actions=np.zeros((5, 14)))
     w.abort()
+
+
+def test_image_dtypes_mixed_across_demos_are_an_error(tmp_path):
+    rng = np.random.default_rng(6)
+    path = tmp_path / "mixed.hdf5"
+    with RobomimicHdf5Writer(path, _env_meta()) as w:
+        for _ in range(2):
+            obs, acts, states = _episode(rng, 4, image=True)
+            w.add_demo(obs=obs, actions=acts, states=states)
+    with h5py.File(path, "a") as f:  # demo_1's camera re-written as float 0..255 (another pipeline's export)
+        img = f["data/demo_1/obs/shouldercamera0_image"][()].astype(np.float32)
+        del f["data/demo_1/obs/shouldercamera0_image"]
+        f["data/demo_1/obs"].create_dataset("shouldercamera0_image", data=img)
+    with pytest.raises(
+        ValueError,
+        match=r"mixed\.hdf5: data/demo_1/obs/shouldercamera0_image is float32 but "
+        r"data/demo_0/obs/shouldercamera0_image is uint8",
+    ):
+        robomimic_to_replay_buffer(path, ["object", "shouldercamera0_image"])

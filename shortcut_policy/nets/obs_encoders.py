@@ -121,9 +121,10 @@ class ObsEncoder(nn.Module):
     Per step: [image features per camera (in `image_keys` order), low-dim keys (in `lowdim_keys` order)], or the
     features in `obs_order` (every key once; Diffusion Policy concatenates in its shape_meta order, which may
     interleave cameras and low-dim keys); steps concatenated (To major), as Diffusion Policy. Raises ``ValueError``
-    for a key without a shape, an `obs_order` that is not a permutation of the keys, or ``share_encoder`` with
-    cameras of different shapes. ``share_encoder``: one image encoder for all cameras (default: one per camera, as
-    Diffusion Policy); ``color_jitter``: training-time colour jitter strengths (see :class:`.augment.ColorJitter`).
+    for a key without a shape, an `obs_order` that is not a permutation of the keys, a ``crop_shape`` larger than
+    an image, or ``share_encoder`` with cameras of different shapes. ``share_encoder``: one image encoder for all
+    cameras (default: one per camera, as Diffusion Policy); ``color_jitter``: training-time colour jitter strengths
+    (see :class:`.augment.ColorJitter`).
     """
 
     def __init__(
@@ -162,6 +163,14 @@ class ObsEncoder(nn.Module):
                 color_jitter=color_jitter,
             )
 
+        if crop_shape:
+            for k in self.image_keys:
+                shp = self.obs_shapes[k]
+                if len(shp) != 3 or int(crop_shape[0]) > shp[1] or int(crop_shape[1]) > shp[2]:
+                    raise ValueError(
+                        f"task.crop_shape={list(crop_shape)} does not fit image {k!r} of shape {list(shp)} (C, H, W): "
+                        "the crop must be at most the image's height and width"
+                    )
         if self.share_encoder and self.image_keys:
             shapes = {k: self.obs_shapes[k] for k in self.image_keys}
             if len(set(shapes.values())) > 1:
