@@ -27,6 +27,16 @@ def test_train_config_group_overrides():
     assert cfg.objective.name == "flow_matching" and cfg.net.down_dims == [64, 128, 256] and cfg.logger.kind == "none"
 
 
+def test_cpu_recipes_set_net_and_train_defaults():
+    """The CPU task recipes (`# @package _global_`) set the net and the trainer as well as the task."""
+    low = cli.compose("train", ["task=pusht_lowdim_cpu"])
+    assert low.task.name == "pusht_lowdim_cpu" and list(low.net.down_dims) == [32, 64, 128]
+    img = cli.compose("train", ["task=pusht_image_cpu", "train.batch_size=8"])
+    assert img.task.name == "pusht_image_cpu" and img.task.encoder.resnet_width == 16
+    assert list(img.task.crop_shape) == [84, 84] and list(img.task.obs_shapes.image) == [3, 96, 96]
+    assert list(img.net.down_dims) == [32, 64, 128] and img.train.max_minutes == 120 and img.train.batch_size == 8
+
+
 def test_toy_bench_shortcut_beats_flow_matching_at_one_step(tmp_path, capsys):
     """A few hundred CPU steps on a 2-D mixture: 1-step shortcut samples are measurably closer to the data."""
     run_dir = tmp_path / "toy"
