@@ -14,7 +14,6 @@ n_episodes=200 out=data/pusht_expert.zarr`` writes ``data/img``).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import time
@@ -24,7 +23,7 @@ from torch.utils.data import DataLoader
 
 from shortcut_policy.builders import build_dataset, build_policy
 from shortcut_policy.cli import compose
-from shortcut_policy.utils import atomic_write_text
+from shortcut_policy.utils import emit_benchmark_json
 
 
 def main():
@@ -86,11 +85,7 @@ def main():
         "parameters": n_params,
         "objective": str(cfg.objective.name),
     }
-    res["load_after"] = os.getloadavg()[0]
-    text = json.dumps(res, indent=1)
-    print(text)
-    if args.out:
-        atomic_write_text(args.out, text)
+    emit_benchmark_json(res, args.out)
 
 
 if __name__ == "__main__":

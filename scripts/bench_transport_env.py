@@ -16,7 +16,6 @@ the MuJoCo model) and one 128x128 ``render()``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import time
@@ -26,7 +25,7 @@ os.environ.setdefault("PYOPENGL_PLATFORM", os.environ["MUJOCO_GL"])
 
 import numpy as np  # noqa: E402
 
-from shortcut_policy.utils import atomic_write_text  # noqa: E402
+from shortcut_policy.utils import emit_benchmark_json  # noqa: E402
 
 
 def bench(obs_keys, n_steps, enable_render=False, seed=0):
@@ -88,11 +87,7 @@ def main():
     import robosuite
 
     res["versions"] = {"robosuite": robosuite.__version__, "mujoco": mujoco.__version__}
-    res["load_after"] = os.getloadavg()[0]
-    text = json.dumps(res, indent=1)
-    print(text)
-    if args.out:
-        atomic_write_text(args.out, text)
+    emit_benchmark_json(res, args.out)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import importlib
+import json
 import os
 import re
 import shutil
@@ -168,6 +169,17 @@ def atomic_write_text(path, text: str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
     return Path(path)
+
+
+def emit_benchmark_json(res: dict, out=None) -> str:
+    """Finish a benchmark script's result: add the machine's 1-minute load average as ``load_after``, print the JSON
+    (indent 1) and, when ``out`` is a path, write it there atomically. Returns the JSON text."""
+    res["load_after"] = os.getloadavg()[0]
+    text = json.dumps(res, indent=1)
+    print(text)
+    if out:
+        atomic_write_text(out, text)
+    return text
 
 
 def atomic_write_bytes(path, data: bytes) -> Path:
