@@ -6,9 +6,9 @@
 
 Measures, in one process on this machine: (1) the windowed image dataset through a torch ``DataLoader`` at the
 recipe's batch size, in samples/s, for each ``--workers`` count (0 = in the main process); (2) full training steps
-(loss, backward, AdamW, EMA) of the recipe's policy on batches drawn beforehand, in steps/s and samples/s. The
-loader keeps up when its samples/s exceed the training's. Needs the task's data (``shortcut-policy demos task=pusht
-n_episodes=200 out=data/pusht_expert.zarr`` writes ``data/img``).
+(``Trainer.train_step``: loss, backward, AdamW, schedule, EMA) of the recipe's policy on batches drawn beforehand,
+in steps/s and samples/s. The loader keeps up when its samples/s exceed the training's. Needs the task's data
+(``shortcut-policy demos task=pusht n_episodes=200 out=data/pusht_expert.zarr`` writes ``data/img``).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import tempfile
 import time
 
 import torch
@@ -23,6 +24,7 @@ from torch.utils.data import DataLoader
 
 from shortcut_policy.builders import build_dataset, build_policy
 from shortcut_policy.cli import compose
+from shortcut_policy.train.trainer import Trainer
 from shortcut_policy.utils import emit_benchmark_json
 
 
@@ -58,27 +60,17 @@ def main():
         res["loader"][f"workers={w}"] = {"samples_per_s": args.batches * bs / dt, "batches": args.batches}
         del it, dl
     batches = [b for b, _ in zip(DataLoader(ds, batch_size=bs, shuffle=True, drop_last=True), range(args.steps + 3))]
-    policy = build_policy(cfg, ds.get_normalizer()).train()
-    ema = build_policy(cfg, ds.get_normalizer())
-    ema.load_state_dict(policy.state_dict())
-    opt = torch.optim.AdamW(policy.parameters(), lr=float(cfg.train.lr), weight_decay=0.1)
+    policy = build_policy(cfg, ds.get_normalizer())
     n_params = sum(p.numel() for p in policy.parameters())
-
-    def step(batch):
-        loss, _ = policy.compute_loss(batch, teacher=policy)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        with torch.no_grad():
-            for pe, p in zip(ema.parameters(), policy.parameters()):
-                pe.lerp_(p, 0.001)
-
-    for b in batches[:3]:
-        step(b)
-    t0 = time.perf_counter()
-    for b in batches[3:]:
-        step(b)
-    dt = time.perf_counter() - t0
+    with tempfile.TemporaryDirectory() as tmp:  # the trainer's own step: loss, backward, AdamW, schedule, EMA
+        trainer = Trainer(policy, cfg, tmp, train_dataset=ds, progress=False)
+        step = trainer.train_step
+        for b in batches[:3]:
+            step(b)
+        t0 = time.perf_counter()
+        for b in batches[3:]:
+            step(b)
+        dt = time.perf_counter() - t0
     res["train"] = {
         "steps_per_s": args.steps / dt,
         "samples_per_s": args.steps * bs / dt,

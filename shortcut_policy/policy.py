@@ -243,7 +243,9 @@ def build_policy(cfg, normalizer) -> Policy:
 
 
 def load_policy(path, device="cpu", weights: str | None = None, expect_task: str | None = None) -> Policy:
-    """Rebuild a policy from a checkpoint path alone (config, normaliser, EMA or online weights)."""
+    """Rebuild a policy from a checkpoint path alone (config, normaliser, EMA or online ``weights``; None = the
+    checkpoint's ``train.eval_model``). Raises ``ValueError`` for other weights, a non-policy checkpoint or another
+    task than ``expect_task``."""
     ck = load_checkpoint(path)
     cfg = OmegaConf.create(ck["cfg"])
     if cfg.task.get("kind", "policy") != "policy":
@@ -251,9 +253,12 @@ def load_policy(path, device="cpu", weights: str | None = None, expect_task: str
     if expect_task is not None and cfg.task.name != expect_task:
         raise ValueError(f"checkpoint {path} was trained on task {cfg.task.name!r}, not {expect_task!r}")
     which = weights or cfg.train.get("eval_model", "ema")
+    if which not in ("ema", "online"):
+        raise ValueError(f"weights={which!r}: expected 'ema', 'online' or null (the checkpoint's train.eval_model)")
     sd = ck["ema"]["model"] if which == "ema" else ck["model"]
     normalizer = LinearNormalizer.from_state_dict(sd, prefix="normalizer.")
     policy = build_policy(cfg, normalizer)
     policy.load_state_dict(sd)
     policy.cfg = cfg
+    policy.loaded_weights = which  # "ema" | "online": reported by eval
     return policy.to(device).eval()

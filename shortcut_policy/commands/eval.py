@@ -20,8 +20,6 @@ def _load_checkpoint_policy(path: str, device: str, weights: str | None = None):
     ``train.eval_model``); ``FileNotFoundError`` when the file does not exist, ``ValueError`` for other weights."""
     if not Path(path).exists():
         raise FileNotFoundError(f"checkpoint={path!r}: no such file")
-    if weights not in (None, "ema", "online"):
-        raise ValueError(f"weights={weights!r}: expected 'ema', 'online' or null (the checkpoint's train.eval_model)")
     return load_policy(path, device, weights=weights)
 
 
@@ -118,7 +116,7 @@ def eval_command(cfg, run_dir) -> dict:
         max_crash_fraction=max_crash,
     )
     if policy is not None:
-        res["weights"] = cfg_get(cfg, "weights", None) or str(policy.cfg.train.get("eval_model", "ema"))
+        res["weights"] = getattr(policy, "loaded_weights", None)
         res["n_action_steps"] = policy.n_action_steps
         res["noise_scale"] = policy.noise_scale
         if hasattr(policy.objective, "sampler"):
