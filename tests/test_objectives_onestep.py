@@ -51,19 +51,52 @@ def test_meanflow_target_equals_analytic_average_velocity_on_a_linear_field(jvp)
         torch.set_default_dtype(torch.float32)
 
 
+@pytest.mark.parametrize("tangent", ["conditional", "model"])
 @pytest.mark.parametrize("steps", [1, 2, 3, 8])
-def test_meanflow_straight_line_oracle_loss_zero_and_exact_sampling(steps):
+def test_meanflow_straight_line_oracle_loss_zero_and_exact_sampling(steps, tangent):
     c = torch.tensor([[2.0, -3.0, 0.5]])
 
     def straight(x, t, d):  # point mass at c: straight paths, average velocity = instantaneous velocity
         tb = t.reshape(-1, 1)
         return c - (1 - INTERP_EPS) * (x - tb * c) / (1 - (1 - INTERP_EPS) * tb)
 
-    net, obj = Fn(straight), MeanFlow(flow_fraction=0.25)
+    net, obj = Fn(straight), MeanFlow(flow_fraction=0.25, tangent=tangent)
     loss, info = obj.loss(net, c.expand(64, 3).clone())
     assert info["mse"] < 1e-8
     out = obj.sample(net, torch.randn(16, 3), steps=steps)
     torch.testing.assert_close(out, c.expand(16, 3), atol=1e-3, rtol=0)
+
+
+def test_meanflow_model_tangent_uses_the_nets_own_velocity():
+    """tangent=model (improved MeanFlow): the JVP tangent is the net's u at d = 0, not x1 - x0; the target keeps v."""
+    torch.set_default_dtype(torch.float64)
+    try:
+        a = 0.7
+
+        def field(x, t, d):  # average velocity of v = a x, plus a d-independent offset the conditional v lacks
+            return linear_field_average_velocity(a)(x, t, d) + 0.3
+
+        net = Fn(field)
+        x1, x0 = torch.randn(16, 4, 3), torch.randn(16, 4, 3)
+        losses = {}
+        for tangent in ("conditional", "model"):
+            obj = MeanFlow(flow_fraction=0.0, tangent=tangent, adaptive_p=0.0, jvp="autograd")
+            torch.manual_seed(3)
+            losses[tangent] = obj.loss(net, x1, x0=x0)[0]
+        # the same rows by hand, with the net's own velocity at d = 0 as the tangent
+        torch.manual_seed(3)
+        obj = MeanFlow(flow_fraction=0.0, tangent="model", adaptive_p=0.0, jvp="autograd")
+        t, d = obj.sample_times(16, "cpu")
+        from shortcut_policy.conventions import interpolate, velocity_target
+
+        x_t, v = interpolate(x0, x1, t), velocity_target(x0, x1)
+        tan = net(x_t, t, torch.zeros_like(d))
+        target = v + d.reshape(-1, 1, 1) * obj.time_derivative(net, x_t, t, d, tan, None)
+        expected = ((net(x_t, t, d) - target) ** 2).mean()
+        torch.testing.assert_close(losses["model"].double(), expected.detach(), rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(losses["model"], losses["conditional"])
+    finally:
+        torch.set_default_dtype(torch.float32)
 
 
 def test_meanflow_no_gradient_through_target_and_every_parameter_gets_one():
@@ -92,6 +125,11 @@ def test_meanflow_times_and_flow_fraction():
     assert (d == 0).float().mean().item() == pytest.approx(0.75, abs=0.02)
     t, d = MeanFlow(flow_fraction=0.0, time_dist="uniform").sample_times(20000, "cpu")
     assert (d > 0).all()
+
+
+def test_meanflow_refuses_an_unknown_tangent():
+    with pytest.raises(ValueError, match="objective.tangent='x'"):
+        MeanFlow(tangent="x")
 
 
 def test_meanflow_refuses_a_level_net_and_bad_options():
