@@ -7,14 +7,15 @@ start time t with the end point s = t + d fixed gives the MeanFlow identity
 
     u(x_t, t, d) = v(x_t, t) + d * du/dt,      du/dt = v . grad_x u + d_t u - d_d u   (the total derivative, s fixed)
 
-Training regresses u_theta onto sg(v + d * du_theta/dt) with v the conditional velocity x1 - (1-eps) x0; du/dt is
-one Jacobian-vector product of the net with tangents (v, 1, -1) (`torch.func.jvp`), or a central finite difference
+Training regresses u_theta onto sg(v + d * du_theta/dt) with v the conditional velocity x1 - (1-eps) x0; du/dt is one
+Jacobian-vector product of the net with tangents (v, 1, -1) (`torch.func.jvp`), or a central finite difference
 (`jvp=finite_difference`). `tangent=model` replaces the conditional velocity in the JVP tangent by the net's own
 instantaneous velocity u_theta(x_t, t, 0) (no gradient), as improved MeanFlow does (Geng, Lu, Wu, Shechtman, Kolter,
 He 2025, arXiv 2512.02012: the noisy conditional velocity times the net's Jacobian makes the target's variance grow
-with the net's steepness); the regression target keeps the conditional v. Loss: adaptive weighting
-sg(w) * ||Delta||^2 with w = 1 / (||Delta||^2 + c)^p (paper eq. 9-10; ||.||^2 is the per-row mean here, as `row_mse`). (t, s) are two draws of a logit-normal (or uniform) time,
-t the smaller; a fraction `flow_fraction` of rows has d = 0 (plain flow matching, the paper's r = t rows: 75 %).
+with the net's steepness); the regression target keeps the conditional v. Loss: adaptive weighting sg(w) * ||Delta||^2
+with w = 1 / (||Delta||^2 + c)^p (paper eq. 9-10; ||.||^2 is the per-row mean here, as `row_mse`). (t, s) are two
+draws of a logit-normal (or uniform) time, t the smaller; a fraction `flow_fraction` of rows has d = 0 (plain flow
+matching, the paper's r = t rows: 75 %).
 
 The net needs a continuous step-size input (`net.step_input=continuous`): the third argument is d in [0, 1].
 Sampling: N Euler steps of the average velocity, x += (1/N) u(x, i/N, 1/N); any N >= 1.
