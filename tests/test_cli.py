@@ -59,4 +59,5 @@ def test_toy_bench_shortcut_beats_flow_matching_at_one_step(tmp_path, capsys):
     assert res["metric"] == "sliced_w2"
     assert res["shortcut@1"] < 0.5 * res["flow_matching@1"], res
     assert (run_dir / "config.yaml").exists() and (run_dir / "toy_samples.png").exists()
+    assert (run_dir / "quality_vs_nfe.png").stat().st_size > 0
     assert json.loads((run_dir / "metrics.json").read_text())["shortcut@1"] == pytest.approx(res["shortcut@1"])

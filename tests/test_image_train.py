@@ -6,6 +6,7 @@ and a 2 GB checkpoint per save on CPU); ``test_train_imagenet256_dit_b2`` (slow)
 """
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -188,6 +189,7 @@ def test_bench_images_smoke(tmp_path):
             assert np.isfinite(res[f"fid@{obj}{n}"]) and 0.0 <= res[f"acc@{obj}{n}"] <= 1.0
     assert "targets" not in res  # the targets need N = 128, not evaluated at this budget
     assert (tmp_path / "clf_16px.pt").is_file() and (tmp_path / "run" / "samples_grid.png").is_file()
+    assert res["fid_vs_nfe"] == str(tmp_path / "run" / "fid_vs_nfe.png") and Path(res["fid_vs_nfe"]).stat().st_size > 0
     assert (tmp_path / "run" / "shortcut" / "checkpoints" / "last.ckpt").is_file()
     # same run_dir: training is complete, so only the evaluation runs again (same figures)
     again = run_bench_images(OmegaConf.create({"images": over}), tmp_path / "run")

@@ -297,3 +297,14 @@ def test_toy_selection_by_name():
     tc.select = ["shortcut", "nope"]
     with pytest.raises(ValueError, match="nope.*valid.*consistency"):
         toy_selection(tc)
+
+
+def test_quality_vs_nfe_plot_skips_missing_and_refuses_empty(tmp_path):
+    from shortcut_policy.bench.plots import quality_vs_nfe
+
+    res = {"a@1": 0.5, "a@4": 0.2, "b@1": 0.9}  # b has no value at 4 steps: drawn with one point
+    out = quality_vs_nfe(res, "{obj}@{n}", ["a", "b"], [1, 4], tmp_path / "q.png", "W2", "t", floor=0.1)
+    assert out.stat().st_size > 0
+    with pytest.raises(ValueError, match="no values"):
+        quality_vs_nfe(res, "fid@{obj}{n}", ["a"], [1], tmp_path / "r.png", "FID", "t")
+    assert not (tmp_path / "r.png").exists()

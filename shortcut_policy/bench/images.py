@@ -34,6 +34,7 @@ from ..eval.fid import feature_statistics, frechet_distance
 from ..generator import sample_images
 from ..train.trainer import Trainer
 from ..utils import atomic_path, atomic_write_text
+from .plots import quality_vs_nfe
 
 DEFAULTS = {
     "image_size": 16,
@@ -299,7 +300,8 @@ def _train_and_eval(name: str, obj: dict, s: dict, run_dir: str, threads) -> dic
 def run_bench_images(cfg, run_dir) -> dict:
     """``bench images``: train each objective on the digits and report, per step count N, the Fréchet distance in
     the classifier's feature space (``fid@<objective><N>``) and the classifier accuracy on the samples
-    (``acc@<objective><N>``); writes ``samples_grid.png`` and ``bench_images.json`` into ``run_dir``. Raises
+    (``acc@<objective><N>``); writes ``samples_grid.png``, ``fid_vs_nfe.png`` and ``bench_images.json`` into
+    ``run_dir``. Raises
     ``ValueError`` when every objective is disabled."""
     s = bench_settings(cfg)
     run_dir = Path(run_dir)
@@ -341,6 +343,11 @@ def run_bench_images(cfg, run_dir) -> dict:
         write_image(run_dir / "samples_grid.png", grid)
         result["grid"] = str(run_dir / "samples_grid.png")
         result["grid_rows"] = [f"{name}{n}" for name, _ in objs for n in (1, 4, M) if n in s["steps"]]
+    names = [name for name, _ in objs]
+    steps = [int(n) for n in s["steps"]]
+    ylabel = "FID in the digits classifier's features (lower is better)"
+    fig = quality_vs_nfe(result, "fid@{obj}{n}", names, steps, run_dir / "fid_vs_nfe.png", ylabel, "bench images")
+    result["fid_vs_nfe"] = str(fig)
     sc1, sc128, fm1 = result.get("fid@shortcut1"), result.get("fid@shortcut128"), result.get("fid@flow_matching1")
     if None not in (sc1, sc128, fm1):
         result["targets"] = {

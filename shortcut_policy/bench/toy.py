@@ -19,6 +19,7 @@ from ..nets import build_net
 from ..objectives import build_objective
 from ..train.trainer import Trainer
 from ..utils import atomic_path, atomic_write_text
+from .plots import quality_vs_nfe
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -109,9 +110,10 @@ def toy_selection(tc) -> list[str]:
 
 def run_toy(cfg, run_dir: Path) -> dict:
     """``bench toy``: train every selected objective on the 2-D toy data with the same net, seed and budget, then
-    measure the sliced W2 distance to held-out data at each step count of ``toy.steps``. Writes a figure
-    (``toy_samples.png``) and ``config_resolved.json`` in ``run_dir``. Returns ``{"<objective>@<N>": sliced W2, ...}``
-    plus the noise floor (two independent samples of the data) and training times."""
+    measure the sliced W2 distance to held-out data at each step count of ``toy.steps``. Writes figures
+    (``toy_samples.png``; sliced W2 against NFE, ``quality_vs_nfe.png``) and ``config_resolved.json`` in ``run_dir``.
+    Returns ``{"<objective>@<N>": sliced W2, ...}`` plus the noise floor (two independent samples of the data) and
+    training times."""
     tc = cfg.toy
     torch.set_num_threads(max(1, torch.get_num_threads()))
     held_out = sample_toy(tc.dataset, int(tc.n_eval), np.random.default_rng(10_000 + int(cfg.seed)))
@@ -145,6 +147,10 @@ def run_toy(cfg, run_dir: Path) -> dict:
             result[f"{name}@{int(n)}"] = sliced_w2(s, held_out, int(tc.n_projections))
     _plot_toy(samples, held_out, run_dir / "toy_samples.png", tc.dataset)
     result["figure"] = str(run_dir / "toy_samples.png")
+    steps = [int(n) for n in tc.steps]
+    ylabel = "sliced W2 to held-out data (lower is better)"
+    fig = quality_vs_nfe(result, "{obj}@{n}", names, steps, run_dir / "quality_vs_nfe.png", ylabel, tc.dataset, floor)
+    result["quality_vs_nfe"] = str(fig)
     atomic_write_text(run_dir / "config_resolved.json", json.dumps(OmegaConf.to_container(tc, resolve=True)))
     return result
 
