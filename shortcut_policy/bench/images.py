@@ -301,8 +301,7 @@ def run_bench_images(cfg, run_dir) -> dict:
     """``bench images``: train each objective on the digits and report, per step count N, the Fréchet distance in
     the classifier's feature space (``fid@<objective><N>``) and the classifier accuracy on the samples
     (``acc@<objective><N>``); writes ``samples_grid.png``, ``fid_vs_nfe.png`` and ``bench_images.json`` into
-    ``run_dir``. Raises
-    ``ValueError`` when every objective is disabled."""
+    ``run_dir``. Raises ``ValueError`` when every objective is disabled."""
     s = bench_settings(cfg)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

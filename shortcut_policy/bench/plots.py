@@ -31,9 +31,8 @@ def quality_vs_nfe(
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     drawn = 0
     for name in objectives:
-        pts = [
-            (int(n), result[key.format(obj=name, n=int(n))]) for n in steps if key.format(obj=name, n=int(n)) in result
-        ]
+        keys = [(int(n), key.format(obj=name, n=int(n))) for n in steps]
+        pts = [(n, result[k]) for n, k in keys if k in result]
         if not pts:
             continue
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
