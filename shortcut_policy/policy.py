@@ -27,7 +27,7 @@ from .nets import build_net
 from .nets.obs_encoders import ObsEncoder
 from .objectives import build_objective
 from .objectives.distillation import FrozenTeacher
-from .utils import to_plain
+from .utils import all_finite, to_plain
 
 
 def _shape_str(s):
@@ -94,7 +94,7 @@ class Policy(TrainableModel):
                     f"{where}: observation {k!r} has shape {_shape_str(x.shape)}; expected "
                     f"(B, T>={min_steps}, {', '.join(map(str, want))})"
                 )
-            if not bool(torch.isfinite(torch.as_tensor(x, dtype=torch.float32)).all()):
+            if not all_finite(torch.as_tensor(x, dtype=torch.float32)):
                 raise ValueError(f"{where}: observation {k!r} contains NaN or inf")
 
     # --- training ---------------------------------------------------------------------------------------
@@ -113,7 +113,7 @@ class Policy(TrainableModel):
                 f"batch: action has shape {_shape_str(action.shape)}; expected (B, {self.horizon}, "
                 f"{self.action_dim}) (horizon, action_dim of the config)"
             )
-        if not torch.isfinite(action).all():
+        if not all_finite(torch.as_tensor(action, dtype=torch.float32)):
             raise ValueError("batch: action contains NaN or inf")
         nobs = self.normalizer.normalize({k: obs[k] for k in self.obs_encoder.obs_shapes if k in obs})
         naction = self.normalizer.normalize({"action": action})["action"]

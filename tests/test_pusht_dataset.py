@@ -45,9 +45,10 @@ def test_keypoints_state_image_samples(pusht):
         np.testing.assert_array_equal(s["action"].numpy(), data["action"][rows])
         np.testing.assert_array_equal(st[idx]["obs"]["obs"].numpy(), data["state"][rows])
         si = im[idx]
-        assert si["obs"]["image"].shape == (16, 3, 96, 96) and si["obs"]["image"].dtype == torch.float32
+        # image fields hold only the To = 2 observation frames of the window
+        assert si["obs"]["image"].shape == (2, 3, 96, 96) and si["obs"]["image"].dtype == torch.float32
         np.testing.assert_allclose(
-            si["obs"]["image"].numpy(), data["img"][rows].transpose(0, 3, 1, 2) / 255.0, rtol=1e-6
+            si["obs"]["image"].numpy(), data["img"][rows[:2]].transpose(0, 3, 1, 2) / 255.0, rtol=1e-6
         )
         np.testing.assert_array_equal(si["obs"]["agent_pos"].numpy(), data["state"][rows, :2])
     # first window of the first train episode is edge-padded with its first frame (pad_before = To - 1 = 1)
@@ -99,7 +100,7 @@ def test_images_on_disk_equal_in_memory_and_loader(pusht):
     for i in (0, 11):
         torch.testing.assert_close(mem[i]["obs"]["image"], disk[i]["obs"]["image"])
     batch = next(iter(DataLoader(disk, batch_size=4, shuffle=True, num_workers=1)))
-    assert batch["obs"]["image"].shape == (4, 16, 3, 96, 96) and batch["action"].shape == (4, 16, 2)
+    assert batch["obs"]["image"].shape == (4, 2, 3, 96, 96) and batch["action"].shape == (4, 16, 2)
 
 
 def test_errors(pusht, tmp_path):
@@ -146,8 +147,8 @@ def test_generic_sequence_dataset_robomimic_style(tmp_path):
     s = ds[0]
     rows = _window_rows(ds, 0)
     img = s["obs"]["agentview_image"]  # uint8 HWC -> float [0, 1] CHW
-    assert img.dtype == torch.float32 and img.shape == (16, 3, 12, 10)
-    np.testing.assert_allclose(img.numpy(), rb["agentview_image"][rows].transpose(0, 3, 1, 2) / 255.0, rtol=1e-6)
+    assert img.dtype == torch.float32 and img.shape == (2, 3, 12, 10)  # the To = 2 observation frames only
+    np.testing.assert_allclose(img.numpy(), rb["agentview_image"][rows[:2]].transpose(0, 3, 1, 2) / 255.0, rtol=1e-6)
     want = np.concatenate([rb["object"][rows], rb["robot0_eef_pos"][rows], rb["robot0_eef_quat"][rows]], axis=1)
     np.testing.assert_array_equal(s["obs"]["obs"].numpy(), want)
     norm = ds.get_normalizer()

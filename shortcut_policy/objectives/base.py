@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from ..conventions import M, check_steps
+from ..utils import all_finite
 from .guidance import drop_cond, guided
 
 
@@ -48,7 +49,7 @@ class Objective(nn.Module):
             raise TypeError(f"{what}: expected a floating-point tensor, got dtype {x1.dtype}")
         if x1.dim() < 2:
             raise ValueError(f"{what}: expected a batch (B, ...), got shape {tuple(x1.shape)}")
-        if not torch.isfinite(x1).all():
+        if not all_finite(x1):
             raise ValueError(f"{what}: contains NaN or inf ({int((~torch.isfinite(x1)).sum())} entries)")
 
     @staticmethod
