@@ -8,7 +8,7 @@ net, optimiser, batch and step budget for both objectives. Quality at N = 1, 2, 
 - ``acc@<objective><N>``: that classifier's accuracy on class-conditional samples (the label asked for).
 A PNG grid (rows: objective x N in {1, 4, 128}; columns: classes 0..9; the same noise everywhere).
 Settings come from ``DEFAULTS`` below, overridden by ``bench.images.*`` (``shortcut-policy bench images
-+images.num_steps=500``). Each objective checkpoints under ``<run_dir>/<objective>/checkpoints``; re-running with the
+images.num_steps=500``). Each objective checkpoints under ``<run_dir>/<objective>/checkpoints``; re-running with the
 same ``run_dir`` resumes (an interrupted run) or, when training is complete, only re-evaluates (e.g. with
 ``+images.eval_model=online``).
 """

@@ -380,7 +380,7 @@ def table_markdown(summary: dict) -> str:
     ]
     for r in summary["rows"]:
         nfe = f"{r['nfe']} ({r['sampler'].upper()})" if r["sampler"] else str(r["nfe"])
-        per = ", ".join(f"s{s}: {v:.2f}" for s, v in r["per_train_seed_success"].items())
+        per = ", ".join(f"s{s}: {v:.3f}" for s, v in r["per_train_seed_success"].items())
         lines.append(
             f"| {r['entry']} | {nfe} | {r['success_rate']:.3f} [{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}] | "
             f"{r['n_success']}/{r['n_episodes']} | {r['mean_score']:.3f} | {r['latency_ms']:.2f} | {per} |"
