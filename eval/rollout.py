@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from shortcut_policy.action_queue import ActionQueue
 from shortcut_policy.conventions import TEST_SEED_START, check_steps
 from shortcut_policy.envs.registry import (
     EnvSpec,
@@ -411,8 +412,20 @@ def run_policy(
     step_timeout: float = 300.0,
     startup_timeout: float = 120.0,
     progress: bool = True,
+    ensemble_k: float | None = None,
 ) -> list[dict]:
-    """Learned policy batched in the main process over envs stepped in the workers (one chunk per call)."""
+    """Learned policy batched in the main process over envs stepped in the workers (one chunk per call).
+
+    ``ensemble_k``: temporal ensembling (ACT, Zhao et al. 2023): the policy is queried at every env step and the
+    env executes one action, the mean of every prediction made for that step by the chunks that cover it, weighted
+    exp(-k i) with i = 0 for the oldest (k = 0: equal weights). The chunks are the policy's ``n_action_steps``
+    actions; the weighting is :class:`~shortcut_policy.action_queue.ActionQueue`'s, as in ``deploy``. None: each
+    chunk is executed whole (Diffusion Policy's protocol)."""
+    if ensemble_k is not None and not float(ensemble_k) >= 0:
+        raise ValueError(f"ensemble_k={ensemble_k}: expected a number >= 0 (or None for no temporal ensembling)")
+    # per seed: the queue of predicted actions by env step, and the env step the next action is for
+    queues = {s: ActionQueue(0.0, 1.0, 0.0, float(ensemble_k)) for s in seeds} if ensemble_k is not None else {}
+    tick = dict.fromkeys(seeds, 0)
     workers, lost = _start_workers(task_cfg, seeds, n_workers, video_seeds, None, startup_timeout)
     rows: dict[int, dict] = {s: _lost_row(s, steps, *lost[s]) for s in lost}
     obs: dict[int, dict] = {}
@@ -470,7 +483,12 @@ def run_policy(
                 )
             per_worker: dict[int, dict] = {}
             for i, s in enumerate(active):
-                per_worker.setdefault(id(owner[s]), {})[s] = actions[i]
+                chunk = actions[i]
+                if queues:  # temporal ensembling: execute one action, the weighted mean of its predictions
+                    queues[s].add_chunk(chunk, obs_time=float(tick[s]), now=float(tick[s]))
+                    chunk = queues[s].pop(float(tick[s]))[None].astype(chunk.dtype)
+                    tick[s] += 1
+                per_worker.setdefault(id(owner[s]), {})[s] = chunk
             for w in workers:
                 if id(w) in per_worker and w.alive:
                     try:
@@ -591,6 +609,7 @@ def evaluate(
     progress: bool = True,
     envs_per_worker: int | None = None,
     max_crash_fraction: float | None = None,
+    ensemble_k: float | None = None,
 ) -> dict:
     """Programmatic entry (also for trainers): ``policy=None`` evaluates the scripted expert. Returns the
     RESULT dict; writes per-seed tables, videos and the plot into ``run_dir`` when given.
@@ -600,7 +619,9 @@ def evaluate(
     Crashed / timed-out episodes: when all episodes of a step budget crashed, or more than
     ``max_crash_fraction`` (in [0, 1]; None = no share limit) of them, raises :class:`EvalCrashError` naming the
     first crash (the per-seed tables are written first). Otherwise the metrics are over the episodes that ran and
-    the RESULT lists ``n_crashed@N``, ``n_ran@N``, ``crashed_seeds@N`` and ``warnings`` (also printed to stderr)."""
+    the RESULT lists ``n_crashed@N``, ``n_ran@N``, ``crashed_seeds@N`` and ``warnings`` (also printed to stderr).
+    ``ensemble_k``: temporal ensembling at execution (see :func:`run_policy`); None = whole chunks, as Diffusion
+    Policy evaluates."""
     task_cfg = _to_plain(task_cfg)
     max_crash_fraction = check_crash_fraction(max_crash_fraction)
     n_episodes = check_int("n_episodes", n_episodes, 1)
@@ -652,7 +673,15 @@ def evaluate(
             _seed_policy_rng(seed_start)  # same sampling noise stream for every budget: reproducible evals
             for wave in waves:
                 all_rows += run_policy(
-                    policy, task_cfg, wave, n_workers, n, video_seeds, step_timeout=timeout, progress=progress
+                    policy,
+                    task_cfg,
+                    wave,
+                    n_workers,
+                    n,
+                    video_seeds,
+                    step_timeout=timeout,
+                    progress=progress,
+                    ensemble_k=ensemble_k,
                 )
             check(n)
     result: dict = {

@@ -112,3 +112,15 @@ def test_eval_weights_choice(ckpt, tmp_path):
     assert res["weights"] == "online" and res["n_episodes"] == 1
     with pytest.raises(ValueError, match="weights='best': expected 'ema', 'online'"):
         cli.run_verb("eval", [f"checkpoint={ckpt}", "weights=best", "n_episodes=1", f"run_dir={tmp_path / 'f'}"])
+
+
+def test_eval_temporal_ensembling_option(ckpt, tmp_path):
+    """eval ensemble_k=k runs the checkpoint with temporal ensembling (reported); it is refused for the expert and
+    for a value that is not a number."""
+    common = ["n_episodes=1", "workers=1", "n_videos=0", "progress=false"]
+    res = cli.run_verb("eval", [f"checkpoint={ckpt}", "ensemble_k=0.01", *common, f"run_dir={tmp_path / 'e'}"])
+    assert res["ensemble_k"] == 0.01 and res["n_episodes"] == 1 and 0 <= res["mean_score@1"] <= 1
+    with pytest.raises(ValueError, match="ensemble_k=0.5: temporal ensembling applies to a learned policy"):
+        cli.run_verb("eval", ["policy=expert", "ensemble_k=0.5", *common, f"run_dir={tmp_path / 'f'}"])
+    with pytest.raises(ValueError, match="ensemble_k='fast'"):
+        cli.run_verb("eval", [f"checkpoint={ckpt}", "ensemble_k=fast", *common, f"run_dir={tmp_path / 'g'}"])

@@ -224,3 +224,61 @@ def test_wilson_interval_and_summary(tmp_path):
     assert report.plot_stages(m, tmp_path / "none.png") is None
     png = report.plot_stages({"stage_rate@1": m2, "stage_rate@4": {"lid_off": 1.0}}, tmp_path / "stages.png")
     assert png.is_file() and png.stat().st_size > 1000
+
+
+class RampPolicy:
+    """For the temporal-ensembling test on the toy reach env: call c of episode 0 predicts, for the chunk's action k,
+    p0 + v (c + k + 1) + e c (p0 = the start position): every prediction for one env step agrees up to the offset
+    e c of the chunk that made it, so the executed action shows how the predictions were weighted. Steps are smaller
+    than the env's speed limit, so the observed position after a step IS the executed action."""
+
+    V, E = np.array([0.02, 0.01]), np.array([0.003, -0.002])
+
+    def __init__(self, ta: int):
+        self.ta, self.seen, self.p0 = ta, [], None
+
+    def predict_action(self, obs, steps=1):
+        pos = obs["obs"][:, -1, :2].astype(np.float64)
+        if self.p0 is None:
+            self.p0 = pos[0].copy()
+        c = len(self.seen)
+        self.seen.append(pos[0].copy())
+        k = np.arange(self.ta)[:, None]
+        return (self.p0 + self.V * (c + k + 1) + self.E * c)[None].astype(np.float32)
+
+
+@pytest.mark.parametrize("k", [0.0, 0.5])
+def test_temporal_ensembling_executes_the_weighted_mean_of_overlapping_predictions(k):
+    """eval ensemble_k=k: one policy call per env step; the action executed at step t is sum_i w_i a_i / sum_i w_i
+    over the chunks covering t, w_i = exp(-k i), i = 0 the oldest (ACT), as the deploy loop's ActionQueue."""
+    import toy_reach_env as toy
+
+    from shortcut_policy.envs import registry
+
+    registry.register_env("toy_reach_ens", registry.EnvSpec(make=toy.make), replace=True)
+    try:
+        task = {
+            "name": "toy",
+            "env": "toy_reach_ens",
+            "obs_shapes": {"obs": [4]},
+            "n_obs_steps": 2,
+            "n_action_steps": 4,
+            "max_steps": 10,
+            "control_hz": 50,
+        }
+        pol = RampPolicy(ta=4)
+        evaluate(task, policy=pol, steps_list=[1], n_episodes=1, n_workers=1, progress=False, ensemble_k=k)
+        assert len(pol.seen) == 10  # replanned at every env step (not every 4th)
+        for t in range(9):  # the position seen at call t + 1 is the action executed at step t
+            calls = np.arange(max(0, t - 3), t + 1)  # the chunks covering step t, oldest first
+            w = np.exp(-k * np.arange(len(calls)))
+            want = pol.p0 + RampPolicy.V * (t + 1) + RampPolicy.E * (w @ calls) / w.sum()
+            np.testing.assert_allclose(pol.seen[t + 1], want, atol=1e-5)
+        # without ensembling the chunks run whole: 10 steps = 3 calls (4 + 4 + 2)
+        pol = RampPolicy(ta=4)
+        evaluate(task, policy=pol, steps_list=[1], n_episodes=1, n_workers=1, progress=False)
+        assert len(pol.seen) == 3
+        with pytest.raises(ValueError, match="ensemble_k=-1"):
+            evaluate(task, policy=RampPolicy(ta=4), steps_list=[1], n_episodes=1, progress=False, ensemble_k=-1)
+    finally:
+        registry.unregister_env("toy_reach_ens")

@@ -100,6 +100,14 @@ def eval_command(cfg, run_dir) -> dict:
     n_videos = cfg_get(cfg, "n_videos", cfg_get(tev, "n_videos", 2))
     steps = cfg_get(cfg, "steps", [1])
     steps = list(steps) if isinstance(to_plain(steps), (list, tuple)) else [steps]
+    ensemble_k = cfg_get(cfg, "ensemble_k", None)
+    if ensemble_k is not None:
+        if policy is None:
+            raise ValueError(f"ensemble_k={ensemble_k}: temporal ensembling applies to a learned policy (checkpoint=)")
+        try:
+            ensemble_k = float(ensemble_k)
+        except (TypeError, ValueError):
+            raise ValueError(f"ensemble_k={ensemble_k!r}: expected a number >= 0 (or null)") from None
     res = evaluate(
         task_cfg,
         policy=policy,
@@ -114,11 +122,13 @@ def eval_command(cfg, run_dir) -> dict:
         progress=bool(cfg_get(cfg, "progress", True)),
         envs_per_worker=cfg_get(cfg, "envs_per_worker", cfg_get(tev, "envs_per_worker", None)),
         max_crash_fraction=max_crash,
+        ensemble_k=ensemble_k,
     )
     if policy is not None:
         res["weights"] = getattr(policy, "loaded_weights", None)
         res["n_action_steps"] = policy.n_action_steps
         res["noise_scale"] = policy.noise_scale
+        res["ensemble_k"] = ensemble_k
         if hasattr(policy.objective, "sampler"):
             res["sampler"] = policy.objective.sampler
     return res

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .action_queue import ActionQueue, ceil_ticks
+from ..action_queue import ActionQueue, ceil_ticks
 from .robot import EPISODE_KEY, TIMESTAMP_KEY, ObservationError, validate_observation
 
 
