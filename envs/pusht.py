@@ -437,6 +437,10 @@ class PushTEnv(gym.Env):
         self.agent.velocity = (float(vel[0]), float(vel[1]))
         self.block.velocity = (float(vel[2]), float(vel[3]))
         self.block.angular_velocity = float(vel[4])
+        # pymunk caches each shape's world vertices until the next step; without this a render (an image
+        # observation) right after set_state would draw the block and agent where they were before
+        for body in (self.agent, self.block):
+            self.space.reindex_shapes_for_body(body)
         self._coverage = coverage_of_pose(self.block.position, self.block.angle)
 
     @property

@@ -158,3 +158,27 @@ def test_demos_parallel_workers(tmp_path):
 def test_geometry_helper():
     assert dist_to_tee_local(np.array([[0.0, 15.0], [0.0, 60.0]])).tolist() == [0.0, 0.0]
     assert dist_to_tee_local(np.array([[0.0, -10.0], [30.0, 60.0]])) == pytest.approx([10.0, 15.0])
+
+
+def test_evaluation_renders_the_recorded_image_observation():
+    """The image observation of the evaluation env equals the recorded 96x96 frame pixel for pixel: the policy is
+    evaluated on exactly the images it was trained on (same renderer, size and colours). Checked twice: replaying the
+    episode's actions from its seed (the evaluation path), and putting a fresh env into a recorded state (set_state
+    must refresh pymunk's cached shapes, or the frame shows the block where it was before)."""
+
+    def as_uint8(obs):  # (3, 96, 96) float32 in [0, 1], as the policy sees it -> the stored HWC uint8 layout
+        assert obs["image"].shape == (3, 96, 96)
+        return np.rint(np.moveaxis(obs["image"], 0, -1) * 255.0).astype(np.uint8)
+
+    ep = pusht_episode(100002, expert_seed=0, max_steps=40, render=True)
+    d = ep["data"]
+    env = PushTEnv(obs_type="image")
+    obs, _ = env.reset(seed=100002)
+    for t in range(len(d["action"])):
+        np.testing.assert_array_equal(as_uint8(obs), d["img"][t])
+        obs = env.step(d["action"][t])[0]
+    fresh = PushTEnv(obs_type="image")
+    fresh.reset(seed=0)
+    for t in (0, 10, len(d["action"]) - 1):
+        fresh.set_state(d["state"][t].astype(np.float64))
+        np.testing.assert_array_equal(as_uint8(fresh._get_obs()), d["img"][t])
