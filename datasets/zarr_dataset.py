@@ -6,12 +6,11 @@ Each output field is built from a list of *source specs* naming ``data/<key>`` a
 * ``"key[a:b]"``   then a slice of those flattened features, e.g. ``"state[:2]"`` = agent xy of Push-T
 
 Low-dim fields concatenate their sources in order (float32). Image fields take exactly one source stored
-HWC (uint8 or float 0..255) and come out as float32 (T, C, H, W) in [0, 1] (``x / 255``, HWC -> CHW).
+HWC (uint8 or float 0..255) and come out as float32 (n_obs_steps, C, H, W) in [0, 1] (``x / 255``, HWC -> CHW).
 
 The buffer is a zarr ReplayBuffer, or any object with the same read interface (``replay_buffer=``): a robomimic
 hdf5 read into memory, a LeRobot folder (:class:`~.lerobot.LeRobotSource`, whose videos are decoded on read: an
-image field backed by such an array stays on disk under ``images_in_memory="auto"`` and only its first
-``n_obs_steps`` frames of a window are decoded and returned, shape (n_obs_steps, C, H, W)).
+image field backed by such an array stays on disk under ``images_in_memory="auto"`` and is decoded per window).
 
 Samples are ``{"obs": {name: (horizon, ...) float32 tensor}, "action": (horizon, Da) float32 tensor}``, except
 that image fields hold only the first ``n_obs_steps`` frames, (n_obs_steps, C, H, W): the policy encodes no later
@@ -209,8 +208,8 @@ class SequenceDataset(Dataset):
                 self.sanity_report.warnings.append(msg)
                 warnings.warn(msg, DataSanityWarning, stacklevel=2)
         self._fields = _Fields(arrays, self._episode_ends)
-        # image fields decoded on read (LeRobot videos / encoded images): only the To observation frames of a window
-        # are decoded and returned (as Diffusion Policy's image datasets do); the policy encodes no later frame
+        # image fields decoded on read (LeRobot videos / encoded images), kept on disk and decoded per window (like
+        # every image field, only the window's To observation frames are read: key_first_k in _make_sampler)
         self.lazy_image_keys = [n for n in image_keys if getattr(arrays["obs/" + n], "decoded_on_read", False)]
 
         # ---- split and windows

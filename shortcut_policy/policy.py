@@ -113,7 +113,7 @@ class Policy(TrainableModel):
                 f"batch: action has shape {_shape_str(action.shape)}; expected (B, {self.horizon}, "
                 f"{self.action_dim}) (horizon, action_dim of the config)"
             )
-        if not all_finite(torch.as_tensor(action, dtype=torch.float32)):
+        if not all_finite(action):
             raise ValueError("batch: action contains NaN or inf")
         nobs = self.normalizer.normalize({k: obs[k] for k in self.obs_encoder.obs_shapes if k in obs})
         naction = self.normalizer.normalize({"action": action})["action"]
