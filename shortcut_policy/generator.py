@@ -222,6 +222,8 @@ def build_generator(cfg, vae=None) -> ImageGenerator:
         in_channels=channels,
         num_classes=int(task.num_classes),
     )
+    if hasattr(objective, "bind_net"):  # score_distillation trains a second net shaped like the model's
+        objective.bind_net(net)
     space = task.get("space", "pixel")
     return ImageGenerator(
         net,

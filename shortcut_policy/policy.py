@@ -226,6 +226,8 @@ def build_policy(cfg, normalizer) -> Policy:
     net = build_net(
         cfg["net"], **objective.net_options(), input_dim=task["action_dim"], global_cond_dim=encoder.out_dim
     )
+    if hasattr(objective, "bind_net"):  # score_distillation trains a second net shaped like the policy's
+        objective.bind_net(net)
     policy = Policy(
         net,
         objective,

@@ -1,6 +1,6 @@
 """One objective package for policies and images: Shortcut, FlowMatching, Diffusion, MeanFlow, Regression,
 ConsistencyTraining, LiveReflow, and the teacher-checkpoint objectives ConsistencyDistillation, Progressive,
-OdeDistillation (selected by `objective=<name>`).
+OdeDistillation, ScoreDistillation (selected by `objective=<name>`).
 
 Every objective has `loss(net, x1, cond=None, *, teacher=None, null_cond=None, x0=None, teacher_cond=None)
 -> (loss, info)` and `sample(net, x0, cond=None, *, steps, null_cond=None, cfg_scale=None) -> x1`.
@@ -18,6 +18,7 @@ from .flow_matching import FlowMatching
 from .live_reflow import LiveReflow
 from .meanflow import MeanFlow
 from .regression import Regression
+from .score_distillation import ScoreDistillation
 from .shortcut import Shortcut
 
 OBJECTIVES = {
@@ -31,6 +32,7 @@ OBJECTIVES = {
     "consistency_distillation": ConsistencyDistillation,
     "progressive": Progressive,
     "ode_distillation": OdeDistillation,
+    "score_distillation": ScoreDistillation,
 }
 
 
@@ -71,6 +73,7 @@ __all__ = [
     "ConsistencyDistillation",
     "Progressive",
     "OdeDistillation",
+    "ScoreDistillation",
     "FrozenTeacher",
     "Objective",
     "Shortcut",

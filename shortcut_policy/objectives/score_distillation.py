@@ -1,0 +1,217 @@
+"""One-step policy from a DDPM teacher by distribution matching (score distillation).
+
+Method: Distribution Matching Distillation (DMD, Yin et al. 2024, "One-step Diffusion with Distribution Matching
+Distillation", arXiv 2311.18828, Eq. 7-8 and Algorithm 1), the method OneDP (Wang et al. 2024, "One-Step Diffusion
+Policy", arXiv 2410.21257) applies to Diffusion Policy. A one-step generator G is trained so that its samples,
+diffused to a random noise level k, have the teacher's score: the gradient pushed into G's sample x is the
+difference of two denoisers' data estimates at x_k,
+
+    grad(x) = (x0_fake(x_k, k) - x0_real(x_k, k)) / mean|x - x0_real(x_k, k)|        (DMD Eq. 8, per row)
+
+where x0_real comes from the frozen teacher and x0_fake from a second denoiser ("fake score") that is trained at the
+same time, by the ordinary DDPM loss, on G's own samples. Applied as the surrogate loss 0.5 * mean((x - sg(x -
+grad))^2), whose gradient with respect to x is grad / numel. DMD's paired regression loss is not used (OneDP's
+distribution-matching variant has none either).
+
+Choices made here (config options, documented in configs/objective/score_distillation.yaml):
+
+- The generator is the policy's own net with the teacher's parametrisation (epsilon prediction, the teacher's time
+  input: ``time_input`` as in :class:`~shortcut_policy.objectives.diffusion.Diffusion`), so it starts from the
+  teacher's weights (``distill``'s ``init_from_teacher``). One step reads the noise z as x_kg at the generator step
+  ``generator_step`` kg and returns the data estimate
+  x = (z - sqrt(1 - abar_kg) eps(z, kg)) / sqrt(abar_kg). DMD uses the last step (999 of 1,000); with Diffusion
+  Policy's 100-step squaredcos schedule abar_99 = 2.4e-7 amplifies the net's error 2,000-fold, so the default is
+  kg = 90 (abar = 0.0195, 7-fold), where the teacher's initial one-step map is its posterior mean given z.
+- The fake denoiser is a copy of the policy's net (:meth:`bind_net`), initialised from the frozen teacher's weights
+  on the first training step (DMD initialises it from the teacher too); its parameters belong to the objective, so
+  the trainer's single AdamW optimiser updates both nets (the two losses touch disjoint parameters: the generator's
+  loss sees the denoisers only under ``no_grad``, the fake loss sees G's samples detached), and checkpoints hold it,
+  so a resumed run equals an uninterrupted one. One fake update per generator update (DMD; DMD2 uses five).
+- Noise levels of the matching term: k uniform in [``k_min``, ``k_max``] (DMD's 0.02 K .. 0.98 K); of the fake
+  denoiser's loss: uniform in 0 .. K - 1 (the DDPM loss).
+
+The teacher must be a DDPM/epsilon checkpoint with the same noise schedule and the integer-step time input; anything
+else is refused before training. Sampling: exactly one step.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from diffusers import DDPMScheduler
+
+from ..conventions import M
+from .base import Objective
+
+
+class ScoreDistillation(Objective):
+    """DMD / OneDP one-step distillation from a frozen DDPM teacher (module docstring).
+
+    Shapes: x1 (B, H, Da) normalised actions (only its shape and device are used: the targets come from the
+    teacher); cond (B, Dc). The policy's net is the generator: net(x (B, H, Da), k (B,) float DDPM step, level (B,),
+    cond) -> epsilon. Raises ``ValueError`` for options out of range."""
+
+    name = "score_distillation"
+    needs_teacher_checkpoint = True
+    uses_step_size = False
+
+    def __init__(
+        self,
+        m: int = M,
+        teacher_checkpoint: str | None = None,
+        teacher: str = "ema",
+        num_train_timesteps: int = 100,
+        beta_schedule: str = "squaredcos_cap_v2",
+        beta_start: float = 1e-4,
+        beta_end: float = 0.02,
+        generator_step: int = 90,
+        k_min: int = 2,
+        k_max: int = 97,
+        time_input: str = "step",
+    ):
+        super().__init__(m)
+        if time_input not in ("step", "flipped"):
+            raise ValueError(
+                f"objective.time_input={time_input!r}: expected 'step' (Diffusion Policy's DDPM step k) or 'flipped' "
+                "(t = 1 - k/K, a teacher of checkpoint format 1): the teacher's"
+            )
+        self.time_input = time_input
+        if teacher_checkpoint is not None and (not isinstance(teacher_checkpoint, str) or not teacher_checkpoint):
+            raise ValueError(f"objective.teacher_checkpoint={teacher_checkpoint!r}: expected a checkpoint path")
+        if teacher not in ("ema", "online"):
+            raise ValueError(f"objective.teacher={teacher!r}: expected 'ema' or 'online'")
+        self.teacher_checkpoint, self.teacher = teacher_checkpoint, teacher
+        self.K = int(num_train_timesteps)
+        for key, val in (("generator_step", generator_step), ("k_min", k_min), ("k_max", k_max)):
+            if isinstance(val, bool) or int(val) != val or not 0 <= int(val) < self.K:
+                raise ValueError(f"objective.{key}={val!r}: expected an integer DDPM step in 0..{self.K - 1}")
+        if k_min > k_max:
+            raise ValueError(f"objective.k_min={k_min} > objective.k_max={k_max}")
+        self.generator_step, self.k_min, self.k_max = int(generator_step), int(k_min), int(k_max)
+        self.ddpm = DDPMScheduler(
+            num_train_timesteps=self.K, beta_schedule=beta_schedule, beta_start=beta_start, beta_end=beta_end
+        )
+        self.register_buffer("fake_initialised", torch.zeros((), dtype=torch.long))
+        self.fake = None
+
+    @property
+    def net_time_scale(self) -> float | None:
+        """As :class:`~shortcut_policy.objectives.diffusion.Diffusion`: 1.0 for the integer-step time input, None
+        (the net's own scale) for ``"flipped"``, so that the nets have the teacher's shape and time embedding."""
+        return 1.0 if self.time_input == "step" else None
+
+    def net_t(self, k: torch.Tensor) -> torch.Tensor:
+        """The nets' time input for DDPM steps k (B,): k as a float (``"step"``) or 1 - k/K (``"flipped"``)."""
+        return k.float() if self.time_input == "step" else 1.0 - k.float() / self.K
+
+    # --- the second net -----------------------------------------------------------------------------------
+    def bind_net(self, net) -> None:
+        """Create the fake denoiser as a copy of the policy's net (called by the model builder before the optimiser
+        exists, so its parameters are trained and checkpointed with the model)."""
+        self.fake = copy.deepcopy(net)
+
+    def _abar(self, k: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        a = self.ddpm.alphas_cumprod.to(like.device, torch.float32)[k].to(like.dtype)
+        return a.reshape(-1, *([1] * (like.dim() - 1)))
+
+    def check_teacher(self, teacher_objective: Objective, where: str) -> None:
+        """Refuse a teacher that is not a DDPM epsilon-prediction checkpoint with this objective's noise schedule and
+        Diffusion Policy's integer-step time input. Raises ``ValueError`` naming ``where``."""
+        if getattr(teacher_objective, "name", "") != "diffusion":
+            raise ValueError(
+                f"{where}: objective=score_distillation needs a DDPM teacher (objective=diffusion); this checkpoint "
+                f"was trained with objective={getattr(teacher_objective, 'name', '?')}"
+            )
+        if teacher_objective.prediction_type != "epsilon":
+            raise ValueError(
+                f"{where}: objective=score_distillation needs an epsilon-prediction teacher; it has "
+                f"prediction_type={teacher_objective.prediction_type!r}"
+            )
+        if teacher_objective.time_input != self.time_input:
+            raise ValueError(
+                f"{where}: the teacher's time input is {teacher_objective.time_input!r}, this objective's "
+                f"{self.time_input!r}: set objective.time_input={teacher_objective.time_input} (the student and the "
+                "fake denoiser start from the teacher's weights and must read time as it does)"
+            )
+        theirs = teacher_objective.ddpm.alphas_cumprod
+        if theirs.shape != self.ddpm.alphas_cumprod.shape or not torch.allclose(theirs, self.ddpm.alphas_cumprod):
+            raise ValueError(
+                f"{where}: the teacher's noise schedule ({theirs.numel()} steps) differs from "
+                f"objective.num_train_timesteps / beta_schedule ({self.K} steps); set them to the teacher's"
+            )
+
+    def teacher_refresh_due(self) -> bool:
+        """The frozen teacher never changes."""
+        return False
+
+    # --- generator ----------------------------------------------------------------------------------------
+    def generate(self, net, z: torch.Tensor, cond) -> torch.Tensor:
+        """One generator step: noise z (B, ...) read as x_kg -> data estimate (B, ...), unclipped, differentiable."""
+        kg = torch.full((z.shape[0],), self.generator_step, device=z.device, dtype=torch.long)
+        a = self._abar(kg, z)
+        eps = net(z, self.net_t(kg).to(z.dtype), torch.full_like(kg, self.log2_m, dtype=z.dtype), cond)
+        return (z - (1.0 - a).sqrt() * eps) / a.sqrt()
+
+    def loss(self, net, x1, cond=None, *, teacher=None, null_cond=None, x0=None, teacher_cond=None, frozen=None):
+        """(loss, info): the DMD surrogate for the generator ``net`` plus the fake denoiser's DDPM loss on the
+        generator's detached samples (module docstring). ``frozen``: the teacher
+        (:class:`~shortcut_policy.objectives.distillation.FrozenTeacher`); raises ``ValueError`` without it or
+        without :meth:`bind_net`."""
+        self.check_data(x1)
+        if frozen is None:
+            raise ValueError(
+                "objective=score_distillation needs a trained DDPM teacher: run `shortcut-policy distill "
+                "teacher=PATH objective=score_distillation` (or set objective.teacher_checkpoint=PATH)"
+            )
+        if self.fake is None:
+            raise ValueError(
+                "objective=score_distillation: bind_net(net) was not called (the fake denoiser is missing)"
+            )
+        if not bool(self.fake_initialised):
+            self.fake.load_state_dict(frozen.net.state_dict())
+            self.fake_initialised.fill_(1)
+        B = x1.shape[0]
+        z = torch.randn_like(x1) if x0 is None else x0
+        x = self.generate(net, z, cond)
+        # distribution matching: both denoisers at a random noise level of the generated sample
+        k = torch.randint(self.k_min, self.k_max + 1, (B,), device=x1.device)
+        a = self._abar(k, x)
+        level = torch.full((B,), float(self.log2_m), device=x1.device, dtype=x1.dtype)
+        fcond = None if cond is None else cond.detach()
+        with torch.no_grad():
+            xk = a.sqrt() * x + (1.0 - a).sqrt() * torch.randn_like(x)
+            t_k = self.net_t(k).to(x.dtype)
+            eps_real = frozen.net(xk, t_k, level, frozen.cond)
+            eps_fake = self.fake(xk, t_k, level, fcond)
+            p_real = (xk - (1.0 - a).sqrt() * eps_real) / a.sqrt()
+            p_fake = (xk - (1.0 - a).sqrt() * eps_fake) / a.sqrt()
+            norm = (x - p_real).abs().flatten(1).mean(1).clamp_min(1e-6).reshape(-1, *([1] * (x.dim() - 1)))
+            grad = (p_fake - p_real) / norm
+            target = x - grad
+        loss_gen = 0.5 * self.row_mse(x, target).mean()
+        # the fake denoiser learns the generator's current distribution (DDPM epsilon loss)
+        k2 = torch.randint(0, self.K, (B,), device=x1.device)
+        a2 = self._abar(k2, x)
+        n2 = torch.randn_like(x)
+        xk2 = a2.sqrt() * x.detach() + (1.0 - a2).sqrt() * n2
+        loss_fake = self.row_mse(self.fake(xk2, self.net_t(k2).to(x.dtype), level, fcond), n2).mean()
+        loss = self.check_loss(loss_gen + loss_fake)
+        return loss, {
+            "loss": loss.item(),
+            "loss_dmd": loss_gen.item(),
+            "loss_fake": loss_fake.item(),
+            "score_gap": grad.float().pow(2).mean().sqrt().item(),
+        }
+
+    def check_steps(self, steps) -> int:
+        """Only one step is defined for this objective; raises ``ValueError`` otherwise."""
+        if int(steps) != 1:
+            raise ValueError(f"steps={steps}: objective=score_distillation samples in exactly 1 step")
+        return 1
+
+    @torch.no_grad()
+    def sample(self, net, x0, cond=None, *, steps: int = 1, null_cond=None, cfg_scale=None):
+        """One generator step from noise x0 (B, ...) (the caller clamps to [-1, 1])."""
+        self.check_steps(steps)
+        return self.generate(net, x0, cond)
