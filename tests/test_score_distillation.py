@@ -158,3 +158,24 @@ def test_distill_evaluate_and_resume_equals_uninterrupted(ddpm_teacher, tmp_path
         ],
     )
     assert ev["n_episodes"] == 1 and 0.0 <= ev["mean_score@1"] <= 1.0
+
+
+def test_two_time_scale_updates_move_the_generator_on_every_nth_step_only():
+    obj = ScoreDistillation(fake_updates=3)
+    student = EpsNet(1)
+    obj.bind_net(student)
+    teacher = EpsNet(2)
+    cond = torch.randn(6, 3)
+    frozen = FrozenTeacher(teacher.requires_grad_(False), cond, Diffusion())
+    moved = []
+    for _ in range(6):
+        student.zero_grad(set_to_none=True)
+        obj.fake.zero_grad(set_to_none=True)
+        loss, info = obj.loss(student, torch.randn(6, 4, 2), cond, frozen=frozen)
+        loss.backward()
+        moved.append(student.lin.weight.grad is not None)
+        assert obj.fake.lin.weight.grad is not None  # the fake denoiser trains at every step
+        assert ("loss_dmd" in info) == moved[-1]
+    assert moved == [False, False, True, False, False, True] and int(obj.step_count) == 6
+    with pytest.raises(ValueError, match="fake_updates"):
+        ScoreDistillation(fake_updates=0)

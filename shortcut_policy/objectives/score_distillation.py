@@ -26,7 +26,9 @@ Choices made here (config options, documented in configs/objective/score_distill
   on the first training step (DMD initialises it from the teacher too); its parameters belong to the objective, so
   the trainer's single AdamW optimiser updates both nets (the two losses touch disjoint parameters: the generator's
   loss sees the denoisers only under ``no_grad``, the fake loss sees G's samples detached), and checkpoints hold it,
-  so a resumed run equals an uninterrupted one. One fake update per generator update (DMD; DMD2 uses five).
+  so a resumed run equals an uninterrupted one. ``fake_updates`` fake updates per generator update: 1 (DMD) updates
+  both nets at every step; n > 1 (DMD2's two time-scale rule uses 5) trains only the fake denoiser on n - 1 of every
+  n steps and both on the n-th (a step counter in the checkpoint keeps the cycle across a resume).
 - Noise levels of the matching term: k uniform in [``k_min``, ``k_max``] (DMD's 0.02 K .. 0.98 K); of the fake
   denoiser's loss: uniform in 0 .. K - 1 (the DDPM loss).
 
@@ -69,6 +71,7 @@ class ScoreDistillation(Objective):
         k_min: int = 2,
         k_max: int = 97,
         time_input: str = "step",
+        fake_updates: int = 1,
     ):
         super().__init__(m)
         if time_input not in ("step", "flipped"):
@@ -92,7 +95,11 @@ class ScoreDistillation(Objective):
         self.ddpm = DDPMScheduler(
             num_train_timesteps=self.K, beta_schedule=beta_schedule, beta_start=beta_start, beta_end=beta_end
         )
+        if isinstance(fake_updates, bool) or int(fake_updates) != fake_updates or int(fake_updates) < 1:
+            raise ValueError(f"objective.fake_updates={fake_updates!r}: expected an integer >= 1")
+        self.fake_updates = int(fake_updates)
         self.register_buffer("fake_initialised", torch.zeros((), dtype=torch.long))
+        self.register_buffer("step_count", torch.zeros((), dtype=torch.long))  # training calls (resumed exactly)
         self.fake = None
 
     @property
@@ -173,12 +180,21 @@ class ScoreDistillation(Objective):
             self.fake_initialised.fill_(1)
         B = x1.shape[0]
         z = torch.randn_like(x1) if x0 is None else x0
+        # two time-scale updates (DMD2): of every `fake_updates` training steps only the last moves the generator
+        gen_step = int(self.step_count) % self.fake_updates == self.fake_updates - 1
+        if torch.is_grad_enabled():
+            self.step_count += 1
+        level = torch.full((B,), float(self.log2_m), device=x1.device, dtype=x1.dtype)
+        fcond = None if cond is None else cond.detach()
+        if not gen_step:
+            with torch.no_grad():
+                x = self.generate(net, z, cond)
+            loss_fake = self._fake_loss(x, level, fcond)
+            return self.check_loss(loss_fake), {"loss": loss_fake.item(), "loss_fake": loss_fake.item()}
         x = self.generate(net, z, cond)
         # distribution matching: both denoisers at a random noise level of the generated sample
         k = torch.randint(self.k_min, self.k_max + 1, (B,), device=x1.device)
         a = self._abar(k, x)
-        level = torch.full((B,), float(self.log2_m), device=x1.device, dtype=x1.dtype)
-        fcond = None if cond is None else cond.detach()
         with torch.no_grad():
             xk = a.sqrt() * x + (1.0 - a).sqrt() * torch.randn_like(x)
             t_k = self.net_t(k).to(x.dtype)
@@ -190,12 +206,7 @@ class ScoreDistillation(Objective):
             grad = (p_fake - p_real) / norm
             target = x - grad
         loss_gen = 0.5 * self.row_mse(x, target).mean()
-        # the fake denoiser learns the generator's current distribution (DDPM epsilon loss)
-        k2 = torch.randint(0, self.K, (B,), device=x1.device)
-        a2 = self._abar(k2, x)
-        n2 = torch.randn_like(x)
-        xk2 = a2.sqrt() * x.detach() + (1.0 - a2).sqrt() * n2
-        loss_fake = self.row_mse(self.fake(xk2, self.net_t(k2).to(x.dtype), level, fcond), n2).mean()
+        loss_fake = self._fake_loss(x.detach(), level, fcond)
         loss = self.check_loss(loss_gen + loss_fake)
         return loss, {
             "loss": loss.item(),
@@ -203,6 +214,14 @@ class ScoreDistillation(Objective):
             "loss_fake": loss_fake.item(),
             "score_gap": grad.float().pow(2).mean().sqrt().item(),
         }
+
+    def _fake_loss(self, x: torch.Tensor, level: torch.Tensor, cond) -> torch.Tensor:
+        """The fake denoiser's DDPM epsilon loss on generated samples x (B, ...) (detached), k uniform in 0..K-1."""
+        k = torch.randint(0, self.K, (x.shape[0],), device=x.device)
+        a = self._abar(k, x)
+        n = torch.randn_like(x)
+        xk = a.sqrt() * x + (1.0 - a).sqrt() * n
+        return self.row_mse(self.fake(xk, self.net_t(k).to(x.dtype), level, cond), n).mean()
 
     def check_steps(self, steps) -> int:
         """Only one step is defined for this objective; raises ``ValueError`` otherwise."""
