@@ -139,3 +139,45 @@ def test_distilled_entry_trains_from_its_teacher_entry_and_needs_it_first(zarr_p
             _args(zarr_path, out, "policies.objectives=[ddpm_ode1,diffusion]", "policies.seeds=[0]")
             + [f"run_dir={tmp_path / 'r2'}"],
         )
+
+
+def test_stage_rates_pooled_over_seeds_and_backfilled_from_the_eval_folder(tmp_path):
+    from shortcut_policy.bench.policies import _with_stages, aggregate, table_markdown
+
+    def run(seed, stages_per_episode, with_stages=True):
+        per_seed = []
+        for i, st in enumerate(stages_per_episode):
+            row = {"seed": 100000 + i, "success": "success" in st, "score": float("success" in st), "status": "ok"}
+            if with_stages:
+                row["stages"] = st
+            per_seed.append(row)
+        return {
+            "entry": "shortcut",
+            "objective": "shortcut",
+            "nfe": 1,
+            "sampler": None,
+            "train_seed": seed,
+            "n_episodes": len(per_seed),
+            "n_ok": len(per_seed),
+            "n_success": sum(r["success"] for r in per_seed),
+            "latency_ms_batch1": 4.0,
+            "checkpoint_choice": "last",
+            "per_seed": per_seed,
+        }
+
+    a = [{"lid_off": 80, "handover": 300, "success": 500}, {"lid_off": 90}]
+    b = [{"lid_off": 85, "handover": 320}, {}]
+    # seed 1's result was written without stages: they come from its eval folder's per_seed.json
+    eval_dir = tmp_path / "eval_1"
+    eval_dir.mkdir()
+    (eval_dir / "per_seed.json").write_text(json.dumps([{"seed": 100000 + i, "stages": st} for i, st in enumerate(b)]))
+    res_b = _with_stages(run(1, b, with_stages=False), eval_dir)
+    assert res_b["per_seed"][0]["stages"] == b[0]
+    summary = aggregate([run(0, a), res_b])
+    (row,) = summary["rows"]
+    assert row["n_episodes"] == 4 and row["n_success"] == 1
+    assert list(row["stage_rates"]) == ["lid_off", "handover", "success"]  # in the order reached
+    assert row["stage_rates"] == {"lid_off": 0.75, "handover": 0.5, "success": 0.25}
+    table = table_markdown(summary)
+    assert "| entry | NFE | lid_off | handover | success |" in table
+    assert "| shortcut | 1 | 0.75 | 0.50 | 0.25 |" in table

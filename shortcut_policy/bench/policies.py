@@ -31,7 +31,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..eval.report import wilson_interval
+from ..eval.report import summarize, wilson_interval
 from ..eval.rollout import evaluate
 from ..objectives import OBJECTIVES
 from ..policy import load_policy
@@ -187,12 +187,26 @@ def _evaluate_one(pc, ckpt: Path, nfe_key: str, eval_dir: Path) -> dict:
                 "success": bool(r.get("success")),
                 "score": r.get("max_reward"),
                 "status": r.get("status"),
+                **({"stages": r["stages"]} if isinstance(r.get("stages"), dict) else {}),
             }
             for r in rows
         ],
     }
     out["latency_ms_batch1"] = _latency_ms(policy, policy.task_cfg, n, sampler, int(pc.latency_rounds))
     return out
+
+
+def _with_stages(res: dict, eval_dir: Path) -> dict:
+    """Fill the task stages (Transport: lid off, hand-over, ...) of each per-seed entry of an evaluation result from
+    its folder's per_seed.json when the result was written without them (results of earlier versions)."""
+    src = eval_dir / "per_seed.json"
+    if any("stages" in s for s in res.get("per_seed", [])) or not src.exists():
+        return res
+    by_seed = {int(r["seed"]): r.get("stages") for r in json.loads(src.read_text())}
+    for s in res.get("per_seed", []):
+        if isinstance(by_seed.get(int(s["seed"])), dict):
+            s["stages"] = by_seed[int(s["seed"])]
+    return res
 
 
 def check_inputs(pc, compose: Callable) -> tuple[dict, list[int], str]:
@@ -312,7 +326,7 @@ def run_bench_policies(
                         }
                     )
                     _atomic_json(res_path, res)
-                per_run.append(json.loads(res_path.read_text()))
+                per_run.append(_with_stages(json.loads(res_path.read_text()), rdir / f"eval_{key}"))
     summary = aggregate(per_run)
     summary.update(
         {
@@ -337,7 +351,8 @@ def run_bench_policies(
 
 def aggregate(per_run: list[dict]) -> dict:
     """Pool the runs of each (entry, NFE) over training seeds: success k/n with Wilson interval, mean score over
-    episodes, median latency, per-seed success rates."""
+    episodes, median latency, per-seed success rates and, for tasks with stages (Transport), the share of the episodes
+    that reached each stage (``stage_rates``, stages in the order they are reached on average)."""
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in per_run:
         key = f"{r['sampler']}{r['nfe']}" if r.get("sampler") else str(r["nfe"])
@@ -367,12 +382,26 @@ def aggregate(per_run: list[dict]) -> dict:
                 "train_minutes": {str(r["train_seed"]): r.get("train_minutes") for r in rs},
             }
         )
+        staged = [
+            {
+                "seed": s["seed"],
+                "max_reward": s["score"],
+                "success": s["success"],
+                "status": s["status"],
+                "stages": s["stages"],
+            }
+            for r in rs
+            for s in r["per_seed"]
+            if isinstance(s.get("stages"), dict)
+        ]
+        if staged:
+            rows[-1]["stage_rates"] = summarize(staged, 0, exclude_crashed=True).get("stage_rate@0", {})
     rows.sort(key=lambda r: (r["entry"], r["nfe"]))
     return {"rows": rows}
 
 
 def table_markdown(summary: dict) -> str:
-    """The objective x NFE table as Markdown."""
+    """The objective x NFE table as Markdown, then (tasks with stages) the stage-rate table."""
     lines = [
         "| entry | NFE | success rate [95% Wilson] | successes / episodes | mean score | latency ms (batch 1) "
         "| per training seed |",
@@ -385,6 +414,15 @@ def table_markdown(summary: dict) -> str:
             f"| {r['entry']} | {nfe} | {r['success_rate']:.3f} [{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}] | "
             f"{r['n_success']}/{r['n_episodes']} | {r['mean_score']:.3f} | {r['latency_ms']:.2f} | {per} |"
         )
+    staged = [r for r in summary["rows"] if r.get("stage_rates")]
+    if staged:  # tasks with stages: the share of episodes that reached each one, stages in the order reached
+        names = list(staged[0]["stage_rates"])
+        names += [k for r in staged for k in r["stage_rates"] if k not in names]
+        lines += ["", "| entry | NFE | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+        for r in staged:
+            nfe = f"{r['nfe']} ({r['sampler'].upper()})" if r["sampler"] else str(r["nfe"])
+            rates = " | ".join(f"{r['stage_rates'].get(k, 0.0):.2f}" for k in names)
+            lines.append(f"| {r['entry']} | {nfe} | {rates} |")
     return "\n".join(lines) + "\n"
 
 
