@@ -83,7 +83,7 @@ def test_generator_and_fake_losses_reach_disjoint_nets():
 def test_one_step_is_the_ddpm_data_estimate_at_the_generator_step():
     obj, student, _, cond = _setup()
     z = torch.randn(6, 4, 2)
-    a = obj.ddpm.alphas_cumprod[obj.generator_step]
+    a = obj.diffusion.ddpm.alphas_cumprod[obj.generator_step]
     eps = student(z, torch.full((6,), float(obj.generator_step)), torch.zeros(6), cond)
     want = (z - (1 - a).sqrt() * eps) / a.sqrt()
     assert torch.allclose(obj.sample(student, z, cond, steps=1), want, atol=1e-6)

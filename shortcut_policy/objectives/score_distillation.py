@@ -32,7 +32,7 @@ Choices made here (config options, documented in configs/objective/score_distill
 - Noise levels of the matching term: k uniform in [``k_min``, ``k_max``] (DMD's 0.02 K .. 0.98 K); of the fake
   denoiser's loss: uniform in 0 .. K - 1 (the DDPM loss).
 
-The teacher must be a DDPM/epsilon checkpoint with the same noise schedule and the integer-step time input; anything
+The teacher must be a DDPM/epsilon checkpoint with the same noise schedule and time input (``time_input``); anything
 else is refused before training. Sampling: exactly one step.
 """
 
@@ -41,13 +41,14 @@ from __future__ import annotations
 import copy
 
 import torch
-from diffusers import DDPMScheduler
 
 from ..conventions import M
 from .base import Objective
+from .diffusion import Diffusion
+from .distillation import _TeacherObjective
 
 
-class ScoreDistillation(Objective):
+class ScoreDistillation(_TeacherObjective):
     """DMD / OneDP one-step distillation from a frozen DDPM teacher (module docstring).
 
     Shapes: x1 (B, H, Da) normalised actions (only its shape and device are used: the targets come from the
@@ -55,8 +56,6 @@ class ScoreDistillation(Objective):
     cond) -> epsilon. Raises ``ValueError`` for options out of range."""
 
     name = "score_distillation"
-    needs_teacher_checkpoint = True
-    uses_step_size = False
 
     def __init__(
         self,
@@ -73,28 +72,22 @@ class ScoreDistillation(Objective):
         time_input: str = "step",
         fake_updates: int = 1,
     ):
-        super().__init__(m)
-        if time_input not in ("step", "flipped"):
-            raise ValueError(
-                f"objective.time_input={time_input!r}: expected 'step' (Diffusion Policy's DDPM step k) or 'flipped' "
-                "(t = 1 - k/K, a teacher of checkpoint format 1): the teacher's"
-            )
-        self.time_input = time_input
-        if teacher_checkpoint is not None and (not isinstance(teacher_checkpoint, str) or not teacher_checkpoint):
-            raise ValueError(f"objective.teacher_checkpoint={teacher_checkpoint!r}: expected a checkpoint path")
-        if teacher not in ("ema", "online"):
-            raise ValueError(f"objective.teacher={teacher!r}: expected 'ema' or 'online'")
-        self.teacher_checkpoint, self.teacher = teacher_checkpoint, teacher
-        self.K = int(num_train_timesteps)
+        super().__init__(m, teacher_checkpoint, teacher)
+        # the teacher's noise schedule and time input (validated there); it holds no state of its own
+        self.diffusion = Diffusion(
+            num_train_timesteps=num_train_timesteps,
+            beta_schedule=beta_schedule,
+            beta_start=beta_start,
+            beta_end=beta_end,
+            time_input=time_input,
+        )
+        self.time_input, self.K = time_input, self.diffusion.K
         for key, val in (("generator_step", generator_step), ("k_min", k_min), ("k_max", k_max)):
             if isinstance(val, bool) or int(val) != val or not 0 <= int(val) < self.K:
                 raise ValueError(f"objective.{key}={val!r}: expected an integer DDPM step in 0..{self.K - 1}")
         if k_min > k_max:
             raise ValueError(f"objective.k_min={k_min} > objective.k_max={k_max}")
         self.generator_step, self.k_min, self.k_max = int(generator_step), int(k_min), int(k_max)
-        self.ddpm = DDPMScheduler(
-            num_train_timesteps=self.K, beta_schedule=beta_schedule, beta_start=beta_start, beta_end=beta_end
-        )
         if isinstance(fake_updates, bool) or int(fake_updates) != fake_updates or int(fake_updates) < 1:
             raise ValueError(f"objective.fake_updates={fake_updates!r}: expected an integer >= 1")
         self.fake_updates = int(fake_updates)
@@ -104,13 +97,12 @@ class ScoreDistillation(Objective):
 
     @property
     def net_time_scale(self) -> float | None:
-        """As :class:`~shortcut_policy.objectives.diffusion.Diffusion`: 1.0 for the integer-step time input, None
-        (the net's own scale) for ``"flipped"``, so that the nets have the teacher's shape and time embedding."""
-        return 1.0 if self.time_input == "step" else None
+        """The teacher's (:attr:`Diffusion.net_time_scale`), so that the nets have its shape and time embedding."""
+        return self.diffusion.net_time_scale
 
     def net_t(self, k: torch.Tensor) -> torch.Tensor:
-        """The nets' time input for DDPM steps k (B,): k as a float (``"step"``) or 1 - k/K (``"flipped"``)."""
-        return k.float() if self.time_input == "step" else 1.0 - k.float() / self.K
+        """The nets' time input for DDPM steps k (B,), as the teacher reads it (:meth:`Diffusion.net_t`)."""
+        return self.diffusion.net_t(k)
 
     # --- the second net -----------------------------------------------------------------------------------
     def bind_net(self, net) -> None:
@@ -119,12 +111,12 @@ class ScoreDistillation(Objective):
         self.fake = copy.deepcopy(net)
 
     def _abar(self, k: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        a = self.ddpm.alphas_cumprod.to(like.device, torch.float32)[k].to(like.dtype)
+        a = self.diffusion.ddpm.alphas_cumprod.to(like.device, torch.float32)[k].to(like.dtype)
         return a.reshape(-1, *([1] * (like.dim() - 1)))
 
     def check_teacher(self, teacher_objective: Objective, where: str) -> None:
         """Refuse a teacher that is not a DDPM epsilon-prediction checkpoint with this objective's noise schedule and
-        Diffusion Policy's integer-step time input. Raises ``ValueError`` naming ``where``."""
+        time input. Raises ``ValueError`` naming ``where``."""
         if getattr(teacher_objective, "name", "") != "diffusion":
             raise ValueError(
                 f"{where}: objective=score_distillation needs a DDPM teacher (objective=diffusion); this checkpoint "
@@ -141,16 +133,12 @@ class ScoreDistillation(Objective):
                 f"{self.time_input!r}: set objective.time_input={teacher_objective.time_input} (the student and the "
                 "fake denoiser start from the teacher's weights and must read time as it does)"
             )
-        theirs = teacher_objective.ddpm.alphas_cumprod
-        if theirs.shape != self.ddpm.alphas_cumprod.shape or not torch.allclose(theirs, self.ddpm.alphas_cumprod):
+        theirs, mine = teacher_objective.ddpm.alphas_cumprod, self.diffusion.ddpm.alphas_cumprod
+        if theirs.shape != mine.shape or not torch.allclose(theirs, mine):
             raise ValueError(
                 f"{where}: the teacher's noise schedule ({theirs.numel()} steps) differs from "
                 f"objective.num_train_timesteps / beta_schedule ({self.K} steps); set them to the teacher's"
             )
-
-    def teacher_refresh_due(self) -> bool:
-        """The frozen teacher never changes."""
-        return False
 
     # --- generator ----------------------------------------------------------------------------------------
     def generate(self, net, z: torch.Tensor, cond) -> torch.Tensor:
