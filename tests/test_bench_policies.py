@@ -68,6 +68,10 @@ def test_two_objectives_table_figures_and_resume(zarr_path, tmp_path):
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.json") if p.name.startswith(("eval_", "metrics"))}
     cli.run_verb("bench", args + [f"run_dir={tmp_path / 'r2'}"])
     assert stamps == {p: p.stat().st_mtime_ns for p in stamps}
+    # a finished run of another recipe (here: batch 8 where batch 16 is asked for) is never mixed into the table
+    with pytest.raises(ValueError, match=r"train.batch_size=8.*train.batch_size=16"):
+        cli.run_verb("bench", args + ["policies.batch_size=16", f"run_dir={tmp_path / 'r3'}"])
+    assert stamps == {p: p.stat().st_mtime_ns for p in stamps}
 
 
 @pytest.mark.parametrize(

@@ -30,6 +30,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 
 from ..eval.report import summarize, wilson_interval
 from ..eval.rollout import evaluate
@@ -110,13 +111,65 @@ def _nfes(pc, objective: str, m: int | None) -> list[str]:
 
 
 def _train_overrides(pc, task: str, entry_overrides: list[str], seed: int, run_dir: Path) -> list[str]:
+    batch = pc.get("batch_size")
     return [
         f"task={task}",
         *list(pc.get("train_overrides") or []),
+        *([f"train.batch_size={int(batch)}"] if batch is not None else []),
         *entry_overrides,
         f"train.seed={seed}",
         f"run_dir={run_dir}",
     ]
+
+
+# the parts of a training run's config that make two runs comparable: a finished run is reused only if they match
+_RECIPE_KEYS = (
+    "train.batch_size",
+    "train.num_steps",
+    "train.lr",
+    "train.weight_decay",
+    "train.lr_schedule",
+    "net.kind",
+    "net.down_dims",
+    "objective.name",
+    "objective.m",
+)
+
+
+def _check_reusable(train_dir: Path, tcfg) -> None:
+    """Refuse to reuse a finished run whose stored recipe differs from the one composed now.
+
+    Compares the recipe keys `_RECIPE_KEYS` (batch size, steps, learning rate and schedule, weight decay, the net's
+    kind and widths, the objective and its M) of ``train_dir/config.yaml`` with ``tcfg``; a key missing from either
+    is skipped (a run that predates it). Raises ValueError naming the run
+    directory, the first differing key and both values (a table must never mix recipes silently).
+    """
+    stored_path = train_dir / "config.yaml"
+    if not stored_path.exists():
+        return
+    stored = OmegaConf.load(stored_path)
+    now = OmegaConf.to_container(tcfg, resolve=True)
+    old = OmegaConf.to_container(stored, resolve=True)
+
+    def flat(d, prefix=""):
+        if not isinstance(d, dict):
+            return {prefix: d}
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+
+    old_flat, now_flat = flat(old), flat(now)
+    for key in sorted(now_flat):
+        if key not in _RECIPE_KEYS or key not in old_flat:
+            continue
+        a, b = old_flat[key], now_flat[key]
+        if a != b:
+            raise ValueError(
+                f"bench policies: the finished run {train_dir} was trained with {key}={a!r}, but this comparison "
+                f"asks for {key}={b!r}; use another policies.out for the new recipe, or match it (for the "
+                f"2026-11-30 Push-T runs: policies.batch_size=64)"
+            )
 
 
 def _pick_checkpoint(train_dir: Path) -> tuple[Path, str]:
@@ -287,6 +340,8 @@ def run_bench_policies(
                 tcfg = compose("train", overrides)
                 num_steps = int(tcfg.train.num_steps)
                 done = metrics.exists() and json.loads(metrics.read_text()).get("steps") == num_steps
+                if done:
+                    _check_reusable(train_dir, tcfg)
             if not done and pc.get("only_finished", False):
                 print(
                     f"[bench policies] skipping {label} seed {seed}: its training is not finished "
