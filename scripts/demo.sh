@@ -2,12 +2,12 @@
 # `make demo`: the main job end to end on built-in data, on a CPU, in at most 15 minutes on 2 idle cores:
 # scripted-expert demonstrations -> one-step shortcut policy -> rollouts in simulation (success rate + video),
 # printed next to the shipped 1-step policy evaluated on the same seeds and the DDPM-100 policy's success rate from
-# the shipped comparison (docs/results/pusht_policies_60min).
+# the shipped comparison (docs/results/pusht_policies_b256).
 set -euo pipefail
 BIN=${BIN:-.venv/bin}
 OUT=${DEMO_DIR:-runs/demo}
 N_DEMOS=${N_DEMOS:-200}
-TRAIN_STEPS=${TRAIN_STEPS:-8000}
+TRAIN_STEPS=${TRAIN_STEPS:-4500}   # the recipe's batch 256 on 2 threads: about 7.5 steps/s on 2 idle cores
 TRAIN_MIN=${TRAIN_MIN:-10}
 N_EVAL=${N_EVAL:-50}
 mkdir -p "$OUT"
@@ -22,7 +22,7 @@ echo "== 2/3 training a one-step shortcut policy (CPU recipe, M = 16, ${TRAIN_ST
 echo "== 3/3 evaluating 1-step and 8-step sampling on $N_EVAL Push-T test seeds (from 100000)"
 "$BIN/shortcut-policy" eval checkpoint="$OUT/train/checkpoints/last.ckpt" steps=[1,8] n_episodes="$N_EVAL" \
   run_dir="$OUT/eval" progress=false | tail -n 1 > "$OUT/eval_result.txt"
-SHIPPED=${SHIPPED_POLICY:-assets/pusht_shortcut_m16_25k.ckpt}
+SHIPPED=${SHIPPED_POLICY:-assets/pusht_shortcut_m16_b256.ckpt}
 if [ -f "$SHIPPED" ]; then
   echo "== also: the shipped 1-step policy $SHIPPED (trained by the 60-minute bench policies run, not in this demo) on the same $N_EVAL test seeds"
   "$BIN/shortcut-policy" eval checkpoint="$SHIPPED" steps=[1] n_episodes="$N_EVAL" n_videos=1 \
@@ -46,11 +46,11 @@ if shipped_eval.exists():
     step = torch.load(sys.argv[2], map_location="cpu", weights_only=False).get("step")
     print(f"1-step shipped policy ({sys.argv[2]}, {step} training steps; evaluated now on the same seeds): success rate "
           f"{s['success_rate@1']:.2f} [{lo:.2f}, {hi:.2f}] (mean score {s['mean_score@1']:.3f})")
-table = Path("docs/results/pusht_policies_60min/results.json")
+table = Path("docs/results/pusht_policies_b256/results.json")
 if table.exists():
     for r in json.loads(table.read_text())["summary"]["rows"]:
         if r["sampler"] == "ddpm" or (r["entry"] == "shortcut_m16" and r["nfe"] == 1):
-            print(f"shipped comparison (25,000 steps, {r['n_episodes']} test episodes, training seeds "
+            print(f"shipped comparison (15,000 steps at batch 256, {r['n_episodes']} test episodes, training seeds "
                   f"{r['train_seeds']}; not trained in this demo): {r['entry']} NFE {r['nfe']}"
                   f"{' (DDPM)' if r['sampler'] == 'ddpm' else ''}: success {r['success_rate']:.2f} "
                   f"[{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}], {r['latency_ms']:.1f} ms per action chunk")
