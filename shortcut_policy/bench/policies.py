@@ -141,34 +141,20 @@ def _check_reusable(train_dir: Path, tcfg) -> None:
 
     Compares the recipe keys `_RECIPE_KEYS` (batch size, steps, learning rate and schedule, weight decay, the net's
     kind and widths, the objective and its M) of ``train_dir/config.yaml`` with ``tcfg``; a key missing from either
-    is skipped (a run that predates it). Raises ValueError naming the run
-    directory, the first differing key and both values (a table must never mix recipes silently).
+    is skipped (a run that predates it). Raises ValueError naming the run directory, the first differing key and
+    both values (a table must never mix recipes silently).
     """
     stored_path = train_dir / "config.yaml"
     if not stored_path.exists():
         return
     stored = OmegaConf.load(stored_path)
-    now = OmegaConf.to_container(tcfg, resolve=True)
-    old = OmegaConf.to_container(stored, resolve=True)
-
-    def flat(d, prefix=""):
-        if not isinstance(d, dict):
-            return {prefix: d}
-        out = {}
-        for k, v in d.items():
-            out.update(flat(v, f"{prefix}.{k}" if prefix else str(k)))
-        return out
-
-    old_flat, now_flat = flat(old), flat(now)
-    for key in sorted(now_flat):
-        if key not in _RECIPE_KEYS or key not in old_flat:
-            continue
-        a, b = old_flat[key], now_flat[key]
-        if a != b:
+    for key in _RECIPE_KEYS:
+        a, b = OmegaConf.select(stored, key), OmegaConf.select(tcfg, key)
+        if a is not None and b is not None and a != b:
             raise ValueError(
-                f"bench policies: the finished run {train_dir} was trained with {key}={a!r}, but this comparison "
-                f"asks for {key}={b!r}; use another policies.out for the new recipe, or match it (for the "
-                f"2026-11-30 Push-T runs: policies.batch_size=64)"
+                f"bench policies: the finished run {train_dir} was trained with {key}={a}, but this comparison asks "
+                f"for {key}={b}; use another policies.out for the new recipe, or ask for the run's value (e.g. "
+                "policies.batch_size=64 for the batch-64 Push-T runs)"
             )
 
 
