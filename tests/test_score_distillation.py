@@ -179,3 +179,30 @@ def test_two_time_scale_updates_move_the_generator_on_every_nth_step_only():
     assert moved == [False, False, True, False, False, True] and int(obj.step_count) == 6
     with pytest.raises(ValueError, match="fake_updates"):
         ScoreDistillation(fake_updates=0)
+
+
+def test_paired_regression_adds_the_mse_to_the_teachers_ddim_sample_of_the_same_noise():
+    """DMD's regression term: at the first step the matching gradient is zero, so the generator's whole gradient is
+    the regression's, and it equals the gradient of weight x MSE(G(z)[:r], DDIM_teacher(z)[:r]) computed here."""
+    obj = ScoreDistillation(regression_weight=2.0, regression_fraction=0.5, regression_steps=4)
+    student = EpsNet(1)
+    obj.bind_net(student)
+    teacher = EpsNet(2).requires_grad_(False)
+    cond = torch.randn(6, 3)
+    frozen = FrozenTeacher(teacher, cond, Diffusion())
+    z = torch.randn(6, 4, 2)
+    loss, info = obj.loss(student, torch.randn(6, 4, 2), cond, frozen=frozen, x0=z)
+    assert info["loss_dmd"] == 0.0 and info["loss_regression"] > 0.0
+    student.zero_grad(set_to_none=True)
+    loss.backward()
+    got = student.lin.weight.grad.clone()
+
+    ref = Diffusion().sample(teacher, z[:3], cond[:3], steps=4, sampler="ddim")
+    student.zero_grad(set_to_none=True)
+    want_loss = 2.0 * ((obj.generate(student, z, cond)[:3] - ref) ** 2).flatten(1).mean(1).mean()
+    want_loss.backward()
+    assert abs(info["loss_regression"] * 2.0 - want_loss.item()) < 1e-5
+    assert torch.allclose(got, student.lin.weight.grad, atol=1e-6)
+    for bad in ({"regression_weight": -1.0}, {"regression_fraction": 0.0}, {"regression_steps": 0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            ScoreDistillation(**bad)

@@ -10,8 +10,8 @@ difference of two denoisers' data estimates at x_k,
 
 where x0_real comes from the frozen teacher and x0_fake from a second denoiser ("fake score") that is trained at the
 same time, by the ordinary DDPM loss, on G's own samples. Applied as the surrogate loss 0.5 * mean((x - sg(x -
-grad))^2), whose gradient with respect to x is grad / numel. DMD's paired regression loss is not used (OneDP's
-distribution-matching variant has none either).
+grad))^2), whose gradient with respect to x is grad / numel. DMD's paired regression loss (DMD Eq. 9, Sec. 3.3) is
+off by default, as in OneDP's distribution-matching variant; ``regression_weight`` > 0 adds it (next list).
 
 Choices made here (config options, documented in configs/objective/score_distillation.yaml):
 
@@ -32,6 +32,12 @@ Choices made here (config options, documented in configs/objective/score_distill
   n steps and both on the n-th (a step counter in the checkpoint keeps the cycle across a resume).
 - Noise levels of the matching term: k uniform in [``k_min``, ``k_max``] (DMD's 0.02 K .. 0.98 K); of the fake
   denoiser's loss: uniform in 0 .. K - 1 (the DDPM loss).
+- Paired regression (DMD's L_reg, its weight 0.25 with LPIPS on images; here the MSE in normalised action units):
+  on every generator update the first ``regression_fraction`` of the rows also regress G(z) onto the teacher's
+  deterministic DDIM sample from the same noise z and observation, ``regression_steps`` steps, computed on the fly
+  (DMD precomputes a dataset of such pairs; on the fly the pairs never repeat and a resumed run draws the same
+  noise), loss ``regression_weight`` x MSE. It anchors the generator to the teacher's noise-to-action map, which
+  DMD found to prevent mode dropping; its cost is ``regression_steps`` teacher passes over those rows.
 
 The teacher must be a DDPM/epsilon checkpoint with the same noise schedule and time input (``time_input``); anything
 else is refused before training. Sampling: exactly one step.
@@ -46,7 +52,7 @@ import torch
 from ..conventions import M
 from .base import Objective
 from .diffusion import Diffusion
-from .distillation import _TeacherObjective
+from .distillation import FrozenTeacher, _TeacherObjective
 
 
 class ScoreDistillation(_TeacherObjective):
@@ -72,6 +78,9 @@ class ScoreDistillation(_TeacherObjective):
         k_max: int = 97,
         time_input: str = "step",
         fake_updates: int = 1,
+        regression_weight: float = 0.0,
+        regression_fraction: float = 0.25,
+        regression_steps: int = 10,
     ):
         super().__init__(m, teacher_checkpoint, teacher)
         # the teacher's noise schedule and time input (validated there); it holds no state of its own
@@ -92,6 +101,16 @@ class ScoreDistillation(_TeacherObjective):
         if isinstance(fake_updates, bool) or int(fake_updates) != fake_updates or int(fake_updates) < 1:
             raise ValueError(f"objective.fake_updates={fake_updates!r}: expected an integer >= 1")
         self.fake_updates = int(fake_updates)
+        if not float(regression_weight) >= 0.0:
+            raise ValueError(f"objective.regression_weight={regression_weight!r}: expected a weight >= 0 (0 = off)")
+        if not 0.0 < float(regression_fraction) <= 1.0:
+            raise ValueError(
+                f"objective.regression_fraction={regression_fraction!r}: expected the share of rows in (0, 1]"
+            )
+        if isinstance(regression_steps, bool) or int(regression_steps) != regression_steps or regression_steps < 1:
+            raise ValueError(f"objective.regression_steps={regression_steps!r}: expected a number of DDIM steps >= 1")
+        self.regression_weight, self.regression_fraction = float(regression_weight), float(regression_fraction)
+        self.regression_steps = int(regression_steps)
         self.register_buffer("fake_initialised", torch.zeros((), dtype=torch.long))
         self.register_buffer("step_count", torch.zeros((), dtype=torch.long))  # training calls (resumed exactly)
         self.fake = None
@@ -194,15 +213,32 @@ class ScoreDistillation(_TeacherObjective):
             norm = (x - p_real).abs().flatten(1).mean(1).clamp_min(1e-6).reshape(-1, *([1] * (x.dim() - 1)))
             grad = (p_fake - p_real) / norm
             target = x - grad
-        loss_gen = 0.5 * self.row_mse(x, target).mean()
+        loss_dmd = 0.5 * self.row_mse(x, target).mean()
+        loss_gen, info = loss_dmd, {}
+        if self.regression_weight > 0.0:
+            loss_reg = self._regression_loss(x, z, frozen)
+            loss_gen, info["loss_regression"] = loss_dmd + self.regression_weight * loss_reg, loss_reg.item()
         loss_fake = self._fake_loss(x.detach(), level, fcond)
         loss = self.check_loss(loss_gen + loss_fake)
         return loss, {
             "loss": loss.item(),
-            "loss_dmd": loss_gen.item(),
+            "loss_dmd": loss_dmd.item(),
             "loss_fake": loss_fake.item(),
             "score_gap": grad.float().pow(2).mean().sqrt().item(),
+            **info,
         }
+
+    def _regression_loss(self, x: torch.Tensor, z: torch.Tensor, frozen) -> torch.Tensor:
+        """DMD's paired regression: MSE between the generator's samples x[:r] (B, ...) and the teacher's
+        ``regression_steps``-step DDIM samples from the same noise z[:r] and observations, r =
+        max(1, round(B x regression_fraction)) (module docstring)."""
+        r = max(1, int(round(x.shape[0] * self.regression_fraction)))
+        cond = frozen.cond
+        if cond is not None:
+            cond = cond[:r] if torch.is_tensor(cond) else {k: v[:r] for k, v in cond.items()}
+        with torch.no_grad():
+            ref = FrozenTeacher(frozen.net, cond, frozen.objective).sample(z[:r], self.regression_steps)
+        return self.row_mse(x[:r], ref.to(x.dtype)).mean()
 
     def _fake_loss(self, x: torch.Tensor, level: torch.Tensor, cond) -> torch.Tensor:
         """The fake denoiser's DDPM epsilon loss on generated samples x (B, ...) (detached), k uniform in 0..K-1."""
