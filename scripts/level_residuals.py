@@ -29,19 +29,20 @@ from shortcut_policy.objectives.timesteps import t_on_level_grid
 from shortcut_policy.policy import load_policy
 from shortcut_policy.train.trainer import infinite_loader
 
-# Push-T actions are normalised from [0, 512] px to [-1, 1]: 256 px per normalised unit
-PX_PER_UNIT = 256.0
-
 
 def level_residuals(path: str, batch: int = 1024, seed: int = 0) -> list[dict]:
     """Per-level residuals of checkpoint ``path`` on ``batch`` training windows drawn with ``seed``: a list of
-    {level, step_size, mse, rms_px} dicts, level 0 (d = 1) first."""
+    {level, step_size, mse, rms_px} dicts, level 0 (d = 1) first. ``rms_px``: the RMS residual in action units
+    (pixels on Push-T), from the checkpoint's action normaliser (its mean data units per normalised unit)."""
     torch.set_num_threads(1)
     policy = load_policy(path)
     obj, net = policy.objective, policy.net
     if getattr(obj, "name", "") != "shortcut":
         raise SystemExit(f"{path}: objective {getattr(obj, 'name', '?')!r}, expected a shortcut policy")
     cfg = OmegaConf.create(load_checkpoint(path)["cfg"])
+    one = policy.normalizer.unnormalize({"action": torch.ones(1, policy.action_dim)})["action"]
+    zero = policy.normalizer.unnormalize({"action": torch.zeros(1, policy.action_dim)})["action"]
+    units_per_norm = float((one - zero).abs().mean())
     data = next(infinite_loader(build_dataset(cfg, "train"), batch, 0, 1, seed))
     torch.manual_seed(seed)
     out = []
@@ -60,7 +61,7 @@ def level_residuals(path: str, batch: int = 1024, seed: int = 0) -> list[dict]:
             else:
                 target = velocity_target(x0, x1)
             mse = float(((pred - target) ** 2).mean())
-            out.append({"level": k, "step_size": 2.0**-k, "mse": mse, "rms_px": mse**0.5 * PX_PER_UNIT})
+            out.append({"level": k, "step_size": 2.0**-k, "mse": mse, "rms_px": mse**0.5 * units_per_norm})
     return out
 
 

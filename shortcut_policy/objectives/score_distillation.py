@@ -50,6 +50,7 @@ import copy
 import torch
 
 from ..conventions import M
+from ..utils import check_int
 from .base import Objective
 from .diffusion import Diffusion
 from .distillation import FrozenTeacher, _TeacherObjective
@@ -107,10 +108,8 @@ class ScoreDistillation(_TeacherObjective):
             raise ValueError(
                 f"objective.regression_fraction={regression_fraction!r}: expected the share of rows in (0, 1]"
             )
-        if isinstance(regression_steps, bool) or int(regression_steps) != regression_steps or regression_steps < 1:
-            raise ValueError(f"objective.regression_steps={regression_steps!r}: expected a number of DDIM steps >= 1")
         self.regression_weight, self.regression_fraction = float(regression_weight), float(regression_fraction)
-        self.regression_steps = int(regression_steps)
+        self.regression_steps = check_int("objective.regression_steps", regression_steps, 1)
         self.register_buffer("fake_initialised", torch.zeros((), dtype=torch.long))
         self.register_buffer("step_count", torch.zeros((), dtype=torch.long))  # training calls (resumed exactly)
         self.fake = None
@@ -217,7 +216,8 @@ class ScoreDistillation(_TeacherObjective):
         loss_gen, info = loss_dmd, {}
         if self.regression_weight > 0.0:
             loss_reg = self._regression_loss(x, z, frozen)
-            loss_gen, info["loss_regression"] = loss_dmd + self.regression_weight * loss_reg, loss_reg.item()
+            loss_gen = loss_dmd + self.regression_weight * loss_reg
+            info["loss_regression"] = loss_reg.item()
         loss_fake = self._fake_loss(x.detach(), level, fcond)
         loss = self.check_loss(loss_gen + loss_fake)
         return loss, {
@@ -233,9 +233,7 @@ class ScoreDistillation(_TeacherObjective):
         ``regression_steps``-step DDIM samples from the same noise z[:r] and observations, r =
         max(1, round(B x regression_fraction)) (module docstring)."""
         r = max(1, int(round(x.shape[0] * self.regression_fraction)))
-        cond = frozen.cond
-        if cond is not None:
-            cond = cond[:r] if torch.is_tensor(cond) else {k: v[:r] for k, v in cond.items()}
+        cond = None if frozen.cond is None else frozen.cond[:r]
         with torch.no_grad():
             ref = FrozenTeacher(frozen.net, cond, frozen.objective).sample(z[:r], self.regression_steps)
         return self.row_mse(x[:r], ref.to(x.dtype)).mean()
