@@ -1,6 +1,7 @@
 """`bench policies`: objectives trained and evaluated side by side; resumable; bad input refused before training."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -185,3 +186,33 @@ def test_stage_rates_pooled_over_seeds_and_backfilled_from_the_eval_folder(tmp_p
     table = table_markdown(summary)
     assert "| entry | NFE | lid_off | handover | success |" in table
     assert "| shortcut | 1 | 0.75 | 0.50 | 0.25 |" in table
+
+
+def test_merge_bench_results_pools_split_files_like_the_bench(tmp_path):
+    """scripts/merge_bench_results.py on the committed Push-T comparison split into two files (one per entry) gives
+    the committed pooled rows back; a run present in two inputs and an --out holding an input are refused."""
+    import importlib.util
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("merge_bench_results", root / "scripts" / "merge_bench_results.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    full = json.loads((root / "docs/results/pusht_policies_b256/results.json").read_text())
+    parts = []
+    for entry in ("diffusion", "shortcut_m16"):
+        p = tmp_path / entry / "results.json"
+        p.parent.mkdir()
+        p.write_text(json.dumps({"summary": full["summary"], "runs": [r for r in full["runs"] if r["entry"] == entry]}))
+        parts.append(p)
+    merged = mod.main([str(p) for p in parts] + ["--out", str(tmp_path / "pooled")])
+    want = {(r["entry"], r["nfe_key"]): (r["n_success"], r["n_episodes"]) for r in full["summary"]["rows"]}
+    got = {(r["entry"], r["nfe_key"]): (r["n_success"], r["n_episodes"]) for r in merged["summary"]["rows"]}
+    assert got == want and len(got) == 7
+    for name in ("results.json", "table.md", "success_vs_nfe.png", "success_vs_latency.png"):
+        assert (tmp_path / "pooled" / name).stat().st_size > 0
+    with pytest.raises(SystemExit, match="pooled once"):
+        mod.merge([parts[0], parts[0]])
+    with pytest.raises(SystemExit, match="holds one of the inputs"):
+        mod.main([str(parts[0]), "--out", str(parts[0].parent)])
+    with pytest.raises(SystemExit, match="no such file"):
+        mod.merge([tmp_path / "missing.json"])
