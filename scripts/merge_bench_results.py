@@ -7,8 +7,8 @@ pooled here from their results.json files, with the same pooling (Wilson interva
 seeds), table and figures as the bench itself (shortcut_policy.bench.policies.aggregate / table_markdown / plot).
 
 usage: python scripts/merge_bench_results.py A/results.json B/results.json ... --out DIR [--entries e1,e2]
-Writes DIR/results.json, DIR/table.md, DIR/success_vs_nfe.png and DIR/success_vs_latency.png (each through a
-temporary file). Raises SystemExit when an input is missing or not a bench results file, when two inputs hold the same
+Writes DIR/summary.json (the pooled rows and the input files they came from; the per-episode runs stay in the inputs,
+not copied), DIR/table.md, DIR/success_vs_nfe.png and DIR/success_vs_latency.png (each through a temporary file). Raises SystemExit when an input is missing or not a bench results file, when two inputs hold the same
 (entry, training seed, NFE) run (a run is pooled once), when the inputs are of different tasks, or when --out is one
 of the inputs' folders.
 """
@@ -64,10 +64,10 @@ def merge(paths: list[Path], entries: list[str] | None = None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """Command-line entry: merge, then write results.json, table.md and the two figures into --out."""
+    """Command-line entry: merge, then write summary.json, table.md and the two figures into --out."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("inputs", nargs="+", type=Path, help="results.json files of `bench policies` runs")
-    ap.add_argument("--out", type=Path, required=True, help="folder for the pooled results.json, table.md, figures")
+    ap.add_argument("--out", type=Path, required=True, help="folder for the pooled summary.json, table.md, figures")
     ap.add_argument("--entries", default=None, help="comma-separated entries to keep (default: all)")
     a = ap.parse_args(argv)
     out = a.out.resolve()
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"--out {a.out} holds one of the inputs: write the pooled table into another folder")
     merged = merge(a.inputs, a.entries.split(",") if a.entries else None)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "results.json", json.dumps(merged, indent=1))
+    atomic_write_text(out / "summary.json", json.dumps(merged["summary"], indent=1))
     table = table_markdown(merged["summary"])
     atomic_write_text(out / "table.md", table)
     plot(merged["summary"], out)

@@ -208,7 +208,7 @@ def test_merge_bench_results_pools_split_files_like_the_bench(tmp_path):
     want = {(r["entry"], r["nfe_key"]): (r["n_success"], r["n_episodes"]) for r in full["summary"]["rows"]}
     got = {(r["entry"], r["nfe_key"]): (r["n_success"], r["n_episodes"]) for r in merged["summary"]["rows"]}
     assert got == want and len(got) == 7
-    for name in ("results.json", "table.md", "success_vs_nfe.png", "success_vs_latency.png"):
+    for name in ("summary.json", "table.md", "success_vs_nfe.png", "success_vs_latency.png"):
         assert (tmp_path / "pooled" / name).stat().st_size > 0
     with pytest.raises(SystemExit, match="pooled once"):
         mod.merge([parts[0], parts[0]])
