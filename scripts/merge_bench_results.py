@@ -8,8 +8,9 @@ seeds), table and figures as the bench itself (shortcut_policy.bench.policies.ag
 
 usage: python scripts/merge_bench_results.py A/results.json B/results.json ... --out DIR [--entries e1,e2]
 Writes DIR/summary.json (the pooled rows and the input files they came from; the per-episode runs stay in the inputs,
-not copied), DIR/table.md, DIR/success_vs_nfe.png and DIR/success_vs_latency.png (each through a temporary file). Raises SystemExit when an input is missing or not a bench results file, when two inputs hold the same
-(entry, training seed, NFE) run (a run is pooled once), when the inputs are of different tasks, or when --out is one
+not copied), DIR/table.md, DIR/success_vs_nfe.png and DIR/success_vs_latency.png (each through a temporary file).
+Raises SystemExit when an input is missing or not a bench results file, when two inputs hold the same (entry,
+training seed, NFE) run (a run is pooled once), when the inputs are of different tasks, or when --out is one
 of the inputs' folders.
 """
 
