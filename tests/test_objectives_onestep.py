@@ -203,3 +203,29 @@ def test_shortcut_target_depth_integrates_the_teacher_over_the_whole_step():
     assert Shortcut(target_depth=2).substeps(torch.tensor([0, 3, 6])).tolist() == [2, 2, 2]  # the reference
     with pytest.raises(ValueError, match="target_depth"):
         Shortcut(target_depth=3)
+
+
+def test_shortcut_bootstrap_weight_scales_only_the_bootstrap_rows():
+    """bootstrap_weight=w: loss = (w * sum of bootstrap-row MSEs + sum of flow-row MSEs) / B; w = 1 is the
+    reference's unweighted mean, bit for bit; a non-positive weight is refused."""
+    from shortcut_policy.objectives import Shortcut
+
+    torch.manual_seed(0)
+    net = build_net({"kind": "mlp", "input_dim": 2, "hidden": 32, "depth": 2, "use_step_size": True})
+    x1, x0 = torch.randn(64, 2), torch.randn(64, 2)
+    out = {}
+    for w in (1.0, 4.0):
+        obj = Shortcut(m=16, bootstrap_fraction=0.5, level_allocation="dt_bias", bootstrap_weight=w)
+        torch.manual_seed(1)  # the bootstrap rows' t
+        loss, info = obj.loss(net, x1, x0=x0)
+        out[w] = (loss, info)
+        nb = obj.n_bootstrap(64)
+        expect = (w * info["loss_bootstrap"] * nb + info["loss_flow"] * (64 - nb)) / 64
+        assert loss.item() == pytest.approx(expect, rel=1e-5)
+    assert out[1.0][1]["loss_bootstrap"] == pytest.approx(out[4.0][1]["loss_bootstrap"])  # same rows, same targets
+    assert out[4.0][0].item() > out[1.0][0].item()
+    ref = Shortcut(m=16, bootstrap_fraction=0.5, level_allocation="dt_bias")
+    torch.manual_seed(1)
+    assert torch.equal(ref.loss(net, x1, x0=x0)[0], out[1.0][0])
+    with pytest.raises(ValueError, match="bootstrap_weight"):
+        Shortcut(bootstrap_weight=0)

@@ -93,17 +93,32 @@ class Objective(nn.Module):
         return x
 
     def split_batch_loss(
-        self, net, x_t, t, levels, target, cond, n_first: int, null_cond, first: str, class_dropout_prob: float
+        self,
+        net,
+        x_t,
+        t,
+        levels,
+        target,
+        cond,
+        n_first: int,
+        null_cond,
+        first: str,
+        class_dropout_prob: float,
+        first_weight: float = 1.0,
     ):
-        """One unweighted MSE over a batch whose first `n_first` rows carry self-made targets (shortcut bootstrap
-        rows, live-reflow rows) and whose other rows are flow-matching rows. Class dropout hits only the
-        flow-matching rows (the reference's targets_shortcut.py / targets_livereflow.py). Shapes: x_t, target
-        (B, ...); t, levels (B,); cond (B, ...) or None. Returns (loss, info) with loss_<first>, loss_flow and
-        <first>_ratio."""
+        """One MSE over a batch whose first `n_first` rows carry self-made targets (shortcut bootstrap rows,
+        live-reflow rows) and whose other rows are flow-matching rows: the mean over rows of the per-row MSE, the
+        first rows' terms multiplied by ``first_weight`` (1 = the reference's unweighted mean). Class dropout hits
+        only the flow-matching rows (the reference's targets_shortcut.py / targets_livereflow.py). Shapes: x_t,
+        target (B, ...); t, levels (B,); cond (B, ...) or None. Returns (loss, info) with loss_<first>, loss_flow
+        and <first>_ratio (the logged row losses are unweighted)."""
         if cond is not None:
             cond = torch.cat([cond[:n_first], drop_cond(cond[n_first:], null_cond, class_dropout_prob)])
         rows = self.row_mse(net(x_t, t, levels, cond), target)
-        loss = self.check_loss(rows.mean())
+        if first_weight == 1.0:
+            loss = self.check_loss(rows.mean())
+        else:
+            loss = self.check_loss((first_weight * rows[:n_first].sum() + rows[n_first:].sum()) / rows.shape[0])
         return loss, {
             "loss": loss.item(),
             f"loss_{first}": rows[:n_first].mean().item(),

@@ -7,7 +7,8 @@ A batch is split into bootstrap (self-consistency) rows first and flow-matching 
   d = 2^-k in [0, 1-d], target = clip((v1 + v2)/2) with two no-grad half steps of the teacher at level k+1:
   v1 = f(x_t, t), v2 = f(clip(x_t + d/2 v1), t + d/2). Classifier-free guidance in the teacher only for the
   rows whose teacher is at the FM level (k = log2(M)-1), when `bootstrap_cfg`. Bootstrap rows keep true labels.
-- One unweighted MSE over all rows (mean over the non-batch dims, then over rows).
+- One unweighted MSE over all rows (mean over the non-batch dims, then over rows); ``bootstrap_weight`` != 1 (an option
+  of this project, not the reference's) multiplies the bootstrap rows' terms.
 Deviation, documented: the two parts use disjoint slices of the batch (the reference reuses the first rows
 and drops the last B/8: its issue #10).
 """
@@ -30,8 +31,11 @@ class Shortcut(Objective):
     ``bootstrap_fraction`` of each batch are bootstrap rows (their levels allocated by ``level_allocation``:
     "reference", "cycle" or "dt_bias"); ``clip`` bounds targets and teacher states (the reference's +-4);
     ``target_depth`` teacher steps build a target (2 = the reference's two half steps); ``teacher`` "online" or
-    "ema" picks the network that builds targets (read by the trainer). Raises ``ValueError`` for an invalid
-    ``target_depth``, ``bootstrap_fraction`` or ``teacher``. Module docstring: the batch layout."""
+    "ema" picks the network that builds targets (read by the trainer); ``bootstrap_weight`` multiplies the bootstrap
+    rows' terms of the loss (1 = the reference's unweighted mean; not in the paper or the reference: the flow-matching
+    rows' irreducible target noise, about 100x the bootstrap rows' residuals on Push-T, otherwise dominates the
+    gradient). Raises ``ValueError`` for an invalid ``target_depth``, ``bootstrap_fraction``, ``bootstrap_weight`` or
+    ``teacher``. Module docstring: the batch layout."""
 
     name = "shortcut"
     uses_step_size = True
@@ -47,8 +51,12 @@ class Shortcut(Objective):
         cfg_scale: float | None = None,
         teacher: str = "online",
         target_depth: int = 2,
+        bootstrap_weight: float = 1.0,
     ):
         super().__init__(m)
+        if not (isinstance(bootstrap_weight, (int, float)) and bootstrap_weight > 0):
+            raise ValueError(f"bootstrap_weight={bootstrap_weight!r}: expected a positive number (1 = the reference)")
+        self.bootstrap_weight = float(bootstrap_weight)
         if (
             isinstance(target_depth, bool)
             or int(target_depth) != target_depth
@@ -142,7 +150,7 @@ class Shortcut(Objective):
         target_f = velocity_target(x0[nb:], x1[nb:])
         target = torch.cat([target_b, target_f.to(target_b.dtype)])
         return self.split_batch_loss(
-            net, x_t, t, levels, target, cond, nb, null_cond, "bootstrap", self.class_dropout_prob
+            net, x_t, t, levels, target, cond, nb, null_cond, "bootstrap", self.class_dropout_prob, self.bootstrap_weight
         )
 
     @torch.no_grad()
