@@ -150,7 +150,17 @@ class Shortcut(Objective):
         target_f = velocity_target(x0[nb:], x1[nb:])
         target = torch.cat([target_b, target_f.to(target_b.dtype)])
         return self.split_batch_loss(
-            net, x_t, t, levels, target, cond, nb, null_cond, "bootstrap", self.class_dropout_prob, self.bootstrap_weight
+            net,
+            x_t,
+            t,
+            levels,
+            target,
+            cond,
+            nb,
+            null_cond,
+            "bootstrap",
+            self.class_dropout_prob,
+            self.bootstrap_weight,
         )
 
     @torch.no_grad()
