@@ -32,10 +32,11 @@ class Shortcut(Objective):
     "reference", "cycle" or "dt_bias"); ``clip`` bounds targets and teacher states (the reference's +-4);
     ``target_depth`` teacher steps build a target (2 = the reference's two half steps); ``teacher`` "online" or
     "ema" picks the network that builds targets (read by the trainer); ``bootstrap_weight`` multiplies the bootstrap
-    rows' terms of the loss (1 = the reference's unweighted mean; not in the paper or the reference: the flow-matching
-    rows' irreducible target noise, about 100x the bootstrap rows' residuals on Push-T, otherwise dominates the
-    gradient). Raises ``ValueError`` for an invalid ``target_depth``, ``bootstrap_fraction``, ``bootstrap_weight`` or
-    ``teacher``. Module docstring: the batch layout."""
+    rows' terms of the loss (1 = the reference's unweighted mean; not in the paper or the reference; it tests whether
+    the flow-matching rows' irreducible target noise, about 100x the bootstrap rows' residuals on Push-T, drowns the
+    self-consistency signal: measured, x4 and x16 both lost successes, docs/results/pusht_policies_b256.md).
+    Raises ``ValueError`` for an invalid ``target_depth``, ``bootstrap_fraction``, ``bootstrap_weight`` or ``teacher``.
+    Module docstring: the batch layout."""
 
     name = "shortcut"
     uses_step_size = True
@@ -54,7 +55,9 @@ class Shortcut(Objective):
         bootstrap_weight: float = 1.0,
     ):
         super().__init__(m)
-        if not (isinstance(bootstrap_weight, (int, float)) and bootstrap_weight > 0):
+        if isinstance(bootstrap_weight, bool) or not (
+            isinstance(bootstrap_weight, (int, float)) and bootstrap_weight > 0
+        ):
             raise ValueError(f"bootstrap_weight={bootstrap_weight!r}: expected a positive number (1 = the reference)")
         self.bootstrap_weight = float(bootstrap_weight)
         if (
