@@ -55,9 +55,9 @@ def level_residuals(path: str, batch: int = 1024, seed: int = 0) -> list[dict]:
             t = t_on_level_grid(levels)
             x0 = torch.randn_like(x1)
             x_t = interpolate(x0, x1, t)
-            pred = net(x_t, t, levels.float(), cond)
+            pred = obj.velocity_net(net)(x_t, t, levels.float(), cond)
             if k < obj.log2_m:
-                target = obj.bootstrap_targets(net, x_t, t, levels, cond, None)
+                target = obj.bootstrap_targets(obj.velocity_net(net), x_t, t, levels, cond, None)
             else:
                 target = velocity_target(x0, x1)
             mse = float(((pred - target) ** 2).mean())

@@ -229,3 +229,69 @@ def test_shortcut_bootstrap_weight_scales_only_the_bootstrap_rows():
     assert torch.equal(ref.loss(net, x1, x0=x0)[0], out[1.0][0])
     with pytest.raises(ValueError, match="bootstrap_weight"):
         Shortcut(bootstrap_weight=0)
+
+
+def test_edm_preconditioning_is_the_least_squares_skip_with_unit_variance_residual():
+    """For Gaussian data of std sigma_data, E[v | x_t] is linear in x_t: with F = 0 the preconditioned velocity must
+    be that regression line (c_skip), and the residual v - c_skip x_t must have std c_out (F's target: unit
+    variance), at every t (Monte Carlo, 400k draws)."""
+    from shortcut_policy.conventions import interpolate, velocity_target
+    from shortcut_policy.objectives.base import EDMVelocity
+
+    sd = 0.33
+    pre = EDMVelocity(lambda x, t, s, c: torch.zeros_like(x), sd)
+    g = torch.Generator().manual_seed(0)
+    n = 400_000
+    for tv in (0.0, 0.25, 0.5, 0.9375):
+        x0 = torch.randn(n, 1, generator=g, dtype=torch.float64)
+        x1 = sd * torch.randn(n, 1, generator=g, dtype=torch.float64)
+        t = torch.full((n,), tv, dtype=torch.float64)
+        x_t, v = interpolate(x0, x1, t), velocity_target(x0, x1)
+        slope = float((x_t * v).mean() / (x_t * x_t).mean())
+        c_skip = float(pre(torch.ones(1, 1, dtype=torch.float64), torch.tensor([tv], dtype=torch.float64), None))
+        assert c_skip == pytest.approx(slope, abs=0.01), tv
+        ones = EDMVelocity(lambda x, t, s, c: torch.ones_like(x), sd)
+        c_out = float(ones(torch.zeros(1, 1, dtype=torch.float64), torch.tensor([tv], dtype=torch.float64), None))
+        assert float((v - c_skip * x_t).std()) == pytest.approx(c_out, rel=0.01), tv
+
+
+def test_edm_shortcut_one_step_sample_is_the_nets_data_prediction():
+    """With preconditioning=edm the 1-step sample from x0 is eps x0 + sigma_data F(x0): the net predicts the data at
+    t = 0 (no noise to copy). Training, bootstrap targets and sampling all go through the preconditioning; the
+    default (none) is the raw velocity."""
+    k = 0.7
+
+    class Const(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.tensor(k))
+
+        def forward(self, x, t, s, c=None):
+            return self.w * torch.ones_like(x)
+
+    x0 = torch.randn(5, 16, 2, generator=torch.Generator().manual_seed(1))
+    edm = build_objective({"name": "shortcut", "m": 16, "preconditioning": "edm", "sigma_data": 0.4})
+    out = edm.sample(Const(), x0, steps=1)
+    assert torch.allclose(out, INTERP_EPS * x0 + 0.4 * k, atol=1e-6)
+    raw = build_objective({"name": "shortcut", "m": 16})
+    assert torch.allclose(raw.sample(Const(), x0, steps=1), x0 + k, atol=1e-6)
+    fm = build_objective({"name": "flow_matching", "m": 16, "preconditioning": "edm", "sigma_data": 0.4})
+    assert not torch.allclose(fm.sample(Const(), x0, steps=4), raw.sample(Const(), x0, steps=4))
+    net = Const()
+    loss, info = edm.loss(net, 0.3 * torch.randn(64, 16, 2), x0=torch.randn(64, 16, 2))
+    loss.backward()
+    assert torch.isfinite(loss) and net.w.grad is not None and net.w.grad.abs() > 0
+
+
+@pytest.mark.parametrize(
+    "opts, match",
+    [
+        ({"preconditioning": "x"}, "preconditioning"),
+        ({"preconditioning": "edm", "sigma_data": 0}, "sigma_data"),
+        ({"sigma_data": True}, "sigma_data"),
+    ],
+)
+def test_preconditioning_refuses_bad_values(opts, match):
+    for name in ("shortcut", "flow_matching"):
+        with pytest.raises(ValueError, match=match):
+            build_objective({"name": name, "m": 16, **opts})

@@ -72,6 +72,12 @@ def student_config(cfg):
     teacher = str(Path(str(cfg.teacher)).resolve())
     scfg.objective.teacher_checkpoint = teacher
     if bool(cfg.init_from_teacher) and "train.init_weights" not in user_keys:
+        pre = (tcfg.get("objective") or {}).get("preconditioning", "none")
+        if pre != "none":
+            raise ValueError(
+                f"distill: teacher={cfg.teacher} was trained with objective.preconditioning={pre}, whose weights are "
+                f"not a velocity net: a {name} student cannot start from them; pass init_from_teacher=false"
+            )
         scfg.train.init_weights = teacher
     if "train.num_steps" not in user_keys:
         scfg.train.num_steps = max(1, int(round(frac * int(ck.get("step") or tcfg.train.num_steps))))

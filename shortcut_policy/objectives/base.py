@@ -5,13 +5,68 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..conventions import M, check_steps
+from ..conventions import INTERP_EPS, M, check_steps
 from ..utils import all_finite
 from .guidance import drop_cond, guided
 
 
+class EDMVelocity:
+    """A net whose raw output F is preconditioned into a velocity on this project's interpolant (EDM's
+    preconditioning, Karras et al. 2022, "Elucidating the Design Space of Diffusion-Based Generative Models", Table 1,
+    derived here for the flow path x_t = (1 - a t) x0 + t x1, a = 1 - eps, x0 ~ N(0, 1), data std ``sigma_data``):
+
+        v(x_t, t, s, c) = c_skip(t) x_t + c_out(t) F(c_in(t) x_t, t, s, c),
+        s_t^2 = (1 - a t)^2 + t^2 sigma_data^2          (the variance of x_t)
+        c_skip = (t sigma_data^2 - a (1 - a t)) / s_t^2   (the least-squares linear predictor of v from x_t)
+        c_out = sigma_data / s_t, c_in = 1 / s_t          (F's target and input have unit variance)
+
+    At t = 0 this is v = -x0 + sigma_data F, so the 1-step sample x0 + v is sigma_data F: the net predicts the data and
+    need not copy the noise through its layers; at t = 1 it predicts -x0 (the noise). Not in the shortcut paper or its
+    reference code (option ``preconditioning=edm`` of the flow objectives; default ``none``, the reference's raw
+    velocity). Shapes: x (B, ...), t (B,) in [0, 1]; returns (B, ...) like x."""
+
+    def __init__(self, net, sigma_data: float):
+        self.net, self.sigma_data = net, float(sigma_data)
+
+    def __call__(self, x, t, step, cond=None):
+        tb = torch.as_tensor(t, dtype=x.dtype, device=x.device).reshape(-1).expand(x.shape[0])
+        tb = tb.reshape(-1, *([1] * (x.dim() - 1)))
+        a, sd2 = 1.0 - INTERP_EPS, self.sigma_data**2
+        noise_std = 1.0 - a * tb
+        var = noise_std**2 + tb**2 * sd2
+        std = var.sqrt()
+        c_skip = (tb * sd2 - a * noise_std) / var
+        return c_skip * x + (self.sigma_data / std) * self.net(x / std, t, step, cond)
+
+
+PRECONDITIONINGS = ("none", "edm")
+
+
+def check_preconditioning(preconditioning: str, sigma_data) -> None:
+    """Validate the flow objectives' ``preconditioning`` ("none" | "edm") and ``sigma_data`` (a positive number, the
+    data's standard deviation in normalised units); raises ``ValueError`` naming the bad value."""
+    if preconditioning not in PRECONDITIONINGS:
+        raise ValueError(
+            f"preconditioning={preconditioning!r}: expected 'none' (the net predicts the velocity, the reference) "
+            "or 'edm' (Karras et al. 2022's c_skip / c_out / c_in)"
+        )
+    if isinstance(sigma_data, bool) or not (isinstance(sigma_data, (int, float)) and sigma_data > 0):
+        raise ValueError(f"sigma_data={sigma_data!r}: expected a positive number (the data's std, normalised units)")
+
+
 class Objective(nn.Module):
     """An objective knows how to build training targets and sample; it never knows what the data is."""
+
+    preconditioning = "none"  # flow objectives: "edm" wraps the net in EDMVelocity (velocity_net)
+    sigma_data = 0.5
+
+    def velocity_net(self, net):
+        """The callable this objective treats as its velocity (or noise) field: ``net`` itself, or ``net`` wrapped in
+        :class:`EDMVelocity` when ``preconditioning == "edm"``. Every call of the net in training, bootstrap
+        targets and sampling goes through it."""
+        if self.preconditioning == "edm":
+            return EDMVelocity(net, self.sigma_data)
+        return net
 
     name = "objective"
     uses_step_size = False

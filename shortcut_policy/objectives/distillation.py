@@ -78,7 +78,7 @@ class FrozenTeacher:
                 "objective=ode_distillation"
             )
         level = torch.full_like(t, float(self.objective.log2_m))
-        return self.net(x, t, level, self.cond)
+        return self.objective.velocity_net(self.net)(x, t, level, self.cond)
 
     @torch.no_grad()
     def sample(self, z: torch.Tensor, steps: int) -> torch.Tensor:

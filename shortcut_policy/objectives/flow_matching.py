@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..conventions import M, interpolate, velocity_target
-from .base import Objective
+from .base import Objective, check_preconditioning
 from .guidance import drop_cond
 from .timesteps import discrete_t
 
@@ -14,14 +14,25 @@ class FlowMatching(Objective):
     """x_t = (1-(1-eps)t) x0 + t x1, target v = x1 - (1-eps) x0, t on the grid {k/M} (reference) or U[0,1).
 
     The network's step-size input is held at the flow-matching level log2(M) (the reference zeroes it).
+    ``preconditioning="edm"`` (with ``sigma_data``) preconditions the net's output
+    (:class:`~shortcut_policy.objectives.base.EDMVelocity`); "none" (the reference) is a raw velocity. Raises
+    ``ValueError`` for an invalid ``t_sampling``, ``preconditioning`` or ``sigma_data``.
     """
 
     name = "flow_matching"
 
     def __init__(
-        self, m: int = M, t_sampling: str = "discrete", class_dropout_prob: float = 0.0, cfg_scale: float | None = None
+        self,
+        m: int = M,
+        t_sampling: str = "discrete",
+        class_dropout_prob: float = 0.0,
+        cfg_scale: float | None = None,
+        preconditioning: str = "none",
+        sigma_data: float = 0.5,
     ):
         super().__init__(m)
+        check_preconditioning(preconditioning, sigma_data)
+        self.preconditioning, self.sigma_data = preconditioning, float(sigma_data)
         if t_sampling not in ("discrete", "uniform"):
             raise ValueError(f"t_sampling={t_sampling!r}: expected 'discrete' or 'uniform'")
         self.t_sampling, self.class_dropout_prob, self.cfg_scale = t_sampling, class_dropout_prob, cfg_scale
@@ -43,7 +54,7 @@ class FlowMatching(Objective):
         t = self.sample_t(B, x1.device)
         level = torch.full((B,), float(self.log2_m), device=x1.device)
         cond_in = drop_cond(cond, null_cond, self.class_dropout_prob)
-        pred = net(interpolate(x0, x1, t), t, level, cond_in)
+        pred = self.velocity_net(net)(interpolate(x0, x1, t), t, level, cond_in)
         loss = self.check_loss(self.row_mse(pred, velocity_target(x0, x1)).mean())
         return loss, {"loss": loss.item(), "loss_flow": loss.item()}
 
@@ -53,4 +64,4 @@ class FlowMatching(Objective):
         classifier-free guidance with ``cfg_scale`` (None: the objective's). Returns x at t = 1."""
         n = self.check_steps(steps)
         scale = self.cfg_scale if cfg_scale is None else cfg_scale
-        return self.euler(net, x0, cond, n, float(self.log2_m), null_cond, scale)
+        return self.euler(self.velocity_net(net), x0, cond, n, float(self.log2_m), null_cond, scale)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from ..conventions import CLIP_TARGET, M, interpolate, velocity_target
-from .base import Objective
+from .base import Objective, check_preconditioning
 from .guidance import guided
 from .timesteps import discrete_t, global_levels_for_rank, t_on_level_grid
 
@@ -31,11 +31,14 @@ class Shortcut(Objective):
     ``bootstrap_fraction`` of each batch are bootstrap rows (their levels allocated by ``level_allocation``:
     "reference", "cycle" or "dt_bias"); ``clip`` bounds targets and teacher states (the reference's +-4);
     ``target_depth`` teacher steps build a target (2 = the reference's two half steps); ``teacher`` "online" or
-    "ema" picks the network that builds targets (read by the trainer); ``bootstrap_weight`` multiplies the bootstrap
+    "ema" picks the network that builds targets (read by the trainer); ``preconditioning`` "edm" (with
+    ``sigma_data``) makes the net's output EDM-preconditioned (:class:`~shortcut_policy.objectives.base.EDMVelocity`;
+    "none", the reference, a raw velocity); ``bootstrap_weight`` multiplies the bootstrap
     rows' terms of the loss (1 = the reference's unweighted mean; not in the paper or the reference; it tests whether
     the flow-matching rows' irreducible target noise, about 100x the bootstrap rows' residuals on Push-T, drowns the
     self-consistency signal: measured, x4 and x16 both lost successes, docs/results/pusht_policies_b256.md).
-    Raises ``ValueError`` for an invalid ``target_depth``, ``bootstrap_fraction``, ``bootstrap_weight`` or ``teacher``.
+    Raises ``ValueError`` for an invalid ``target_depth``, ``bootstrap_fraction``, ``bootstrap_weight``, ``teacher``,
+    ``preconditioning`` or ``sigma_data``.
     Module docstring: the batch layout."""
 
     name = "shortcut"
@@ -53,8 +56,12 @@ class Shortcut(Objective):
         teacher: str = "online",
         target_depth: int = 2,
         bootstrap_weight: float = 1.0,
+        preconditioning: str = "none",
+        sigma_data: float = 0.5,
     ):
         super().__init__(m)
+        check_preconditioning(preconditioning, sigma_data)
+        self.preconditioning, self.sigma_data = preconditioning, float(sigma_data)
         if isinstance(bootstrap_weight, bool) or not (
             isinstance(bootstrap_weight, (int, float)) and bootstrap_weight > 0
         ):
@@ -138,7 +145,8 @@ class Shortcut(Objective):
                 f"batch of {B} rows with bootstrap_fraction={self.bootstrap_fraction} leaves {nb} bootstrap "
                 "rows: expected at least one bootstrap and one flow-matching row"
             )
-        teacher = net if teacher is None else teacher
+        teacher = self.velocity_net(net if teacher is None else teacher)
+        net = self.velocity_net(net)
         x0 = torch.randn_like(x1) if x0 is None else x0
         lv_b = global_levels_for_rank(nb, self.log2_m, self.level_allocation).to(dev)
         t_b = t_on_level_grid(lv_b)
@@ -172,4 +180,4 @@ class Shortcut(Objective):
         fewer steps use one conditional pass (the guidance was distilled in training)."""
         n = self.check_steps(steps)
         scale = (self.cfg_scale if cfg_scale is None else cfg_scale) if n == self.m else None
-        return self.euler(net, x0, cond, n, float(n.bit_length() - 1), null_cond, scale)  # level log2(N)
+        return self.euler(self.velocity_net(net), x0, cond, n, float(n.bit_length() - 1), null_cond, scale)
