@@ -200,3 +200,48 @@ def test_progressive_resumed_after_a_teacher_refresh_equals_uninterrupted(teache
         assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
     rows = [json.loads(x) for x in (tmp_path / "cut" / "logs.jsonl").read_text().splitlines() if x.strip()]
     assert [r["stage"] for r in rows if "stage" in r][-1] == 1.0
+
+
+def test_an_edm_preconditioned_teacher_is_read_through_its_preconditioning(pusht_lowdim_zarr, tmp_path):
+    """A flow teacher trained with objective.preconditioning=edm: a student cannot start from its weights (they are
+    not a velocity net: clear error, nothing written), and a student trained from scratch reads the teacher's velocity
+    through the preconditioning (FrozenTeacher.velocity), equal to the teacher objective's own 1-step field."""
+    cli.run_verb(
+        "train",
+        [
+            *TINY,
+            "objective=flow_matching",
+            "objective.m=8",
+            "objective.preconditioning=edm",
+            f"task.dataset.zarr_path={pusht_lowdim_zarr}",
+            "train.num_steps=4",
+            "train.checkpoint_every=4",
+            f"run_dir={tmp_path / 't'}",
+        ],
+    )
+    teacher = tmp_path / "t" / "checkpoints" / "last.ckpt"
+    with pytest.raises(ValueError, match="preconditioning=edm"):
+        _distill(teacher, tmp_path / "s", "objective=consistency_distillation", "objective.m=8", "train.num_steps=2")
+    assert not (tmp_path / "s" / "checkpoints").exists()
+    res = _distill(
+        teacher,
+        tmp_path / "s2",
+        "objective=consistency_distillation",
+        "objective.m=8",
+        "init_from_teacher=false",
+        "train.num_steps=2",
+        "train.checkpoint_every=2",
+    )
+    assert res["steps"] == 2
+    from shortcut_policy.objectives.distillation import FrozenTeacher
+    from shortcut_policy.policy import load_policy
+
+    pol = load_policy(str(teacher))
+    assert pol.objective.preconditioning == "edm"
+    x, t = torch.randn(3, pol.horizon, pol.action_dim), torch.zeros(3)
+    cond = torch.randn(3, pol.obs_encoder.out_dim)
+    ft = FrozenTeacher(pol.net, cond, pol.objective)
+    with torch.no_grad():
+        want = pol.objective.sample(pol.net, x, cond, steps=1) - x
+        assert torch.allclose(ft.velocity(x, t), want, atol=1e-5)
+        assert not torch.allclose(pol.net(x, t, torch.full_like(t, 3.0), cond), want, atol=1e-3)
