@@ -207,3 +207,19 @@ def test_resuming_a_format1_run_keeps_its_settings(pusht_lowdim_zarr, tmp_path):
     }
     policy = load_policy(last)
     assert policy.objective.time_input == "flipped" and policy.net.step_size_embed is not None
+
+
+def test_a_run_that_predates_an_added_objective_key_resumes_only_under_its_default():
+    """objective.preconditioning / sigma_data / bootstrap_weight came after runs were written: such a checkpoint
+    resumes under the default value (what it trained with), and is refused under any other value."""
+    from shortcut_policy.train.trainer import check_resume
+
+    old = {"objective": {"name": "shortcut", "m": 16}, "net": {}, "task": {}, "train": {}}
+    same = {
+        **old,
+        "objective": {**old["objective"], "preconditioning": "none", "sigma_data": 0.5, "bootstrap_weight": 1.0},
+    }
+    assert check_resume(same, old, "last.ckpt") == {}
+    other = {**old, "objective": {**same["objective"], "preconditioning": "edm"}}
+    with pytest.raises(ValueError, match="objective.preconditioning: checkpoint '<absent>' vs now 'edm'"):
+        check_resume(other, old, "last.ckpt")

@@ -163,6 +163,13 @@ RESUME_CHANGEABLE = (
     "task.eval",
 )
 RESUME_COMPARED = ("net", "objective", "task", "train")
+# keys added after runs were written, with the value that reproduces what such a run did: a checkpoint without the key
+# resumes under a config that holds exactly this value (any other value is a changed setting)
+ADDED_WITH_DEFAULT = {
+    "objective.bootstrap_weight": 1.0,
+    "objective.preconditioning": "none",
+    "objective.sigma_data": 0.5,
+}
 
 
 def _flatten(d, prefix="") -> dict:
@@ -179,7 +186,8 @@ def resume_diff(new_cfg, old_cfg) -> tuple[dict, dict]:
     """Compare a run's config with the config stored in its checkpoint.
 
     Returns (fixed, changed): dicts mapping dotted keys to (checkpoint value, new value); `fixed` holds keys that
-    may not change on resume (net, objective, task, data, seed, batch, EMA), `changed` the allowed changes.
+    may not change on resume (net, objective, task, data, seed, batch, EMA), `changed` the allowed changes. A key
+    of ``ADDED_WITH_DEFAULT`` absent from the checkpoint equals its listed default.
     """
 
     def plain(c):
@@ -193,6 +201,8 @@ def resume_diff(new_cfg, old_cfg) -> tuple[dict, dict]:
             va, vb = a.get(key, "<absent>"), b.get(key, "<absent>")
             if va == vb or (isinstance(va, (list, tuple)) and isinstance(vb, (list, tuple)) and list(va) == list(vb)):
                 continue
+            if va == "<absent>" and key in ADDED_WITH_DEFAULT and vb == ADDED_WITH_DEFAULT[key]:
+                continue  # a run that predates the key behaved as its default
             allowed = any(key == c or key.startswith(c + ".") for c in RESUME_CHANGEABLE)
             (changed if allowed else fixed)[key] = (va, vb)
     return fixed, changed
