@@ -211,7 +211,8 @@ def test_resuming_a_format1_run_keeps_its_settings(pusht_lowdim_zarr, tmp_path):
 
 def test_a_run_that_predates_an_added_objective_key_resumes_only_under_its_default():
     """objective.preconditioning / sigma_data / bootstrap_weight came after runs were written: such a checkpoint
-    resumes under the default value (what it trained with), and is refused under any other value."""
+    resumes under the option's constructor default (what it trained with), and is refused under any other value or
+    for a key the objective does not have."""
     from shortcut_policy.train.trainer import check_resume
 
     old = {"objective": {"name": "shortcut", "m": 16}, "net": {}, "task": {}, "train": {}}
@@ -223,3 +224,7 @@ def test_a_run_that_predates_an_added_objective_key_resumes_only_under_its_defau
     other = {**old, "objective": {**same["objective"], "preconditioning": "edm"}}
     with pytest.raises(ValueError, match="objective.preconditioning: checkpoint '<absent>' vs now 'edm'"):
         check_resume(other, old, "last.ckpt")
+    with pytest.raises(ValueError, match="objective.sigma_data: checkpoint '<absent>' vs now 0.33"):
+        check_resume({**old, "objective": {**same["objective"], "sigma_data": 0.33}}, old, "last.ckpt")
+    with pytest.raises(ValueError, match="objective.unknown_option"):
+        check_resume({**old, "objective": {**same["objective"], "unknown_option": 1}}, old, "last.ckpt")

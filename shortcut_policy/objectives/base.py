@@ -42,9 +42,10 @@ class EDMVelocity:
 PRECONDITIONINGS = ("none", "edm")
 
 
-def check_preconditioning(preconditioning: str, sigma_data) -> None:
+def check_preconditioning(preconditioning: str, sigma_data) -> tuple[str, float]:
     """Validate the flow objectives' ``preconditioning`` ("none" | "edm") and ``sigma_data`` (a positive number, the
-    data's standard deviation in normalised units); raises ``ValueError`` naming the bad value."""
+    data's standard deviation in normalised units); returns them as (str, float), raises ``ValueError`` naming the
+    bad value."""
     if preconditioning not in PRECONDITIONINGS:
         raise ValueError(
             f"preconditioning={preconditioning!r}: expected 'none' (the net predicts the velocity, the reference) "
@@ -52,11 +53,20 @@ def check_preconditioning(preconditioning: str, sigma_data) -> None:
         )
     if isinstance(sigma_data, bool) or not (isinstance(sigma_data, (int, float)) and sigma_data > 0):
         raise ValueError(f"sigma_data={sigma_data!r}: expected a positive number (the data's std, normalised units)")
+    return preconditioning, float(sigma_data)
 
 
 class Objective(nn.Module):
     """An objective knows how to build training targets and sample; it never knows what the data is."""
 
+    name = "objective"
+    uses_step_size = False
+    step_input = "level"  # what the net's third argument means: "level" log2(1/d) or "continuous" d (MeanFlow)
+    takes_generator = False  # sample(..., generator=) draws fresh noise between steps (DDPM, consistency)
+    # uses_step_size: whether the net's step-size input carries information; nets built for an objective that does
+    # not use it get no step-size branch (net.use_step_size: auto). net_time_scale: None keeps the net's configured
+    # time scale; a number replaces it (diffusion feeds integer DDPM steps, embedded unscaled: 1.0)
+    net_time_scale: float | None = None
     preconditioning = "none"  # flow objectives: "edm" wraps the net in EDMVelocity (velocity_net)
     sigma_data = 0.5
 
@@ -67,15 +77,6 @@ class Objective(nn.Module):
         if self.preconditioning == "edm":
             return EDMVelocity(net, self.sigma_data)
         return net
-
-    name = "objective"
-    uses_step_size = False
-    step_input = "level"  # what the net's third argument means: "level" log2(1/d) or "continuous" d (MeanFlow)
-    takes_generator = False  # sample(..., generator=) draws fresh noise between steps (DDPM, consistency)
-    # uses_step_size: whether the net's step-size input carries information; nets built for an objective that does
-    # not use it get no step-size branch (net.use_step_size: auto). net_time_scale: None keeps the net's configured
-    # time scale; a number replaces it (diffusion feeds integer DDPM steps, embedded unscaled: 1.0)
-    net_time_scale: float | None = None
 
     def net_options(self) -> dict:
         """What a net built for this objective must know (keyword arguments of

@@ -31,8 +31,7 @@ class FlowMatching(Objective):
         sigma_data: float = 0.5,
     ):
         super().__init__(m)
-        check_preconditioning(preconditioning, sigma_data)
-        self.preconditioning, self.sigma_data = preconditioning, float(sigma_data)
+        self.preconditioning, self.sigma_data = check_preconditioning(preconditioning, sigma_data)
         if t_sampling not in ("discrete", "uniform"):
             raise ValueError(f"t_sampling={t_sampling!r}: expected 'discrete' or 'uniform'")
         self.t_sampling, self.class_dropout_prob, self.cfg_scale = t_sampling, class_dropout_prob, cfg_scale

@@ -60,8 +60,7 @@ class Shortcut(Objective):
         sigma_data: float = 0.5,
     ):
         super().__init__(m)
-        check_preconditioning(preconditioning, sigma_data)
-        self.preconditioning, self.sigma_data = preconditioning, float(sigma_data)
+        self.preconditioning, self.sigma_data = check_preconditioning(preconditioning, sigma_data)
         if isinstance(bootstrap_weight, bool) or not (
             isinstance(bootstrap_weight, (int, float)) and bootstrap_weight > 0
         ):

@@ -10,6 +10,7 @@ checkpointing, DistributedSampler; the batch size in the config is the GLOBAL ba
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import math
 import os
@@ -27,6 +28,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
 from ..checkpoint import load_checkpoint, save_checkpoint
+from ..objectives import OBJECTIVES
 from ..utils import resolve_device
 from .checkpoint import TopK
 from .ema import EMA
@@ -163,13 +165,17 @@ RESUME_CHANGEABLE = (
     "task.eval",
 )
 RESUME_COMPARED = ("net", "objective", "task", "train")
-# keys added after runs were written, with the value that reproduces what such a run did: a checkpoint without the key
-# resumes under a config that holds exactly this value (any other value is a changed setting)
-ADDED_WITH_DEFAULT = {
-    "objective.bootstrap_weight": 1.0,
-    "objective.preconditioning": "none",
-    "objective.sigma_data": 0.5,
-}
+
+
+def _objective_default(objective_cfg: dict, key: str):
+    """The constructor default of option ``key`` ("objective.<option>") of the objective named in ``objective_cfg``,
+    or a sentinel when there is none: an option added after a run was written reproduces that run at its default."""
+    cls = OBJECTIVES.get((objective_cfg or {}).get("name"))
+    param = inspect.signature(cls.__init__).parameters.get(key.partition(".")[2]) if cls else None
+    return param.default if param is not None and param.default is not inspect.Parameter.empty else _NO_DEFAULT
+
+
+_NO_DEFAULT = object()
 
 
 def _flatten(d, prefix="") -> dict:
@@ -186,8 +192,8 @@ def resume_diff(new_cfg, old_cfg) -> tuple[dict, dict]:
     """Compare a run's config with the config stored in its checkpoint.
 
     Returns (fixed, changed): dicts mapping dotted keys to (checkpoint value, new value); `fixed` holds keys that
-    may not change on resume (net, objective, task, data, seed, batch, EMA), `changed` the allowed changes. A key
-    of ``ADDED_WITH_DEFAULT`` absent from the checkpoint equals its listed default.
+    may not change on resume (net, objective, task, data, seed, batch, EMA), `changed` the allowed changes. An
+    objective option absent from the checkpoint (added later) equals its constructor default.
     """
 
     def plain(c):
@@ -201,8 +207,8 @@ def resume_diff(new_cfg, old_cfg) -> tuple[dict, dict]:
             va, vb = a.get(key, "<absent>"), b.get(key, "<absent>")
             if va == vb or (isinstance(va, (list, tuple)) and isinstance(vb, (list, tuple)) and list(va) == list(vb)):
                 continue
-            if va == "<absent>" and key in ADDED_WITH_DEFAULT and vb == ADDED_WITH_DEFAULT[key]:
-                continue  # a run that predates the key behaved as its default
+            if va == "<absent>" and section == "objective" and vb == _objective_default(new.get("objective"), key):
+                continue  # an objective option added after the run was written, at its default: the run's behaviour
             allowed = any(key == c or key.startswith(c + ".") for c in RESUME_CHANGEABLE)
             (changed if allowed else fixed)[key] = (va, vb)
     return fixed, changed
