@@ -2,7 +2,7 @@
 # `make demo`: the main job end to end on built-in data, on a CPU, in at most 15 minutes on 2 idle cores:
 # scripted-expert demonstrations -> one-step shortcut policy -> rollouts in simulation (success rate + video),
 # printed next to the shipped 1-step policy evaluated on the same seeds and the DDPM-100 policy's success rate from
-# the shipped comparison (docs/results/pusht_policies_b256).
+# the shipped comparison (docs/results/pusht_policies_b256_all, every batch-256 entry pooled over its seeds).
 set -euo pipefail
 BIN=${BIN:-.venv/bin}
 OUT=${DEMO_DIR:-runs/demo}
@@ -46,10 +46,10 @@ if shipped_eval.exists():
     step = torch.load(sys.argv[2], map_location="cpu", weights_only=False).get("step")
     print(f"1-step shipped policy ({sys.argv[2]}, {step} training steps; evaluated now on the same seeds): success rate "
           f"{s['success_rate@1']:.2f} [{lo:.2f}, {hi:.2f}] (mean score {s['mean_score@1']:.3f})")
-table = Path("docs/results/pusht_policies_b256/results.json")
+table = Path("docs/results/pusht_policies_b256_all/summary.json")  # every batch-256 entry, pooled over its seeds
 if table.exists():
-    for r in json.loads(table.read_text())["summary"]["rows"]:
-        if r["sampler"] == "ddpm" or (r["entry"] == "shortcut_m16" and r["nfe"] == 1):
+    for r in json.loads(table.read_text())["rows"]:
+        if (r["entry"] == "diffusion" and r["sampler"] == "ddpm") or (r["entry"] == "shortcut_m16" and r["nfe"] == 1):
             print(f"shipped comparison (15,000 steps at batch 256, {r['n_episodes']} test episodes, training seeds "
                   f"{r['train_seeds']}; not trained in this demo): {r['entry']} NFE {r['nfe']}"
                   f"{' (DDPM)' if r['sampler'] == 'ddpm' else ''}: success {r['success_rate']:.2f} "
