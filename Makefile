@@ -33,8 +33,9 @@ venv: sysdeps $(BIN)/.installed
 sysdeps:
 	@bash scripts/install_sysdeps.sh
 
-demo: venv
-	BIN=$(BIN) bash scripts/demo.sh
+# the demo's clock starts before the .venv is built: on a fresh clone its 15 minutes include the installation
+demo:
+	@T0=$$(date +%s); $(MAKE) --no-print-directory venv && BIN=$(BIN) DEMO_T0=$$T0 bash scripts/demo.sh
 
 test: venv
 	$(BIN)/python -m pytest -q -x --timeout=900

@@ -114,3 +114,15 @@ def test_resume_applies_changed_lr_and_steps_and_refuses_a_different_net(zarr_pa
         _train(zarr_path, run, "train.num_steps=10", "net.down_dims=[16,64]")
     after = {p.name: p.stat().st_mtime_ns for p in run.iterdir() if p.is_file() and p.name != ".lock"}
     assert before == after, "a refused resume wrote into the run directory"
+
+
+def test_cpu_bf16_autocast_is_opt_in_and_trains(zarr_path, tmp_path):
+    """train.amp=bf16 on CPU runs the loss under bf16 autocast (weights stay fp32) and is reproducible from its seed;
+    the default (auto) keeps CPU training in fp32, so its weights differ from the bf16 run's."""
+    for name, amp in (("a", "bf16"), ("b", "bf16"), ("c", "auto")):
+        _train(zarr_path, tmp_path / name, "train.num_steps=4", f"train.amp={amp}", "objective=shortcut_m16")
+    a, b, c = (_weights(tmp_path / n) for n in "abc")
+    assert all(v.dtype == torch.float32 for v in a.values() if v.is_floating_point())
+    assert _same(a, b)
+    assert not _same(a, c), "bf16 autocast had no effect on CPU"
+    assert all(torch.isfinite(torch.tensor(loss)) for _, loss in _losses(tmp_path / "a"))

@@ -23,6 +23,36 @@ from .guidance import guided
 from .timesteps import discrete_t, global_levels_for_rank, t_on_level_grid
 
 
+def check_energy_options(energy_rows, energy_samples, energy_weight) -> None:
+    """Raises ``ValueError`` unless energy_rows >= 0 and energy_samples >= 2 are integers and energy_weight >= 0."""
+    for key, v, lo in (("energy_rows", energy_rows, 0), ("energy_samples", energy_samples, 2)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise ValueError(f"objective.{key}={v!r}: expected an integer >= {lo}")
+    if isinstance(energy_weight, bool) or not isinstance(energy_weight, (int, float)) or energy_weight < 0:
+        raise ValueError(f"objective.energy_weight={energy_weight!r}: expected a number >= 0 (0 = off)")
+
+
+def one_step_energy_score(net, x1, cond, m: int) -> torch.Tensor:
+    """Energy score of the 1-step sampler against the data (a strictly proper scoring rule: Gneiting & Raftery 2007,
+    eq. 22; used to train one-pass generators as "engression", Shen & Meinshausen 2024): for each of the n rows of
+    x1 (n, ...) draw m noises x0, take the 1-step samples g = x0 + net(x0, t=0, level 0, cond) and return the mean
+    over rows of  mean_i ||g_i - x1|| - 1/(2 m (m-1)) sum_{i != j} ||g_i - g_j||  (Euclidean norms over all non-batch
+    dims, normalised units). Its expectation is minimised only by the true conditional distribution of x1 given cond,
+    so it sharpens the 1-step sampler towards the data without averaging modes (the second term keeps samples
+    apart). ``net`` is the (velocity) net called as net(x, t, level, cond); cond (n, ...) or None is repeated m
+    times; gradients flow into net. Not in the shortcut paper or its reference code (an option of this project)."""
+    n = x1.shape[0]
+    c = None if cond is None else cond.repeat_interleave(m, dim=0)
+    x0 = torch.randn((n * m, *x1.shape[1:]), device=x1.device, dtype=x1.dtype)
+    zeros = torch.zeros(n * m, device=x1.device, dtype=x1.dtype)
+    g = (x0 + net(x0, zeros, zeros, c)).reshape(n, m, -1)
+    eps = 1e-8  # keeps the norm's gradient finite at 0
+    attract = ((g - x1.reshape(n, 1, -1)).pow(2).sum(-1) + eps).sqrt().mean()
+    pair = ((g.unsqueeze(1) - g.unsqueeze(2)).pow(2).sum(-1) + eps).sqrt()  # (n, m, m), zero diagonal up to eps
+    repel = (pair.sum((1, 2)) - m * eps**0.5).mean() / (m * (m - 1))
+    return attract - 0.5 * repel
+
+
 class Shortcut(Objective):
     """The shortcut-model objective (Frans et al. 2024, "One Step Diffusion via Shortcut Models"): a velocity net
     conditioned on the step size d = 2^-level, trained with flow matching at d = 1/M plus self-consistency
@@ -37,8 +67,11 @@ class Shortcut(Objective):
     rows' terms of the loss (1 = the reference's unweighted mean; not in the paper or the reference; it tests whether
     the flow-matching rows' irreducible target noise, about 100x the bootstrap rows' residuals on Push-T, drowns the
     self-consistency signal: measured, x4 and x16 both lost successes, docs/results/pusht_policies_b256.md).
+    ``energy_weight`` > 0 adds ``energy_weight`` times :func:`one_step_energy_score` of the 1-step sampler on the
+    last ``energy_rows`` rows of the batch (``energy_samples`` noises each; not in the paper or the reference: it
+    anchors the d = 1 level to the data directly instead of only through the chain of self-consistency levels).
     Raises ``ValueError`` for an invalid ``target_depth``, ``bootstrap_fraction``, ``bootstrap_weight``, ``teacher``,
-    ``preconditioning`` or ``sigma_data``.
+    ``preconditioning``, ``sigma_data`` or energy option.
     Module docstring: the batch layout."""
 
     name = "shortcut"
@@ -58,8 +91,14 @@ class Shortcut(Objective):
         bootstrap_weight: float = 1.0,
         preconditioning: str = "none",
         sigma_data: float = 0.5,
+        energy_rows: int = 0,
+        energy_samples: int = 2,
+        energy_weight: float = 0.0,
     ):
         super().__init__(m)
+        check_energy_options(energy_rows, energy_samples, energy_weight)
+        self.energy_rows, self.energy_samples = int(energy_rows), int(energy_samples)
+        self.energy_weight = float(energy_weight)
         self.preconditioning, self.sigma_data = check_preconditioning(preconditioning, sigma_data)
         if isinstance(bootstrap_weight, bool) or not (
             isinstance(bootstrap_weight, (int, float)) and bootstrap_weight > 0
@@ -159,7 +198,7 @@ class Shortcut(Objective):
         )
         target_f = velocity_target(x0[nb:], x1[nb:])
         target = torch.cat([target_b, target_f.to(target_b.dtype)])
-        return self.split_batch_loss(
+        loss, info = self.split_batch_loss(
             net,
             x_t,
             t,
@@ -172,6 +211,12 @@ class Shortcut(Objective):
             self.class_dropout_prob,
             self.bootstrap_weight,
         )
+        if self.energy_weight > 0 and self.energy_rows > 0:
+            n = min(self.energy_rows, B)
+            es = one_step_energy_score(net, x1[-n:], None if cond is None else cond[-n:], self.energy_samples)
+            loss = self.check_loss(loss + self.energy_weight * es)
+            info.update(loss=loss.item(), energy_score=es.item())
+        return loss, info
 
     @torch.no_grad()
     def sample(self, net, x0, cond=None, *, steps: int, null_cond=None, cfg_scale=None):

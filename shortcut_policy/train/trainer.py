@@ -334,7 +334,12 @@ class Trainer:
                     {"resume_changes": json.dumps({k: [a, b] for k, (a, b) in self.resume_changes.items()})}, self.step
                 )
         amp = self.tcfg.get("amp", "auto")
-        self.autocast = self.device.type == "cuda" and amp in ("auto", "bf16", True)
+        # CUDA: bf16 autocast unless amp=false. CPU: fp32 unless amp=bf16 (opt-in: CPUs with AVX512-BF16 run the
+        # U-Net's convolutions faster in bf16; the weights, the EMA and the optimiser stay fp32).
+        self.autocast_device = self.device.type if self.device.type in ("cuda", "cpu") else "cpu"
+        self.autocast = (self.device.type == "cuda" and amp in ("auto", "bf16", True)) or (
+            self.device.type == "cpu" and amp == "bf16"
+        )
 
     # --- state ------------------------------------------------------------------------------------------
     def payload(self, metrics=None) -> dict:
@@ -496,12 +501,12 @@ class Trainer:
         return self.ema.model if mode == "ema" else self.model
 
     def train_step(self, batch) -> dict:
-        """One optimiser step on ``batch``: loss (bf16 autocast on CUDA), backward, optional gradient clipping
-        (``train.grad_clip``), AdamW and scheduler steps, EMA update. Returns the objective's info plus ``lr``,
-        ``ema_decay`` and ``grad_norm`` (when clipping)."""
+        """One optimiser step on ``batch``: loss (bf16 autocast on CUDA, and on CPU with train.amp=bf16), backward,
+        optional gradient clipping (``train.grad_clip``), AdamW and scheduler steps, EMA update. Returns the
+        objective's info plus ``lr``, ``ema_decay`` and ``grad_norm`` (when clipping)."""
         self.model.train()
         batch = to_device(batch, self.device)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
+        with torch.autocast(self.autocast_device, dtype=torch.bfloat16, enabled=self.autocast):
             obj = getattr(self.model, "objective", None)
             if self.frozen_teacher is not None and obj.teacher_refresh_due():
                 self.refresh_teacher()
