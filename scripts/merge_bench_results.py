@@ -20,12 +20,8 @@ import argparse
 import json
 from pathlib import Path
 
-from shortcut_policy.bench.policies import aggregate, plot, table_markdown
+from shortcut_policy.bench.policies import aggregate, plot, run_key, table_markdown
 from shortcut_policy.utils import atomic_write_text
-
-
-def _nfe_key(run: dict) -> str:
-    return f"{run['sampler']}{run['nfe']}" if run.get("sampler") else str(run["nfe"])
 
 
 def merge(paths: list[Path], entries: list[str] | None = None) -> dict:
@@ -45,7 +41,7 @@ def merge(paths: list[Path], entries: list[str] | None = None) -> dict:
         for r in data["runs"]:
             if entries and r["entry"] not in entries:
                 continue
-            key = (r["entry"], int(r["train_seed"]), _nfe_key(r))
+            key = (r["entry"], int(r["train_seed"]), run_key(r))
             if key in seen:
                 raise SystemExit(
                     f"{p}: run {key[0]} seed {key[1]} NFE {key[2]} is also in {seen[key]}: each run is pooled once"

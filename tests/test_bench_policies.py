@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from shortcut_policy import cli
-from shortcut_policy.bench.policies import parse_nfe
+from shortcut_policy.bench.policies import parse_nfe, split_execution
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,18 @@ def _args(zarr_path, out, *extra):
     ]
 
 
-def test_two_objectives_table_figures_and_resume(zarr_path, tmp_path):
+def test_two_objectives_table_figures_and_resume(zarr_path, tmp_path, monkeypatch):
+    from shortcut_policy.policy import Policy
+
+    executed = []  # the execution horizon of every predict_action call made by the rollouts and latency probes
+    predict = Policy.predict_action
+
+    def spy(self, *a, **k):
+        out = predict(self, *a, **k)
+        executed.append(int(out.shape[1]))
+        return out
+
+    monkeypatch.setattr(Policy, "predict_action", spy)
     out = tmp_path / "bench"
     args = _args(
         zarr_path,
@@ -52,12 +63,17 @@ def test_two_objectives_table_figures_and_resume(zarr_path, tmp_path):
         "policies.objectives=[regression,shortcut_m16]",
         "policies.seeds=[0]",
         "policies.variants.shortcut_m16=['objective=shortcut','objective.m=16']",
-        "policies.nfe.shortcut=[1,128]",
+        "policies.nfe.shortcut=[1,128,1a4]",
     )
     res = cli.run_verb("bench", args + [f"run_dir={tmp_path / 'r1'}"])
     summary = json.loads((out / "results.json").read_text())["summary"]
     keys = {(r["entry"], r["nfe_key"]) for r in summary["rows"]}
-    assert keys == {("regression", "1"), ("shortcut_m16", "1"), ("shortcut_m16", "16")}  # 128 capped at M = 16
+    # 128 capped at M = 16; 1a4: one step, 4 actions of each chunk executed
+    assert keys == {("regression", "1"), ("shortcut_m16", "1"), ("shortcut_m16", "16"), ("shortcut_m16", "1a4")}
+    a4 = json.loads((out / "shortcut_m16" / "seed0" / "eval_1a4.json").read_text())
+    assert a4["n_action_steps"] == 4 and a4["nfe"] == 1
+    assert 4 in executed and 8 in executed, executed  # 1a4 chunks of 4 actions; the others Diffusion Policy's 8
+    assert "| shortcut_m16 | 1, executing 4 |" in (out / "table.md").read_text()
     for r in summary["rows"]:
         assert r["n_episodes"] == 3 and 0.0 <= r["success_rate"] <= 1.0 and r["latency_ms"] > 0
         assert r["ci95"][0] <= r["success_rate"] <= r["ci95"][1]
@@ -103,6 +119,10 @@ def test_missing_data_file_refused_before_training(tmp_path):
 
 def test_parse_nfe():
     assert parse_nfe("ddpm100") == ("ddpm", 100) and parse_nfe(8) == (None, 8) and parse_nfe("ddim10") == ("ddim", 10)
+    assert parse_nfe("ddpm100a4") == ("ddpm", 100) and split_execution("ddpm100a4") == ("ddpm100", 4)
+    assert split_execution("1a4") == ("1", 4) and split_execution("8") == ("8", None)
+    with pytest.raises(ValueError, match="execution horizon"):
+        split_execution("1a0")
     with pytest.raises(ValueError):
         parse_nfe("euler8")
 

@@ -41,15 +41,38 @@ from ..utils import atomic_path, atomic_write_text
 NFE_SPECS = ("ddpm", "ddim")
 
 
-def parse_nfe(spec) -> tuple[str | None, int]:
-    """'8' -> (None, 8); 'ddpm100' -> ('ddpm', 100); 'ddim10' -> ('ddim', 10). Raises ValueError otherwise."""
+def split_execution(spec) -> tuple[str, int | None]:
+    """An NFE entry with an optional execution horizon: '1a4' -> ('1', 4) (1 step, 4 actions of each predicted
+    chunk executed before replanning); 'ddpm100a4' -> ('ddpm100', 4); '8' -> ('8', None) (the policy's own
+    n_action_steps, Diffusion Policy's 8 on Push-T). Raises ValueError for a non-positive horizon."""
     s = str(spec).strip()
+    head, sep, tail = s.rpartition("a")
+    if sep and head and tail.isdigit():
+        if int(tail) < 1:
+            raise ValueError(f"policies.nfe entry {spec!r}: the execution horizon after 'a' must be >= 1")
+        return head, int(tail)
+    return s, None
+
+
+def run_key(run: dict) -> str:
+    """The (NFE, execution horizon) key of an evaluation result: '8', 'ddpm100', '1a4' (4 actions executed)."""
+    key = f"{run['sampler']}{run['nfe']}" if run.get("sampler") else str(run["nfe"])
+    return f"{key}a{run['n_action_steps']}" if run.get("n_action_steps") else key
+
+
+def parse_nfe(spec) -> tuple[str | None, int]:
+    """'8' -> (None, 8); 'ddpm100' -> ('ddpm', 100); 'ddim10' -> ('ddim', 10); an execution-horizon suffix ('1a4')
+    is ignored here (:func:`split_execution`). Raises ValueError otherwise."""
+    s = split_execution(spec)[0]
     for sampler in NFE_SPECS:
         if s.startswith(sampler) and s[len(sampler) :].isdigit():
             return sampler, int(s[len(sampler) :])
     if s.isdigit() and int(s) >= 1:
         return None, int(s)
-    raise ValueError(f"policies.nfe entry {spec!r}: expected a step count (e.g. 8) or ddpm<N> / ddim<N>")
+    raise ValueError(
+        f"policies.nfe entry {spec!r}: expected a step count (e.g. 8) or ddpm<N> / ddim<N>, optionally followed by "
+        "a<K> to execute K actions per chunk (e.g. 1a4)"
+    )
 
 
 def _atomic_json(path: Path, obj) -> None:
@@ -102,9 +125,10 @@ def _nfes(pc, objective: str, m: int | None) -> list[str]:
     out = []
     for s in specs:
         sampler, n = parse_nfe(s)
+        k = split_execution(s)[1]
         if sampler is None and m is not None and objective in ("shortcut", "flow_matching") and n > m:
             n = m  # a shortcut model with M = 16 samples at most 16 steps
-        key = f"{sampler}{n}" if sampler else str(n)
+        key = (f"{sampler}{n}" if sampler else str(n)) + (f"a{k}" if k else "")
         if key not in out:
             out.append(key)
     return out
@@ -188,17 +212,28 @@ def _latency_ms(policy, task_cfg, nfe: int, sampler: str | None, rounds: int) ->
 
 def _evaluate_one(pc, ckpt: Path, nfe_key: str, eval_dir: Path) -> dict:
     sampler, n = parse_nfe(nfe_key)
+    n_act = split_execution(nfe_key)[1]
     policy = load_policy(ckpt)
+    task_cfg = policy.task_cfg
     if sampler is not None:
         if getattr(policy.objective, "name", "") != "diffusion":
             raise ValueError(f"{ckpt}: NFE {nfe_key} needs a diffusion checkpoint, not {policy.objective.name}")
         policy.objective.sampler = sampler
+    if n_act is not None:  # execute n_act actions of each chunk (the policy's own n_action_steps otherwise)
+        room = policy.horizon - policy.n_obs_steps + 1
+        if n_act > room:
+            raise ValueError(
+                f"policies.nfe entry {nfe_key!r}: {ckpt} predicts horizon {policy.horizon} with n_obs_steps "
+                f"{policy.n_obs_steps}, so at most {room} actions per chunk can be executed"
+            )
+        policy.n_action_steps = n_act
+        task_cfg = {**OmegaConf.to_container(OmegaConf.create(task_cfg), resolve=True), "n_action_steps": n_act}
     torch.set_num_threads(1)
     ev = pc.eval
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # regression: 'ignores steps' is expected at NFE 1 only
         res = evaluate(
-            policy.task_cfg,
+            task_cfg,
             policy=policy,
             steps_list=[n],
             n_episodes=int(ev.n_episodes),
@@ -214,6 +249,7 @@ def _evaluate_one(pc, ckpt: Path, nfe_key: str, eval_dir: Path) -> dict:
     out = {
         "nfe": n,
         "sampler": sampler,
+        **({"n_action_steps": n_act} if n_act is not None else {}),
         "n_episodes": len(rows),
         "n_ok": len(ok),
         "n_success": int(sum(bool(r.get("success")) for r in ok)),
@@ -396,8 +432,7 @@ def aggregate(per_run: list[dict]) -> dict:
     that reached each stage (``stage_rates``, stages in the order they are reached on average)."""
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in per_run:
-        key = f"{r['sampler']}{r['nfe']}" if r.get("sampler") else str(r["nfe"])
-        groups.setdefault((r["entry"], key), []).append(r)
+        groups.setdefault((r["entry"], run_key(r)), []).append(r)
     rows = []
     for (entry, key), rs in groups.items():
         k, n = sum(r["n_success"] for r in rs), sum(r["n_ok"] for r in rs)
@@ -410,6 +445,7 @@ def aggregate(per_run: list[dict]) -> dict:
                 "nfe_key": key,
                 "nfe": rs[0]["nfe"],
                 "sampler": rs[0].get("sampler"),
+                "n_action_steps": rs[0].get("n_action_steps"),
                 "success_rate": k / n if n else float("nan"),
                 "n_success": k,
                 "n_episodes": n,
@@ -437,8 +473,14 @@ def aggregate(per_run: list[dict]) -> dict:
         ]
         if staged:
             rows[-1]["stage_rates"] = summarize(staged, 0, exclude_crashed=True).get("stage_rate@0", {})
-    rows.sort(key=lambda r: (r["entry"], r["nfe"]))
+    rows.sort(key=lambda r: (r["entry"], r["n_action_steps"] or 0, r["nfe"]))
     return {"rows": rows}
+
+
+def _nfe_label(r: dict) -> str:
+    """A table row's NFE cell: '1', '100 (DDPM)', '1, executing 4' (actions per chunk, when not the policy's own)."""
+    nfe = f"{r['nfe']} ({r['sampler'].upper()})" if r["sampler"] else str(r["nfe"])
+    return f"{nfe}, executing {r['n_action_steps']}" if r.get("n_action_steps") else nfe
 
 
 def table_markdown(summary: dict) -> str:
@@ -449,7 +491,7 @@ def table_markdown(summary: dict) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for r in summary["rows"]:
-        nfe = f"{r['nfe']} ({r['sampler'].upper()})" if r["sampler"] else str(r["nfe"])
+        nfe = _nfe_label(r)
         per = ", ".join(f"s{s}: {v:.3f}" for s, v in r["per_train_seed_success"].items())
         lines.append(
             f"| {r['entry']} | {nfe} | {r['success_rate']:.3f} [{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}] | "
@@ -461,7 +503,7 @@ def table_markdown(summary: dict) -> str:
         names += [k for r in staged for k in r["stage_rates"] if k not in names]
         lines += ["", "| entry | NFE | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
         for r in staged:
-            nfe = f"{r['nfe']} ({r['sampler'].upper()})" if r["sampler"] else str(r["nfe"])
+            nfe = _nfe_label(r)
             rates = " | ".join(f"{r['stage_rates'].get(k, 0.0):.2f}" for k in names)
             lines.append(f"| {r['entry']} | {nfe} | {rates} |")
     return "\n".join(lines) + "\n"
@@ -475,8 +517,9 @@ def plot(summary: dict, out: Path) -> dict:
     import matplotlib.pyplot as plt
 
     by_entry: dict[str, list[dict]] = {}
-    for r in summary["rows"]:
-        by_entry.setdefault(r["entry"], []).append(r)
+    for r in summary["rows"]:  # a different execution horizon is its own curve
+        label = r["entry"] + (f" (executing {r['n_action_steps']})" if r.get("n_action_steps") else "")
+        by_entry.setdefault(label, []).append(r)
     paths = {}
     for xkey, fname, xlabel in (
         ("nfe", "success_vs_nfe.png", "NFE (network evaluations per action chunk)"),
