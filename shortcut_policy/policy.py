@@ -70,6 +70,18 @@ class Policy(TrainableModel):
         self.task_cfg = None  # set by load_policy / build: the runner evaluates on it
         self.noise_scale = 1.0  # initial-noise temperature of predict_action (eval `noise_scale=`); 1.0 = as trained
 
+    def set_execution_horizon(self, n: int, what: str = "n_action_steps") -> None:
+        """Execute ``n`` actions of each predicted chunk (the action horizon Ta) instead of the trained one. Raises
+        ``ValueError`` naming ``what`` (the caller's config key) when n < 1 or when the chunk of ``horizon`` steps,
+        read from step To - 1, holds fewer than n actions."""
+        room = self.horizon - self.n_obs_steps + 1
+        if isinstance(n, bool) or int(n) != n or n < 1 or n > room:
+            raise ValueError(
+                f"{what}={n!r}: the policy predicts horizon {self.horizon} with n_obs_steps {self.n_obs_steps}, so "
+                f"1 to {room} actions per chunk can be executed"
+            )
+        self.n_action_steps = int(n)
+
     @property
     def device(self):
         return next(self.parameters()).device

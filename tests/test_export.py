@@ -91,7 +91,7 @@ def test_eval_n_action_steps_override(ckpt, tmp_path):
         ],
     )
     assert res["n_action_steps"] == 3 and res["n_episodes"] == 1
-    with pytest.raises(ValueError, match="n_action_steps=16: .* at most 15"):
+    with pytest.raises(ValueError, match="n_action_steps=16: .* 1 to 15 actions"):
         cli.run_verb("eval", [f"checkpoint={ckpt}", "n_action_steps=16", "n_episodes=1", f"run_dir={tmp_path / 'f'}"])
 
 

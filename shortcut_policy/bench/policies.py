@@ -220,13 +220,7 @@ def _evaluate_one(pc, ckpt: Path, nfe_key: str, eval_dir: Path) -> dict:
             raise ValueError(f"{ckpt}: NFE {nfe_key} needs a diffusion checkpoint, not {policy.objective.name}")
         policy.objective.sampler = sampler
     if n_act is not None:  # execute n_act actions of each chunk (the policy's own n_action_steps otherwise)
-        room = policy.horizon - policy.n_obs_steps + 1
-        if n_act > room:
-            raise ValueError(
-                f"policies.nfe entry {nfe_key!r}: {ckpt} predicts horizon {policy.horizon} with n_obs_steps "
-                f"{policy.n_obs_steps}, so at most {room} actions per chunk can be executed"
-            )
-        policy.n_action_steps = n_act
+        policy.set_execution_horizon(n_act, f"policies.nfe entry {nfe_key!r} ({ckpt}): n_action_steps")
         task_cfg = {**OmegaConf.to_container(OmegaConf.create(task_cfg), resolve=True), "n_action_steps": n_act}
     torch.set_num_threads(1)
     ev = pc.eval

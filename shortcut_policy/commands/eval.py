@@ -72,13 +72,7 @@ def eval_command(cfg, run_dir) -> dict:
         n_act = cfg_get(cfg, "n_action_steps", None)
         if n_act is not None:  # execute a different number of each chunk's actions than the policy was trained with
             n_act = check_int("n_action_steps", n_act, 1)
-            room = policy.horizon - policy.n_obs_steps + 1
-            if n_act > room:
-                raise ValueError(
-                    f"n_action_steps={n_act}: the policy predicts horizon {policy.horizon} with "
-                    f"n_obs_steps {policy.n_obs_steps}, so at most {room} actions can be executed"
-                )
-            policy.n_action_steps = n_act
+            policy.set_execution_horizon(n_act)
             task_cfg = {**to_plain(task_cfg), "n_action_steps": n_act}
         sampler = cfg_get(cfg, "sampler", None)
         if sampler is not None:  # diffusion checkpoints: ddpm | ddim (steps= is then the number of denoising steps)
