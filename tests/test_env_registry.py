@@ -121,7 +121,8 @@ def test_a_registered_env_runs_demos_train_eval_and_deploy_through_the_cli(tmp_p
             f"run_dir={tmp_path / 'deploy'}",
         ],
     )
-    assert res["env_steps"] > 0 and res["cycles"] == 10
+    # every one of the 10 control ticks ran or, when a loaded machine made a cycle overrun, was counted as skipped
+    assert res["env_steps"] > 0 and res["cycles"] >= 1 and res["cycles"] + res["skipped_ticks"] == 10
 
 
 def test_make_env_wraps_every_registered_env_the_same_way(toy_env):
