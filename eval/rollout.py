@@ -423,6 +423,10 @@ def run_policy(
     chunk is executed whole (Diffusion Policy's protocol)."""
     if ensemble_k is not None and not float(ensemble_k) >= 0:
         raise ValueError(f"ensemble_k={ensemble_k}: expected a number >= 0 (or None for no temporal ensembling)")
+    warm = getattr(policy, "warm_start", None) is not None
+    if warm and ensemble_k is not None:
+        raise ValueError("warm_start and ensemble_k: choose one (both change how chunks follow each other)")
+    priors: dict = {}  # warm start: per seed, the normalised prior window for its next chunk (policy.next_prior)
     # per seed: the queue of predicted actions by env step, and the env step the next action is for
     queues = {s: ActionQueue(0.0, 1.0, 0.0, float(ensemble_k)) for s in seeds} if ensemble_k is not None else {}
     tick = dict.fromkeys(seeds, 0)
@@ -475,7 +479,10 @@ def run_policy(
             active = sorted(obs)
             keys = list(obs[active[0]].keys())
             batch = {k: np.stack([obs[s][k] for s in active], axis=0) for k in keys}
-            actions = policy.predict_action(batch, steps=steps)
+            if warm:
+                actions = _warm_predict(policy, batch, active, priors, steps)
+            else:
+                actions = policy.predict_action(batch, steps=steps)
             actions = actions.detach().cpu().numpy() if hasattr(actions, "detach") else np.asarray(actions)
             if actions.ndim != 3 or actions.shape[0] != len(active):
                 raise ValueError(
@@ -533,6 +540,28 @@ def run_policy(
     for s in seeds:
         rows.setdefault(s, _lost_row(s, steps, "crashed", "no result"))
     return [rows[s] for s in seeds]
+
+
+def _warm_predict(policy, batch: dict, active: list[int], priors: dict, steps: int) -> np.ndarray:
+    """Warm-started chunks for the seeds ``active`` (rows of ``batch``): seeds without a prior (their first chunk)
+    sample from noise, the others from their prior (:meth:`Policy.predict_chunk`); ``priors`` is updated in place
+    with each seed's next prior. Returns the executed actions (B, Ta, Da) in the order of ``active``."""
+    import torch
+
+    cold = [i for i, s in enumerate(active) if s not in priors]
+    hot = [i for i, s in enumerate(active) if s in priors]
+    out = [None] * len(active)
+    for rows, prior in ((cold, None), (hot, True)):
+        if not rows:
+            continue
+        sub = {k: v[rows] for k, v in batch.items()}
+        p = torch.stack([priors[active[i]] for i in rows]) if prior else None
+        acts, window = policy.predict_chunk(sub, steps=steps, prior=p)
+        nxt = policy.next_prior(window)
+        for j, i in enumerate(rows):
+            out[i] = acts[j]
+            priors[active[i]] = nxt[j]
+    return np.stack(out)
 
 
 def _bar(total, desc, enabled):

@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from .checkpoint import load_checkpoint
+from .conventions import interpolate
 from .datasets.normalizer import LinearNormalizer
 from .model import TrainableModel
 from .nets import build_net
@@ -69,6 +70,7 @@ class Policy(TrainableModel):
             )
         self.task_cfg = None  # set by load_policy / build: the runner evaluates on it
         self.noise_scale = 1.0  # initial-noise temperature of predict_action (eval `noise_scale=`); 1.0 = as trained
+        self.warm_start = None  # tau of predict_chunk(prior=) (eval `warm_start=`); None = every chunk from noise
 
     def set_execution_horizon(self, n: int, what: str = "n_action_steps") -> None:
         """Execute ``n`` actions of each predicted chunk (the action horizon Ta) instead of the trained one. Raises
@@ -182,7 +184,31 @@ class Policy(TrainableModel):
         Samples a normalised window (B, H, Da) from noise (scaled by ``noise_scale``) in ``steps`` network evaluations
         (default ``default_steps``), clamps it to [-1, 1], unnormalises it and returns the Ta actions from step To - 1:
         (B, Ta, Da) as a NumPy array (``return_numpy``) or a tensor. ``generator`` seeds the noise (and the re-noising
-        of DDPM / consistency samplers); ``sample_kw`` go to the objective's ``sample`` (e.g. ``sampler="ddim"``)."""
+        of DDPM / consistency samplers); ``sample_kw`` go to the objective's ``sample`` (e.g. ``sampler="ddim"``).
+        :meth:`predict_chunk` also returns the whole normalised window and can warm-start from the previous one."""
+        out, _ = self.predict_chunk(obs, steps, generator, return_numpy=return_numpy, **sample_kw)
+        return out
+
+    @torch.no_grad()
+    def predict_chunk(
+        self,
+        obs: Mapping,
+        steps: int | None = None,
+        generator: torch.Generator | None = None,
+        prior: torch.Tensor | None = None,
+        return_numpy: bool = True,
+        **sample_kw,
+    ):
+        """:meth:`predict_action` that also returns the sampled window: ``(actions (B, Ta, Da), window (B, H, Da))``,
+        the window normalised and clamped to [-1, 1] (a tensor), for :meth:`next_prior`.
+
+        ``prior`` (B, H, Da), normalised: warm start (``warm_start`` = tau, set by eval ``warm_start=``): the
+        sampler starts at t = tau from x_tau = (1 - (1 - eps) tau) x0 + tau prior (the flow interpolant between the
+        noise and the prior, :func:`shortcut_policy.conventions.interpolate`) and takes ``steps`` steps of size
+        (1 - tau) / steps to t = 1, so the NFE is unchanged. For a shortcut model every such step lies on its training
+        grid (tau = 1/2 at 1 step: one jump of d = 1/2 from t = 1/2). Not in the shortcut paper or Diffusion Policy; it
+        resembles SDEdit (Meng et al. 2022) applied to the previous chunk's unexecuted actions. Raises ``ValueError``
+        when ``prior`` is given without ``warm_start``, has the wrong shape, or the objective cannot start at tau."""
         steps = self.check_steps(self.default_steps if steps is None else steps)
         self._check_obs(obs, self.n_obs_steps, "predict_action")
         dev = self.device
@@ -201,8 +227,51 @@ class Policy(TrainableModel):
         )
         if self.objective.takes_generator:  # samplers that re-noise between steps draw from the same generator
             sample_kw.setdefault("generator", generator)
-        out = self.actions_from_noise(obs_t, x0, steps, **sample_kw)
-        return out.cpu().numpy() if return_numpy else out
+        if prior is not None:
+            tau = self.check_warm_start(self.warm_start, steps)
+            if tau is None:
+                raise ValueError("predict_chunk(prior=...): set warm_start (eval warm_start=) to start from a prior")
+            prior = torch.as_tensor(prior, dtype=dtype, device=dev)
+            if tuple(prior.shape) != (B, self.horizon, self.action_dim):
+                raise ValueError(
+                    f"prior: expected shape {(B, self.horizon, self.action_dim)} (B, H, Da), got {tuple(prior.shape)}"
+                )
+            x0 = interpolate(x0, prior, torch.full((B,), tau, device=dev, dtype=dtype))
+            sample_kw["t_start"] = tau
+        cond = self.obs_encoder(self.normalizer.normalize(dict(obs_t)))
+        window = self.objective.sample(self.net, x0, cond, steps=steps, **sample_kw).clamp(-1.0, 1.0)
+        out = self._execute(window)
+        return (out.cpu().numpy() if return_numpy else out), window
+
+    def check_warm_start(self, tau, steps: int = 1) -> float | None:
+        """Validate a warm-start time tau for ``steps``-step sampling: None (off) or a value the objective can start
+        from (:meth:`Objective.check_t_start`: 1 - 2^-j for shortcut; 0 < tau < 1 for flow matching). Returns
+        it as a float (or None); raises ``ValueError`` naming ``warm_start`` otherwise."""
+        if tau is None:
+            return None
+        try:
+            ts = self.objective.check_t_start(tau, self.check_steps(steps))
+        except ValueError as e:
+            raise ValueError(f"warm_start={tau!r}: {e}") from None
+        if ts == 0.0:
+            raise ValueError(f"warm_start={tau!r}: expected a time in (0, 1) (null: no warm start)")
+        return ts
+
+    def next_prior(self, window: torch.Tensor, n_executed: int | None = None) -> torch.Tensor:
+        """The prior for the next chunk after ``n_executed`` (default Ta) actions of ``window`` (B, H, Da) were
+        executed: the window shifted by n_executed steps (its step j + n_executed becomes step j, since the next
+        observation is n_executed env steps later), the last action repeated to fill H. Normalised units."""
+        n = self.n_action_steps if n_executed is None else int(n_executed)
+        if not 0 <= n < self.horizon:
+            raise ValueError(f"n_executed={n}: expected 0 <= n < horizon {self.horizon}")
+        tail = window[:, n:]
+        return torch.cat([tail, tail[:, -1:].expand(-1, n, -1)], dim=1)
+
+    def _execute(self, naction: torch.Tensor) -> torch.Tensor:
+        """Normalised window (B, H, Da) -> the Ta executed actions (B, Ta, Da) in environment units (from To - 1)."""
+        action = self.normalizer.unnormalize({"action": naction})["action"]
+        start = self.n_obs_steps - 1
+        return action[:, start : start + self.n_action_steps]
 
     def actions_from_noise(self, obs: Mapping[str, torch.Tensor], x0: torch.Tensor, steps: int, **sample_kw):
         """The tensor-in / tensor-out core of :meth:`predict_action`, also the body of the exported graph
@@ -210,10 +279,7 @@ class Policy(TrainableModel):
         environment units and initial noise x0 (B, H, Da) -> executed actions (B, Ta, Da) in environment units
         (normalise, encode, ``steps``-step sampling, clamp to [-1, 1], unnormalise, slice from To - 1)."""
         cond = self.obs_encoder(self.normalizer.normalize(dict(obs)))
-        naction = self.objective.sample(self.net, x0, cond, steps=steps, **sample_kw).clamp(-1.0, 1.0)
-        action = self.normalizer.unnormalize({"action": naction})["action"]
-        start = self.n_obs_steps - 1
-        return action[:, start : start + self.n_action_steps]
+        return self._execute(self.objective.sample(self.net, x0, cond, steps=steps, **sample_kw).clamp(-1.0, 1.0))
 
 
 # -------------------------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from shortcut_policy import cli
-from shortcut_policy.bench.policies import parse_nfe, split_execution
+from shortcut_policy.bench.policies import parse_nfe, run_key, split_execution, split_warm
 
 
 @pytest.fixture(scope="module")
@@ -63,15 +63,24 @@ def test_two_objectives_table_figures_and_resume(zarr_path, tmp_path, monkeypatc
         "policies.objectives=[regression,shortcut_m16]",
         "policies.seeds=[0]",
         "policies.variants.shortcut_m16=['objective=shortcut','objective.m=16']",
-        "policies.nfe.shortcut=[1,128,1a4]",
+        "policies.nfe.shortcut=[1,128,1a4,1a2w0.5]",
     )
     res = cli.run_verb("bench", args + [f"run_dir={tmp_path / 'r1'}"])
     summary = json.loads((out / "results.json").read_text())["summary"]
     keys = {(r["entry"], r["nfe_key"]) for r in summary["rows"]}
     # 128 capped at M = 16; 1a4: one step, 4 actions of each chunk executed
-    assert keys == {("regression", "1"), ("shortcut_m16", "1"), ("shortcut_m16", "16"), ("shortcut_m16", "1a4")}
+    assert keys == {
+        ("regression", "1"),
+        ("shortcut_m16", "1"),
+        ("shortcut_m16", "16"),
+        ("shortcut_m16", "1a4"),
+        ("shortcut_m16", "1a2w0.5"),
+    }
     a4 = json.loads((out / "shortcut_m16" / "seed0" / "eval_1a4.json").read_text())
     assert a4["n_action_steps"] == 4 and a4["nfe"] == 1
+    w = json.loads((out / "shortcut_m16" / "seed0" / "eval_1a2w0.5.json").read_text())
+    assert w["n_action_steps"] == 2 and w["warm_start"] == 0.5 and w["nfe"] == 1
+    assert "| shortcut_m16 | 1, executing 2, warm start 0.5 |" in (out / "table.md").read_text()
     assert 4 in executed and 8 in executed, executed  # 1a4 chunks of 4 actions; the others Diffusion Policy's 8
     assert "| shortcut_m16 | 1, executing 4 |" in (out / "table.md").read_text()
     for r in summary["rows"]:
@@ -125,6 +134,13 @@ def test_parse_nfe():
         split_execution("1a0")
     with pytest.raises(ValueError):
         parse_nfe("euler8")
+    # warm start: '1a2w0.875' = 1 step, 2 actions executed, each chunk from t = 0.875 of the previous one's rest
+    assert split_warm("1a2w0.875") == ("1a2", 0.875) and split_execution("1a2w0.875") == ("1", 2)
+    assert parse_nfe("1a2w0.875") == (None, 1) and split_warm("ddpm100a4") == ("ddpm100a4", None)
+    assert run_key({"nfe": 1, "n_action_steps": 2, "warm_start": 0.875}) == "1a2w0.875"
+    for bad in ("1a2w1.5", "1a2wsoon", "1w0"):
+        with pytest.raises(ValueError, match="warm start after 'w'"):
+            parse_nfe(bad)
 
 
 def test_bench_shorthand_maps_top_level_and_dotted_keys():

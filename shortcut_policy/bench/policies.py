@@ -41,11 +41,31 @@ from ..utils import atomic_path, atomic_write_text
 NFE_SPECS = ("ddpm", "ddim")
 
 
+def split_warm(spec) -> tuple[str, float | None]:
+    """An NFE entry with an optional warm start (eval ``warm_start=``): '1a2w0.875' -> ('1a2', 0.875) (each chunk
+    after an episode's first starts at t = 0.875 from the previous chunk's unexecuted actions); '1a4' -> ('1a4',
+    None). Raises ValueError for a value that is not a number in (0, 1)."""
+    s = str(spec).strip()
+    head, sep, tail = s.partition("w")
+    if not sep:
+        return s, None
+    try:
+        tau = float(tail)
+    except ValueError:
+        tau = float("nan")
+    if not 0.0 < tau < 1.0:
+        raise ValueError(
+            f"policies.nfe entry {spec!r}: the warm start after 'w' must be a number in (0, 1), e.g. 1a2w0.875"
+        )
+    return head, tau
+
+
 def split_execution(spec) -> tuple[str, int | None]:
     """An NFE entry with an optional execution horizon: '1a4' -> ('1', 4) (1 step, 4 actions of each predicted
     chunk executed before replanning); 'ddpm100a4' -> ('ddpm100', 4); '8' -> ('8', None) (the policy's own
-    n_action_steps, Diffusion Policy's 8 on Push-T). Raises ValueError for a non-positive horizon."""
-    s = str(spec).strip()
+    n_action_steps, Diffusion Policy's 8 on Push-T); a warm-start suffix ('1a2w0.875') is dropped
+    (:func:`split_warm`). Raises ValueError for a non-positive horizon."""
+    s = split_warm(spec)[0]
     head, sep, tail = s.rpartition("a")
     if sep and head and tail.isdigit():
         if int(tail) < 1:
@@ -55,9 +75,11 @@ def split_execution(spec) -> tuple[str, int | None]:
 
 
 def run_key(run: dict) -> str:
-    """The (NFE, execution horizon) key of an evaluation result: '8', 'ddpm100', '1a4' (4 actions executed)."""
+    """The (NFE, execution horizon, warm start) key of an evaluation result: '8', 'ddpm100', '1a4' (4 actions
+    executed), '1a2w0.875' (warm start at t = 0.875)."""
     key = f"{run['sampler']}{run['nfe']}" if run.get("sampler") else str(run["nfe"])
-    return f"{key}a{run['n_action_steps']}" if run.get("n_action_steps") else key
+    key = f"{key}a{run['n_action_steps']}" if run.get("n_action_steps") else key
+    return f"{key}w{run['warm_start']:g}" if run.get("warm_start") else key
 
 
 def parse_nfe(spec) -> tuple[str | None, int]:
@@ -125,10 +147,10 @@ def _nfes(pc, objective: str, m: int | None) -> list[str]:
     out = []
     for s in specs:
         sampler, n = parse_nfe(s)
-        k = split_execution(s)[1]
+        k, w = split_execution(s)[1], split_warm(s)[1]
         if sampler is None and m is not None and objective in ("shortcut", "flow_matching") and n > m:
             n = m  # a shortcut model with M = 16 samples at most 16 steps
-        key = (f"{sampler}{n}" if sampler else str(n)) + (f"a{k}" if k else "")
+        key = (f"{sampler}{n}" if sampler else str(n)) + (f"a{k}" if k else "") + (f"w{w:g}" if w else "")
         if key not in out:
             out.append(key)
     return out
@@ -212,8 +234,9 @@ def _latency_ms(policy, task_cfg, nfe: int, sampler: str | None, rounds: int) ->
 
 def _evaluate_one(pc, ckpt: Path, nfe_key: str, eval_dir: Path) -> dict:
     sampler, n = parse_nfe(nfe_key)
-    n_act = split_execution(nfe_key)[1]
+    n_act, warm = split_execution(nfe_key)[1], split_warm(nfe_key)[1]
     policy = load_policy(ckpt)
+    policy.warm_start = policy.check_warm_start(warm, n)  # ValueError naming warm_start for e.g. a DDPM policy
     task_cfg = policy.task_cfg
     if sampler is not None:
         if getattr(policy.objective, "name", "") != "diffusion":
@@ -244,6 +267,7 @@ def _evaluate_one(pc, ckpt: Path, nfe_key: str, eval_dir: Path) -> dict:
         "nfe": n,
         "sampler": sampler,
         **({"n_action_steps": n_act} if n_act is not None else {}),
+        **({"warm_start": warm} if warm is not None else {}),
         "n_episodes": len(rows),
         "n_ok": len(ok),
         "n_success": int(sum(bool(r.get("success")) for r in ok)),
@@ -440,6 +464,7 @@ def aggregate(per_run: list[dict]) -> dict:
                 "nfe": rs[0]["nfe"],
                 "sampler": rs[0].get("sampler"),
                 "n_action_steps": rs[0].get("n_action_steps"),
+                "warm_start": rs[0].get("warm_start"),
                 "success_rate": k / n if n else float("nan"),
                 "n_success": k,
                 "n_episodes": n,
@@ -467,14 +492,15 @@ def aggregate(per_run: list[dict]) -> dict:
         ]
         if staged:
             rows[-1]["stage_rates"] = summarize(staged, 0, exclude_crashed=True).get("stage_rate@0", {})
-    rows.sort(key=lambda r: (r["entry"], r["n_action_steps"] or 0, r["nfe"]))
+    rows.sort(key=lambda r: (r["entry"], r["n_action_steps"] or 0, r.get("warm_start") or 0.0, r["nfe"]))
     return {"rows": rows}
 
 
 def _nfe_label(r: dict) -> str:
     """A table row's NFE cell: '1', '100 (DDPM)', '1, executing 4' (actions per chunk, when not the policy's own)."""
     nfe = f"{r['nfe']} ({r['sampler'].upper()})" if r["sampler"] else str(r["nfe"])
-    return f"{nfe}, executing {r['n_action_steps']}" if r.get("n_action_steps") else nfe
+    nfe = f"{nfe}, executing {r['n_action_steps']}" if r.get("n_action_steps") else nfe
+    return f"{nfe}, warm start {r['warm_start']:g}" if r.get("warm_start") else nfe
 
 
 def table_markdown(summary: dict) -> str:
@@ -513,6 +539,7 @@ def plot(summary: dict, out: Path) -> dict:
     by_entry: dict[str, list[dict]] = {}
     for r in summary["rows"]:  # a different execution horizon is its own curve
         label = r["entry"] + (f" (executing {r['n_action_steps']})" if r.get("n_action_steps") else "")
+        label += f" (warm start {r['warm_start']:g})" if r.get("warm_start") else ""
         by_entry.setdefault(label, []).append(r)
     paths = {}
     for xkey, fname, xlabel in (

@@ -55,6 +55,10 @@ def eval_command(cfg, run_dir) -> dict:
         raise ValueError(f"policy={mode!r}: expected 'expert' or 'checkpoint'")
     if mode == "expert" and ckpt is not None:
         raise ValueError(f"policy=expert with checkpoint={ckpt!r}: drop one of them")
+    if mode == "expert" and cfg_get(cfg, "warm_start", None) is not None:
+        raise ValueError(
+            f"warm_start={cfg_get(cfg, 'warm_start')}: the warm start applies to a learned policy (checkpoint=)"
+        )
     task_cfg = to_plain(cfg_get(cfg, "task"))
     if cfg_get(cfg, "expert_kwargs"):
         task_cfg = {**task_cfg, "expert_kwargs": to_plain(cfg_get(cfg, "expert_kwargs"))}
@@ -85,6 +89,10 @@ def eval_command(cfg, run_dir) -> dict:
                 raise ValueError(f"sampler={sampler!r}: expected 'ddpm' or 'ddim'")
             policy.objective.sampler = sampler
         policy.noise_scale = float(cfg_get(cfg, "noise_scale", 1.0))
+        warm = cfg_get(cfg, "warm_start", None)  # start each chunk at t = warm from the previous one's rest
+        st = to_plain(cfg_get(cfg, "steps", [1]))
+        for n in st if isinstance(st, (list, tuple)) else [st]:
+            policy.warm_start = policy.check_warm_start(warm, n)
     if task_cfg is None:
         raise ValueError("eval: no task config (task=pusht_lowdim|pusht_image|...)")
     tev = cfg_get(task_cfg, "eval", {}) or {}
@@ -123,6 +131,7 @@ def eval_command(cfg, run_dir) -> dict:
         res["n_action_steps"] = policy.n_action_steps
         res["noise_scale"] = policy.noise_scale
         res["ensemble_k"] = ensemble_k
+        res["warm_start"] = policy.warm_start
         if hasattr(policy.objective, "sampler"):
             res["sampler"] = policy.objective.sampler
     return res

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -63,6 +65,7 @@ class Objective(nn.Module):
     uses_step_size = False
     step_input = "level"  # what the net's third argument means: "level" log2(1/d) or "continuous" d (MeanFlow)
     takes_generator = False  # sample(..., generator=) draws fresh noise between steps (DDPM, consistency)
+    supports_t_start = False  # sample(t_start=) from a partly denoised window (warm start): flow objectives
     # uses_step_size: whether the net's step-size input carries information; nets built for an objective that does
     # not use it get no step-size branch (net.use_step_size: auto). net_time_scale: None keeps the net's configured
     # time scale; a number replaces it (diffusion feeds integer DDPM steps, embedded unscaled: 1.0)
@@ -134,19 +137,44 @@ class Objective(nn.Module):
         return check_steps(steps, self.m)
 
     @staticmethod
-    def euler(net, x0, cond, n: int, step_value: float, null_cond=None, scale=None):
-        """The Euler loop every flow-type objective samples with: x += f(x, i/n, step_value, cond) / n, i = 0..n-1.
+    def euler(net, x0, cond, n: int, step_value: float, null_cond=None, scale=None, t_start: float = 0.0):
+        """The Euler loop every flow-type objective samples with: x += f(x, t_i, step_value, cond) * d with
+        d = (1 - t_start) / n and t_i = t_start + i d, i = 0..n-1.
 
-        x0 (B, ...) noise at t = 0; `step_value` is what the net's third argument gets for every call (the level
-        log2(N) for shortcut, log2(M) for flow matching, the step size 1/N for MeanFlow); classifier-free guidance
-        with `scale` (None = one conditional pass). Returns x at t = 1, shaped like x0.
+        x0 (B, ...) the state at t = ``t_start`` (noise when 0; a partly denoised window for a warm start); `step_value`
+        is what the net's third argument gets for every call (the level log2(1/d) for shortcut, log2(M) for flow
+        matching, the step size d for MeanFlow); classifier-free guidance with `scale` (None = one conditional pass).
+        Returns x at t = 1, shaped like x0.
         """
         x, B = x0, x0.shape[0]
+        d = (1.0 - float(t_start)) / n
         sv = torch.full((B,), float(step_value), device=x.device, dtype=x.dtype)
         for i in range(n):
-            t = torch.full((B,), i / n, device=x.device, dtype=x.dtype)
-            x = x + guided(net, x, t, sv, cond, null_cond, scale) / n
+            t = torch.full((B,), float(t_start) + i * d, device=x.device, dtype=x.dtype)
+            x = x + guided(net, x, t, sv, cond, null_cond, scale) * d
         return x
+
+    def check_t_start(self, t_start, steps: int) -> float:
+        """Validate a warm-start time for :meth:`sample`: 0 (from noise), or, for objectives that support it
+        (``supports_t_start``), 1 - 2^-j with (1 - t_start) / steps >= 1/M, so that every step of size
+        d = (1 - t_start) / steps starts on a multiple of d (the times a shortcut model was trained on). Returns it
+        as a float; raises ``ValueError`` otherwise."""
+        try:
+            ts = float(t_start)
+        except (TypeError, ValueError):
+            raise ValueError(f"t_start={t_start!r}: expected a number in [0, 1)") from None
+        if ts == 0.0:
+            return 0.0
+        if not getattr(self, "supports_t_start", False):
+            raise ValueError(f"t_start={ts}: objective {self.name} samples from noise only (t_start=0)")
+        rest = 1.0 - ts
+        j = round(-math.log2(rest)) if 0.0 < rest < 1.0 else 0
+        if j < 1 or abs(rest - 2.0**-j) > 1e-9 or rest / steps < 1.0 / self.m - 1e-12:
+            raise ValueError(
+                f"t_start={ts} with steps={steps}: expected 1 - 2^-j (0.5, 0.75, 0.875, ...) with "
+                f"(1 - t_start) / steps >= 1/M = 1/{self.m}"
+            )
+        return ts
 
     def split_batch_loss(
         self,

@@ -20,6 +20,7 @@ class FlowMatching(Objective):
     """
 
     name = "flow_matching"
+    supports_t_start = True  # sample(t_start=...): Euler from a partly denoised window
 
     def __init__(
         self,
@@ -58,9 +59,11 @@ class FlowMatching(Objective):
         return loss, {"loss": loss.item(), "loss_flow": loss.item()}
 
     @torch.no_grad()
-    def sample(self, net, x0, cond=None, *, steps: int, null_cond=None, cfg_scale=None):
-        """Euler integration from x0 (B, ...) in ``steps`` steps of size 1/N, the level input held at log2 M;
-        classifier-free guidance with ``cfg_scale`` (None: the objective's). Returns x at t = 1."""
+    def sample(self, net, x0, cond=None, *, steps: int, null_cond=None, cfg_scale=None, t_start: float = 0.0):
+        """Euler integration from x0 (B, ...) at t = ``t_start`` (0: noise; see :meth:`check_t_start`) in ``steps``
+        steps of size (1 - t_start)/N, the level input held at log2 M; classifier-free guidance with ``cfg_scale``
+        (None: the objective's). Returns x at t = 1."""
         n = self.check_steps(steps)
+        ts = self.check_t_start(t_start, n)
         scale = self.cfg_scale if cfg_scale is None else cfg_scale
-        return self.euler(self.velocity_net(net), x0, cond, n, float(self.log2_m), null_cond, scale)
+        return self.euler(self.velocity_net(net), x0, cond, n, float(self.log2_m), null_cond, scale, t_start=ts)

@@ -15,6 +15,8 @@ and drops the last B/8: its issue #10).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..conventions import CLIP_TARGET, M, interpolate, velocity_target
@@ -76,6 +78,7 @@ class Shortcut(Objective):
 
     name = "shortcut"
     uses_step_size = True
+    supports_t_start = True  # sample(t_start=1 - 2^-j): a warm start from a partly denoised window
 
     def __init__(
         self,
@@ -219,9 +222,13 @@ class Shortcut(Objective):
         return loss, info
 
     @torch.no_grad()
-    def sample(self, net, x0, cond=None, *, steps: int, null_cond=None, cfg_scale=None):
-        """Euler with d = 1/N at t = i/N and level log2(N). Guidance only at N = M (the unguided FM level);
-        fewer steps use one conditional pass (the guidance was distilled in training)."""
+    def sample(self, net, x0, cond=None, *, steps: int, null_cond=None, cfg_scale=None, t_start: float = 0.0):
+        """Euler with d = (1 - t_start)/N at t = t_start + i d and level log2(1/d) (t_start = 0: d = 1/N, level
+        log2 N). Guidance only at the FM level d = 1/M; larger steps use one conditional pass (the guidance was
+        distilled in training). ``t_start`` = 1 - 2^-j starts from a partly denoised x0 (a warm start, see
+        :meth:`check_t_start`); each step then lies on the grid the model was trained on."""
         n = self.check_steps(steps)
-        scale = (self.cfg_scale if cfg_scale is None else cfg_scale) if n == self.m else None
-        return self.euler(self.velocity_net(net), x0, cond, n, float(n.bit_length() - 1), null_cond, scale)
+        ts = self.check_t_start(t_start, n)
+        level = round(math.log2(n / (1.0 - ts)))
+        scale = (self.cfg_scale if cfg_scale is None else cfg_scale) if level == self.log2_m else None
+        return self.euler(self.velocity_net(net), x0, cond, n, float(level), null_cond, scale, t_start=ts)

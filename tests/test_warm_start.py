@@ -1,0 +1,195 @@
+"""Warm start (eval ``warm_start=tau``): each chunk after an episode's first starts at t = tau from the previous
+chunk's unexecuted actions, with the same number of network evaluations. Sampler arithmetic on a recording net,
+the policy's prior handling on a real tiny checkpoint, the rollout's bookkeeping on the toy env, the eval option."""
+
+import numpy as np
+import pytest
+import torch
+from test_deploy import tiny_checkpoint
+
+from shortcut_policy import cli
+from shortcut_policy.conventions import interpolate
+from shortcut_policy.eval.rollout import evaluate
+from shortcut_policy.objectives import build_objective
+from shortcut_policy.policy import load_policy
+
+
+class RecordingNet(torch.nn.Module):
+    """v(x, t, level, cond) = 0.1 x + t + level, recording every call's (t, level)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def forward(self, x, t, level, cond=None):
+        self.calls.append((t.tolist(), level.tolist()))
+        return 0.1 * x + t.reshape(-1, 1, 1) + level.reshape(-1, 1, 1)
+
+
+def objective(name, **kw):
+    return build_objective({"name": name, "m": 16, **kw})
+
+
+def test_shortcut_sample_from_t_start_takes_steps_on_the_training_grid():
+    obj = objective("shortcut")
+    x = torch.randn(3, 16, 2)
+    net = RecordingNet()
+    out = obj.sample(net, x, None, steps=1, t_start=0.5)  # one jump of d = 1/2 from t = 1/2: level 1
+    assert net.calls == [([0.5] * 3, [1.0] * 3)]
+    torch.testing.assert_close(out, x + 0.5 * (0.1 * x + 0.5 + 1.0))
+    net = RecordingNet()
+    obj.sample(net, x, None, steps=2, t_start=0.75)  # two steps of d = 1/8 from 3/4: level 3, at 0.75 and 0.875
+    assert net.calls == [([0.75] * 3, [3.0] * 3), ([0.875] * 3, [3.0] * 3)]
+    net = RecordingNet()
+    obj.sample(net, x, None, steps=1)  # default: from noise at t = 0, level 0 (unchanged)
+    assert net.calls == [([0.0] * 3, [0.0] * 3)]
+
+
+def test_flow_matching_sample_from_t_start_keeps_the_flow_level():
+    net = RecordingNet()
+    objective("flow_matching").sample(net, torch.zeros(2, 4, 2), None, steps=2, t_start=0.5)
+    assert net.calls == [([0.5] * 2, [4.0] * 2), ([0.75] * 2, [4.0] * 2)]
+
+
+@pytest.mark.parametrize(
+    "name,t_start,steps,match",
+    [
+        ("shortcut", 0.3, 1, "expected 1 - 2\\^-j"),  # d = 0.7 was never trained
+        ("shortcut", 0.5, 16, "1/M = 1/16"),  # d = 1/32 is below the flow-matching level
+        ("shortcut", 1.0, 1, "expected 1 - 2\\^-j"),
+        ("shortcut", "soon", 1, "t_start='soon'"),
+        ("diffusion", 0.5, 1, "samples from noise only"),
+    ],
+)
+def test_t_start_refused_where_the_objective_cannot_start(name, t_start, steps, match):
+    kw = {"num_train_timesteps": 100} if name == "diffusion" else {}
+    obj = build_objective({"name": name, **kw}) if name == "diffusion" else objective(name)
+    with pytest.raises(ValueError, match=match):
+        obj.check_t_start(t_start, steps)
+
+
+@pytest.fixture(scope="module")
+def policy(tmp_path_factory):
+    return load_policy(tiny_checkpoint(tmp_path_factory))
+
+
+def obs_batch(policy, b):
+    rng = np.random.default_rng(0)
+    return {
+        k: rng.uniform(0, 512, (b, policy.n_obs_steps, *s)).astype(np.float32)
+        for k, s in policy.obs_encoder.obs_shapes.items()
+    }
+
+
+def test_predict_chunk_starts_from_the_interpolant_of_noise_and_prior(policy):
+    """x_tau = interpolate(noise, prior, tau); the sampler runs from t = tau; without a prior the chunk is the
+    one predict_action returns from the same noise."""
+    obs = obs_batch(policy, 2)
+    H, Da = policy.horizon, policy.action_dim
+    prior = torch.linspace(-0.5, 0.5, 2 * H * Da).reshape(2, H, Da)
+    policy.warm_start = 0.5
+    try:
+        acts, window = policy.predict_chunk(obs, steps=1, generator=torch.Generator().manual_seed(3), prior=prior)
+        x0 = torch.randn(2, H, Da, generator=torch.Generator().manual_seed(3))
+        cond = policy.obs_encoder(policy.normalizer.normalize({k: torch.as_tensor(v) for k, v in obs.items()}))
+        want = policy.objective.sample(
+            policy.net, interpolate(x0, prior, torch.full((2,), 0.5)), cond, steps=1, t_start=0.5
+        ).clamp(-1, 1)
+        torch.testing.assert_close(window, want)
+        np.testing.assert_allclose(acts, policy._execute(want).numpy(), rtol=1e-6, atol=1e-6)
+        cold_acts, cold = policy.predict_chunk(obs, steps=1, generator=torch.Generator().manual_seed(3))
+        np.testing.assert_allclose(
+            cold_acts, policy.predict_action(obs, steps=1, generator=torch.Generator().manual_seed(3))
+        )
+        assert not torch.allclose(cold, window)
+        with pytest.raises(ValueError, match="prior: expected shape"):
+            policy.predict_chunk(obs, steps=1, prior=prior[:, :-1])
+    finally:
+        policy.warm_start = None
+    with pytest.raises(ValueError, match="set warm_start"):
+        policy.predict_chunk(obs, steps=1, prior=prior)
+    with pytest.raises(ValueError, match="warm_start=0.3"):
+        policy.check_warm_start(0.3)
+    with pytest.raises(ValueError, match="warm_start=0"):
+        policy.check_warm_start(0)
+
+
+def test_next_prior_shifts_by_the_executed_actions_and_repeats_the_last(policy):
+    H, Ta = policy.horizon, policy.n_action_steps
+    w = torch.arange(H, dtype=torch.float32).reshape(1, H, 1).repeat(2, 1, 2)
+    p = policy.next_prior(w)
+    assert p.shape == w.shape
+    np.testing.assert_array_equal(p[0, :, 0].numpy(), [min(j + Ta, H - 1) for j in range(H)])
+    with pytest.raises(ValueError, match="n_executed"):
+        policy.next_prior(w, H)
+
+
+class PriorRecordingPolicy:
+    """Duck-typed policy for the rollout: records the prior of every call; its window is prior + 1 (or 0)."""
+
+    warm_start = 0.5
+    n_action_steps, horizon = 4, 8
+
+    def __init__(self):
+        self.priors = []
+
+    def check_steps(self, s):
+        return s
+
+    def predict_chunk(self, obs, steps=1, prior=None):
+        b = obs["obs"].shape[0]
+        self.priors.append(None if prior is None else prior.clone())
+        window = torch.zeros(b, self.horizon, 2) if prior is None else prior + 1
+        return np.zeros((b, self.n_action_steps, 2), np.float32), window
+
+    def next_prior(self, window):
+        return window * 10
+
+
+def test_rollout_feeds_each_episode_its_own_previous_chunk():
+    import toy_reach_env as toy
+
+    from shortcut_policy.envs import registry
+
+    registry.register_env("toy_reach_warm", registry.EnvSpec(make=toy.make), replace=True)
+    task = {
+        "name": "toy",
+        "env": "toy_reach_warm",
+        "obs_shapes": {"obs": [4]},
+        "n_obs_steps": 2,
+        "n_action_steps": 4,
+        "max_steps": 12,
+        "control_hz": 50,
+    }
+    try:
+        pol = PriorRecordingPolicy()
+        evaluate(task, policy=pol, steps_list=[1], n_episodes=2, n_workers=1, progress=False)
+        # 12 steps = 3 chunks per episode; both episodes run in step: one cold batch, then two warm ones
+        assert [None if p is None else p.shape[0] for p in pol.priors] == [None, 2, 2]
+        torch.testing.assert_close(pol.priors[1], torch.zeros(2, 8, 2))  # next_prior(zeros) = 0
+        torch.testing.assert_close(pol.priors[2], torch.full((2, 8, 2), 10.0))  # next_prior(0 + 1) = 10
+        with pytest.raises(ValueError, match="warm_start and ensemble_k"):
+            evaluate(
+                task,
+                policy=PriorRecordingPolicy(),
+                steps_list=[1],
+                n_episodes=1,
+                n_workers=1,
+                progress=False,
+                ensemble_k=0.0,
+            )
+    finally:
+        registry.unregister_env("toy_reach_warm")
+
+
+def test_eval_warm_start_option(tmp_path_factory, tmp_path):
+    ckpt = tiny_checkpoint(tmp_path_factory)
+    common = ["n_episodes=2", "workers=1", "n_videos=0", "progress=false", "n_action_steps=4"]
+    res = cli.run_verb("eval", [f"checkpoint={ckpt}", "warm_start=0.5", *common, f"run_dir={tmp_path / 'a'}"])
+    assert res["warm_start"] == 0.5 and res["n_episodes"] == 2 and 0 <= res["mean_score@1"] <= 1
+    again = cli.run_verb("eval", [f"checkpoint={ckpt}", "warm_start=0.5", *common, f"run_dir={tmp_path / 'b'}"])
+    assert again["mean_score@1"] == res["mean_score@1"]  # reproducible from the seeds
+    with pytest.raises(ValueError, match="warm_start=0.3"):
+        cli.run_verb("eval", [f"checkpoint={ckpt}", "warm_start=0.3", *common, f"run_dir={tmp_path / 'c'}"])
+    with pytest.raises(ValueError, match="warm_start=0.5: the warm start applies to a learned policy"):
+        cli.run_verb("eval", ["policy=expert", "warm_start=0.5", *common[:-1], f"run_dir={tmp_path / 'd'}"])
