@@ -6,6 +6,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 from tiny import tiny_train
 
 from shortcut_policy import cli
@@ -251,3 +252,46 @@ def test_deploy_verb_reports_timing_and_score(ckpt, tmp_path, capsys):
     assert 0.0 <= res["mean_score"] <= 1.0 and res["cycles"] + res["skipped_ticks"] <= 30
     err = capsys.readouterr().err
     assert "warm-up" in err and "[async 50 Hz]" in err
+
+
+def test_warm_started_policy_fn_aligns_the_prior_by_timestamps_and_forgets_it_on_reset(policy):
+    """deploy warm_start=tau: the prior of each chunk is the previous window shifted by the control ticks between
+    the two observations (timestamps x hz); a new episode id, a warm-up reset or an implausible shift start from
+    noise."""
+    seen = []
+    real = policy.predict_chunk
+
+    def spy(obs, steps=None, generator=None, prior=None, **kw):
+        acts, window = real(obs, steps=steps, generator=generator, prior=prior, **kw)
+        seen.append((prior, window))
+        return acts, window
+
+    policy.warm_start = 0.5
+    policy.predict_chunk = spy
+    try:
+        fn = make_policy_fn(policy, 1, seed=0, hz=10.0)
+        assert fn.accepts_timestamps and fn.accepts_episodes
+        frame = {"obs": np.zeros((2, 20), np.float32), "episode": np.array([0, 0])}
+        fn({**frame, "timestamp": np.array([0.0, 0.1])})
+        fn({**frame, "timestamp": np.array([0.3, 0.4])})  # 3 ticks later
+        fn({**frame, "timestamp": np.array([0.4, 0.5]), "episode": np.array([0, 1])})  # reset: from noise
+        fn.reset()
+        fn({**frame, "timestamp": np.array([0.5, 0.6]), "episode": np.array([1, 1])})  # after reset(): from noise
+        fn({**frame, "timestamp": np.array([9.5, 9.6]), "episode": np.array([1, 1])})  # 90 ticks: from noise
+        assert [p is None for p, _ in seen] == [True, False, True, True, True]
+        torch.testing.assert_close(seen[1][0], policy.next_prior(seen[0][1], 3))
+        with pytest.raises(ValueError, match="needs the control rate hz"):
+            make_policy_fn(policy, 1, hz=None)
+    finally:
+        del policy.predict_chunk
+        policy.warm_start = None
+
+
+def test_deploy_verb_with_warm_start(ckpt, tmp_path):
+    res = cli.run_verb(
+        "deploy",
+        [f"checkpoint={ckpt}", "hz=50", "n_steps=20", "warmup=2", "mode=sync", "warm_start=0.5", f"run_dir={tmp_path}"],
+    )
+    assert 0.0 <= res["mean_score"] <= 1.0 and res["cycles"] > 0
+    with pytest.raises(ValueError, match="warm_start=0.3"):
+        cli.run_verb("deploy", [f"checkpoint={ckpt}", "n_steps=5", "warm_start=0.3", f"run_dir={tmp_path / 'b'}"])

@@ -16,7 +16,7 @@ import torch
 from omegaconf import OmegaConf
 
 from ..deploy.loop import ControlLoop, make_policy_fn, measure_latency, status_printer, sustainable
-from ..deploy.robot import TIMESTAMP_KEY, check_spec, validate_observation
+from ..deploy.robot import EPISODE_KEY, TIMESTAMP_KEY, check_spec, validate_observation
 from ..deploy.server import DEFAULT_MAX_MESSAGE_BYTES, RemotePolicy, RemotePolicyError
 from ..deploy.sim_robot import make_sim_robot
 from ..policy import load_policy
@@ -39,9 +39,11 @@ class _Local:
         self.name, self.checkpoint = f"checkpoint ({self.task.get('name')})", str(cfg.checkpoint)
         self.objective = type(self.policy.objective).__name__
 
-    def policy_fn(self, steps, seed):
-        """``policy_fn(obs) -> (Ta, Da)`` running the checkpoint in this process."""
-        return make_policy_fn(self.policy, steps, seed=seed)
+    def policy_fn(self, steps, seed, hz=None, warm_start=None):
+        """``policy_fn(obs) -> (Ta, Da)`` running the checkpoint in this process; ``warm_start`` (tau) starts each
+        chunk after an episode's first from the previous one (chunks aligned with the control rate ``hz``)."""
+        self.policy.warm_start = self.policy.check_warm_start(warm_start, steps)
+        return make_policy_fn(self.policy, steps, seed=seed, hz=hz)
 
     def close(self):
         """Nothing to release."""
@@ -81,8 +83,11 @@ class _Remote:
         self.name = f"policy server {self.client.address} ({spec.get('task')})"
         self.checkpoint, self.objective = spec.get("checkpoint"), spec.get("objective")
 
-    def policy_fn(self, steps, seed):
-        """``policy_fn(obs) -> (Ta, Da)`` asking the server (``steps`` sampling steps; the server seeds the noise)."""
+    def policy_fn(self, steps, seed, hz=None, warm_start=None):
+        """``policy_fn(obs) -> (Ta, Da)`` asking the server (``steps`` sampling steps; the server seeds the noise).
+        Raises ``ValueError`` for ``warm_start``: the server keeps no chunk between requests."""
+        if warm_start is not None:
+            raise ValueError(f"warm_start={warm_start}: applies to policy.kind=local (a policy server keeps no chunk)")
         return self.client.policy_fn(steps)
 
     def close(self):
@@ -149,14 +154,17 @@ def _deploy(cfg, run_dir, robot_cfg, source) -> dict:
             policy_name=source.name,
             robot_name=robot.name,
         )
-        policy_fn = source.policy_fn(steps, cfg.get("seed"))
+        policy_fn = source.policy_fn(steps, cfg.get("seed"), hz=hz, warm_start=cfg.get("warm_start"))
         # 2. warm-up inferences on a real observation of the robot at rest
         robot.start(int(cfg.seed))
         obs0 = robot.get_observation()
         validate_observation(obs0, task["obs_shapes"], source.n_obs_steps)
         keys = list(task["obs_shapes"]) + ([TIMESTAMP_KEY] if getattr(policy_fn, "accepts_timestamps", False) else [])
+        keys += [EPISODE_KEY] if getattr(policy_fn, "accepts_episodes", False) and EPISODE_KEY in obs0 else []
         pobs = {k: np.asarray(obs0[k])[-source.n_obs_steps :] for k in keys}
         warm = measure_latency(policy_fn, pobs, int(cfg.warmup))
+        if hasattr(policy_fn, "reset"):  # a warm-started policy_fn forgets the warm-up chunks
+            policy_fn.reset()
         lat = float(np.median(warm[1:] if len(warm) > 2 else warm))
         ok, rate = sustainable(lat, mode, source.n_action_steps, hz)
         print(

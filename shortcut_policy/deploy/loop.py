@@ -275,6 +275,8 @@ class ControlLoop:
         window = episode_window(obs, self.obs_shapes, self.n_obs_steps)
         if getattr(self.policy_fn, "accepts_timestamps", False):
             window[TIMESTAMP_KEY] = np.asarray(obs[TIMESTAMP_KEY], dtype=np.float64)[-self.n_obs_steps :]
+        if getattr(self.policy_fn, "accepts_episodes", False) and EPISODE_KEY in obs:
+            window[EPISODE_KEY] = np.asarray(obs[EPISODE_KEY])[-self.n_obs_steps :]
         return window
 
     def _send(self, action, t_exec, episode):
@@ -481,19 +483,45 @@ def sustainable(latency_s: float, mode: str, n_action_steps: int, hz: float) -> 
     return ok, (n_action_steps // 2) / max(latency_s, 1e-9)
 
 
-def make_policy_fn(policy, steps: int, seed: int | None = None):
+def make_policy_fn(policy, steps: int, seed: int | None = None, hz: float | None = None):
     """A ``policy_fn(obs) -> (Ta, Da)`` for the control loop: ``obs`` = {key: (To, ...)} gets a batch dim of 1 and
     goes through ``policy.predict_action`` with ``steps`` sampling steps and a torch generator seeded ``seed`` (on the
-    policy's device). Raises ``ValueError`` for an invalid step count."""
+    policy's device). Raises ``ValueError`` for an invalid step count.
+
+    With ``policy.warm_start`` set (deploy ``warm_start=``), every chunk after the first of an episode starts from the
+    previous chunk (:meth:`Policy.predict_chunk`), shifted by the control ticks between the two observations'
+    timestamps (``hz``, Hz, is required then): the function asks the loop for the frames' timestamps and episode ids
+    (``accepts_timestamps``, ``accepts_episodes``) and starts from noise again after an episode reset, or when the
+    shift is not in [0, horizon)."""
     import torch  # lazy: this module runs without torch for non-torch policies (see ControlLoop)
 
     steps = policy.check_steps(steps)
     gen = torch.Generator(device=policy.device)
     if seed is not None:
         gen.manual_seed(int(seed))
+    warm = policy.check_warm_start(getattr(policy, "warm_start", None), steps) is not None
+    if warm and not (hz and float(hz) > 0):
+        raise ValueError(f"warm_start={policy.warm_start}: needs the control rate hz > 0 to align chunks, got {hz!r}")
+    last: dict = {}  # warm start: the previous chunk's window, observation time (s) and episode id
 
     def fn(obs):
-        batch = {k: np.asarray(v, dtype=np.float32)[None] for k, v in obs.items()}
-        return policy.predict_action(batch, steps=steps, generator=gen)[0]
+        batch = {
+            k: np.asarray(v, dtype=np.float32)[None] for k, v in obs.items() if k not in (TIMESTAMP_KEY, EPISODE_KEY)
+        }
+        if not warm:
+            return policy.predict_action(batch, steps=steps, generator=gen)[0]
+        t = float(np.asarray(obs[TIMESTAMP_KEY])[-1])
+        episode = int(np.asarray(obs[EPISODE_KEY])[-1]) if EPISODE_KEY in obs else None
+        prior = None
+        if last and last["episode"] == episode:
+            shift = int(round((t - last["t"]) * float(hz)))
+            if 0 <= shift < policy.horizon:
+                prior = policy.next_prior(last["window"], shift)
+        actions, window = policy.predict_chunk(batch, steps=steps, generator=gen, prior=prior)
+        last.update(window=window, t=t, episode=episode)
+        return actions[0]
 
+    if warm:
+        fn.accepts_timestamps = fn.accepts_episodes = True
+    fn.reset = last.clear  # forget the previous chunk (after warm-up inferences: the first real chunk is from noise)
     return fn
