@@ -11,6 +11,8 @@ TRAIN_STEPS=${TRAIN_STEPS:-4500}   # the recipe's batch 256 on 2 threads: 5.5-7.
 TRAIN_MIN=${TRAIN_MIN:-10}         # at most this many minutes of training, and less when the deadline below needs it
 N_EVAL=${N_EVAL:-50}
 N_ACTION=${N_ACTION:-4}            # actions executed per 1-step chunk (chosen on validation seeds: docs/results/pusht_policies_b256.md)
+WARM_N_ACTION=${WARM_N_ACTION:-2}  # the warm-started 1-step policy: executing 2, each chunk from t = 0.875 of the previous
+WARM_START=${WARM_START:-0.875}    # one (chosen on validation seeds: docs/results/pusht_policies_b256/session16/)
 DEMO_T0=${DEMO_T0:-$(date +%s)}    # `make demo` sets it before building .venv, so that the budget includes the installation
 DEMO_BUDGET_MIN=${DEMO_BUDGET_MIN:-14.5}
 EVAL_RESERVE_MIN=${EVAL_RESERVE_MIN:-2}   # what the evaluations below take on a slow 2-core machine, with margin
@@ -30,11 +32,15 @@ echo "== 3/3 evaluating 1-step sampling (executing $N_ACTION, and Diffusion Poli
   n_action_steps="$N_ACTION" run_dir="$OUT/eval" progress=false | tail -n 1 > "$OUT/eval_result.txt"
 "$BIN/shortcut-policy" eval checkpoint="$OUT/train/checkpoints/last.ckpt" steps=[1,8] n_episodes="$N_EVAL" n_videos=0 \
   run_dir="$OUT/eval_dp8" progress=false | tail -n 1 > "$OUT/eval_dp8.txt"
+"$BIN/shortcut-policy" eval checkpoint="$OUT/train/checkpoints/last.ckpt" steps=[1] n_episodes="$N_EVAL" n_videos=0 \
+  n_action_steps="$WARM_N_ACTION" warm_start="$WARM_START" run_dir="$OUT/eval_warm" progress=false | tail -n 1 > "$OUT/eval_warm.txt"
 SHIPPED=${SHIPPED_POLICY:-assets/pusht_shortcut_m16_b256.ckpt}
 if [ -f "$SHIPPED" ]; then
   echo "== also: the shipped 1-step policy $SHIPPED (trained by the 60-minute bench policies run, not in this demo) on the same $N_EVAL test seeds"
   "$BIN/shortcut-policy" eval checkpoint="$SHIPPED" steps=[1] n_episodes="$N_EVAL" n_videos=1 n_action_steps="$N_ACTION" \
     run_dir="$OUT/eval_shipped" progress=false | tail -n 1 > "$OUT/eval_shipped.txt"
+  "$BIN/shortcut-policy" eval checkpoint="$SHIPPED" steps=[1] n_episodes="$N_EVAL" n_videos=0 n_action_steps="$WARM_N_ACTION" \
+    warm_start="$WARM_START" run_dir="$OUT/eval_shipped_warm" progress=false | tail -n 1 > "$OUT/eval_shipped_warm.txt"
 fi
 "$BIN/python" - "$OUT" "$SHIPPED" "$DEMO_T0" <<'PY'
 import json, sys, time
@@ -47,6 +53,11 @@ print(f"\n1-step shortcut policy trained in this demo, executing {res['n_action_
       f"{res['success_rate@1']:.2f} [{lo:.2f}, {hi:.2f}] (mean score {res['mean_score@1']:.3f}) on {res['n_episodes']} "
       f"Push-T test seeds; executing Diffusion Policy's {dp8['n_action_steps']}: 1 step {dp8['success_rate@1']:.2f}, "
       f"8 steps {dp8['success_rate@8']:.2f}")
+warm = json.loads(open(f"{out}/eval_warm.txt").read().split("RESULT ", 1)[1])
+lo, hi = warm["success_ci95@1"]
+print(f"the same 1-step policy warm-started (each chunk refines the previous one's plan from t = {warm['warm_start']}, still "
+      f"1 network evaluation per chunk), executing {warm['n_action_steps']}: success rate {warm['success_rate@1']:.2f} "
+      f"[{lo:.2f}, {hi:.2f}] (mean score {warm['mean_score@1']:.3f})")
 shipped_eval = Path(f"{out}/eval_shipped.txt")
 if shipped_eval.exists():
     s = json.loads(shipped_eval.read_text().split("RESULT ", 1)[1])
@@ -56,6 +67,10 @@ if shipped_eval.exists():
     step = torch.load(sys.argv[2], map_location="cpu", weights_only=False).get("step")
     print(f"1-step shipped policy ({sys.argv[2]}, {step} training steps; evaluated now on the same seeds, executing {s['n_action_steps']} actions per chunk): success rate "
           f"{s['success_rate@1']:.2f} [{lo:.2f}, {hi:.2f}] (mean score {s['mean_score@1']:.3f})")
+    sw = json.loads(Path(f"{out}/eval_shipped_warm.txt").read_text().split("RESULT ", 1)[1])
+    lo, hi = sw["success_ci95@1"]
+    print(f"1-step shipped policy warm-started (t = {sw['warm_start']}, executing {sw['n_action_steps']}): success rate "
+          f"{sw['success_rate@1']:.2f} [{lo:.2f}, {hi:.2f}] (mean score {sw['mean_score@1']:.3f})")
 table = Path("docs/results/pusht_policies_b256_all/summary.json")  # every batch-256 entry, pooled over its seeds
 if table.exists():
     for r in json.loads(table.read_text())["rows"]:
