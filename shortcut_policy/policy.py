@@ -245,7 +245,7 @@ class Policy(TrainableModel):
 
     def check_warm_start(self, tau, steps: int = 1) -> float | None:
         """Validate a warm-start time tau for ``steps``-step sampling: None (off) or a value the objective can start
-        from (:meth:`Objective.check_t_start`: 1 - 2^-j for shortcut; 0 < tau < 1 for flow matching). Returns
+        from (:meth:`Objective.check_t_start`: 1 - 2^-j for shortcut and flow matching; diffusion: none). Returns
         it as a float (or None); raises ``ValueError`` naming ``warm_start`` otherwise."""
         if tau is None:
             return None
