@@ -551,11 +551,11 @@ def _warm_predict(policy, batch: dict, active: list[int], priors: dict, steps: i
     cold = [i for i, s in enumerate(active) if s not in priors]
     hot = [i for i, s in enumerate(active) if s in priors]
     out = [None] * len(active)
-    for rows, prior in ((cold, None), (hot, True)):
+    for rows, from_prior in ((cold, False), (hot, True)):
         if not rows:
             continue
         sub = {k: v[rows] for k, v in batch.items()}
-        p = torch.stack([priors[active[i]] for i in rows]) if prior else None
+        p = torch.stack([priors[active[i]] for i in rows]) if from_prior else None
         acts, window = policy.predict_chunk(sub, steps=steps, prior=p)
         nxt = policy.next_prior(window)
         for j, i in enumerate(rows):

@@ -238,8 +238,7 @@ class Policy(TrainableModel):
                 )
             x0 = interpolate(x0, prior, torch.full((B,), tau, device=dev, dtype=dtype))
             sample_kw["t_start"] = tau
-        cond = self.obs_encoder(self.normalizer.normalize(dict(obs_t)))
-        window = self.objective.sample(self.net, x0, cond, steps=steps, **sample_kw).clamp(-1.0, 1.0)
+        window = self._sample_window(obs_t, x0, steps, **sample_kw)
         out = self._execute(window)
         return (out.cpu().numpy() if return_numpy else out), window
 
@@ -278,8 +277,13 @@ class Policy(TrainableModel):
         (:class:`shortcut_policy.deploy.export.ExportablePolicy`): observations {key: (B, To, ...)} tensors in
         environment units and initial noise x0 (B, H, Da) -> executed actions (B, Ta, Da) in environment units
         (normalise, encode, ``steps``-step sampling, clamp to [-1, 1], unnormalise, slice from To - 1)."""
+        return self._execute(self._sample_window(obs, x0, steps, **sample_kw))
+
+    def _sample_window(self, obs: Mapping[str, torch.Tensor], x0: torch.Tensor, steps: int, **sample_kw):
+        """Normalise and encode ``obs`` {key: (B, To, ...)}, sample from x0 (B, H, Da) in ``steps`` steps and clamp:
+        the normalised window (B, H, Da) in [-1, 1]."""
         cond = self.obs_encoder(self.normalizer.normalize(dict(obs)))
-        return self._execute(self.objective.sample(self.net, x0, cond, steps=steps, **sample_kw).clamp(-1.0, 1.0))
+        return self.objective.sample(self.net, x0, cond, steps=steps, **sample_kw).clamp(-1.0, 1.0)
 
 
 # -------------------------------------------------------------------------------------------------------------

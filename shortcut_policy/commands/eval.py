@@ -91,8 +91,9 @@ def eval_command(cfg, run_dir) -> dict:
         policy.noise_scale = float(cfg_get(cfg, "noise_scale", 1.0))
         warm = cfg_get(cfg, "warm_start", None)  # start each chunk at t = warm from the previous one's rest
         st = to_plain(cfg_get(cfg, "steps", [1]))
-        for n in st if isinstance(st, (list, tuple)) else [st]:
-            policy.warm_start = policy.check_warm_start(warm, n)
+        for n in st if isinstance(st, (list, tuple)) else [st]:  # valid for every step count asked for
+            policy.check_warm_start(warm, n)
+        policy.warm_start = policy.check_warm_start(warm)
     if task_cfg is None:
         raise ValueError("eval: no task config (task=pusht_lowdim|pusht_image|...)")
     tev = cfg_get(task_cfg, "eval", {}) or {}
