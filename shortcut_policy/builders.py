@@ -15,6 +15,7 @@ Commands (:mod:`shortcut_policy.commands`) call these; library modules never imp
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 from .conventions import TEST_SEED_START
@@ -171,7 +172,14 @@ def build_image_dataset(cfg, split: str | None = None):
 # ---------------------------------------------------------------------------------------------------------
 # evaluators and training bundles
 class RolloutEvaluator:
-    """Periodic rollout evaluation during training (EMA weights, `steps` sampling steps)."""
+    """Periodic rollout evaluation during training (EMA weights, `steps` sampling steps).
+
+    ``n_action_steps`` (int or None) executes that many actions of each chunk during these rollouts instead of the
+    trained action horizon, and ``warm_start`` (tau or None) starts every chunk after an episode's first at t = tau
+    from the previous one (``eval warm_start=``): checkpoints are then chosen by the setting they will be deployed
+    with (``train.eval_n_action_steps``, ``train.eval_warm_start``). Both are set on the policy only for the
+    rollouts and restored afterwards; invalid values raise ``ValueError`` naming the config key when the trainer is
+    built (:func:`build_policy_training`)."""
 
     def __init__(
         self,
@@ -182,21 +190,48 @@ class RolloutEvaluator:
         run_dir=None,
         n_workers=None,
         envs_per_worker=None,
+        n_action_steps: int | None = None,
+        warm_start: float | None = None,
     ):
         self.task_cfg, self.n_episodes, self.seed_start, self.steps = task_cfg, n_episodes, seed_start, steps
         self.run_dir, self.n_workers, self.envs_per_worker = run_dir, n_workers, envs_per_worker
+        self.n_action_steps, self.warm_start = n_action_steps, warm_start
+
+    def check(self, policy) -> None:
+        """Validate ``n_action_steps`` / ``warm_start`` against ``policy`` (horizon, objective's start times) before
+        training starts; ``ValueError`` naming ``train.eval_n_action_steps`` / ``train.eval_warm_start``."""
+        with self._settings(policy):
+            pass
+
+    @contextlib.contextmanager
+    def _settings(self, policy):
+        saved = (policy.n_action_steps, policy.warm_start)
+        try:
+            if self.n_action_steps is not None:
+                policy.set_execution_horizon(self.n_action_steps, "train.eval_n_action_steps")
+            try:
+                policy.warm_start = policy.check_warm_start(self.warm_start, self.steps)
+            except ValueError as e:
+                raise ValueError(f"train.eval_{e}") from None
+            yield
+        finally:
+            policy.n_action_steps, policy.warm_start = saved
 
     def __call__(self, policy, step: int) -> dict:
-        res = evaluate(
-            self.task_cfg,
-            policy=policy,
-            steps_list=[self.steps],
-            n_episodes=self.n_episodes,
-            seed_start=self.seed_start,
-            n_workers=self.n_workers,
-            progress=False,
-            envs_per_worker=self.envs_per_worker,
-        )
+        task_cfg = self.task_cfg
+        if self.n_action_steps is not None:
+            task_cfg = {**to_plain(task_cfg), "n_action_steps": int(self.n_action_steps)}
+        with self._settings(policy):
+            res = evaluate(
+                task_cfg,
+                policy=policy,
+                steps_list=[self.steps],
+                n_episodes=self.n_episodes,
+                seed_start=self.seed_start,
+                n_workers=self.n_workers,
+                progress=False,
+                envs_per_worker=self.envs_per_worker,
+            )
         n = self.steps
         stages = {
             f"stage/{k}": v for k, v in (res.get(f"stage_rate@{n}") or {}).items()
@@ -206,6 +241,8 @@ class RolloutEvaluator:
             "test_success_rate": res[f"success_rate@{n}"],
             "seed_start": self.seed_start,
             "n_episodes": self.n_episodes,
+            **({"n_action_steps": int(self.n_action_steps)} if self.n_action_steps is not None else {}),
+            **({"warm_start": float(self.warm_start)} if self.warm_start is not None else {}),
             **stages,
         }
 
@@ -237,7 +274,10 @@ def build_policy_training(cfg, run_dir):
             run_dir=run_dir,
             n_workers=ev.get("n_workers"),
             envs_per_worker=ev.get("envs_per_worker"),
+            n_action_steps=tcfg.get("eval_n_action_steps"),
+            warm_start=tcfg.get("eval_warm_start"),
         )
+        evaluator.check(policy)
     return policy, train_ds, val_ds, evaluator
 
 

@@ -246,7 +246,8 @@ def test_killed_training_resumes_from_last_checkpoint(zarr_path, tmp_path):
 
 def test_rollout_evaluation_during_training_on_chosen_seeds(zarr_path, tmp_path):
     """train.eval_seed_start / eval_episodes: rollouts during training on seeds disjoint from the test seeds select
-    the top-k checkpoints; the logged metrics say which seeds were used."""
+    the top-k checkpoints, with the deployed execution horizon and warm start; the logged metrics say which seeds
+    and which setting were used."""
     res = cli.run_verb(
         "train",
         [
@@ -257,6 +258,8 @@ def test_rollout_evaluation_during_training_on_chosen_seeds(zarr_path, tmp_path)
             "train.eval_every=2",
             "train.eval_episodes=1",
             "train.eval_seed_start=200000",
+            "train.eval_n_action_steps=4",  # the deployed setting chooses the checkpoint
+            "train.eval_warm_start=0.5",
             "task.max_steps=16",
             "task.eval.n_workers=1",
             "task.eval.n_videos=0",
@@ -266,6 +269,7 @@ def test_rollout_evaluation_during_training_on_chosen_seeds(zarr_path, tmp_path)
     logs = [json.loads(line) for line in (tmp_path / "logs.jsonl").read_text().splitlines()]
     evals = [r for r in logs if "eval/test_mean_score" in r]
     assert len(evals) == 1 and evals[0]["eval/seed_start"] == 200000 and evals[0]["eval/n_episodes"] == 1
+    assert evals[0]["eval/warm_start"] == 0.5 and evals[0]["eval/n_action_steps"] == 4
     assert not any(k.startswith("eval/stage/") for k in evals[0])  # Push-T reports no task stages
     topk = json.loads((tmp_path / "checkpoints" / "topk.json").read_text())
     assert topk[0]["step"] == 2 and (tmp_path / "checkpoints" / topk[0]["path"]).is_file()

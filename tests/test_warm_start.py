@@ -193,3 +193,33 @@ def test_eval_warm_start_option(tmp_path_factory, tmp_path):
         cli.run_verb("eval", [f"checkpoint={ckpt}", "warm_start=0.3", *common, f"run_dir={tmp_path / 'c'}"])
     with pytest.raises(ValueError, match="warm_start=0.5: the warm start applies to a learned policy"):
         cli.run_verb("eval", ["policy=expert", "warm_start=0.5", *common[:-1], f"run_dir={tmp_path / 'd'}"])
+
+
+def test_rollouts_during_training_use_the_deployed_setting_and_restore_the_policy(tmp_path_factory, tmp_path):
+    """train.eval_n_action_steps / train.eval_warm_start: the trainer's rollouts (RolloutEvaluator) execute the given
+    number of actions with the warm start -- the same episodes as `eval` with that setting -- and leave the policy as
+    it was; an invalid tau is refused naming the train key."""
+    from shortcut_policy.builders import RolloutEvaluator
+
+    ckpt = tiny_checkpoint(tmp_path_factory)
+    common = ["n_episodes=2", "workers=1", "n_videos=0", "progress=false", "seed_start=200000"]
+    want = cli.run_verb(
+        "eval", [f"checkpoint={ckpt}", "n_action_steps=4", "warm_start=0.5", *common, f"run_dir={tmp_path / 'e'}"]
+    )
+    plain = cli.run_verb("eval", [f"checkpoint={ckpt}", *common, f"run_dir={tmp_path / 'p'}"])
+    policy = load_policy(ckpt)
+    trained = policy.n_action_steps
+    ev = RolloutEvaluator(policy.task_cfg, 2, 200000, steps=1, n_workers=1, n_action_steps=4, warm_start=0.5)
+    ev.check(policy)
+    got = ev(policy, step=7)
+    assert got["test_mean_score"] == want["mean_score@1"] and got["test_success_rate"] == want["success_rate@1"]
+    assert got["warm_start"] == 0.5 and got["n_action_steps"] == 4
+    assert (policy.n_action_steps, policy.warm_start) == (trained, None)  # restored for training and checkpoints
+    base = RolloutEvaluator(policy.task_cfg, 2, 200000, steps=1, n_workers=1)(policy, step=7)
+    assert base["test_mean_score"] == plain["mean_score@1"] and "warm_start" not in base
+    assert want["mean_score@1"] != plain["mean_score@1"]  # the setting changes the episodes (else this proves nothing)
+    with pytest.raises(ValueError, match="train.eval_warm_start=0.3"):
+        RolloutEvaluator(policy.task_cfg, 2, 200000, warm_start=0.3).check(policy)
+    with pytest.raises(ValueError, match="train.eval_n_action_steps=99"):
+        RolloutEvaluator(policy.task_cfg, 2, 200000, n_action_steps=99).check(policy)
+    assert (policy.n_action_steps, policy.warm_start) == (trained, None)

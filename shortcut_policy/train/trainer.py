@@ -148,6 +148,8 @@ RESUME_CHANGEABLE = (
     "train.eval_episodes",
     "train.eval_seed_start",
     "train.eval_steps",
+    "train.eval_n_action_steps",
+    "train.eval_warm_start",
     "train.eval_model",
     "train.checkpoint_every",
     "train.log_every",
