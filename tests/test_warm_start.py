@@ -58,14 +58,63 @@ def test_flow_matching_sample_from_t_start_keeps_the_flow_level():
         ("shortcut", 0.5, 16, "1/M = 1/16"),  # d = 1/32 is below the flow-matching level
         ("shortcut", 1.0, 1, "expected 1 - 2\\^-j"),
         ("shortcut", "soon", 1, "t_start='soon'"),
-        ("diffusion", 0.5, 1, "samples from noise only"),
+        ("diffusion", 0.99, 2, "leaves 1 denoising steps"),  # t = 0.99 enters DDPM at step 0
+        ("diffusion", 1.0, 1, "expected a number in \\[0, 1\\)"),
+        ("regression", 0.5, 1, "samples from noise only"),
     ],
 )
 def test_t_start_refused_where_the_objective_cannot_start(name, t_start, steps, match):
-    kw = {"num_train_timesteps": 100} if name == "diffusion" else {}
-    obj = build_objective({"name": name, **kw}) if name == "diffusion" else objective(name)
+    obj = objective(name) if name == "shortcut" else build_objective({"name": name})
     with pytest.raises(ValueError, match=match):
         obj.check_t_start(t_start, steps)
+
+
+class PointMassEps(torch.nn.Module):
+    """The exact epsilon prediction of DDPM when every sample is the window c: eps = (x - sqrt(abar_k) c) /
+    sqrt(1 - abar_k) at step k (the net's time input), recording each call's (k, x)."""
+
+    def __init__(self, abar, c):
+        super().__init__()
+        self.abar, self.c, self.calls = abar, c, []
+
+    def forward(self, x, t, level, cond=None):
+        self.calls.append((t.tolist(), x.clone()))
+        ab = self.abar[t.long()].reshape(-1, 1, 1).to(x.dtype)
+        return (x - ab.sqrt() * self.c) / (1 - ab).sqrt()
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+@pytest.mark.parametrize("tau,steps", [(0.875, 1), (0.875, 3), (0.5, 2)])
+def test_diffusion_warm_start_enters_the_chain_at_the_matching_noise_level(sampler, tau, steps):
+    """DDPM warm start (SDEdit): the interpolant at tau is rescaled to DDPM's variance-preserving scale and denoised
+    from the step of equal signal-to-noise ratio; with the exact eps of a point mass it returns the point."""
+    obj = build_objective({"name": "diffusion"})
+    abar = obj.ddpm.alphas_cumprod.double()
+    k0 = obj.start_step(tau)
+    a, b = tau, 1 - (1 - 1e-5) * tau
+    snr = abar / (1 - abar)
+    assert abs(torch.log(snr[k0]) - 2 * np.log(a / b)) <= (torch.log(snr) - 2 * np.log(a / b)).abs().min() + 1e-12
+    assert 0 < k0 < 99 and (k0 == 7 if tau == 0.875 else True)
+    c = torch.rand(2, 16, 2, dtype=torch.float64) * 1.6 - 0.8
+    prior = c + 0.05 * torch.randn_like(c)
+    x_tau = interpolate(torch.randn_like(c), prior, torch.full((2,), tau, dtype=torch.float64))
+    net = PointMassEps(abar, c)
+    out = obj.sample(
+        net, x_tau, None, steps=steps, sampler=sampler, t_start=tau, generator=torch.Generator().manual_seed(0)
+    )
+    torch.testing.assert_close(out, c, atol=1e-6, rtol=0)
+    ks = [k[0] for k, _ in net.calls]
+    assert len(ks) == steps and ks[0] == k0 and ks == sorted(set(ks), reverse=True)
+    torch.testing.assert_close(net.calls[0][1], x_tau / np.sqrt(a * a + b * b))
+    # from noise (t_start = 0) afterwards, the sampler is Diffusion Policy's, as on an objective never warm-started
+    z = torch.randn_like(c)
+    runs = []
+    for o in (obj, build_objective({"name": "diffusion"})):
+        net0 = PointMassEps(abar, c)
+        runs.append(o.sample(net0, z, None, steps=4, sampler=sampler, generator=torch.Generator().manual_seed(1)))
+        runs.append([k[0] for k, _ in net0.calls])
+    assert runs[1] == runs[3] == [75, 50, 25, 0]
+    torch.testing.assert_close(runs[0], runs[2], atol=0, rtol=0)
 
 
 @pytest.fixture(scope="module")
@@ -223,3 +272,36 @@ def test_rollouts_during_training_use_the_deployed_setting_and_restore_the_polic
     with pytest.raises(ValueError, match="train.eval_n_action_steps=99"):
         RolloutEvaluator(policy.task_cfg, 2, 200000, n_action_steps=99).check(policy)
     assert (policy.n_action_steps, policy.warm_start) == (trained, None)
+
+
+def test_eval_warm_start_of_a_ddpm_policy(tmp_path_factory, tmp_path):
+    """A DDPM checkpoint warm-starts too (SDEdit from the previous chunk): `eval warm_start=0.875 steps=[1]` is one
+    network evaluation per chunk after the first, reproducible from the seeds, and different from the cold start."""
+    from test_deploy import TINY
+
+    from shortcut_policy.datasets.pusht import write_synthetic_pusht_zarr
+
+    base = tmp_path_factory.mktemp("ddpm_warm")
+    write_synthetic_pusht_zarr(base / "pusht.zarr", episode_lengths=(30, 25, 41), with_images=False)
+    cli.run_verb(
+        "train",
+        ["task=pusht_lowdim", f"task.dataset.zarr_path={base / 'pusht.zarr'}", *TINY, "objective=diffusion",
+         f"run_dir={base / 'run'}"],
+    )  # fmt: skip
+    ckpt = base / "run" / "checkpoints" / "last.ckpt"
+    common = [f"checkpoint={ckpt}", "n_episodes=2", "workers=1", "n_videos=0", "progress=false", "n_action_steps=4"]
+    for sampler in ("ddim", "ddpm"):
+        warm = [f"sampler={sampler}", "steps=[1]", "warm_start=0.875", *common]
+        res = cli.run_verb("eval", [*warm, f"run_dir={tmp_path / sampler / 'a'}"])
+        again = cli.run_verb("eval", [*warm, f"run_dir={tmp_path / sampler / 'b'}"])
+        assert res["warm_start"] == 0.875 and res["sampler"] == sampler and 0 <= res["mean_score@1"] <= 1
+        assert again["mean_score@1"] == res["mean_score@1"]
+    policy = load_policy(ckpt)
+    policy.warm_start = policy.check_warm_start(0.875, 1)
+    obs = {"obs": torch.randn(3, policy.n_obs_steps, 20)}
+    prior = torch.rand(3, policy.horizon, policy.action_dim) * 2 - 1
+    cold = policy.predict_chunk(obs, steps=1, generator=torch.Generator().manual_seed(0))[1]
+    warm = policy.predict_chunk(obs, steps=1, generator=torch.Generator().manual_seed(0), prior=prior)[1]
+    assert not torch.allclose(cold, warm)  # the prior reaches the DDPM chain
+    with pytest.raises(ValueError, match="warm_start=0.99"):  # enters the chain at step 0: no room for 2 steps
+        cli.run_verb("eval", ["steps=[2]", "warm_start=0.99", *common, f"run_dir={tmp_path / 'bad'}"])

@@ -236,7 +236,7 @@ def _evaluate_one(pc, ckpt: Path, nfe_key: str, eval_dir: Path) -> dict:
     sampler, n = parse_nfe(nfe_key)
     n_act, warm = split_execution(nfe_key)[1], split_warm(nfe_key)[1]
     policy = load_policy(ckpt)
-    policy.warm_start = policy.check_warm_start(warm, n)  # ValueError naming warm_start for e.g. a DDPM policy
+    policy.warm_start = policy.check_warm_start(warm, n)  # ValueError naming warm_start for e.g. a regression policy
     task_cfg = policy.task_cfg
     if sampler is not None:
         if getattr(policy.objective, "name", "") != "diffusion":

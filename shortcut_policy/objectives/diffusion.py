@@ -8,14 +8,23 @@ format 1: t = 1 - k/K in the project's flow convention (t = 0 noise, t = 1 data)
 ``time_scale`` (100 - k for the U-Net); checkpoints of that format are migrated to it
 (:mod:`shortcut_policy.checkpoint`). The step-size input is held at the flow-matching level; the objective does
 not use a step size (``uses_step_size = False``), so nets built for it have no step-size branch.
+
+Warm start (``sample(t_start=tau)``, eval ``warm_start=``; not in Diffusion Policy): the window the policy passes is
+the flow interpolant x_tau = (1 - (1 - eps) tau) z + tau prior. It enters the DDPM chain at the step k0 whose
+signal-to-noise ratio abar / (1 - abar) is nearest to the interpolant's (tau / (1 - (1 - eps) tau))^2, rescaled to
+DDPM's variance-preserving scale (divided by sqrt(a^2 + b^2), a = tau, b = 1 - (1 - eps) tau), and is denoised from
+k0 in ``steps`` steps (SDEdit, Meng et al. 2022, with this project's interpolant), so that a DDPM policy can be
+compared with a warm-started shortcut policy at the same number of network evaluations per chunk.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
-from ..conventions import M
+from ..conventions import INTERP_EPS, M
 from .base import Objective
 from .guidance import drop_cond, guided
 
@@ -31,6 +40,7 @@ class Diffusion(Objective):
 
     name = "diffusion"
     takes_generator = True
+    supports_t_start = True  # warm start: enter the chain at the DDPM step matching t_start's noise level
     TIME_INPUTS = ("step", "flipped")
 
     def __init__(
@@ -93,6 +103,33 @@ class Diffusion(Objective):
             raise ValueError(f"steps={steps!r}: diffusion sampling expects an integer in 1..{self.K}")
         return int(steps)
 
+    def start_step(self, t_start: float) -> int:
+        """The DDPM step k0 in 0..K-1 whose signal-to-noise ratio abar_k / (1 - abar_k) is nearest (in log) to that
+        of the flow interpolant at t = ``t_start`` in (0, 1): (t / (1 - (1 - eps) t))^2."""
+        a, b = float(t_start), 1.0 - (1.0 - INTERP_EPS) * float(t_start)
+        abar = self.ddpm.alphas_cumprod.double()
+        log_snr = torch.log(abar) - torch.log1p(-abar)
+        return int(torch.argmin((log_snr - 2.0 * math.log(a / b)).abs()))
+
+    def check_t_start(self, t_start, steps: int) -> float:
+        """Validate a warm-start time: 0 (from noise) or t in (0, 1) whose DDPM step k0 (:meth:`start_step`) leaves
+        room for ``steps`` distinct steps (k0 + 1 >= steps). Returns it as a float; raises ``ValueError``."""
+        try:
+            ts = float(t_start)
+        except (TypeError, ValueError):
+            raise ValueError(f"t_start={t_start!r}: expected a number in [0, 1)") from None
+        if ts == 0.0:
+            return 0.0
+        if not 0.0 < ts < 1.0:
+            raise ValueError(f"t_start={ts}: expected a number in [0, 1)")
+        k0 = self.start_step(ts)
+        if k0 + 1 < self.check_steps(steps):
+            raise ValueError(
+                f"t_start={ts} enters the DDPM chain at step {k0}, which leaves {k0 + 1} denoising steps; "
+                f"steps={steps} needs a smaller t_start"
+            )
+        return ts
+
     def loss(self, net, x1, cond=None, *, teacher=None, null_cond=None, x0=None, teacher_cond=None):
         """DDPM loss on x1 (B, ...): k ~ U{0..K-1}, x_k = sqrt(abar_k) x1 + sqrt(1 - abar_k) eps, and the MSE of
         net(x_k, :meth:`net_t` (k), log2 M, cond) against eps (``prediction_type="epsilon"``) or x1 (``"sample"``).
@@ -120,12 +157,23 @@ class Diffusion(Objective):
         cfg_scale=None,
         sampler: str | None = None,
         generator=None,
+        t_start: float = 0.0,
     ):
         """Denoise x0 ~ N(0, I) (B, ...) in ``steps`` scheduler steps (``sampler`` "ddpm" or "ddim"; default the
         objective's). DDPM draws fresh noise at every step from ``generator`` (a ``torch.Generator`` or None).
-        Classifier-free guidance with ``cfg_scale`` (None: the objective's). Returns the sample, shaped like x0."""
+        Classifier-free guidance with ``cfg_scale`` (None: the objective's). Returns the sample, shaped like x0.
+
+        ``t_start`` > 0 (warm start): x0 is the flow interpolant at t_start (see the module docstring); it is
+        rescaled to DDPM's scale and denoised from the step k0 = :meth:`start_step` (t_start) over the steps
+        k0 - floor(i (k0 + 1) / n), i = 0..n-1 (DDPM with those custom timesteps; DDIM by its deterministic update with
+        clipped x0, as diffusers' DDIMScheduler computes it, to abar = 1). Raises ``ValueError`` via
+        :meth:`check_t_start`."""
         n = self.check_steps(steps)
         sampler = sampler or self.sampler
+        if sampler not in ("ddpm", "ddim"):
+            raise ValueError(f"sampler={sampler!r}: expected 'ddpm' or 'ddim'")
+        if self.check_t_start(t_start, n) > 0.0:
+            return self._sample_from(net, x0, cond, n, float(t_start), sampler, null_cond, cfg_scale, generator)
         sched = self.ddpm if sampler == "ddpm" else self.ddim
         sched.set_timesteps(n, device=x0.device)
         x, B = x0, x0.shape[0]
@@ -135,4 +183,34 @@ class Diffusion(Objective):
             kk = torch.full((B,), int(k), device=x.device)
             out = guided(net, x, self.net_t(kk), level, cond, null_cond, scale)
             x = sched.step(out, int(k), x, generator=generator).prev_sample
+        return x
+
+    def _sample_from(self, net, x_t, cond, n, t_start, sampler, null_cond, cfg_scale, generator):
+        """The warm-started chain of :meth:`sample` (t_start > 0)."""
+        a, b = t_start, 1.0 - (1.0 - INTERP_EPS) * t_start
+        k0 = self.start_step(t_start)
+        ks = [k0 - (i * (k0 + 1)) // n for i in range(n)]  # distinct since k0 + 1 >= n
+        x, B = x_t / math.sqrt(a * a + b * b), x_t.shape[0]
+        level = torch.full((B,), float(self.log2_m), device=x.device)
+        scale = self.cfg_scale if cfg_scale is None else cfg_scale
+        if sampler == "ddpm":
+            self.ddpm.set_timesteps(timesteps=ks, device=x.device)
+            for k in ks:
+                kk = torch.full((B,), k, device=x.device)
+                out = guided(net, x, self.net_t(kk), level, cond, null_cond, scale)
+                x = self.ddpm.step(out, k, x, generator=generator).prev_sample
+            return x
+        abar = self.ddim.alphas_cumprod.to(device=x.device, dtype=x.dtype)
+        for i, k in enumerate(ks):
+            kk = torch.full((B,), k, device=x.device)
+            out = guided(net, x, self.net_t(kk), level, cond, null_cond, scale)
+            ab, ab_prev = abar[k], (abar[ks[i + 1]] if i + 1 < n else torch.ones((), dtype=x.dtype, device=x.device))
+            if self.prediction_type == "epsilon":
+                x1 = (x - (1 - ab).sqrt() * out) / ab.sqrt()
+            else:
+                x1 = out
+            if self.ddim.config.clip_sample:
+                x1 = x1.clamp(-self.ddim.config.clip_sample_range, self.ddim.config.clip_sample_range)
+            eps = (x - ab.sqrt() * x1) / (1 - ab).sqrt()
+            x = ab_prev.sqrt() * x1 + (1 - ab_prev).sqrt() * eps
         return x
