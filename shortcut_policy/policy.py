@@ -205,10 +205,12 @@ class Policy(TrainableModel):
         ``prior`` (B, H, Da), normalised: warm start (``warm_start`` = tau, set by eval ``warm_start=``): the
         sampler starts at t = tau from x_tau = (1 - (1 - eps) tau) x0 + tau prior (the flow interpolant between the
         noise and the prior, :func:`shortcut_policy.conventions.interpolate`) and takes ``steps`` steps of size
-        (1 - tau) / steps to t = 1, so the NFE is unchanged. For a shortcut model every such step lies on its training
-        grid (tau = 1/2 at 1 step: one jump of d = 1/2 from t = 1/2). Not in the shortcut paper or Diffusion Policy; it
-        resembles SDEdit (Meng et al. 2022) applied to the previous chunk's unexecuted actions. Raises ``ValueError``
-        when ``prior`` is given without ``warm_start``, has the wrong shape, or the objective cannot start at tau."""
+        (1 - tau) / steps to t = 1 (a DDPM policy enters its chain at the step of equal noise level:
+        :class:`~shortcut_policy.objectives.diffusion.Diffusion`), so the NFE is unchanged. For a shortcut model
+        every such step lies on its training grid (tau = 1/2 at 1 step: one jump of d = 1/2 from t = 1/2). Not in
+        the shortcut paper or Diffusion Policy; it resembles SDEdit (Meng et al. 2022) applied to the previous
+        chunk's unexecuted actions. Raises ``ValueError`` when ``prior`` is given without ``warm_start``, has the
+        wrong shape, or the objective cannot start at tau."""
         steps = self.check_steps(self.default_steps if steps is None else steps)
         self._check_obs(obs, self.n_obs_steps, "predict_action")
         dev = self.device
@@ -244,7 +246,8 @@ class Policy(TrainableModel):
 
     def check_warm_start(self, tau, steps: int = 1) -> float | None:
         """Validate a warm-start time tau for ``steps``-step sampling: None (off) or a value the objective can start
-        from (:meth:`Objective.check_t_start`: 1 - 2^-j for shortcut and flow matching; diffusion: none). Returns
+        from (:meth:`Objective.check_t_start`: 1 - 2^-j for shortcut and flow matching; diffusion: any t in (0, 1) that
+        leaves room for the steps in its DDPM chain; regression: none). Returns
         it as a float (or None); raises ``ValueError`` naming ``warm_start`` otherwise."""
         if tau is None:
             return None

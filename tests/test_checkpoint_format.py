@@ -228,3 +228,8 @@ def test_a_run_that_predates_an_added_objective_key_resumes_only_under_its_defau
         check_resume({**old, "objective": {**same["objective"], "sigma_data": 0.33}}, old, "last.ckpt")
     with pytest.raises(ValueError, match="objective.unknown_option"):
         check_resume({**old, "objective": {**same["objective"], "unknown_option": 1}}, old, "last.ckpt")
+    # a train option added later (train.eval_warm_start, train.eval_n_action_steps) is no change while it is off
+    off = {**same, "train": {"eval_warm_start": None, "eval_n_action_steps": None}}
+    assert check_resume(off, old, "last.ckpt") == {}
+    on = {**same, "train": {"eval_warm_start": 0.875, "eval_n_action_steps": None}}
+    assert check_resume(on, old, "last.ckpt") == {"train.eval_warm_start": ("<absent>", 0.875)}

@@ -305,3 +305,19 @@ def test_eval_warm_start_of_a_ddpm_policy(tmp_path_factory, tmp_path):
     assert not torch.allclose(cold, warm)  # the prior reaches the DDPM chain
     with pytest.raises(ValueError, match="warm_start=0.99"):  # enters the chain at step 0: no room for 2 steps
         cli.run_verb("eval", ["steps=[2]", "warm_start=0.99", *common, f"run_dir={tmp_path / 'bad'}"])
+
+
+def test_diffusion_ddim_step_equals_diffusers_with_clipping():
+    """The warm-started DDIM update equals diffusers' DDIMScheduler.step on the same pair of steps (50 inference
+    steps: 7 -> 5), also when the predicted x0 leaves [-1, 1] and is clipped (the noise direction stays unclipped)."""
+    obj = build_objective({"name": "diffusion"})
+    sched = obj.ddim
+    sched.set_timesteps(50)
+    g = torch.Generator().manual_seed(0)
+    x, out = torch.randn(4, 16, 2, generator=g) * 2, torch.randn(4, 16, 2, generator=g) * 3
+    abar = sched.alphas_cumprod
+    want = sched.step(out, 7, x).prev_sample
+    got = obj.ddim_step(out, x, abar[7], abar[5])
+    x1 = (x - (1 - abar[7]).sqrt() * out) / abar[7].sqrt()
+    assert (x1.abs() > 1).any()  # clipping is exercised
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -27,7 +27,16 @@ DISTILL_KEYS = ("teacher", "student_objective", "fraction", "init_from_teacher",
 
 
 # train keys of the teacher's config that a student does not inherit (its own budget and starting point)
-_NOT_INHERITED = ("num_steps", "init_weights", "init_normalizer", "resume", "max_minutes", "warmup_steps", "eval_steps")
+_NOT_INHERITED = (
+    "num_steps",
+    "init_weights",
+    "init_normalizer",
+    "resume",
+    "max_minutes",
+    "warmup_steps",
+    "eval_steps",
+    "eval_warm_start",  # chosen for the teacher's sampler; most students sample from noise only
+)
 
 
 def _teacher_payload(path) -> dict:

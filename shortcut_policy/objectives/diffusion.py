@@ -165,8 +165,8 @@ class Diffusion(Objective):
 
         ``t_start`` > 0 (warm start): x0 is the flow interpolant at t_start (see the module docstring); it is
         rescaled to DDPM's scale and denoised from the step k0 = :meth:`start_step` (t_start) over the steps
-        k0 - floor(i (k0 + 1) / n), i = 0..n-1 (DDPM with those custom timesteps; DDIM by its deterministic update with
-        clipped x0, as diffusers' DDIMScheduler computes it, to abar = 1). Raises ``ValueError`` via
+        k0 - floor(i (k0 + 1) / n), i = 0..n-1 (DDPM with those custom timesteps; DDIM by :meth:`ddim_step`, to
+        abar = 1 after the last). Raises ``ValueError`` via
         :meth:`check_t_start`."""
         n = self.check_steps(steps)
         sampler = sampler or self.sampler
@@ -201,16 +201,24 @@ class Diffusion(Objective):
                 x = self.ddpm.step(out, k, x, generator=generator).prev_sample
             return x
         abar = self.ddim.alphas_cumprod.to(device=x.device, dtype=x.dtype)
+        one = torch.ones((), dtype=x.dtype, device=x.device)
         for i, k in enumerate(ks):
             kk = torch.full((B,), k, device=x.device)
             out = guided(net, x, self.net_t(kk), level, cond, null_cond, scale)
-            ab, ab_prev = abar[k], (abar[ks[i + 1]] if i + 1 < n else torch.ones((), dtype=x.dtype, device=x.device))
-            if self.prediction_type == "epsilon":
-                x1 = (x - (1 - ab).sqrt() * out) / ab.sqrt()
-            else:
-                x1 = out
-            if self.ddim.config.clip_sample:
-                x1 = x1.clamp(-self.ddim.config.clip_sample_range, self.ddim.config.clip_sample_range)
-            eps = (x - ab.sqrt() * x1) / (1 - ab).sqrt()
-            x = ab_prev.sqrt() * x1 + (1 - ab_prev).sqrt() * eps
+            x = self.ddim_step(out, x, abar[k], abar[ks[i + 1]] if i + 1 < n else one)
         return x
+
+    def ddim_step(self, out, x, abar_k, abar_prev):
+        """One deterministic DDIM update (eta 0) from step k to an earlier step with abar ``abar_prev`` (1: the
+        data), as diffusers' ``DDIMScheduler.step`` computes it (default ``use_clipped_model_output=False``): x0 is
+        predicted from ``out`` (epsilon or sample prediction) and clipped to +-``clip_sample_range`` when
+        ``clip_sample``, while the noise direction uses the unclipped prediction. x, out: (B, ...)."""
+        ab, ab_prev = torch.as_tensor(abar_k, dtype=x.dtype), torch.as_tensor(abar_prev, dtype=x.dtype)
+        if self.prediction_type == "epsilon":
+            x1, eps = (x - (1 - ab).sqrt() * out) / ab.sqrt(), out
+        else:
+            x1 = out
+            eps = (x - ab.sqrt() * x1) / (1 - ab).sqrt()
+        if self.ddim.config.clip_sample:
+            x1 = x1.clamp(-self.ddim.config.clip_sample_range, self.ddim.config.clip_sample_range)
+        return ab_prev.sqrt() * x1 + (1 - ab_prev).sqrt() * eps

@@ -195,7 +195,8 @@ def resume_diff(new_cfg, old_cfg) -> tuple[dict, dict]:
 
     Returns (fixed, changed): dicts mapping dotted keys to (checkpoint value, new value); `fixed` holds keys that
     may not change on resume (net, objective, task, data, seed, batch, EMA), `changed` the allowed changes. An
-    objective option absent from the checkpoint (added later) equals its constructor default.
+    objective option absent from the checkpoint (added later) equals its constructor default; a train option absent
+    from it equals null.
     """
 
     def plain(c):
@@ -211,6 +212,8 @@ def resume_diff(new_cfg, old_cfg) -> tuple[dict, dict]:
                 continue
             if va == "<absent>" and section == "objective" and vb == _objective_default(new.get("objective"), key):
                 continue  # an objective option added after the run was written, at its default: the run's behaviour
+            if va == "<absent>" and section == "train" and vb is None:
+                continue  # a train option added after the run was written, off (null): the run's behaviour
             allowed = any(key == c or key.startswith(c + ".") for c in RESUME_CHANGEABLE)
             (changed if allowed else fixed)[key] = (va, vb)
     return fixed, changed
