@@ -154,15 +154,23 @@ class Objective(nn.Module):
             x = x + guided(net, x, t, sv, cond, null_cond, scale) * d
         return x
 
+    @staticmethod
+    def parse_t_start(t_start) -> float:
+        """A warm-start time as a float in [0, 1); ``ValueError`` naming ``t_start`` for anything else."""
+        try:
+            ts = float(t_start)
+        except (TypeError, ValueError):
+            raise ValueError(f"t_start={t_start!r}: expected a number in [0, 1)") from None
+        if ts != 0.0 and not 0.0 < ts < 1.0:
+            raise ValueError(f"t_start={ts}: expected a number in [0, 1)")
+        return ts
+
     def check_t_start(self, t_start, steps: int) -> float:
         """Validate a warm-start time for :meth:`sample`: 0 (from noise), or, for objectives that support it
         (``supports_t_start``), 1 - 2^-j with (1 - t_start) / steps >= 1/M, so that every step of size
         d = (1 - t_start) / steps starts on a multiple of d (the times a shortcut model was trained on). Returns it
         as a float; raises ``ValueError`` otherwise."""
-        try:
-            ts = float(t_start)
-        except (TypeError, ValueError):
-            raise ValueError(f"t_start={t_start!r}: expected a number in [0, 1)") from None
+        ts = self.parse_t_start(t_start)
         if ts == 0.0:
             return 0.0
         if not getattr(self, "supports_t_start", False):

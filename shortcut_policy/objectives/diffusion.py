@@ -114,14 +114,9 @@ class Diffusion(Objective):
     def check_t_start(self, t_start, steps: int) -> float:
         """Validate a warm-start time: 0 (from noise) or t in (0, 1) whose DDPM step k0 (:meth:`start_step`) leaves
         room for ``steps`` distinct steps (k0 + 1 >= steps). Returns it as a float; raises ``ValueError``."""
-        try:
-            ts = float(t_start)
-        except (TypeError, ValueError):
-            raise ValueError(f"t_start={t_start!r}: expected a number in [0, 1)") from None
+        ts = self.parse_t_start(t_start)
         if ts == 0.0:
             return 0.0
-        if not 0.0 < ts < 1.0:
-            raise ValueError(f"t_start={ts}: expected a number in [0, 1)")
         k0 = self.start_step(ts)
         if k0 + 1 < self.check_steps(steps):
             raise ValueError(
