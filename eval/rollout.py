@@ -545,8 +545,12 @@ def run_policy(
 def _warm_predict(policy, batch: dict, active: list[int], priors: dict, steps: int) -> np.ndarray:
     """Warm-started chunks for the seeds ``active`` (rows of ``batch``): seeds without a prior (their first chunk)
     sample from noise, the others from their prior (:meth:`Policy.predict_chunk`); ``priors`` is updated in place
-    with each seed's next prior. Returns the executed actions (B, Ta, Da) in the order of ``active``."""
+    with each seed's next prior; a first chunk takes ``policy.first_chunk_steps`` steps when that is set (eval
+    ``first_chunk_steps=``), every later one ``steps``. Returns the executed actions (B, Ta, Da) in the order of
+    ``active``."""
     import torch
+
+    first = getattr(policy, "first_chunk_steps", None) or steps
 
     cold = [i for i, s in enumerate(active) if s not in priors]
     hot = [i for i, s in enumerate(active) if s in priors]
@@ -556,7 +560,7 @@ def _warm_predict(policy, batch: dict, active: list[int], priors: dict, steps: i
             continue
         sub = {k: v[rows] for k, v in batch.items()}
         p = torch.stack([priors[active[i]] for i in rows]) if from_prior else None
-        acts, window = policy.predict_chunk(sub, steps=steps, prior=p)
+        acts, window = policy.predict_chunk(sub, steps=steps if from_prior else first, prior=p)
         nxt = policy.next_prior(window)
         for j, i in enumerate(rows):
             out[i] = acts[j]

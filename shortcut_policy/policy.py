@@ -71,6 +71,7 @@ class Policy(TrainableModel):
         self.task_cfg = None  # set by load_policy / build: the runner evaluates on it
         self.noise_scale = 1.0  # initial-noise temperature of predict_action (eval `noise_scale=`); 1.0 = as trained
         self.warm_start = None  # tau of predict_chunk(prior=) (eval `warm_start=`); None = every chunk from noise
+        self.first_chunk_steps = None  # with a warm start: sampling steps of an episode's first chunk (None = steps)
 
     def set_execution_horizon(self, n: int, what: str = "n_action_steps") -> None:
         """Execute ``n`` actions of each predicted chunk (the action horizon Ta) instead of the trained one. Raises

@@ -180,7 +180,7 @@ class PriorRecordingPolicy:
     n_action_steps, horizon = 4, 8
 
     def __init__(self):
-        self.priors = []
+        self.priors, self.steps = [], []
 
     def check_steps(self, s):
         return s
@@ -188,6 +188,7 @@ class PriorRecordingPolicy:
     def predict_chunk(self, obs, steps=1, prior=None):
         b = obs["obs"].shape[0]
         self.priors.append(None if prior is None else prior.clone())
+        self.steps.append(steps)
         window = torch.zeros(b, self.horizon, 2) if prior is None else prior + 1
         return np.zeros((b, self.n_action_steps, 2), np.float32), window
 
@@ -321,3 +322,32 @@ def test_diffusion_ddim_step_equals_diffusers_with_clipping():
     x1 = (x - (1 - abar[7]).sqrt() * out) / abar[7].sqrt()
     assert (x1.abs() > 1).any()  # clipping is exercised
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_first_chunk_steps_apply_to_each_episodes_first_chunk_only(tmp_path_factory, tmp_path):
+    """eval first_chunk_steps=N with a warm start: an episode's first chunk is sampled in N steps, every later one
+    in steps=; refused without a warm start or with a step count the objective cannot take."""
+    import toy_reach_env as toy
+
+    from shortcut_policy.envs import registry
+
+    registry.register_env("toy_reach_first", registry.EnvSpec(make=toy.make), replace=True)
+    task = {"name": "toy", "env": "toy_reach_first", "obs_shapes": {"obs": [4]}, "n_obs_steps": 2,
+            "n_action_steps": 4, "max_steps": 12, "control_hz": 50}  # fmt: skip
+    try:
+        pol = PriorRecordingPolicy()
+        pol.first_chunk_steps = 8
+        evaluate(task, policy=pol, steps_list=[1], n_episodes=2, n_workers=1, progress=False)
+    finally:
+        registry.unregister_env("toy_reach_first")
+    firsts = [s for p, s in zip(pol.priors, pol.steps) if p is None]
+    later = [s for p, s in zip(pol.priors, pol.steps) if p is not None]
+    assert firsts == [8] and later and set(later) == {1}  # both episodes' first chunks are one batched call
+    ckpt = tiny_checkpoint(tmp_path_factory)
+    common = [f"checkpoint={ckpt}", "n_episodes=1", "workers=1", "n_videos=0", "progress=false", "steps=[1]"]
+    res = cli.run_verb("eval", [*common, "warm_start=0.5", "first_chunk_steps=4", f"run_dir={tmp_path / 'a'}"])
+    assert res["first_chunk_steps"] == 4 and res["warm_start"] == 0.5
+    with pytest.raises(ValueError, match="first_chunk_steps=4: applies with a warm start only"):
+        cli.run_verb("eval", [*common, "first_chunk_steps=4", f"run_dir={tmp_path / 'b'}"])
+    with pytest.raises(ValueError, match="first_chunk_steps=3"):
+        cli.run_verb("eval", [*common, "warm_start=0.5", "first_chunk_steps=3", f"run_dir={tmp_path / 'c'}"])

@@ -94,6 +94,17 @@ def eval_command(cfg, run_dir) -> dict:
         for n in st if isinstance(st, (list, tuple)) else [st]:  # valid for every step count asked for
             policy.check_warm_start(warm, n)
         policy.warm_start = policy.check_warm_start(warm)
+        first = cfg_get(cfg, "first_chunk_steps", None)  # the warm start's first chunk with more steps
+        if first is not None:
+            if policy.warm_start is None:
+                raise ValueError(
+                    f"first_chunk_steps={first}: applies with a warm start only (set warm_start=); without one "
+                    "every chunk takes steps="
+                )
+            try:
+                policy.first_chunk_steps = policy.check_steps(first)
+            except ValueError as e:
+                raise ValueError(f"first_chunk_steps={first!r}: {e}") from None
     if task_cfg is None:
         raise ValueError("eval: no task config (task=pusht_lowdim|pusht_image|...)")
     tev = cfg_get(task_cfg, "eval", {}) or {}
@@ -133,6 +144,7 @@ def eval_command(cfg, run_dir) -> dict:
         res["noise_scale"] = policy.noise_scale
         res["ensemble_k"] = ensemble_k
         res["warm_start"] = policy.warm_start
+        res["first_chunk_steps"] = policy.first_chunk_steps
         if hasattr(policy.objective, "sampler"):
             res["sampler"] = policy.objective.sampler
     return res
